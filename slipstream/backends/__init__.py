@@ -1,0 +1,1 @@
+"""EngineClient implementations the server can route to."""

@@ -1,0 +1,91 @@
+"""The EngineClient protocol: what the HTTP server needs from an engine backend."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from slipstream.engine.outputs import RequestOutput, StepStats
+from slipstream.engine.sampling_params import SamplingParams
+
+
+class EngineError(RuntimeError):
+    """The engine failed while serving a request."""
+
+
+class QueueFullError(EngineError):
+    """The waiting queue is at max_queued_requests; retry later (HTTP 429)."""
+
+
+class EngineDeadError(EngineError):
+    """The engine loop has stopped; nothing more can be served (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One request as the engine sees it: token ids plus sampling parameters."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None = None
+    # time.monotonic() when the HTTP request arrived (queue time is measured from here).
+    arrival_time: float | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the server tells clients about the served model."""
+
+    name: str
+    max_model_len: int
+    vocab_size: int
+    decoder: str = "standard"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class EngineClient(Protocol):
+    """An engine behind the server: native (embedded) or vLLM."""
+
+    @property
+    def model_info(self) -> ModelInfo:
+        """The served model."""
+        ...
+
+    @property
+    def tokenizer(self) -> Any:
+        """A transformers tokenizer (encode, decode, apply_chat_template)."""
+        ...
+
+    async def start(self) -> None:
+        """Load and begin serving (idempotent)."""
+        ...
+
+    async def shutdown(self) -> None:
+        """Stop the engine loop and free resources."""
+        ...
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        """Cumulative outputs after each engine step, ending with one whose finished is True.
+
+        Raises QueueFullError when the waiting queue is full. Closing the iterator early
+        (e.g. the client disconnected) aborts the request.
+        """
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request and free everything it holds."""
+        ...
+
+    async def check_health(self) -> None:
+        """Raise EngineDeadError if the engine cannot serve."""
+        ...
+
+    def add_stats_listener(self, listener: Callable[[StepStats], None]) -> None:
+        """Call `listener` with every engine step's statistics (for Prometheus)."""
+        ...
+
+    def num_free_blocks(self) -> int:
+        """Free KV blocks now (tests check that aborts give them back)."""
+        ...

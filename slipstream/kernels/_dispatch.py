@@ -1,0 +1,32 @@
+"""Choose Triton or the PyTorch reference for an op.
+
+SLIPSTREAM_KERNELS=auto (default): Triton on CUDA tensors, the reference elsewhere.
+SLIPSTREAM_KERNELS=torch forces the reference; =triton forces Triton (on CPU that needs
+TRITON_INTERPRET=1, which tests/conftest.py sets).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_VALID = ("auto", "torch", "triton")
+
+
+def kernel_backend() -> str:
+    """The backend named by SLIPSTREAM_KERNELS."""
+    backend = os.environ.get("SLIPSTREAM_KERNELS", "auto")
+    if backend not in _VALID:
+        raise ValueError(f"SLIPSTREAM_KERNELS={backend!r}; valid: {', '.join(_VALID)}")
+    return backend
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether the op on tensor x should run its Triton kernel."""
+    backend = kernel_backend()
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        return True
+    return x.is_cuda

@@ -1,0 +1,1 @@
+"""Helpers shared by tests and benchmarks: a tiny random-weight model and tokenizer."""

@@ -35,3 +35,11 @@ def _seed() -> None:
 def device() -> str:
     """cuda when available, else cpu (Triton kernels then run in the interpreter)."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random-weight Llama HF folder with the tiny tokenizer (built once per session)."""
+    from slipstream.testing.tiny_model import make_tiny_model_dir
+
+    return str(make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama")))

@@ -1,1 +1,1 @@
-"""Kernels: each op has `op_ref` (PyTorch, defines the semantics), `op_triton` and `op` (dispatch)."""
+"""Kernels: each op has `op_ref` (PyTorch, the semantics), `op_triton` and `op` (dispatch)."""

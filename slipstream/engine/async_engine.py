@@ -1,0 +1,219 @@
+"""asyncio bridge to LLMEngine: one background thread steps the engine; callers await outputs.
+
+The engine is not thread-safe, so every mutation (add, abort, step) happens on the loop
+thread; asyncio callers only enqueue commands and read per-request queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from slipstream.backends.base import EngineDeadError, EngineError, QueueFullError
+from slipstream.config import EngineConfig
+from slipstream.engine.engine import LLMEngine
+from slipstream.engine.outputs import RequestOutput, StepStats
+from slipstream.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# How long the idle loop sleeps between checks for new commands (seconds). Commands also
+# wake it at once, so this only bounds shutdown latency.
+_IDLE_WAIT_S = 0.05
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None
+    arrival_time: float | None
+    sink: Callable[[RequestOutput | BaseException], None]
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncLLMEngine:
+    """Runs LLMEngine.step() on a thread and streams RequestOutputs to asyncio callers."""
+
+    def __init__(self, config: EngineConfig, engine: LLMEngine | None = None) -> None:
+        self.config = config
+        self.engine: LLMEngine | None = engine
+        self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._sinks: dict[str, Callable[[RequestOutput | BaseException], None]] = {}
+        self._pending_adds = 0
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._dead: BaseException | None = None
+        self._listeners: list[Callable[[StepStats], None]] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Load the model (in a worker thread) and start the loop thread."""
+        if self._thread is not None:
+            return
+        if self.engine is None:
+            self.engine = await asyncio.to_thread(LLMEngine, self.config)
+        self._thread = threading.Thread(target=self._run, name="slipstream-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        """Stop the loop thread; unfinished requests get an EngineDeadError."""
+        self._stopping = True
+        self._commands.put(None)
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10.0)
+            self._thread = None
+
+    @property
+    def is_running(self) -> bool:
+        """The loop thread is alive and has not failed."""
+        return self._thread is not None and self._thread.is_alive() and self._dead is None
+
+    def add_stats_listener(self, listener: Callable[[StepStats], None]) -> None:
+        """Call listener(stats) on the loop thread after every step."""
+        self._listeners.append(listener)
+
+    # ------------------------------------------------------------------ requests
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+        arrival_time: float | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Cumulative outputs until finished; closing the iterator early aborts the request."""
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+        self._admit()
+        loop = asyncio.get_running_loop()
+        outbox: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+        def sink(item: RequestOutput | BaseException) -> None:
+            loop.call_soon_threadsafe(outbox.put_nowait, item)
+
+        self._commands.put(_Add(request_id, prompt_token_ids, params, prompt, arrival_time, sink))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await outbox.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def _admit(self) -> None:
+        limit = self.config.scheduler.max_queued_requests
+        with self._lock:
+            assert self.engine is not None
+            if limit is not None and self.engine.num_waiting + self._pending_adds >= limit:
+                raise QueueFullError(
+                    f"the waiting queue is full ({limit} requests); retry later"
+                )
+            self._pending_adds += 1
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (takes effect before the next engine step)."""
+        self._commands.put(_Abort(request_id))
+        self._wake.set()
+
+    # ------------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        engine = self.engine
+        assert engine is not None
+        try:
+            while not self._stopping:
+                self._drain_commands(engine)
+                if not engine.has_unfinished_requests():
+                    self._wake.wait(_IDLE_WAIT_S)
+                    self._wake.clear()
+                    continue
+                self._step(engine)
+        except BaseException as exc:  # the loop must never die silently
+            logger.exception("engine loop crashed")
+            self._dead = exc
+        finally:
+            self._fail_all(EngineDeadError("the engine stopped"))
+
+    def _drain_commands(self, engine: LLMEngine) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd is None:
+                return
+            if isinstance(cmd, _Add):
+                with self._lock:
+                    self._pending_adds -= 1
+                try:
+                    engine.add_request(
+                        cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.prompt,
+                        cmd.arrival_time,
+                    )
+                except ValueError as exc:
+                    cmd.sink(exc)
+                    continue
+                self._sinks[cmd.request_id] = cmd.sink
+            else:
+                engine.abort_request(cmd.request_id)
+                self._sinks.pop(cmd.request_id, None)
+
+    def _step(self, engine: LLMEngine) -> None:
+        try:
+            outputs = engine.step()
+        except Exception as exc:
+            # We cannot tell which request broke the step: fail those that were running,
+            # keep serving the rest.
+            logger.exception("engine step failed")
+            for seq in list(engine.scheduler.running):
+                self._fail(seq.request_id, EngineError(f"engine step failed: {exc}"))
+                engine.abort_request(seq.request_id)
+            return
+        for out in outputs:
+            sink = self._sinks.get(out.request_id)
+            if sink is not None:
+                sink(out)
+                if out.finished:
+                    del self._sinks[out.request_id]
+        for listener in self._listeners:
+            try:
+                listener(engine.last_stats)
+            except Exception:
+                logger.exception("stats listener failed")
+
+    def _fail(self, request_id: str, exc: BaseException) -> None:
+        sink = self._sinks.pop(request_id, None)
+        if sink is not None:
+            sink(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for request_id in list(self._sinks):
+            self._fail(request_id, exc)
+
+    def num_free_blocks(self) -> int:
+        """Free KV blocks now (read without locking: a snapshot)."""
+        return 0 if self.engine is None else self.engine.block_manager.num_free_blocks
+
+    def tokenizer(self) -> Any:
+        """The engine's tokenizer (after start)."""
+        return None if self.engine is None else self.engine.tokenizer

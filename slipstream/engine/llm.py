@@ -1,0 +1,153 @@
+"""The offline API, shaped like vLLM's: LLM(...).generate(prompts, params) / .chat(...)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from slipstream.config import CacheConfig, DecoderSpec, EngineConfig, ModelConfig, SchedulerConfig
+from slipstream.engine.engine import LLMEngine
+from slipstream.engine.outputs import RequestOutput
+from slipstream.engine.sampling_params import SamplingParams
+
+PromptInput = str | list[int]
+Message = dict[str, Any]
+
+
+class LLM:
+    """Generate offline with the native engine.
+
+    Example:
+        llm = LLM()   # the default model
+        out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0))
+        print(out[0].outputs[0].text)
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        decoder: str = "standard",
+        decoder_config: dict[str, Any] | None = None,
+        dtype: str = ModelConfig.dtype,
+        device: str = ModelConfig.device,
+        max_model_len: int | None = None,
+        max_num_seqs: int = SchedulerConfig.max_num_seqs,
+        max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens,
+        block_size: int = CacheConfig.block_size,
+        kv_cache_memory_gib: float = CacheConfig.kv_cache_memory_gib,
+        num_kv_blocks: int | None = None,
+        enable_prefix_caching: bool = CacheConfig.enable_prefix_caching,
+        seed: int = 0,
+    ) -> None:
+        config = EngineConfig(
+            model=ModelConfig(
+                model=model,
+                dtype=dtype,  # type: ignore[arg-type]
+                device=device,  # type: ignore[arg-type]
+                max_model_len=max_model_len,
+                seed=seed,
+            ),
+            cache=CacheConfig(
+                block_size=block_size,
+                kv_cache_memory_gib=kv_cache_memory_gib,
+                num_blocks=num_kv_blocks,
+                enable_prefix_caching=enable_prefix_caching,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
+            ),
+            decoder=DecoderSpec(name=decoder, options=dict(decoder_config or {})),
+        )
+        self._init_engine(config)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLM:
+        """Build from a complete EngineConfig (the CLI does this)."""
+        llm = cls.__new__(cls)
+        llm._init_engine(config)
+        return llm
+
+    def _init_engine(self, config: EngineConfig) -> None:
+        self.engine = LLMEngine(config)
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's transformers tokenizer."""
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[RequestOutput]:
+        """Run prompts (strings or token-id lists) to completion; outputs in input order."""
+        items = _as_prompt_list(prompts)
+        params = _as_params_list(sampling_params, len(items))
+        ids = []
+        for prompt, p in zip(items, params, strict=True):
+            if isinstance(prompt, str):
+                text, token_ids = prompt, self.tokenizer.encode(prompt)
+            else:
+                text, token_ids = None, list(prompt)
+            request_id = str(next(self._ids))
+            self.engine.add_request(request_id, token_ids, p, prompt=text)
+            ids.append(request_id)
+        return self._run(ids, progress)
+
+    def chat(
+        self,
+        conversations: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation, then generate."""
+        from slipstream.engine.tokenizer import apply_chat_template
+
+        convs: list[list[Message]]
+        if conversations and isinstance(conversations[0], dict):
+            convs = [conversations]  # type: ignore[list-item]
+        else:
+            convs = conversations  # type: ignore[assignment]
+        prompts = [apply_chat_template(self.tokenizer, conv) for conv in convs]
+        return self.generate(prompts, sampling_params, progress)
+
+    def _run(
+        self, ids: list[str], progress: Callable[[int, int], None] | None
+    ) -> list[RequestOutput]:
+        final: dict[str, RequestOutput] = {}
+        wanted = set(ids)
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished and out.request_id in wanted:
+                    final[out.request_id] = out
+                    if progress is not None:
+                        progress(len(final), len(ids))
+        return [final[i] for i in ids]
+
+    def get_stats(self) -> dict[str, Any]:
+        """Engine and decoder statistics since start (steps, tokens, decoder counters)."""
+        return self.engine.get_stats()
+
+
+def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[PromptInput]:
+    if isinstance(prompts, str):
+        return [prompts]
+    items = list(prompts)
+    if items and all(isinstance(x, int) for x in items):
+        return [items]  # type: ignore[list-item]
+    return items  # type: ignore[return-value]
+
+
+def _as_params_list(
+    params: SamplingParams | Sequence[SamplingParams] | None, n: int
+) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    if len(params) != n:
+        raise ValueError(f"{len(params)} sampling params for {n} prompts")
+    return list(params)

@@ -1,0 +1,264 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) over the paged KV cache.
+
+Batch-1 decode on a CPU spends much of its time dispatching small ops (SmolLM2 has 30
+layers), so each layer runs 11 compute ops besides attention: rms_norm, fused q|k|v linear,
+roll + mul_ + addcmul_ (RoPE on q and k together), o_proj linear + in-place residual add_,
+rms_norm, fused gate|up linear, silu + mul_, down linear + add_. Everything else is a view.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slipstream.engine.attention import AttentionBackend, AttentionMetadata, PagedAttentionBackend
+from slipstream.engine.models.config import ModelArchConfig, RopeScaling
+from slipstream.engine.models.registry import MODELS
+
+
+def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
+    # Uninitialised: load_weights replaces it, so random init would only waste time (~1 s for
+    # 135M parameters on 2 cores) and the untouched allocation is never paged in.
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+def _optional(
+    enabled: bool, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
+) -> nn.Parameter | None:
+    return _param(shape, dtype, device) if enabled else None
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    """Llama 3 scaling: slow frequencies divided by `factor`, fast ones kept, a blend between."""
+    wavelen = 2 * math.pi / inv_freq
+    # Wavelengths longer than the original context / low_freq_factor are fully scaled; shorter
+    # than context / high_freq_factor untouched (8192/1 and 8192/4 tokens for Llama 3.1).
+    ratio = s.original_max_position_embeddings / wavelen
+    smooth = ((ratio - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)).clamp(0, 1)
+    return (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+
+
+def rope_cache(
+    config: ModelArchConfig, max_positions: int, dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:  # [max_positions, 2, 1, head_dim]: cos, then sin with its first half negated
+    """cos/sin per position for rotate-half RoPE, computed in float32 as HF does."""
+    dim = config.head_dim
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    inv_freq = 1.0 / (config.rope_theta**exponent)  # [head_dim / 2]
+    if config.rope_scaling is not None:
+        inv_freq = llama3_inv_freq(inv_freq, config.rope_scaling)
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+    angles = torch.cat([freqs, freqs], dim=-1)  # [max_positions, head_dim]
+    sin = angles.sin()
+    # rotate_half(x) = cat(-x2, x1) = roll(x, half) * [-1.., +1..]: folding the sign into sin
+    # makes RoPE one roll, one mul_ and one addcmul_.
+    sin[:, : dim // 2].neg_()
+    return torch.stack([angles.cos(), sin], dim=1).unsqueeze(2).to(device=device, dtype=dtype)
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm attention + SwiGLU MLP, with fused q|k|v and gate|up projections."""
+
+    def __init__(
+        self, config: ModelArchConfig, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
+        super().__init__()
+        c = config
+        hidden, inter = c.hidden_size, c.intermediate_size
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+        )
+        self.eps = c.rms_norm_eps
+        self.scale = c.head_dim**-0.5
+        self.hidden_shape = (hidden,)
+        self.qk_v_split = [c.q_size + c.kv_size, c.kv_size]
+        self.q_k_split = [c.num_attention_heads, c.num_key_value_heads]
+        self.inter = inter
+        qkv = c.q_size + 2 * c.kv_size
+        self.input_norm = _param((hidden,), dtype, device)
+        self.qkv_weight = _param((qkv, hidden), dtype, device)
+        self.qkv_bias = _optional(c.attention_bias, (qkv,), dtype, device)
+        self.o_weight = _param((hidden, c.q_size), dtype, device)
+        self.o_bias = _optional(c.o_proj_bias, (hidden,), dtype, device)
+        self.post_norm = _param((hidden,), dtype, device)
+        self.gate_up_weight = _param((2 * inter, hidden), dtype, device)
+        self.gate_up_bias = _optional(c.mlp_bias, (2 * inter,), dtype, device)
+        self.down_weight = _param((hidden, inter), dtype, device)
+        self.down_bias = _optional(c.mlp_bias, (hidden,), dtype, device)
+
+    def forward(
+        self,
+        h: torch.Tensor,  # [T, hidden] residual stream; consumed (not modified)
+        cos: torch.Tensor,  # [T, 1, head_dim]
+        sin: torch.Tensor,  # [T, 1, head_dim], first half negated
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: torch.Tensor,
+        backend: AttentionBackend,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, hidden]
+        """One transformer block."""
+        n = h.shape[0]
+        x = F.rms_norm(h, self.hidden_shape, self.input_norm, self.eps)
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # [T, (H + 2 * KV) * D]
+        qk, v = qkv.split(self.qk_v_split, dim=-1)
+        qk = qk.view(n, -1, self.head_dim)  # [T, H + KV, D]
+        rot = qk.roll(self.head_dim // 2, dims=-1)
+        rot.mul_(sin).addcmul_(qk, cos)  # RoPE: x * cos + rotate_half(x) * sin
+        # q, k, v are views: unit stride within a head, head stride head_dim, token stride
+        # (H + KV) * D for q/k and (H + 2 * KV) * D for v.
+        q, k = rot.split(self.q_k_split, dim=1)
+        out = backend.forward(
+            q, k, v.view(n, -1, self.head_dim), k_cache, v_cache, meta, self.scale
+        )  # [T, H, D]
+        # The linear output is fresh, so adding the residual into it in place is safe.
+        h = F.linear(out.reshape(n, -1), self.o_weight, self.o_bias).add_(h)
+        x = F.rms_norm(h, self.hidden_shape, self.post_norm, self.eps)
+        gate_up = F.linear(x, self.gate_up_weight, self.gate_up_bias)  # [T, 2 * inter]
+        gate, up = gate_up.split(self.inter, dim=-1)
+        act = F.silu(gate).mul_(up)  # [T, inter]
+        return F.linear(act, self.down_weight, self.down_bias).add_(h)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The model: embeddings, decoder layers with pluggable attention, final norm, LM head."""
+
+    def __init__(
+        self,
+        config: ModelArchConfig,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        max_positions: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.hidden_shape = (c.hidden_size,)
+        self.embed_tokens = _param((c.vocab_size, c.hidden_size), dtype, device)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(c, dtype, device) for _ in range(c.num_hidden_layers)
+        )
+        self.norm = _param((c.hidden_size,), dtype, device)
+        self.lm_head = _optional(
+            not c.tie_word_embeddings, (c.vocab_size, c.hidden_size), dtype, device
+        )
+        positions = max_positions or c.max_position_embeddings
+        self.cos_sin: torch.Tensor
+        self.register_buffer("cos_sin", rope_cache(c, positions, dtype, device), persistent=False)
+        self.attn_backends: list[AttentionBackend] = [
+            PagedAttentionBackend() for _ in range(c.num_hidden_layers)
+        ]
+
+    def set_attention_backend(self, layer_idx: int, backend: AttentionBackend) -> None:
+        """Replace one layer's attention backend (sparse-attention decoders use this)."""
+        self.attn_backends[layer_idx] = backend
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (k_cache, v_cache)
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, hidden]
+        """Final-normed hidden states of every fed token; K/V are written into kv_caches."""
+        h = F.embedding(input_ids, self.embed_tokens)  # [T, hidden]
+        cos, sin = self.cos_sin[positions].unbind(1)  # [T, 1, head_dim] each
+        for layer, backend, (k_cache, v_cache) in zip(
+            self.layers, self.attn_backends, kv_caches, strict=True
+        ):
+            h = layer.forward(h, cos, sin, k_cache, v_cache, backend, meta)
+        return F.rms_norm(h, self.hidden_shape, self.norm, self.config.rms_norm_eps)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [R, vocab] float32
+        """LM head over the rows the caller picked ([R, hidden])."""
+        weight = self.embed_tokens if self.lm_head is None else self.lm_head
+        return F.linear(hidden, weight).float()
+
+    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Take HF-named tensors (model.layers.N.self_attn.q_proj.weight ...) into this layout.
+
+        Tensors are cast and moved to this model's dtype and device; q|k|v and gate|up are
+        concatenated. ValueError lists missing or unexpected names.
+        """
+        ref = self.norm
+        state, used = _fused_state(self.config, weights, ref.dtype, ref.device)
+        ignored = {"lm_head.weight"} if self.config.tie_word_embeddings else set()
+        unexpected = sorted(
+            n for n in weights if n not in used and n not in ignored and "rotary_emb" not in n
+        )
+        if unexpected:
+            raise ValueError(f"unexpected weights: {', '.join(unexpected[:8])}")
+        self.load_state_dict(state, strict=True, assign=True)
+
+
+# Our parameter name -> HF names concatenated along dim 0 ({i} = layer index).
+_LAYER_MAP: dict[str, tuple[str, ...]] = {
+    "input_norm": ("input_layernorm.weight",),
+    "qkv_weight": tuple(f"self_attn.{p}_proj.weight" for p in "qkv"),
+    "qkv_bias": tuple(f"self_attn.{p}_proj.bias" for p in "qkv"),
+    "o_weight": ("self_attn.o_proj.weight",),
+    "o_bias": ("self_attn.o_proj.bias",),
+    "post_norm": ("post_attention_layernorm.weight",),
+    "gate_up_weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "gate_up_bias": ("mlp.gate_proj.bias", "mlp.up_proj.bias"),
+    "down_weight": ("mlp.down_proj.weight",),
+    "down_bias": ("mlp.down_proj.bias",),
+}
+
+
+def _fused_state(
+    config: ModelArchConfig,
+    weights: Mapping[str, torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """Our state dict from HF-named tensors, and the HF names it consumed."""
+    wanted: dict[str, tuple[str, ...]] = {
+        "embed_tokens": ("model.embed_tokens.weight",),
+        "norm": ("model.norm.weight",),
+    }
+    if not config.tie_word_embeddings:
+        wanted["lm_head"] = ("lm_head.weight",)
+    enabled = {
+        "qkv_bias": config.attention_bias,
+        "o_bias": config.o_proj_bias,
+        "gate_up_bias": config.mlp_bias,
+        "down_bias": config.mlp_bias,
+    }
+    for i in range(config.num_hidden_layers):
+        for ours, theirs in _LAYER_MAP.items():
+            if enabled.get(ours, True):
+                wanted[f"layers.{i}.{ours}"] = tuple(f"model.layers.{i}.{t}" for t in theirs)
+    missing = [n for names in wanted.values() for n in names if n not in weights]
+    if missing:
+        raise ValueError(f"missing weights ({len(missing)}): {', '.join(missing[:8])}")
+    state = {ours: _concat(weights, theirs, dtype, device) for ours, theirs in wanted.items()}
+    return state, {n for names in wanted.values() for n in names}
+
+
+def _concat(
+    weights: Mapping[str, torch.Tensor],
+    names: tuple[str, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    if len(names) == 1:
+        return weights[names[0]].to(device=device, dtype=dtype)
+    parts = [weights[n] for n in names]
+    out = torch.empty(
+        (sum(p.shape[0] for p in parts), *parts[0].shape[1:]), dtype=dtype, device=device
+    )
+    row = 0
+    for p in parts:  # one cast-and-copy pass per part, no float32 intermediate
+        out[row : row + p.shape[0]].copy_(p)
+        row += p.shape[0]
+    return out
+
+
+for _arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"):
+    MODELS.register(_arch)(LlamaForCausalLM)

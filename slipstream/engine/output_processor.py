@@ -1,0 +1,158 @@
+"""Turns appended tokens into stop decisions, streamed text and RequestOutputs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from slipstream.engine.detokenizer import IncrementalDetokenizer
+from slipstream.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from slipstream.engine.sampling_params import SamplingParams
+from slipstream.engine.sequence import Sequence
+
+
+@dataclass
+class RequestState:
+    """A request's visible sequences (its n completions) and their text so far."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer]
+    metrics: RequestMetrics
+    # Output tokens of each sequence already checked for stops and detokenized.
+    num_processed: list[int] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        """Every completion is done."""
+        return all(seq.finish_reason is not None for seq in self.seqs)
+
+
+class OutputProcessor:
+    """Stop conditions (EOS, stop ids, max_tokens, context length, stop strings) and outputs."""
+
+    def __init__(self, tokenizer: Any, eos_token_ids: frozenset[int], max_model_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
+
+    def new_state(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        seqs: list[Sequence],
+        arrival_time: float,
+    ) -> RequestState:
+        """Track a new request."""
+        detoks = [
+            IncrementalDetokenizer(
+                self.tokenizer,
+                prompt_token_ids,
+                skip_special_tokens=params.skip_special_tokens,
+                stop=params.stop,
+                include_stop_str_in_output=params.include_stop_str_in_output,
+            )
+            for _ in seqs
+        ]
+        return RequestState(
+            request_id=request_id,
+            prompt=prompt,
+            prompt_token_ids=prompt_token_ids,
+            params=params,
+            seqs=seqs,
+            detokenizers=detoks,
+            metrics=RequestMetrics(arrival_time=arrival_time),
+            num_processed=[0] * len(seqs),
+        )
+
+    def process(self, state: RequestState, index: int) -> bool:
+        """Check seq `index`'s new output tokens; returns True if it just finished."""
+        seq = state.seqs[index]
+        if seq.finish_reason is not None or seq.hold_output:
+            return False
+        start = state.num_processed[index]
+        new = seq.output_token_ids[start:]
+        if not new:
+            return False
+        now = time.monotonic()
+        if state.metrics.first_token_time is None:
+            state.metrics.first_token_time = now
+        state.metrics.last_token_time = now
+        cut = self._token_stop(seq, start, new)
+        if cut is not None:
+            del seq.token_ids[seq.num_prompt_tokens + start + cut :]
+            del seq.output_logprobs[start + cut :]
+            new = new[:cut]
+        state.num_processed[index] = seq.num_output_tokens
+        detok = state.detokenizers[index]
+        detok.add_tokens(new)
+        if detok.stopped_by is not None:
+            seq.finish_reason = "stop"
+            seq.stop_reason = detok.stopped_by
+        elif seq.finish_reason is not None:
+            detok.flush()
+        return seq.finish_reason is not None
+
+    def _token_stop(self, seq: Sequence, start: int, new: list[int]) -> int | None:
+        """Set finish_reason from token-level stops; return how many new tokens to keep."""
+        params = seq.params
+        for j, token in enumerate(new):
+            count = start + j + 1  # output tokens including this one
+            if count > params.min_tokens or params.min_tokens == 0:
+                if not params.ignore_eos and token in self.eos_token_ids:
+                    seq.finish_reason = "stop"
+                    seq.stop_reason = None
+                    return j + 1
+                if token in params.stop_token_ids:
+                    seq.finish_reason = "stop"
+                    seq.stop_reason = token
+                    return j + 1
+            if params.max_tokens is not None and count >= params.max_tokens:
+                seq.finish_reason = "length"
+                return j + 1
+            if seq.num_prompt_tokens + count >= self.max_model_len:
+                seq.finish_reason = "length"
+                return j + 1
+        return None
+
+    def make_output(self, state: RequestState) -> RequestOutput:
+        """The cumulative RequestOutput of a request."""
+        outputs = []
+        for i, seq in enumerate(state.seqs):
+            detok = state.detokenizers[i]
+            lps = seq.output_logprobs if seq.params.logprobs is not None else None
+            outputs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=detok.text,
+                    token_ids=seq.output_token_ids[: state.num_processed[i]],
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                    logprobs=self._decoded(lps[: state.num_processed[i]]) if lps else lps,
+                )
+            )
+        finished = state.finished
+        if finished and state.metrics.finished_time is None:
+            state.metrics.finished_time = time.monotonic()
+        return RequestOutput(
+            request_id=state.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids,
+            outputs=outputs,
+            finished=finished,
+            num_cached_tokens=min((s.num_cached_tokens for s in state.seqs), default=0),
+            metrics=state.metrics,
+        )
+
+    def _decoded(self, logprobs: list[Any]) -> list[Any]:
+        for entry in logprobs:
+            for lp in (entry.chosen, *entry.top):
+                if not lp.decoded:
+                    lp.decoded = self.tokenizer.decode([lp.token_id])
+        return logprobs

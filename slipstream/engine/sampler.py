@@ -1,0 +1,354 @@
+"""Token sampling: penalties, temperature, min-p, top-k, top-p, seeds and logprobs.
+
+Semantics follow vLLM (v1):
+    raw logits -> logprobs for reporting (the model's raw log-softmax)
+    -> min_tokens (EOS and stop_token_ids at -inf until min_tokens outputs exist)
+    -> repetition penalty (prompt + output tokens: positive logits / p, negative * p)
+    -> frequency and presence penalties (output tokens: - f * count - p * [count > 0])
+    -> greedy rows: argmax here (ties: lowest index)
+    -> temperature -> min-p (relative to the max prob) -> top-k -> top-p -> sample.
+
+Sampling uses the exponential race: argmax(probs / E) with E ~ Exponential(1) i.i.d. picks
+token i with probability probs[i], and lets each row draw its noise from its own
+torch.Generator, so a seeded request gets the same tokens whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from slipstream.engine.outputs import Logprob, TokenLogprobs
+from slipstream.engine.sampling_params import SamplingParams
+from slipstream.engine.sequence import Sequence as Seq
+
+# Exponential(1) draws can be exactly 0 in float32 (probability ~1e-45 per draw, but CUDA
+# kernels have produced them); dividing by 0 would make a zero-probability token win.
+_MIN_EXP = 1e-10
+
+
+@dataclass
+class SamplingContext:
+    """What the sampler needs to know about one row: params, history and RNG."""
+
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    generator: torch.Generator | None = None
+
+    @classmethod
+    def of(cls, seq: Seq) -> SamplingContext:
+        """The context for sampling a sequence's next token."""
+        return cls(
+            params=seq.params,
+            prompt_token_ids=seq.prompt_token_ids,
+            output_token_ids=seq.output_token_ids,
+            generator=seq.generator,
+        )
+
+    @property
+    def suppresses_stop(self) -> bool:
+        """min_tokens not reached yet: EOS and stop tokens must not be sampled."""
+        return len(self.output_token_ids) < self.params.min_tokens
+
+
+@dataclass
+class SamplerOutput:
+    """One sampled token per row, and its logprobs when the row asked for them."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+class Sampler:
+    """Turns logits rows into tokens under each row's SamplingParams."""
+
+    def __init__(
+        self,
+        eos_token_ids: frozenset[int],
+        decode_token: Callable[[int], str] | None = None,
+    ) -> None:
+        self.eos_token_ids = frozenset(eos_token_ids)
+        # Fills Logprob.decoded when given (e.g. lambda i: tokenizer.decode([i])).
+        self.decode_token = decode_token
+
+    # ------------------------------------------------------------------ public API
+
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingContext]) -> SamplerOutput:
+        """Sample one token per row. logits: [R, V]."""
+        assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
+        if all(_is_plain_greedy(c) for c in rows):
+            # Hot path (greedy, batch 1 included): one argmax, one host sync.
+            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(rows))
+        processed, greedy = self._process(logits, rows)  # [R, V], [R] bool
+        token_ids = processed.argmax(dim=-1)  # [R]
+        random_rows = [i for i, is_greedy in enumerate(greedy) if not is_greedy]
+        if random_rows:
+            probs = torch.softmax(processed[random_rows], dim=-1)  # [R', V]
+            drawn = self._race(probs, [rows[i].generator for i in random_rows])
+            token_ids[random_rows] = drawn
+        ids: list[int] = token_ids.tolist()
+        return SamplerOutput(ids, self._logprobs(logits, rows, ids))
+
+    def processed_logits(
+        self, logits: torch.Tensor, rows: Sequence[SamplingContext]
+    ) -> torch.Tensor:
+        """Logits after penalties, temperature and masks (-inf = never sampled). [R, V].
+
+        Greedy rows get penalties and min_tokens only (no temperature or truncation).
+        """
+        return self._process(logits, rows)[0]
+
+    def processed_probs(
+        self, logits: torch.Tensor, rows: Sequence[SamplingContext]
+    ) -> torch.Tensor:
+        """The distribution each row is sampled from; a one-hot at the argmax for greedy rows.
+
+        logits: [R, V] -> [R, V] float32. Speculative and cautious decoders compare these.
+        """
+        processed, greedy = self._process(logits, rows)
+        probs = torch.softmax(processed, dim=-1)  # [R, V]
+        if any(greedy):
+            rows_idx = torch.tensor(
+                [i for i, g in enumerate(greedy) if g], device=logits.device, dtype=torch.long
+            )
+            one_hot = torch.zeros_like(probs[rows_idx])
+            one_hot.scatter_(1, processed[rows_idx].argmax(dim=-1, keepdim=True), 1.0)
+            probs[rows_idx] = one_hot
+        return probs
+
+    def processed_logprobs(
+        self, logits: torch.Tensor, rows: Sequence[SamplingContext]
+    ) -> torch.Tensor:
+        """log(processed_probs): -inf outside each row's support. [R, V]."""
+        return torch.log(self.processed_probs(logits, rows))
+
+    def sample_from_probs(
+        self, probs: torch.Tensor, rows: Sequence[SamplingContext]
+    ) -> torch.Tensor:
+        """Draw one token per row from given distributions (e.g. a speculative residual).
+
+        probs: [R, V], rows need not be normalised. Returns [R] long. Uses each row's generator.
+        """
+        return self._race(probs.float(), [c.generator for c in rows])
+
+    def uniform(self, rows: Sequence[SamplingContext], device: torch.device | str) -> torch.Tensor:
+        """One U[0, 1) draw per row from the row's generator (acceptance tests). [R]."""
+        out = torch.empty(len(rows), dtype=torch.float32, device=device)
+        for i, c in enumerate(rows):
+            if c.generator is None:
+                out[i : i + 1].uniform_()
+            else:
+                out[i : i + 1] = _draw(c.generator, 1, out.device, "uniform")
+        return out
+
+    # ------------------------------------------------------------------ pipeline
+
+    def _process(
+        self, logits: torch.Tensor, rows: Sequence[SamplingContext]
+    ) -> tuple[torch.Tensor, list[bool]]:
+        """Apply the whole pipeline; returns ([R, V] float32 logits, greedy flag per row)."""
+        # NOTE: always a copy: the caller's logits are reused (logprobs, other decoders).
+        x = logits.to(dtype=torch.float32, copy=True)  # [R, V]
+        greedy = [c.params.is_greedy for c in rows]
+        self._apply_min_tokens(x, rows)
+        _apply_penalties(x, rows)
+        if all(greedy):
+            return x, greedy
+        device = x.device
+        # Greedy rows keep temperature 1 and no truncation: their argmax is unchanged anyway.
+        temps = [1.0 if g else c.params.temperature for g, c in zip(greedy, rows, strict=True)]
+        if any(t != 1.0 for t in temps):
+            x.div_(torch.tensor(temps, device=device, dtype=torch.float32).unsqueeze(1))
+        min_p = [0.0 if g else c.params.min_p for g, c in zip(greedy, rows, strict=True)]
+        if any(p > 0 for p in min_p):
+            _apply_min_p(x, torch.tensor(min_p, device=device, dtype=torch.float32))
+        vocab = x.shape[1]
+        top_k = [
+            vocab if g or c.params.top_k < 1 else min(c.params.top_k, vocab)
+            for g, c in zip(greedy, rows, strict=True)
+        ]
+        top_p = [1.0 if g else c.params.top_p for g, c in zip(greedy, rows, strict=True)]
+        if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
+            _apply_top_k_top_p(
+                x,
+                torch.tensor(top_k, device=device, dtype=torch.long),
+                torch.tensor(top_p, device=device, dtype=torch.float32),
+            )
+        return x, greedy
+
+    def _apply_min_tokens(self, x: torch.Tensor, rows: Sequence[SamplingContext]) -> None:
+        """Forbid EOS and stop_token_ids in rows that have not reached min_tokens. x: [R, V]."""
+        vocab = x.shape[1]
+        row_idx: list[int] = []
+        tok_idx: list[int] = []
+        for i, c in enumerate(rows):
+            if c.suppresses_stop:
+                stops = {t for t in (*self.eos_token_ids, *c.params.stop_token_ids) if t < vocab}
+                row_idx.extend([i] * len(stops))
+                tok_idx.extend(stops)
+        if row_idx:
+            x[_long(row_idx, x.device), _long(tok_idx, x.device)] = float("-inf")
+
+    def _race(
+        self, probs: torch.Tensor, generators: Sequence[torch.Generator | None]
+    ) -> torch.Tensor:
+        """Exponential race: argmax(probs / E), E ~ Exp(1) per entry. probs: [R, V] -> [R]."""
+        noise = torch.empty_like(probs)  # [R, V]
+        unseeded = [i for i, g in enumerate(generators) if g is None]
+        if len(unseeded) == len(generators):
+            noise.exponential_()
+        else:
+            if unseeded:
+                noise[unseeded] = torch.empty_like(probs[unseeded]).exponential_()
+            for i, g in enumerate(generators):
+                # NOTE: each seeded row draws exactly V numbers from its own generator, so its
+                # stream does not depend on the batch it happens to be in.
+                if g is not None:
+                    noise[i] = _draw(g, noise.shape[1], noise.device, "exponential")
+        return (probs / noise.clamp_min_(_MIN_EXP)).argmax(dim=-1)
+
+    def _logprobs(
+        self, logits: torch.Tensor, rows: Sequence[SamplingContext], token_ids: list[int]
+    ) -> list[TokenLogprobs | None]:
+        """The chosen token's raw logprob and the top-N raw alternatives, for rows asking."""
+        wanted = [i for i, c in enumerate(rows) if c.params.logprobs is not None]
+        out: list[TokenLogprobs | None] = [None] * len(rows)
+        if not wanted:
+            return out
+        # vLLM's default: logprobs of the model's raw distribution, before any processing.
+        raw = torch.log_softmax(logits[wanted].float(), dim=-1)  # [W, V]
+        chosen = raw.gather(1, _long([token_ids[i] for i in wanted], raw.device).unsqueeze(1))
+        chosen_list: list[float] = chosen.squeeze(1).tolist()
+        num_top = max(rows[i].params.logprobs or 0 for i in wanted)
+        top_vals: list[list[float]] = [[] for _ in wanted]
+        top_ids: list[list[int]] = [[] for _ in wanted]
+        if num_top > 0:
+            vals, idx = raw.topk(min(num_top, raw.shape[1]), dim=-1)  # [W, N]
+            top_vals, top_ids = vals.tolist(), idx.tolist()
+        for j, i in enumerate(wanted):
+            n = rows[i].params.logprobs or 0
+            out[i] = TokenLogprobs(
+                chosen=self._logprob(token_ids[i], chosen_list[j]),
+                top=[
+                    self._logprob(t, v)
+                    for t, v in zip(top_ids[j][:n], top_vals[j][:n], strict=True)
+                ],
+            )
+        return out
+
+    def _logprob(self, token_id: int, value: float) -> Logprob:
+        """A Logprob with its decoded text when a decoder was given."""
+        text = self.decode_token(token_id) if self.decode_token is not None else ""
+        return Logprob(token_id=token_id, logprob=value, decoded=text)
+
+
+def _is_plain_greedy(c: SamplingContext) -> bool:
+    """Greedy with nothing that changes the argmax or needs extra outputs."""
+    p = c.params
+    return (
+        p.is_greedy
+        and p.logprobs is None
+        and p.repetition_penalty == 1.0
+        and p.frequency_penalty == 0.0
+        and p.presence_penalty == 0.0
+        and not c.suppresses_stop
+    )
+
+
+def _apply_penalties(x: torch.Tensor, rows: Sequence[SamplingContext]) -> None:
+    """Repetition (prompt + output) and frequency/presence (output) penalties. x: [R, V]."""
+    vocab = x.shape[1]
+    device = x.device
+    rep = [i for i, c in enumerate(rows) if c.params.repetition_penalty != 1.0]
+    if rep:
+        # seen[r, t] = token t occurs in row r's prompt or output.
+        seen = torch.zeros((len(rep), vocab), dtype=torch.bool, device=device)  # [R', V]
+        row_idx, tok_idx = _flatten(
+            [list(rows[i].prompt_token_ids) + list(rows[i].output_token_ids) for i in rep]
+        )
+        seen[_long(row_idx, device), _long(tok_idx, device)] = True
+        penalty = torch.tensor(
+            [rows[i].params.repetition_penalty for i in rep], device=device, dtype=torch.float32
+        ).unsqueeze(1)  # [R', 1]
+        sub = x[rep]  # [R', V] (a copy)
+        penalised = torch.where(sub > 0, sub / penalty, sub * penalty)
+        x[rep] = torch.where(seen, penalised, sub)
+    freq = [
+        i
+        for i, c in enumerate(rows)
+        if c.params.frequency_penalty != 0.0 or c.params.presence_penalty != 0.0
+    ]
+    if freq:
+        counts = torch.zeros((len(freq), vocab), dtype=torch.float32, device=device)  # [R', V]
+        row_idx, tok_idx = _flatten([list(rows[i].output_token_ids) for i in freq])
+        if row_idx:
+            counts.index_put_(
+                (_long(row_idx, device), _long(tok_idx, device)),
+                torch.ones(len(row_idx), dtype=torch.float32, device=device),
+                accumulate=True,
+            )
+        f = torch.tensor([rows[i].params.frequency_penalty for i in freq], device=device)
+        p = torch.tensor([rows[i].params.presence_penalty for i in freq], device=device)
+        x[freq] -= f.unsqueeze(1) * counts + p.unsqueeze(1) * (counts > 0).float()
+
+
+def _apply_min_p(x: torch.Tensor, min_p: torch.Tensor) -> None:
+    """Mask tokens whose prob is below min_p * (the row's max prob). x: [R, V], min_p: [R]."""
+    probs = torch.softmax(x, dim=-1)  # [R, V]
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)  # [R, 1]
+    x.masked_fill_(probs < threshold, float("-inf"))
+
+
+def _apply_top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> None:
+    """Keep each row's top_k logits, then its smallest top set with mass >= top_p.
+
+    x: [R, V]; top_k: [R] (V = off); top_p: [R] (1.0 = off). Ties at the k-th value are all
+    kept (as vLLM does), so a row may keep more than k tokens.
+    """
+    vocab = x.shape[1]
+    sorted_x, order = x.sort(dim=-1, descending=False)  # [R, V] ascending
+    # The k-th largest value sits at ascending position V - k.
+    kth = sorted_x.gather(1, (vocab - top_k).unsqueeze(1))  # [R, 1]
+    sorted_x.masked_fill_(sorted_x < kth, float("-inf"))
+    probs = torch.softmax(sorted_x, dim=-1)  # [R, V]
+    # Drop a token when the tokens below it (itself included) hold at most 1 - p of the mass.
+    cum = probs.cumsum(dim=-1)  # [R, V]
+    drop = cum <= (1.0 - top_p).unsqueeze(1)
+    drop[:, -1] = False  # the top token always survives
+    sorted_x.masked_fill_(drop, float("-inf"))
+    x.scatter_(1, order, sorted_x)
+
+
+def _draw(
+    generator: torch.Generator,
+    n: int,
+    device: torch.device,
+    kind: Literal["exponential", "uniform"],
+) -> torch.Tensor:
+    """n draws from a row's generator, made on the generator's device, returned on device."""
+    out = torch.empty(n, dtype=torch.float32, device=generator.device)
+    if kind == "exponential":
+        out.exponential_(generator=generator)
+    else:
+        out.uniform_(generator=generator)
+    # A CPU generator with CUDA logits still works (slower: one copy per seeded row).
+    return out.to(device, non_blocking=True)
+
+
+def _flatten(lists: list[list[int]]) -> tuple[list[int], list[int]]:
+    """(row index, value) pairs of a ragged list of lists, flattened."""
+    row_idx: list[int] = []
+    values: list[int] = []
+    for r, vals in enumerate(lists):
+        row_idx.extend([r] * len(vals))
+        values.extend(vals)
+    return row_idx, values
+
+
+def _long(values: list[int], device: torch.device) -> torch.Tensor:
+    """A 1-D long tensor on device."""
+    return torch.tensor(values, dtype=torch.long, device=device)

@@ -1,0 +1,146 @@
+"""Continuous batching under a token budget: chunked prefill, decode, preemption by recompute.
+
+Policy only: the scheduler sees sequences and block ids, never tensors (nano-vllm's rule),
+so it is tested on CPU with fake step results. One number per sequence describes every
+case (vLLM v1's contract): how many of its uncomputed tokens it feeds this step. Prefill,
+chunked prefill, decode and recompute after preemption all reduce to that.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+
+from slipstream.config import SchedulerConfig
+from slipstream.engine.batch import Batch, ScheduledSeq
+from slipstream.engine.block_manager import BlockManager
+from slipstream.engine.sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+# (seq, num_running) -> extra KV slots the decoder wants after the sequence's next token.
+LookaheadFn = Callable[[Sequence, int], int]
+
+
+def _no_lookahead(seq: Sequence, num_running: int) -> int:
+    return 0
+
+
+class Scheduler:
+    """FCFS continuous batching: running sequences first, then admit waiting ones."""
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        lookahead: LookaheadFn = _no_lookahead,
+    ) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.lookahead = lookahead
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    @property
+    def num_unfinished(self) -> int:
+        """Sequences waiting or running."""
+        return len(self.waiting) + len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence (FCFS)."""
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """Insert an already-computed sequence (a fork) right after the running ones."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def schedule(self) -> Batch:
+        """Pick sequences and token counts for the next forward pass."""
+        batch = Batch()
+        budget = self.config.max_num_batched_tokens
+        budget = self._schedule_running(batch, budget)
+        if not batch.preempted:
+            self._schedule_waiting(batch, budget)
+        return batch
+
+    def _schedule_running(self, batch: Batch, budget: int) -> int:
+        scheduled: set[int] = set()
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            lookahead = 0
+            if num_new == seq.num_uncomputed_tokens == 1:
+                lookahead = max(0, min(self.lookahead(seq, len(self.running)), budget - num_new))
+            if not self._make_room(seq, num_new, lookahead, batch, scheduled):
+                continue  # seq itself was preempted; self.running shrank
+            batch.items.append(ScheduledSeq(seq, num_new, lookahead))
+            scheduled.add(seq.seq_id)
+            budget -= num_new + lookahead
+            i += 1
+        return budget
+
+    def _make_room(
+        self, seq: Sequence, num_new: int, lookahead: int, batch: Batch, scheduled: set[int]
+    ) -> bool:
+        """Allocate slots for seq, preempting the newest other running sequences if needed."""
+        while not self.block_manager.allocate_slots(seq, num_new, lookahead):
+            if lookahead:
+                lookahead = 0  # drafts are optional: drop them before preempting anyone
+                continue
+            victim = self._pick_victim(seq, scheduled)
+            self._preempt(victim, batch)
+            if victim is seq:
+                return False
+        return True
+
+    def _pick_victim(self, seq: Sequence, scheduled: set[int]) -> Sequence:
+        """The most recently admitted running sequence not already in this batch."""
+        for candidate in reversed(self.running):
+            if candidate.seq_id not in scheduled:
+                return candidate
+        return seq
+
+    def _preempt(self, seq: Sequence, batch: Batch) -> None:
+        # Recompute: drop all KV; the prompt + outputs so far are prefilled again later,
+        # so the sequence finishes with the same greedy output.
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        batch.preempted.append(seq)
+        logger.debug("preempted seq %d (%d tokens)", seq.seq_id, seq.num_tokens)
+
+    def _schedule_waiting(self, batch: Batch, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                hits = self.block_manager.match_prefix(seq)
+                batch.prefix_cache_queries += seq.num_tokens
+                batch.prefix_cache_hits += hits
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if not self.block_manager.allocate_slots(seq, num_new):
+                # FCFS: do not let a later request jump the queue. Give back the prefix hit.
+                self.block_manager.free(seq)
+                seq.num_computed_tokens = 0
+                seq.num_cached_tokens = 0
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.items.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished (or aborted, or dropped) sequence and free its KV."""
+        seq.status = SequenceStatus.FINISHED
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)

@@ -1,0 +1,87 @@
+"""Resolve device and dtype, then load the model, tokenizer and EOS ids for the engine."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from slipstream.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """Everything the engine needs from the model folder."""
+
+    path: str
+    model: Any
+    arch: Any
+    tokenizer: Any
+    eos_token_ids: frozenset[int]
+    max_model_len: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX: bfloat16 matmuls run natively (else they are emulated, slowly)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bfloat16 on CUDA and on CPUs with native bf16, else float32."""
+    if name == "auto":
+        if device.type == "cuda" or cpu_has_bf16():
+            return torch.bfloat16
+        return torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; choose {', '.join(_DTYPES)} or auto")
+    return _DTYPES[name]
+
+
+def load_engine_model(config: ModelConfig) -> LoadedModel:
+    """Load weights and tokenizer as ModelConfig says."""
+    from slipstream.engine.models.default_model import resolve_model_path
+    from slipstream.engine.models.loader import load_model
+    from slipstream.engine.tokenizer import eos_token_ids, load_tokenizer
+
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    path = resolve_model_path(config.model)
+    torch.manual_seed(config.seed)
+    model, arch = load_model(path, dtype, device)
+    tokenizer = load_tokenizer(path)
+    gen_config = os.path.join(path, "generation_config.json") if os.path.isdir(path) else None
+    eos = eos_token_ids(tokenizer, gen_config if gen_config and os.path.exists(gen_config) else None)
+    eos = eos | frozenset(arch.eos_token_ids)
+    max_len = arch.max_position_embeddings
+    if config.max_model_len is not None:
+        if config.max_model_len > max_len:
+            raise ValueError(
+                f"max_model_len {config.max_model_len} exceeds the model's "
+                f"max_position_embeddings {max_len}"
+            )
+        max_len = config.max_model_len
+    logger.info("loaded %s (%s, %s, context %d)", path, dtype, device, max_len)
+    return LoadedModel(path, model, arch, tokenizer, eos, max_len, dtype, device)

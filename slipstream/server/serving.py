@@ -1,0 +1,294 @@
+"""What chat and text completions share: sampling params, limits, and one engine request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import Request
+
+from slipstream.backends.base import EngineError, GenerateRequest
+from slipstream.engine.outputs import RequestOutput
+from slipstream.engine.sampling_params import SamplingParams
+from slipstream.server.errors import APIError, bad_request, from_engine_error
+from slipstream.server.metrics import RequestTracker
+from slipstream.server.protocol import _SamplingRequest
+from slipstream.server.state import ServerState
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the response started."""
+
+
+def build_sampling_params(
+    req: _SamplingRequest,
+    max_tokens: int,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+) -> SamplingParams:
+    """OpenAI/vLLM request fields -> SamplingParams; a bad combination is a 400."""
+    kwargs: dict[str, Any] = {
+        "n": req.n,
+        "max_tokens": max_tokens,
+        "min_tokens": req.min_tokens,
+        "stop": req.stop_list(),
+        "stop_token_ids": tuple(req.stop_token_ids or ()),
+        "ignore_eos": req.ignore_eos,
+        "seed": req.seed,
+        "logprobs": logprobs,
+        "prompt_logprobs": prompt_logprobs,
+        "include_stop_str_in_output": req.include_stop_str_in_output,
+        "skip_special_tokens": req.skip_special_tokens,
+    }
+    # Unset fields keep SamplingParams' defaults (OpenAI's defaults too).
+    for name in (
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+    ):
+        value = getattr(req, name)
+        if value is not None:
+            kwargs[name] = value
+    if req.min_tokens > max_tokens:
+        raise bad_request(
+            f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({max_tokens})",
+            param="min_tokens",
+        )
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as exc:
+        raise bad_request(str(exc)) from exc
+
+
+def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int) -> int:
+    """max_tokens to generate; 400 (naming the numbers) if the context window is exceeded."""
+    if requested is None:
+        available = max_model_len - prompt_len
+        if available < 1:
+            raise _context_error(
+                f"This model's maximum context length is {max_model_len} tokens. However, "
+                f"your prompt has {prompt_len} tokens, which leaves no room for a completion. "
+                "Please shorten the prompt."
+            )
+        return available
+    if prompt_len + requested > max_model_len:
+        raise _context_error(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
+            f"{requested} in the completion). Please reduce the prompt or max_tokens."
+        )
+    return requested
+
+
+def _context_error(message: str) -> APIError:
+    return bad_request(message, param="max_tokens", code="context_length_exceeded")
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
+    """400 unless every id is a token of the model."""
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise bad_request(
+            f"{param} contains token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}",
+            param=param,
+        )
+
+
+def reject_common_unsupported(req: _SamplingRequest) -> None:
+    """Features a client relies on that this server does not implement: 400, not silence."""
+    if req.logit_bias:
+        raise bad_request("logit_bias is not supported by this server", param="logit_bias")
+
+
+@dataclass
+class Generation:
+    """One engine request in flight: its output stream, metrics tracker and cleanup."""
+
+    state: ServerState
+    request: GenerateRequest
+    tracker: RequestTracker
+    _iterator: AsyncIterator[RequestOutput]
+    _pending: list[RequestOutput] = field(default_factory=list)
+    last: RequestOutput | None = None
+    finished: bool = False
+    closed: bool = False
+
+    @classmethod
+    async def start(cls, state: ServerState, request: GenerateRequest) -> Generation:
+        """Submit and wait for the first output, so a full queue is a 429 before any byte."""
+        arrival = request.arrival_time or time.monotonic()
+        gen = cls(state, request, RequestTracker(state.metrics, arrival), _noop_iterator())
+        try:
+            gen._iterator = state.engine.generate(request)
+            first = await anext(gen._iterator)
+        except StopAsyncIteration as exc:
+            gen.tracker.done = True
+            raise APIError(500, "The engine ended the request without any output.") from exc
+        except EngineError as exc:
+            # Rejected (queue full) or failed before running: nothing to record per request.
+            gen.tracker.done = True
+            await gen.close()
+            raise from_engine_error(exc) from exc
+        except Exception:
+            await gen.close("error")
+            raise
+        except BaseException:
+            await gen.close("abort")
+            raise
+        gen._pending.append(first)
+        return gen
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        """Every cumulative output, the first one included; records token metrics."""
+        while not self.finished:
+            if self._pending:
+                output = self._pending.pop()
+            else:
+                try:
+                    output = await anext(self._iterator)
+                except StopAsyncIteration:
+                    raise APIError(
+                        500, "The engine ended the request without finishing it."
+                    ) from None
+                except EngineError as exc:
+                    raise from_engine_error(exc) from exc
+            self.last = output
+            self.tracker.on_output(output)
+            if output.finished:
+                self.finished = True
+                self.tracker.on_finish(output)
+            yield output
+
+    async def collect(self) -> RequestOutput:
+        """Run to the end and return the final output."""
+        async for _ in self.outputs():
+            pass
+        assert self.last is not None
+        return self.last
+
+    async def close(self, reason: str | None = None) -> None:
+        """Abort if unfinished and release the engine's iterator (safe to call twice)."""
+        if self.closed:
+            return
+        self.closed = True
+        if not self.finished:
+            self.tracker.on_finish(self.last, reason or "abort")
+        # NOTE: shielded: this runs while the task is being cancelled (client disconnect),
+        # and an unshielded await there would be cancelled before the engine hears of it.
+        with anyio.CancelScope(shield=True):
+            try:
+                aclose = getattr(self._iterator, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+                if not self.finished:
+                    await self.state.engine.abort(self.request.request_id)
+            except Exception:
+                logger.exception("failed to abort request %s", self.request.request_id)
+
+
+async def _noop_iterator() -> AsyncIterator[RequestOutput]:
+    return
+    yield  # pragma: no cover
+
+
+async def start_all(state: ServerState, requests: list[GenerateRequest]) -> list[Generation]:
+    """Start several engine requests; if one fails, close the others."""
+    gens: list[Generation] = []
+    try:
+        for request in requests:
+            gens.append(await Generation.start(state, request))
+    except BaseException:
+        for gen in gens:
+            await gen.close("abort")
+        raise
+    return gens
+
+
+async def close_all(gens: Sequence[Generation], reason: str | None = None) -> None:
+    """Close every generation."""
+    for gen in gens:
+        await gen.close(reason)
+
+
+async def collect_all(gens: Sequence[Generation]) -> list[RequestOutput]:
+    """Run several generations concurrently to their final outputs."""
+    try:
+        return list(await asyncio.gather(*(g.collect() for g in gens)))
+    except Exception:
+        await close_all(gens, "error")
+        raise
+    finally:
+        await close_all(gens, "abort")
+
+
+async def merge_outputs(gens: Sequence[Generation]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several generations' outputs as (generation index, output)."""
+    if len(gens) == 1:
+        async for output in gens[0].outputs():
+            yield 0, output
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
+
+    async def pump(index: int, gen: Generation) -> None:
+        try:
+            async for output in gen.outputs():
+                await queue.put((index, output))
+            await queue.put(None)
+        except Exception as exc:
+            await queue.put(exc)
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first (non-streaming requests)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(task, return_exceptions=True)
+        raise ClientDisconnected()
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(task, return_exceptions=True)
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

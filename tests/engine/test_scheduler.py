@@ -1,0 +1,178 @@
+"""The real Scheduler driven by fake step results (no model, no tensors)."""
+
+from __future__ import annotations
+
+import pytest
+
+from slipstream.config import SchedulerConfig
+from slipstream.engine.batch import Batch
+from slipstream.engine.block_manager import BlockManager
+from slipstream.engine.sampling_params import SamplingParams
+from slipstream.engine.scheduler import Scheduler
+from slipstream.engine.sequence import Sequence, SequenceStatus
+
+BLOCK = 4
+
+
+def make_seq(seq_id: int, prompt_len: int) -> Sequence:
+    prompt = [100 + seq_id * 1000 + i for i in range(prompt_len)]  # no shared prefixes
+    return Sequence(
+        seq_id=seq_id,
+        request_id=str(seq_id),
+        prompt_token_ids=prompt,
+        params=SamplingParams(max_tokens=100),
+        arrival_time=0.0,
+    )
+
+
+def fake_step(sched: Scheduler, batch: Batch, token: int = 7) -> None:
+    """What the engine does after a forward: advance computed counts, append samples."""
+    for item in batch.items:
+        seq = item.seq
+        samples = item.samples
+        seq.num_computed_tokens += item.num_new_tokens
+        if samples:
+            seq.token_ids.append(token)
+        sched.block_manager.trim(seq)
+        sched.block_manager.commit_computed(seq)
+
+
+def make_scheduler(num_blocks: int = 64, max_seqs: int = 8, budget: int = 16) -> Scheduler:
+    bm = BlockManager(num_blocks, BLOCK)
+    return Scheduler(SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget), bm)
+
+
+def test_chunked_prefill_splits_prompt_under_budget() -> None:
+    sched = make_scheduler(budget=16)
+    seq = make_seq(0, 40)
+    sched.add(seq)
+    chunks = []
+    for _ in range(3):
+        batch = sched.schedule()
+        chunks.append([(i.seq.seq_id, i.num_new_tokens, i.samples) for i in batch.items])
+        fake_step(sched, batch)
+    assert chunks == [[(0, 16, False)], [(0, 16, False)], [(0, 8, True)]]
+    assert seq.num_output_tokens == 1
+    batch = sched.schedule()
+    assert [(i.num_new_tokens, i.samples) for i in batch.items] == [(1, True)]
+
+
+def test_decodes_and_prefill_share_one_step() -> None:
+    sched = make_scheduler(budget=16)
+    a = make_seq(0, 5)
+    sched.add(a)
+    fake_step(sched, sched.schedule())  # a prefilled, now decoding
+    b = make_seq(1, 30)
+    sched.add(b)
+    batch = sched.schedule()
+    assert [(i.seq.seq_id, i.num_new_tokens) for i in batch.items] == [(0, 1), (1, 15)]
+    assert batch.num_new_tokens == 16
+
+
+def test_max_num_seqs_limits_running() -> None:
+    sched = make_scheduler(max_seqs=2, budget=64)
+    seqs = [make_seq(i, 3) for i in range(4)]
+    for s in seqs:
+        sched.add(s)
+    batch = sched.schedule()
+    assert [i.seq.seq_id for i in batch.items] == [0, 1]
+    assert [s.seq_id for s in sched.waiting] == [2, 3]
+
+
+def test_preemption_recomputes_newest_and_frees_its_blocks() -> None:
+    # 6 blocks of 4 slots; two sequences of 8 tokens take 2 blocks each (+1 for decode).
+    sched = make_scheduler(num_blocks=6, budget=64)
+    a, b = make_seq(0, 8), make_seq(1, 8)
+    sched.add(a)
+    sched.add(b)
+    fake_step(sched, sched.schedule())
+    preempted = []
+    for _ in range(8):
+        batch = sched.schedule()
+        preempted.extend(s.seq_id for s in batch.preempted)
+        fake_step(sched, batch)
+        sched.block_manager.check_invariants()
+    assert preempted and preempted[0] == 1, "the newest sequence is preempted first"
+    assert b.num_preemptions >= 1
+    # a kept running throughout and grew by one token per step
+    assert a.num_output_tokens == 9
+
+
+def test_preempted_sequence_resumes_with_its_tokens() -> None:
+    sched = make_scheduler(num_blocks=6, budget=64)
+    a, b = make_seq(0, 8), make_seq(1, 8)
+    sched.add(a)
+    sched.add(b)
+    for _ in range(6):
+        fake_step(sched, sched.schedule())
+    tokens_before = list(b.token_ids)
+    # Finish a: b must come back and recompute everything it had.
+    sched.finish(a)
+    batch = sched.schedule()
+    item = next(i for i in batch.items if i.seq is b)
+    assert b.token_ids[: len(tokens_before)] == tokens_before
+    assert item.num_new_tokens == b.num_uncomputed_tokens or b.status is SequenceStatus.RUNNING
+
+
+def test_fcfs_head_of_line_blocks_later_requests() -> None:
+    sched = make_scheduler(num_blocks=4, budget=64)
+    big = make_seq(0, 30)  # needs 8 blocks: cannot fit now
+    small = make_seq(1, 2)
+    sched.add(big)
+    sched.add(small)
+    batch = sched.schedule()
+    assert batch.is_empty
+    assert list(sched.waiting) == [big, small]
+    assert sched.block_manager.num_free_blocks == 4
+
+
+def test_finish_frees_everything() -> None:
+    sched = make_scheduler()
+    free0 = sched.block_manager.num_free_blocks
+    seqs = [make_seq(i, 10) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    fake_step(sched, sched.schedule())
+    for s in seqs:
+        sched.finish(s)
+    assert sched.block_manager.num_free_blocks == free0
+    assert sched.num_unfinished == 0
+    sched.block_manager.check_invariants()
+
+
+def test_lookahead_slots_reserved_only_for_decode() -> None:
+    bm = BlockManager(64, BLOCK)
+    sched = Scheduler(
+        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), bm, lambda seq, n: 5
+    )
+    seq = make_seq(0, 6)
+    sched.add(seq)
+    batch = sched.schedule()
+    assert batch.items[0].num_lookahead_slots == 0  # prefill: no drafts
+    fake_step(sched, batch)
+    batch = sched.schedule()
+    assert batch.items[0].num_lookahead_slots == 5
+    # slots for the fed token plus 5 drafts: positions 6..11 -> 3 blocks
+    assert len(seq.block_table) == 3
+
+
+@pytest.mark.parametrize("budget", [1, 3, 16])
+def test_every_prompt_token_is_computed_once(budget: int) -> None:
+    sched = make_scheduler(budget=budget, max_seqs=3)
+    seqs = [make_seq(i, 5 + 3 * i) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    fed = {s.seq_id: 0 for s in seqs}
+    for _ in range(120):
+        batch = sched.schedule()
+        assert batch.num_new_tokens <= budget
+        for item in batch.items:
+            fed[item.seq.seq_id] += item.num_new_tokens
+        fake_step(sched, batch)
+        for s in seqs:
+            if s.num_output_tokens >= 3 and not s.is_finished:
+                sched.finish(s)
+    for s in seqs:
+        assert s.is_finished
+        # every token but the last sampled one was fed exactly once
+        assert fed[s.seq_id] == s.num_tokens - 1

@@ -1,0 +1,39 @@
+"""Test doubles: a whitespace tokenizer and synthetic request records."""
+
+from __future__ import annotations
+
+from slipstream.loadtest.client import RequestRecord
+
+
+class WordTokenizer:
+    """Token i is the word `w{i}`; any other word is one token too. Round-trips exactly."""
+
+    vocab_size = 500
+    all_special_ids = [0]
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """One id per whitespace-separated word."""
+        return [int(w[1:]) if w[:1] == "w" and w[1:].isdigit() else 1 for w in text.split()]
+
+    def decode(self, token_ids: list[int]) -> str:
+        """`w{id}` words joined by spaces."""
+        return " ".join(f"w{i}" for i in token_ids)
+
+
+def record(
+    ttft: float,
+    latency: float,
+    output_tokens: int,
+    num_chunks: int | None = None,
+    start: float = 0.0,
+    success: bool = True,
+) -> RequestRecord:
+    """A finished request whose chunks arrive evenly between ttft and latency."""
+    n = num_chunks if num_chunks is not None else output_tokens
+    step = (latency - ttft) / (n - 1) if n > 1 else 0.0
+    r = RequestRecord(index=0, scheduled=start, prompt_len=10, start=start, success=success)
+    r.ttft, r.latency, r.output_tokens = ttft, latency, output_tokens
+    r.chunk_times = [ttft + i * step for i in range(n)]
+    if not success:
+        r.error_type, r.output_tokens, r.chunk_times = "HTTP 500", None, []
+    return r

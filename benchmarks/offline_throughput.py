@@ -85,7 +85,9 @@ def slipstream_batch1(llm: Any, prompt_ids: list[int], tokens: int, runs: int) -
     return rates
 
 
-def transformers_batch1(path: str, dtype: torch.dtype, prompt_ids: list[int], tokens: int, runs: int) -> list[float]:
+def transformers_batch1(
+    path: str, dtype: torch.dtype, prompt_ids: list[int], tokens: int, runs: int
+) -> list[float]:
     """transformers' generate, decode tokens/s measured as (T(128) - T(1)) / 127."""
     from transformers import AutoModelForCausalLM
 
@@ -112,7 +114,9 @@ def random_prompts(vocab: int, n: int, length: int, seed: int = 0) -> list[list[
     return [[rng.randrange(100, vocab - 100) for _ in range(length)] for _ in range(n)]
 
 
-def slipstream_aggregate(model: str | None, dtype: str, max_num_seqs: int, prompts: list[list[int]], out_len: int) -> float:
+def slipstream_aggregate(
+    model: str | None, dtype: str, max_num_seqs: int, prompts: list[list[int]], out_len: int
+) -> float:
     from slipstream import LLM, SamplingParams
 
     llm = LLM(model=model, dtype=dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048)
@@ -129,15 +133,25 @@ def run_vllm(model_path: str, dtype: str, out: Path) -> dict[str, Any] | None:
     if not python.exists():
         print("skipping vLLM: .venv-vllm missing (run `make vllm`)", file=sys.stderr)
         return None
-    cmd = [str(python), str(REPO / "benchmarks" / "vllm_offline.py"), "--model", model_path,
-           "--dtype", dtype, "--out", str(out)]
+    cmd = [
+        str(python),
+        str(REPO / "benchmarks" / "vllm_offline.py"),
+        "--model",
+        model_path,
+        "--dtype",
+        dtype,
+        "--out",
+        str(out),
+    ]
     print("running", " ".join(cmd), file=sys.stderr)
     subprocess.run(cmd, check=True)
     return json.loads(out.read_text())
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=None, help="default: the default model")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--tokens", type=int, default=128)
@@ -172,7 +186,9 @@ def main() -> None:
     result["copy_bandwidth_gb_s"] = bandwidth
     result["weight_bytes_per_token"] = weights
     result["roofline_tok_s"] = bandwidth * 1e9 / weights
-    print(json.dumps({k: v for k, v in result.items() if "runs" not in k}, indent=1), file=sys.stderr)
+    print(
+        json.dumps({k: v for k, v in result.items() if "runs" not in k}, indent=1), file=sys.stderr
+    )
     if not args.skip_transformers:
         dt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
         rates = transformers_batch1(path, dt, prompt_ids, args.tokens, args.runs)

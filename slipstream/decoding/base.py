@@ -45,6 +45,11 @@ class DecoderContext:
     dtype: torch.dtype
     num_layers: int
     max_model_len: int
+    # Paged KV cache geometry (for decoders that keep per-block state, e.g. page mean keys).
+    num_kv_blocks: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
     sampler: Sampler
     # Decodes token ids to text (for decoders that look at text, e.g. punctuation).
     tokenizer: Any = None
@@ -66,6 +71,9 @@ class SeqInputs:
     parents: list[int] | None = None
     # Local indices of the tokens whose logits are needed, in the order they come back.
     logits_indices: list[int] = field(default_factory=list)
+    # Optional precomputed [n, n] bool ancestor mask for `parents` (a decoder with a static
+    # tree template builds it once instead of the runner rebuilding it every step).
+    tree_mask: torch.Tensor | None = None
 
 
 @dataclass

@@ -27,6 +27,8 @@ class AttentionMetadata:
     tree_mask: torch.Tensor | None
     max_query_len: int
     max_seq_len: int
+    # Sequence ids in batch order (backends that keep per-sequence state key on these).
+    seq_ids: list[int] = field(default_factory=list)
     # Host copies, so CPU code paths need no device sync.
     query_start_loc_list: list[int] = field(default_factory=list)
     seq_lens_list: list[int] = field(default_factory=list)

@@ -80,6 +80,7 @@ class BlockManager:
             f"seq {seq.seq_id} already holds KV; free it before matching"
         )
         state = self._state(seq)
+        state.hashes = []
         if self.enable_prefix_caching:
             bs = self.block_size
             parent: int | None = None

@@ -75,6 +75,10 @@ class LLMEngine:
             dtype=self.loaded.dtype,
             num_layers=arch.num_hidden_layers,
             max_model_len=self.max_model_len,
+            num_kv_blocks=self.runner.num_blocks,
+            block_size=self.config.cache.block_size,
+            num_kv_heads=arch.num_key_value_heads,
+            head_dim=arch.head_dim,
             sampler=self.sampler,
             tokenizer=self.tokenizer,
         )

@@ -119,6 +119,7 @@ class ModelRunner:
             tree_mask=self._tree_mask(inputs, query_start, max_query_len),
             max_query_len=max_query_len,
             max_seq_len=max(seq_lens),
+            seq_ids=[item.seq.seq_id for item in batch.items],
             query_start_loc_list=query_start,
             seq_lens_list=seq_lens,
         )
@@ -134,6 +135,8 @@ class ModelRunner:
             n = len(seq_inputs.token_ids)
             if seq_inputs.parents is None:
                 mask[start : start + n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
+            elif seq_inputs.tree_mask is not None:
+                mask[start : start + n, :n] = seq_inputs.tree_mask
             else:
                 mask[start : start + n, :n] = ancestor_mask(seq_inputs.parents)
         return mask.to(self.device)

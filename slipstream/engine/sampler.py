@@ -84,12 +84,16 @@ class Sampler:
             # Hot path (greedy, batch 1 included): one argmax, one host sync.
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(rows))
         processed, greedy = self._process(logits, rows)  # [R, V], [R] bool
-        token_ids = processed.argmax(dim=-1)  # [R]
         random_rows = [i for i, is_greedy in enumerate(greedy) if not is_greedy]
-        if random_rows:
+        if not random_rows:
+            token_ids = processed.argmax(dim=-1)  # [R]
+        elif len(random_rows) == len(rows):
+            probs = torch.softmax(processed, dim=-1)  # [R, V]
+            token_ids = self._race(probs, [c.generator for c in rows])
+        else:
+            token_ids = processed.argmax(dim=-1)
             probs = torch.softmax(processed[random_rows], dim=-1)  # [R', V]
-            drawn = self._race(probs, [rows[i].generator for i in random_rows])
-            token_ids[random_rows] = drawn
+            token_ids[random_rows] = self._race(probs, [rows[i].generator for i in random_rows])
         ids: list[int] = token_ids.tolist()
         return SamplerOutput(ids, self._logprobs(logits, rows, ids))
 

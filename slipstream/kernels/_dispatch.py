@@ -22,6 +22,11 @@ def kernel_backend() -> str:
     return backend
 
 
+def triton_interpreting() -> bool:
+    """Whether Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def use_triton(x: torch.Tensor) -> bool:
     """Whether the op on tensor x should run its Triton kernel."""
     backend = kernel_backend()

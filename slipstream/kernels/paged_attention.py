@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from slipstream.kernels._dispatch import use_triton
+from slipstream.kernels._dispatch import triton_interpreting, use_triton
 
 # The padded batch path computes B * max_q * max_len scores; above this multiple of the
 # real work a per-sequence loop wins (one 4096-key sequence among 31 of 128 keys pads 16x).
@@ -252,6 +252,7 @@ def _paged_attention_kernel(
     BLOCK_N: tl.constexpr,  # keys per inner step
     IS_TREE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 (tf32 would miss 1e-5), else "tf32"
+    UPCAST: tl.constexpr,  # run the dots in fp32 (the interpreter's bf16 tl.dot is wrong)
 ):
     """Program (seq, kv_head, q_block): BLOCK_Q tokens x GROUP heads against all visible keys."""
     seq = tl.program_id(0)
@@ -272,6 +273,8 @@ def _paged_attention_kernel(
         d_ok = d < HEAD_DIM
         q_off = (q_start + tok)[:, None] * stride_q_tok + head[:, None] * stride_q_head
         q = tl.load(q_ptr + q_off + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -312,7 +315,7 @@ def _paged_attention_kernel(
             v_off = page * stride_v_block + slot * stride_v_slot + kv_head * stride_v_head
             v = tl.load(v_cache_ptr + v_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
             v = v.to(q.dtype)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
 
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -354,6 +357,9 @@ def paged_attention_triton(
     block_q = max(1, rows // group_p)
     grid = (num_seqs, num_kv_heads, triton.cdiv(max_query_len, block_q))
     tm = tree_mask.view(torch.uint8) if tree_mask is not None else q  # q: unused placeholder
+    # NOTE: Triton 3.9's interpreter returns garbage (~1e10) from tl.dot on bf16 operands;
+    # fp32 dots of bf16 values are exact products, so only the summation order differs.
+    upcast = triton_interpreting() and q.dtype == torch.bfloat16
     _paged_attention_kernel[grid](
         q,
         k_cache,
@@ -384,7 +390,8 @@ def paged_attention_triton(
         BLOCK_Q=block_q,
         BLOCK_N=64 if q.is_cuda else 16,  # small tiles keep the CPU interpreter quick
         IS_TREE=tree_mask is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32",
+        UPCAST=upcast,
     )
     return out
 

@@ -22,8 +22,9 @@ def store_kv_ref(
     if slot_mapping.min().item() >= 0:
         # Nothing to skip: index_copy_ takes 7 us vs 28 us for the masked form (1 token, bf16),
         # and the engine calls this once per layer per step.
-        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+        slots = slot_mapping.long()  # a no-op for the engine's int64
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
         return
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
@@ -57,18 +58,18 @@ def _store_kv_kernel(
     """Program tok: copy token tok's [num_kv_heads, head_dim] K and V rows to its slot."""
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
-    h = tl.arange(0, HEADS_P)[:, None]
-    d = tl.arange(0, HEAD_DIM_P)[None, :]
-    # NOTE: slot -1 is masked out rather than returned from, so nothing is read or written.
-    mask = (h < NUM_KV_HEADS) & (d < HEAD_DIM) & (slot >= 0)
-    block = slot // PAGE_SIZE
-    offset = slot % PAGE_SIZE
-    k = tl.load(k_ptr + tok * stride_k_tok + h * stride_k_head + d, mask=mask)
-    v = tl.load(v_ptr + tok * stride_v_tok + h * stride_v_head + d, mask=mask)
-    kc_off = block * stride_kc_block + offset * stride_kc_slot + h * stride_kc_head + d
-    vc_off = block * stride_vc_block + offset * stride_vc_slot + h * stride_vc_head + d
-    tl.store(k_cache_ptr + kc_off, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_cache_ptr + vc_off, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    if slot >= 0:  # -1: nothing to store
+        h = tl.arange(0, HEADS_P)[:, None]
+        d = tl.arange(0, HEAD_DIM_P)[None, :]
+        mask = (h < NUM_KV_HEADS) & (d < HEAD_DIM)
+        block = slot // PAGE_SIZE
+        offset = slot % PAGE_SIZE
+        k = tl.load(k_ptr + tok * stride_k_tok + h * stride_k_head + d, mask=mask)
+        v = tl.load(v_ptr + tok * stride_v_tok + h * stride_v_head + d, mask=mask)
+        kc_off = block * stride_kc_block + offset * stride_kc_slot + h * stride_kc_head + d
+        vc_off = block * stride_vc_block + offset * stride_vc_slot + h * stride_vc_head + d
+        tl.store(k_cache_ptr + kc_off, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + vc_off, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -70,7 +70,8 @@ def distribution(values_s: Sequence[float], percentiles: Sequence[float], name: 
         f"median_{name}_ms": 0.0 if empty else float(np.median(arr)),
         f"std_{name}_ms": 0.0 if empty else float(arr.std()),
     }
-    for p in percentiles:
+    # p99 always: it is vllm's default and the key tools that read these files expect.
+    for p in sorted({*percentiles, 99.0}):
         out[f"p{_pct_label(p)}_{name}_ms"] = 0.0 if empty else float(np.percentile(arr, p))
     return out
 
@@ -204,6 +205,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         row(f"Mean {name.upper()} (ms)", summary[f"mean_{name}_ms"])
         row(f"Median {name.upper()} (ms)", summary[f"median_{name}_ms"])
         for key in _percentile_keys(summary, name):
+            if key.startswith("p50_"):
+                continue  # the median, already shown
             row(f"{key.split('_')[0].upper()} {name.upper()} (ms)", summary[key])
     if "spec_decode_acceptance_rate" in summary:
         lines.append("{s:{c}^{n}}".format(s=" Speculative Decoding ", n=w, c="-"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -17,7 +17,7 @@ from slipstream.engine.outputs import RequestOutput
 from slipstream.engine.sampling_params import SamplingParams
 from slipstream.server.errors import APIError, bad_request, from_engine_error
 from slipstream.server.metrics import RequestTracker
-from slipstream.server.protocol import _SamplingRequest
+from slipstream.server.protocol import PromptTokensDetails, Usage, _SamplingRequest
 from slipstream.server.state import ServerState
 
 logger = logging.getLogger(__name__)
@@ -216,6 +216,18 @@ async def start_all(state: ServerState, requests: list[GenerateRequest]) -> list
     return gens
 
 
+def usage(prompt_tokens: int, outputs: Sequence[RequestOutput]) -> Usage:
+    """Token counts over every completion of `outputs`."""
+    completion = sum(len(c.token_ids) for out in outputs for c in out.outputs)
+    cached = sum(out.num_cached_tokens for out in outputs)
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion,
+        total_tokens=prompt_tokens + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+    )
+
+
 async def close_all(gens: Sequence[Generation], reason: str | None = None) -> None:
     """Close every generation."""
     for gen in gens:
@@ -267,8 +279,15 @@ async def merge_outputs(gens: Sequence[Generation]) -> AsyncIterator[tuple[int, 
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it if the client disconnects first (non-streaming requests)."""
+async def cancel_on_disconnect(
+    request: Request,
+    work: Awaitable[T],
+    cleanup: Callable[[T], Awaitable[None]] | None = None,
+) -> T:
+    """Await `work`, cancelling it if the client disconnects first.
+
+    If `work` finished anyway in the race with the disconnect, `cleanup` gets its result.
+    """
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
@@ -278,6 +297,8 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
         task.cancel()
         with anyio.CancelScope(shield=True):
             await asyncio.gather(task, return_exceptions=True)
+            if cleanup is not None and not task.cancelled() and task.exception() is None:
+                await cleanup(task.result())
         raise ClientDisconnected()
     finally:
         watcher.cancel()

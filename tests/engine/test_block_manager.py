@@ -353,7 +353,7 @@ OP_KINDS = ["admit", "step", "step", "speculate", "fork", "free", "rollback", "a
 OPS = st.tuples(st.sampled_from(OP_KINDS), st.integers(0, 255), st.integers(0, 255))
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(
     ops=st.lists(OPS, min_size=10, max_size=80),
     num_blocks=st.integers(1, 12),

@@ -35,7 +35,9 @@ class PagedBatch:
     values: list[torch.Tensor]
     masks: list[torch.Tensor]  # per sequence [num_q, num_q] bool among the new tokens
 
-    def args(self) -> tuple[torch.Tensor, ...]:
+    def args(
+        self,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Positional arguments of the op, scale and tree mask included."""
         return (
             self.q,
@@ -300,8 +302,11 @@ def test_triton_launcher_rejects_bad_arguments(change, message: str) -> None:  #
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize(
     "num_q, seq_lens, tree",
-    [([1] * 8, [4096, 1, 300, 17, 2048, 64, 65, 1000], False), ([512], [700], False),
-     ([9, 9], [1500, 40], True)],
+    [
+        ([1] * 8, [4096, 1, 300, 17, 2048, 64, 65, 1000], False),
+        ([512], [700], False),
+        ([9, 9], [1500, 40], True),
+    ],
 )
 def test_triton_matches_reference_on_gpu(
     num_q: list[int], seq_lens: list[int], tree: bool, dtype: torch.dtype

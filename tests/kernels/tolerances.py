@@ -15,7 +15,7 @@ TOL: dict[torch.dtype, dict[str, float]] = {
 
 
 def assert_close_verbose(
-    actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, max_report: int = 5
+    actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float
 ) -> None:
     """Like torch.testing.assert_close, but report how many elements differ and where."""
     assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
@@ -24,8 +24,10 @@ def assert_close_verbose(
     bad = ~torch.isclose(a, e, atol=atol, rtol=rtol)
     if not bool(bad.any()):
         return
-    where = bad.nonzero()[:max_report].tolist()
-    lines = [f"  at {tuple(i)}: {a[tuple(i)].item():.6g} vs {e[tuple(i)].item():.6g}" for i in where]
+    where = bad.nonzero()[:5].tolist()
+    lines = [
+        f"  at {tuple(i)}: {a[tuple(i)].item():.6g} vs {e[tuple(i)].item():.6g}" for i in where
+    ]
     diff = (a - e).abs().nan_to_num(float("inf")).max().item()
     raise AssertionError(
         f"{int(bad.sum())}/{bad.numel()} elements differ (atol={atol}, rtol={rtol},"

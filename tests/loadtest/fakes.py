@@ -9,7 +9,7 @@ class WordTokenizer:
     """Token i is the word `w{i}`; any other word is one token too. Round-trips exactly."""
 
     vocab_size = 500
-    all_special_ids = [0]
+    all_special_ids = (0,)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """One id per whitespace-separated word."""

@@ -193,11 +193,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--decoder", default="standard")
-    parser.add_argument("--tokens-per-chunk", type=int, default=1)
+    parser.add_argument("--decoder-config", default="{}", help='e.g. {"tokens_per_chunk": 3}')
     parser.add_argument("--startup-delay", type=float, default=0.0)
     args = parser.parse_args()
     time.sleep(args.startup_delay)  # lets a test see /health wait for a slow start
-    behaviour = StubBehaviour(decoder=args.decoder, tokens_per_chunk=args.tokens_per_chunk)
+    options = json.loads(args.decoder_config)
+    behaviour = StubBehaviour(decoder=args.decoder, ttft_s=0.01, interval_s=0.002, **options)
     app = create_app(behaviour, StubState())
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 

@@ -68,7 +68,7 @@ def test_max_concurrency_and_token_timeline() -> None:
     assert max_concurrency_seen(records) == 2
     starts, rates = token_timeline(records)
     assert sum(rates) == pytest.approx(30.0)
-    assert starts[0] == 0.0 and len(starts) == 2
+    assert starts == [0.0, 1.0, 2.0]  # the last chunk arrives at t = 1.0 + 1.0
 
 
 def test_output_tokens_fall_back_to_tokenizer_then_chunks() -> None:

@@ -44,6 +44,11 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
     return default if field is None else field.contents()
 
 
+def _f32(value: float) -> float:
+    # GGUF stores float32: 1e-5 reads back as 9.99999974e-06; 7 significant digits undo that.
+    return float(f"{value:.7g}")
+
+
 def gguf_hf_config(reader: Any, path: Path) -> dict[str, Any]:
     """An HF config.json dict from GGUF metadata (llama.* or qwen2.* keys)."""
     arch = _field(reader, "general.architecture")
@@ -79,8 +84,8 @@ def gguf_hf_config(reader: Any, path: Path) -> dict[str, Any]:
         "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
         "head_dim": int(_field(reader, f"{arch}.attention.key_length", hidden // heads)),
         "hidden_act": "silu",
-        "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        "rms_norm_eps": _f32(need("attention.layer_norm_rms_epsilon")),
+        "rope_theta": _f32(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         "max_position_embeddings": int(need("context_length")),
         "tie_word_embeddings": "output.weight" not in names,
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),

@@ -1,0 +1,152 @@
+"""The FastAPI app factory, its lifespan (engine start/stop) and the uvicorn runner."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import signal
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from slipstream import __version__
+from slipstream.backends.base import EngineClient
+from slipstream.server.config import ServerConfig
+from slipstream.server.errors import install_error_handlers
+from slipstream.server.metrics import ServerMetrics
+from slipstream.server.middleware import ServerMiddleware
+from slipstream.server.routes import build_router
+from slipstream.server.state import Phase, ServerState
+
+logger = logging.getLogger(__name__)
+
+# Token-count histogram buckets reach this far when the context length is not yet known.
+_DEFAULT_MAX_MODEL_LEN = 131072
+
+
+def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
+    """An app serving `engine`; the engine starts in the background once the app starts."""
+    max_len = config.engine.model.max_model_len or _DEFAULT_MAX_MODEL_LEN
+    state = ServerState(engine=engine, config=config, metrics=ServerMetrics(max_len))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The engine loads in the background so /health can answer 503 meanwhile.
+        starter = asyncio.create_task(_start_engine(state))
+        try:
+            yield
+        finally:
+            await _stop_engine(state, starter)
+
+    app = FastAPI(
+        title="slipstream",
+        version=__version__,
+        description="OpenAI-compatible LLM inference server with pluggable decoders.",
+        lifespan=lifespan,
+    )
+    app.state.server = state
+    app.state.started_at = int(time.time())
+    install_error_handlers(app)
+    app.include_router(build_router())
+    app.add_middleware(ServerMiddleware, state=state)
+    return app
+
+
+async def _start_engine(state: ServerState) -> None:
+    """Start the engine, bind metric labels, then serve; on failure, ask the server to exit."""
+    try:
+        await state.engine.start()
+        info = state.engine.model_info
+        state.metrics.bind(state.model_name, info.decoder)
+        state.engine.add_stats_listener(state.metrics.record_step)
+    except Exception:
+        logger.exception("the engine failed to start")
+        state.phase = Phase.FAILED
+        if state.on_fatal is not None:
+            state.on_fatal()
+        return
+    if state.phase is Phase.STARTING:
+        state.phase = Phase.READY
+        logger.info(
+            "serving",
+            extra={
+                "model": state.model_name,
+                "decoder": info.decoder,
+                "max_model_len": info.max_model_len,
+            },
+        )
+
+
+async def _stop_engine(state: ServerState, starter: asyncio.Task[None]) -> None:
+    if state.phase is not Phase.FAILED:
+        state.phase = Phase.STOPPED
+    if not starter.done():
+        starter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starter
+    try:
+        await state.engine.shutdown()
+    except Exception:
+        logger.exception("engine shutdown failed")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, plus: a signal first moves the app to DRAINING (new requests get 503)."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.app_state = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """Stop accepting; uvicorn then waits (bounded) for in-flight requests."""
+        if self.app_state.phase in (Phase.READY, Phase.STARTING):
+            self.app_state.phase = Phase.DRAINING
+            logger.info("draining", extra={"signal": signal.Signals(sig).name})
+        super().handle_exit(sig, frame)
+
+
+def build_server(app: FastAPI, config: ServerConfig) -> uvicorn.Server:
+    """A uvicorn server for `app`: our logging, no access log, bounded graceful shutdown."""
+    uv_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=math.ceil(config.shutdown_timeout_s),
+        # NOTE: no "Server: uvicorn" header; clients do not need to know.
+        server_header=False,
+    )
+    state: ServerState = app.state.server
+    server = _Server(uv_config, state)
+
+    def stop() -> None:
+        server.should_exit = True
+
+    state.on_fatal = stop
+    return server
+
+
+def run_server(app: FastAPI, config: ServerConfig, sock: socket.socket | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; 0 after a graceful drain, 1 if the engine failed to start."""
+    server = build_server(app, config)
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn re-raises the signal that stopped it once it is done; these handlers turn
+        # that re-raise into a no-op, so a drained server exits with status 0.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _after_shutdown)
+    server.run(sockets=[sock] if sock is not None else None)
+    state: ServerState = app.state.server
+    return 1 if state.phase is Phase.FAILED else 0
+
+
+def _after_shutdown(sig: int, frame: FrameType | None) -> None:
+    logger.debug("signal %s after shutdown ignored", sig)

@@ -16,6 +16,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -44,7 +45,7 @@ def time_us(fn: Callable[[], object], budget_s: float = 0.25, repeats: int = 5) 
 
 def make_batch(
     num_q: list[int], seq_lens: list[int], dtype: torch.dtype, tree: bool = False
-) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """Random q and a paged cache with shuffled pages; returns (op args, tree_mask)."""
     pages = [(n + BLOCK_SIZE - 1) // BLOCK_SIZE for n in seq_lens]
     total = sum(pages) + 1
@@ -67,7 +68,7 @@ def make_batch(
             tree_mask[i] |= tree_mask[(i - 1) // 2]
         tree_mask = tree_mask.repeat(len(num_q), 1)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
-    return (q, k_cache, v_cache, block_tables, starts, lens), tree_mask
+    return [q, k_cache, v_cache, block_tables, starts, lens], tree_mask
 
 
 def _store_kv_masked(
@@ -95,8 +96,10 @@ def attention_rows(dtype: torch.dtype) -> list[dict[str, object]]:
     rows = []
     for name, num_q, seq_lens, tree in cases:
         args, tree_mask = make_batch(num_q, seq_lens, dtype, tree)
-        before = time_us(lambda a=args, t=tree_mask: _paged_attention_loop(*a, SCALE, t))
-        after = time_us(lambda a=args, t=tree_mask: paged_attention_ref(*a, SCALE, t))
+        q, k_cache, v_cache, block_tables, starts, lens = args
+        call = (q, k_cache, v_cache, block_tables, starts, lens, SCALE, tree_mask)
+        before = time_us(partial(_paged_attention_loop, *call))
+        after = time_us(partial(paged_attention_ref, *call))
         rows.append({"op": "paged_attention", "case": name, "before_us": before, "after_us": after})
     return rows
 
@@ -110,8 +113,8 @@ def store_rows(dtype: torch.dtype) -> list[dict[str, object]]:
         k = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, dtype=dtype)
         v = torch.randn_like(k)
         slots = torch.randperm(2048 * BLOCK_SIZE)[:num_tokens]
-        before = time_us(lambda k=k, v=v, s=slots: _store_kv_masked(k, v, k_cache, v_cache, s))
-        after = time_us(lambda k=k, v=v, s=slots: store_kv_ref(k, v, k_cache, v_cache, s))
+        before = time_us(partial(_store_kv_masked, k, v, k_cache, v_cache, slots))
+        after = time_us(partial(store_kv_ref, k, v, k_cache, v_cache, slots))
         rows.append(
             {
                 "op": "store_kv",

@@ -197,8 +197,8 @@ class LLMEngine:
             if seq_result.logprobs:
                 seq.output_logprobs.extend(seq_result.logprobs)
             stats.num_generation_tokens += len(seq_result.new_token_ids)
-            self.block_manager.trim(seq)
             self.block_manager.commit_computed(seq)
+            self.block_manager.trim(seq)
             changed.add(seq.request_id)
         if result.spec is not None:
             stats.spec_num_drafts = result.spec.num_drafts

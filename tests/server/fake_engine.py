@@ -77,7 +77,7 @@ class FakeEngine:
 
     def __init__(self, config: FakeConfig | None = None) -> None:
         self.config = config or FakeConfig()
-        self._tokenizer = build_tiny_tokenizer(self.config.vocab_size)
+        self._tokenizer: Any = build_tiny_tokenizer(self.config.vocab_size)
         self.script = list(self._tokenizer.encode(SCRIPT_TEXT))
         # Start offsets that begin a character (so every completion decodes cleanly).
         self.starts = [

@@ -1,4 +1,4 @@
-"""Frozen configuration dataclasses. CLI defaults are read from these, so each default lives here."""
+"""Frozen configuration dataclasses; CLI defaults are read from these, one place each."""
 
 from __future__ import annotations
 

@@ -170,7 +170,7 @@ def add_vllm_args(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="Any other vLLM engine argument (AsyncEngineArgs field); repeatable. VALUE is "
-        'JSON when it parses, e.g. --vllm-arg block_size=64 --vllm-arg \'kv_transfer_config={"a":1}\'.',
+        "JSON when it parses, e.g. --vllm-arg block_size=64 --vllm-arg 'kv_transfer_config={\"a\":1}'.",
     )
 
 
@@ -427,9 +427,7 @@ def _prompt_logprobs(
 
 
 # --------------------------------------------------------------------------- stats
-def step_stats(
-    scheduler_stats: Any, iteration_stats: Any, step_time_s: float = 0.0
-) -> StepStats:
+def step_stats(scheduler_stats: Any, iteration_stats: Any, step_time_s: float = 0.0) -> StepStats:
     """StepStats from vLLM's SchedulerStats and IterationStats (either may be None)."""
     stats = StepStats(step_time_s=step_time_s)
     if scheduler_stats is not None:
@@ -547,7 +545,7 @@ class VllmEngineClient:
         if self._llm is not None:
             return
         try:
-            import vllm  # noqa: F401
+            import vllm
         except ImportError as exc:
             raise EngineError(
                 "--backend vllm needs vLLM in this Python environment: run `make vllm` and use "

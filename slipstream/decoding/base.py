@@ -15,7 +15,6 @@ the engine never checks a decoder's type.
 
 from __future__ import annotations
 
-from abc import ABC
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -150,7 +149,7 @@ class StepResult:
     stats: dict[str, float] = field(default_factory=dict)
 
 
-class Decoder(ABC):
+class Decoder:
     """A decoding strategy. Subclasses override only the hooks they change."""
 
     name: ClassVar[str] = "base"

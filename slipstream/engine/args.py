@@ -46,7 +46,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--decoder",
         default=DecoderSpec.name,
-        help="Decoding strategy, one of: %s. (default: %%(default)s)" % ", ".join(_decoder_names()),
+        help=f"Decoding strategy, one of: {', '.join(_decoder_names())}. (default: %(default)s)",
     )
     g.add_argument(
         "--decoder-config",
@@ -94,7 +94,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def engine_config_from_args(args: argparse.Namespace, max_queued: int | None = None) -> EngineConfig:
+def engine_config_from_args(
+    args: argparse.Namespace, max_queued: int | None = None
+) -> EngineConfig:
     """Build and validate the EngineConfig; raises ValueError naming the bad value."""
     from slipstream.decoding import DECODERS, decoder_options
 

@@ -126,9 +126,7 @@ class AsyncLLMEngine:
         with self._lock:
             assert self.engine is not None
             if limit is not None and self.engine.num_waiting + self._pending_adds >= limit:
-                raise QueueFullError(
-                    f"the waiting queue is full ({limit} requests); retry later"
-                )
+                raise QueueFullError(f"the waiting queue is full ({limit} requests); retry later")
             self._pending_adds += 1
 
     def abort(self, request_id: str) -> None:
@@ -167,7 +165,10 @@ class AsyncLLMEngine:
                     self._pending_adds -= 1
                 try:
                     engine.add_request(
-                        cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.prompt,
+                        cmd.request_id,
+                        cmd.prompt_token_ids,
+                        cmd.params,
+                        cmd.prompt,
                         cmd.arrival_time,
                     )
                 except ValueError as exc:

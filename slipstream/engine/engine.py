@@ -1,4 +1,4 @@
-"""LLMEngine: requests in, tokens out. step() = schedule -> inputs -> forward -> select -> update."""
+"""LLMEngine: requests in, tokens out. step(): schedule, inputs, forward, select, update."""
 
 from __future__ import annotations
 
@@ -127,7 +127,9 @@ class LLMEngine:
         if not params.is_greedy:
             # One generator per sequence: the same seed gives the same tokens whatever
             # else is in the batch. n > 1 completions differ by their index.
-            seed = params.seed + index if params.seed is not None else self._seed_rng.getrandbits(63)
+            seed = (
+                params.seed + index if params.seed is not None else self._seed_rng.getrandbits(63)
+            )
             seq.generator = torch.Generator(device=self.loaded.device).manual_seed(seed)
         self.seqs[seq.seq_id] = seq
         return seq
@@ -307,6 +309,8 @@ class LLMEngine:
         }
         if t.spec_num_drafts:
             # vLLM's "mean acceptance length": accepted drafts + the bonus token per step.
-            stats["mean_accepted_tokens_per_step"] = 1 + t.spec_num_accepted_tokens / t.spec_num_drafts
+            stats["mean_accepted_tokens_per_step"] = (
+                1 + t.spec_num_accepted_tokens / t.spec_num_drafts
+            )
         stats["decoder"] = self.decoder.stats()
         return stats

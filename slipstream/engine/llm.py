@@ -20,7 +20,8 @@ class LLM:
 
     Example:
         llm = LLM()   # the default model
-        out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0))
+        params = SamplingParams(max_tokens=8, temperature=0)
+        out = llm.generate(["The capital of France is"], params)
         print(out[0].outputs[0].text)
     """
 
@@ -108,7 +109,7 @@ class LLM:
 
         convs: list[list[Message]]
         if conversations and isinstance(conversations[0], dict):
-            convs = [conversations]  # type: ignore[list-item]
+            convs = [conversations]
         else:
             convs = conversations  # type: ignore[assignment]
         prompts = [apply_chat_template(self.tokenizer, conv) for conv in convs]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any
 
@@ -109,8 +110,11 @@ class ModelRunner:
         slots: list[int],
     ) -> AttentionMetadata:
         max_blocks = max((len(item.seq.block_table) for item in batch.items), default=0)
-        tables = [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in batch.items]
-        max_query_len = max(b - a for a, b in zip(query_start, query_start[1:], strict=False))
+        tables = [
+            item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table))
+            for item in batch.items
+        ]
+        max_query_len = max(b - a for a, b in itertools.pairwise(query_start))
         return AttentionMetadata(
             query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=self.device),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=self.device),

@@ -73,7 +73,9 @@ def load_engine_model(config: ModelConfig) -> LoadedModel:
     model, arch = load_model(path, dtype, device)
     tokenizer = load_tokenizer(path)
     gen_config = os.path.join(path, "generation_config.json") if os.path.isdir(path) else None
-    eos = eos_token_ids(tokenizer, gen_config if gen_config and os.path.exists(gen_config) else None)
+    eos = eos_token_ids(
+        tokenizer, gen_config if gen_config and os.path.exists(gen_config) else None
+    )
     eos = eos | frozenset(arch.eos_token_ids)
     max_len = arch.max_position_embeddings
     if config.max_model_len is not None:

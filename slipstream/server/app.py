@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import math
 import signal
@@ -12,6 +13,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -45,11 +47,16 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
         finally:
             await _stop_engine(state, starter)
 
+    extra: dict[str, Any] = {}
+    if "strict_content_type" in inspect.signature(FastAPI).parameters:
+        # Parse the body as JSON whatever the Content-Type (curl -d sends a form type).
+        extra["strict_content_type"] = False
     app = FastAPI(
         title="slipstream",
         version=__version__,
         description="OpenAI-compatible LLM inference server with pluggable decoders.",
         lifespan=lifespan,
+        **extra,
     )
     app.state.server = state
     app.state.started_at = int(time.time())

@@ -93,24 +93,33 @@ def from_engine_error(exc: EngineError) -> APIError:
 
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """A one-line message and the offending parameter from pydantic's error list."""
-    errors = exc.errors()
+    errors = list(exc.errors())
     if not errors:
         return "Invalid request.", None
-    first = errors[0]
+    # Our own validators explain themselves better than a union's "should be a string".
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     if first.get("type") == "json_invalid":
         detail = first.get("ctx", {}).get("error", "")
         return f"Malformed JSON in the request body: {detail}".strip(), None
-    # loc is ("body", "messages", 0, "content"); the client's param is the part after "body".
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if isinstance(first.get("input"), bytes | str) and first.get("loc") == ("body",):
+        return "The request body must be a JSON object.", None
+    loc = [str(part) for part in first.get("loc", ()) if part != "body" and not _is_tag(part)]
     param = ".".join(loc) or None
-    message = str(first.get("msg", "Invalid value"))
+    message = str(first.get("msg", "Invalid value")).removeprefix("Value error, ")
     if param:
         message = f"{param}: {message}"
-    if "input" in first and first.get("type") not in ("missing",):
+    if "input" in first and first.get("type") != "missing":
         message += f" (got {_short_repr(first['input'])})"
     if len(errors) > 1:
         message += f"; and {len(errors) - 1} more error(s)"
     return message, param
+
+
+def _is_tag(part: Any) -> bool:
+    """pydantic puts union members in loc ("str", "list[ContentPart]"); clients know fields."""
+    return isinstance(part, str) and (
+        "[" in part or part in ("str", "int", "float", "bool", "list", "dict", "none")
+    )
 
 
 def _short_repr(value: Any) -> str:

@@ -56,7 +56,9 @@ def _feed(
     depth = _depths(parents) if parents is not None else list(range(len(tokens)))
     assert engine.block_manager.allocate_slots(seq, 1, len(tokens) - 1)
     inputs = SeqInputs(tokens, [n + d for d in depth], parents, list(range(len(tokens))))
-    out = engine.runner.forward(Batch([ScheduledSeq(seq, 1, len(tokens) - 1)]), StepInputs([inputs]))
+    out = engine.runner.forward(
+        Batch([ScheduledSeq(seq, 1, len(tokens) - 1)]), StepInputs([inputs])
+    )
     return out.values
 
 
@@ -151,7 +153,9 @@ class _CountingBackend:
         self.inner = inner
         self.calls = 0
 
-    def forward(self, q: Any, k: Any, v: Any, kc: Any, vc: Any, meta: AttentionMetadata, scale: float) -> Any:
+    def forward(
+        self, q: Any, k: Any, v: Any, kc: Any, vc: Any, meta: AttentionMetadata, scale: float
+    ) -> Any:
         self.calls += 1
         return self.inner.forward(q, k, v, kc, vc, meta, scale)
 
@@ -225,7 +229,10 @@ def test_attention_backend_lookahead_and_stats(tiny_model_dir: str) -> None:
     eng = LLMEngine(tiny_engine_config(tiny_model_dir, decoder="test_probe", block_size=4))
     out = run_to_completion(eng, [PROMPT], GREEDY)
     standard = LLMEngine(tiny_engine_config(tiny_model_dir, block_size=4))
-    assert out[0].outputs[0].token_ids == run_to_completion(standard, [PROMPT], GREEDY)[0].outputs[0].token_ids
+    assert (
+        out[0].outputs[0].token_ids
+        == run_to_completion(standard, [PROMPT], GREEDY)[0].outputs[0].token_ids
+    )
     decoder = eng.decoder
     assert isinstance(decoder, _ProbeDecoder) and decoder.backend is not None
     assert decoder.backend.calls == eng.num_steps

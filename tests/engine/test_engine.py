@@ -97,7 +97,9 @@ def test_stop_token_and_max_tokens(engine: LLMEngine) -> None:
     free_run = run_to_completion(engine, [prompt], GREEDY)[0].outputs[0]
     stop_at = free_run.token_ids[4]
     first = free_run.token_ids.index(stop_at)
-    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop_token_ids=(stop_at,))
+    params = SamplingParams(
+        temperature=0.0, max_tokens=12, ignore_eos=True, stop_token_ids=(stop_at,)
+    )
     out = run_to_completion(engine, [prompt], params)[0].outputs[0]
     assert out.token_ids == free_run.token_ids[: first + 1]
     assert out.finish_reason == "stop" and out.stop_reason == stop_at

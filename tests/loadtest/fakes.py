@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from slipstream.loadtest.client import RequestRecord
 
 
@@ -37,3 +39,17 @@ def record(
     if not success:
         r.error_type, r.output_tokens, r.chunk_times = "HTTP 500", None, []
     return r
+
+
+def hf_tokenizer_folder(path: Path) -> str:
+    """Save a word-level HF tokenizer (`w0`..`w299`) into `path`: tests never download one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(300)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    fast.save_pretrained(str(path))
+    return str(path)

@@ -22,7 +22,7 @@ import pytest
 from slipstream.loadtest import BenchConfig, run_benchmark
 from slipstream.loadtest.runner import BenchError
 from slipstream.loadtest.workload import arrival_times
-from tests.loadtest.fakes import WordTokenizer
+from tests.loadtest.fakes import WordTokenizer, hf_tokenizer_folder
 from tests.loadtest.stub_server import StubBehaviour, StubState, run_stub
 
 TTFT, GAP, CHUNKS = 0.150, 0.040, 8
@@ -197,3 +197,25 @@ def test_rate_and_concurrency_combine() -> None:
     # The gate, not the 100 rps schedule, sets the pace: 8 requests / 2 slots x 100 ms.
     assert s["duration"] >= 0.4 and s["mean_client_queue_time_ms"] > 50
     assert not math.isnan(s["p99_client_queue_time_ms"])
+
+
+def test_random_workload_sends_prompts_of_the_sampled_length(tmp_path: Path) -> None:
+    folder = hf_tokenizer_folder(tmp_path / "tok")
+    fast = StubBehaviour(ttft_s=0.0, interval_s=0.0, num_chunks=50)
+    with run_stub(fast) as (url, state):
+        result = run_benchmark(
+            _config(
+                url,
+                dataset="random",
+                endpoint="completions",
+                tokenizer=folder,
+                num_prompts=5,
+                random_input_len=24,
+                random_output_len=6,
+                ignore_eos=True,
+            )
+        )
+    assert [len(b["prompt"].split()) for b in state.bodies] == [24] * 5
+    assert all(b["max_tokens"] == 6 and b["ignore_eos"] for b in state.bodies)
+    assert result.summary["output_lens"] == [6] * 5
+    assert result.summary["completed"] == 5

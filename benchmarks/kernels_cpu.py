@@ -6,8 +6,8 @@ default model's attention shape (9 heads over 3 KV heads, head_dim 64, pages of 
 
     .venv/bin/python benchmarks/kernels_cpu.py [--threads 2] [--out cpu.json]
 
-Not a test: timings depend on the machine and its load (the minimum of several runs is
-reported to damp noise from other processes).
+Not a test: timings depend on the machine. They are process CPU time per call, the best of
+three runs, with one torch thread by default, so that other processes' load does not count.
 """
 
 from __future__ import annotations
@@ -27,19 +27,24 @@ NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 9, 3, 64, 16
 SCALE = HEAD_DIM**-0.5
 
 
-def time_us(fn: Callable[[], object], budget_s: float = 0.25, repeats: int = 5) -> float:
-    """Best mean time of `repeats` runs, each of as many calls as fit in budget_s / repeats."""
+def time_us(fn: Callable[[], object], budget_s: float = 0.25, repeats: int = 3) -> float:
+    """Best mean CPU time of `repeats` runs, each of as many calls as fit in budget_s / repeats.
+
+    Process CPU time, not wall time: on a shared machine wall time also counts the time other
+    processes hold the cores (2-5x swings seen with 2 busy neighbours on 2 cores). With more
+    than one thread it sums the threads' time, so compare like with like.
+    """
     fn()
-    start = time.perf_counter()
+    start = time.process_time()
     fn()
-    per_call = time.perf_counter() - start
-    calls = max(1, int(budget_s / repeats / max(per_call, 1e-7)))
+    per_call = time.process_time() - start
+    calls = max(1, int(budget_s / repeats / max(per_call, 1e-6)))
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.process_time()
         for _ in range(calls):
             fn()
-        best = min(best, (time.perf_counter() - start) / calls)
+        best = min(best, (time.process_time() - start) / calls)
     return best * 1e6
 
 
@@ -129,7 +134,7 @@ def store_rows(dtype: torch.dtype) -> list[dict[str, object]]:
 def main() -> None:
     """Time both ops in bf16 and fp32; print a table, optionally write JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU time adds up)")
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

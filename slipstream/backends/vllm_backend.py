@@ -169,8 +169,9 @@ def add_vllm_args(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="Any other vLLM engine argument (AsyncEngineArgs field); repeatable. VALUE is "
-        "JSON when it parses, e.g. --vllm-arg block_size=64 --vllm-arg 'kv_transfer_config={\"a\":1}'.",
+        help="Any other vLLM engine argument (an AsyncEngineArgs field); repeatable. VALUE "
+        "is read as JSON when it parses, e.g. --vllm-arg block_size=64 "
+        "--vllm-arg max_num_partial_prefills=2.",
     )
 
 
@@ -695,3 +696,28 @@ def _cuda_available() -> bool:
     import torch
 
     return bool(torch.cuda.is_available())
+
+
+# --------------------------------------------------------------------------- serve CLI
+def vllm_engine_config_from_args(
+    args: argparse.Namespace, max_queued: int | None = None
+) -> EngineConfig:
+    """EngineConfig for --backend vllm: the shared engine flags, with --decoder checked
+    against what vLLM runs (ngram, suffix) instead of the native decoder registry."""
+    import dataclasses
+
+    from slipstream.engine.args import engine_config_from_args
+
+    spec = DecoderSpec.parse(args.decoder, args.decoder_config)
+    speculative_config(spec)  # research decoders and unknown options fail here
+    plain = argparse.Namespace(**{**vars(args), "decoder": "standard", "decoder_config": None})
+    config = engine_config_from_args(plain, max_queued=max_queued)
+    return dataclasses.replace(config, decoder=spec)
+
+
+def vllm_client_from_args(
+    config: EngineConfig, args: argparse.Namespace | None = None
+) -> VllmEngineClient:
+    """The vllm backend for `slipstream serve` (VllmOptions from the flags when given)."""
+    options = vllm_options_from_args(args) if args is not None else VllmOptions()
+    return VllmEngineClient(config, options)

@@ -176,7 +176,16 @@ class Decoder:
 
     def select(self, batch: Batch, inputs: StepInputs, logits: StepLogits) -> StepResult:
         """Turn logits into accepted tokens per sequence."""
-        return StepResult(seqs=sample_last_tokens(self.ctx.sampler, batch, logits))
+        return StepResult(
+            seqs=sample_last_tokens(self.ctx.sampler, batch, logits), stats=self.step_stats()
+        )
+
+    def step_stats(self) -> dict[str, float]:
+        """This step's stats gathered outside select (e.g. by an attention backend).
+
+        The default select reports them; a composite decoder merges every part's.
+        """
+        return {}
 
     def on_fork(self, parent: Sequence, children: list[Sequence]) -> None:
         """Children were forked from parent (after a StepResult asked for it)."""

@@ -71,6 +71,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.paused:
+                i += 1
+                continue
             num_new = min(seq.num_uncomputed_tokens, budget)
             lookahead = 0
             if num_new == seq.num_uncomputed_tokens == 1:

@@ -50,6 +50,9 @@ class Sequence:
     parent_seq_id: int | None = None
     # While True, new tokens are kept back from streaming (e.g. an uncommitted trial).
     hold_output: bool = False
+    # While True, the scheduler skips it: it keeps its KV but feeds nothing (e.g. a trial
+    # that finished before its siblings). Preemption may still free it.
+    paused: bool = False
     num_preemptions: int = 0
     # Per-sequence state owned by the active decoder.
     decoder_state: dict[str, Any] = field(default_factory=dict)

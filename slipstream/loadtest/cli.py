@@ -1,4 +1,12 @@
-"""`slipstream bench serve|sweep|compare|decoders`: argument parsing and output files."""
+"""`slipstream bench serve|sweep|compare|decoders`: argument parsing and output files.
+
+Examples:
+    slipstream bench serve --base-url http://127.0.0.1:8000 --dataset builtin \
+        --num-prompts 96 --max-concurrency 4 --goodput ttft:500 tpot:100
+    slipstream bench sweep --dataset random --tokenizer TOK_DIR --concurrencies 1,4,16
+    slipstream bench compare bench-results/a.json bench-results/b.json
+    slipstream bench decoders --decoders standard,token_recycling --dataset builtin
+"""
 
 from __future__ import annotations
 
@@ -291,4 +299,8 @@ def _guarded(fn: Callable[[], T], *extra: type[Exception]) -> T | None:
         return fn()
     except expected as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return None
+    except KeyboardInterrupt:
+        # Once requests are flowing Ctrl-C gives a partial report; before that, nothing to show.
+        print("interrupted before any measurement", file=sys.stderr)
         return None

@@ -80,8 +80,12 @@ def parse_spec_samples(text: str) -> Samples:
 
 
 def spec_decode_delta(before: Samples, after: Samples) -> SpecDecodeStats | None:
-    """Counter deltas over the run, or None when the server exports no spec-decode counters."""
-    if (_DRAFTS, "") not in after:
+    """Counter deltas over the run, or None when the server exported or drafted nothing.
+
+    A server running a non-speculative decoder may export the counters at zero; reporting an
+    acceptance rate of 0 for it would read as "drafts all rejected", so that is None too.
+    """
+    if after.get((_DRAFTS, ""), 0.0) - before.get((_DRAFTS, ""), 0.0) <= 0:
         return None
 
     def delta(key: tuple[str, str]) -> float:

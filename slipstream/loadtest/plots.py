@@ -39,8 +39,9 @@ def plot_run(summary: dict[str, Any], path: str | Path, title: str = "") -> Path
     ax.grid(alpha=0.3)
     ax.legend()
     ax = axes[1]
-    rates = summary.get("tokens_per_s_timeline", [])
-    ax.plot(range(len(rates)), rates, drawstyle="steps-post")
+    rates = list(summary.get("tokens_per_s_timeline", []))
+    # One more point so the last one-second bucket is drawn as a step, not a lone edge.
+    ax.plot(range(len(rates) + 1), [*rates, *rates[-1:]] or [0.0], drawstyle="steps-post")
     ax.axhline(summary.get("output_throughput", 0.0), ls="--", c="gray", label="mean")
     ax.set_xlabel("time since start (s)")
     ax.set_ylabel("output tokens/s")

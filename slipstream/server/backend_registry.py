@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 from collections.abc import Callable
 
 from slipstream.backends.base import EngineClient
 from slipstream.config import EngineConfig
 from slipstream.utils.registry import Registry
 
-BackendFactory = Callable[[EngineConfig], EngineClient]
+# (engine config, the parsed `serve` flags or None) -> client; backends read their own flags.
+BackendFactory = Callable[[EngineConfig, argparse.Namespace | None], EngineClient]
 BACKENDS: Registry[BackendFactory] = Registry("backend")
 
 
@@ -17,7 +20,7 @@ class BackendUnavailableError(RuntimeError):
 
 
 @BACKENDS.register("native")
-def native_backend(config: EngineConfig) -> EngineClient:
+def native_backend(config: EngineConfig, args: argparse.Namespace | None = None) -> EngineClient:
     """slipstream's own engine, embedded (the only backend with the research decoders)."""
     # Imported here: it pulls in torch, and `slipstream serve --help` should stay fast.
     from slipstream.backends.native import NativeEngineClient
@@ -26,13 +29,14 @@ def native_backend(config: EngineConfig) -> EngineClient:
 
 
 @BACKENDS.register("vllm")
-def vllm_backend(config: EngineConfig) -> EngineClient:
-    """vLLM's async engine in-process (needs `pip install slipstream[vllm]`)."""
-    try:
-        from slipstream.backends.vllm import VllmEngineClient
-    except ImportError as exc:
+def vllm_backend(config: EngineConfig, args: argparse.Namespace | None = None) -> EngineClient:
+    """vLLM's async engine in-process (needs vLLM: `make vllm`, docs/vllm.md)."""
+    if importlib.util.find_spec("vllm") is None:
         raise BackendUnavailableError(
-            f"the vllm backend is not available in this installation ({exc}); use --backend native"
-        ) from exc
-    client: EngineClient = VllmEngineClient(config)
+            "vLLM is not installed in this Python environment: run `make vllm` and use "
+            ".venv-vllm/bin/slipstream (docs/vllm.md), or use --backend native"
+        )
+    from slipstream.backends.vllm_backend import vllm_client_from_args
+
+    client: EngineClient = vllm_client_from_args(config, args)
     return client

@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Any, get_args
 
+from slipstream.backends.vllm_backend import add_vllm_args, vllm_engine_config_from_args
 from slipstream.config import SchedulerConfig
 from slipstream.engine.args import add_engine_args, engine_config_from_args
 from slipstream.server.backend_registry import BACKENDS, BackendUnavailableError
@@ -26,6 +27,7 @@ def add_parser(subparsers: Any) -> None:
     )
     add_server_args(p)
     add_engine_args(p)
+    add_vllm_args(p)
     p.add_argument(
         "--max-queued-requests",
         type=int,
@@ -99,7 +101,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """Build and validate the ServerConfig; raises ValueError naming the bad value."""
     if args.backend not in BACKENDS:
         raise ValueError(f"unknown backend {args.backend!r}; valid: {', '.join(BACKENDS.names())}")
-    engine = engine_config_from_args(args, max_queued=args.max_queued_requests)
+    if args.backend == "vllm":  # --decoder is checked against vLLM's methods instead
+        engine = vllm_engine_config_from_args(args, max_queued=args.max_queued_requests)
+    else:
+        engine = engine_config_from_args(args, max_queued=args.max_queued_requests)
     return ServerConfig(
         engine=engine,
         host=args.host,
@@ -125,7 +130,7 @@ def serve(args: argparse.Namespace) -> int:
 
     configure_logging(config.log_format, config.log_level)
     try:
-        engine = BACKENDS[config.backend](config.engine)
+        engine = BACKENDS[config.backend](config.engine, args)
     except (BackendUnavailableError, ValueError, FileNotFoundError) as exc:
         return _fail(exc)
     return run_server(create_app(engine, config), config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ from slipstream.server.protocol import (
 
 # JSON has no -inf; vLLM clamps the same way so that strict JSON parsers accept the body.
 MIN_LOGPROB = -9999.0
+REPLACEMENT_CHAR = "\ufffd"
 
 
 def _value(logprob: float) -> float:
@@ -22,16 +24,63 @@ def _value(logprob: float) -> float:
 
 
 class TokenText:
-    """Token id -> display text, preferring the engine's decoded string."""
+    """Token id -> (display text, UTF-8 bytes), as OpenAI shows tokens in logprobs.
+
+    A byte-level BPE token may hold part of a multi-byte character; its text is then shown
+    as OpenAI does ("bytes:\\xe6\\x97") and its `bytes` are the real ones, so a client can
+    rebuild the text by concatenating bytes.
+    """
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        self._cache: dict[int, tuple[str, list[int]]] = {}
 
     def __call__(self, lp: Logprob) -> str:
-        """The token's text."""
-        if lp.decoded:
-            return lp.decoded
-        return str(self.tokenizer.decode([lp.token_id]))
+        """The token's display text."""
+        return self.lookup(lp)[0]
+
+    def lookup(self, lp: Logprob) -> tuple[str, list[int]]:
+        """(display text, bytes) of a token."""
+        if lp.decoded and REPLACEMENT_CHAR not in lp.decoded:
+            return lp.decoded, list(lp.decoded.encode("utf-8"))
+        cached = self._cache.get(lp.token_id)
+        if cached is None:
+            raw = token_bytes(self.tokenizer, lp.token_id)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+            cached = self._cache[lp.token_id] = (text, list(raw))
+        return cached
+
+
+def token_bytes(tokenizer: Any, token_id: int) -> bytes:
+    """The bytes a token stands for (byte-level BPE, SentencePiece byte fallback, or text)."""
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if isinstance(piece, str):
+        if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
+            return bytes([int(piece[3:5], 16)])
+        decoder = _byte_decoder()
+        decoded = tokenizer.decode([token_id])
+        if REPLACEMENT_CHAR in decoded and all(ch in decoder for ch in piece):
+            return bytes(decoder[ch] for ch in piece)
+        return str(decoded).encode("utf-8")
+    return str(tokenizer.decode([token_id])).encode("utf-8")
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in character -> the byte it encodes (GPT-2 scheme)."""
+    # Printable Latin-1 bytes stand for themselves; the other 68 bytes are mapped, in order,
+    # to U+0100 onwards.
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    mapping = {chr(b): b for b in keep}
+    shift = 0
+    for b in range(256):
+        if b not in keep:
+            mapping[chr(256 + shift)] = b
+            shift += 1
+    return mapping
 
 
 def chat_logprobs(
@@ -40,17 +89,14 @@ def chat_logprobs(
     """choices[i].logprobs for chat: one entry per generated token."""
     content = []
     for entry in entries:
-        text = token_text(entry.chosen)
-        top = [
-            TopLogprob(token=(t := token_text(alt)), logprob=_value(alt.logprob), bytes=_bytes(t))
-            for alt in entry.top[:num_top]
-        ]
+        top = []
+        for alt in entry.top[:num_top]:
+            alt_text, alt_bytes = token_text.lookup(alt)
+            top.append(TopLogprob(token=alt_text, logprob=_value(alt.logprob), bytes=alt_bytes))
+        text, raw = token_text.lookup(entry.chosen)
         content.append(
             ChatTokenLogprob(
-                token=text,
-                logprob=_value(entry.chosen.logprob),
-                bytes=_bytes(text),
-                top_logprobs=top,
+                token=text, logprob=_value(entry.chosen.logprob), bytes=raw, top_logprobs=top
             )
         )
     return ChatLogprobs(content=content)
@@ -86,7 +132,3 @@ def completion_logprobs(
         out.text_offset.append(offset)
         offset += len(text)
     return out
-
-
-def _bytes(text: str) -> list[int]:
-    return list(text.encode("utf-8"))

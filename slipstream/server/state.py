@@ -12,6 +12,7 @@ from fastapi import Request
 from slipstream.backends.base import EngineClient, ModelInfo
 from slipstream.server.config import ServerConfig
 from slipstream.server.errors import APIError, bad_request, unavailable
+from slipstream.server.logprobs import TokenText
 from slipstream.server.metrics import ServerMetrics
 
 
@@ -45,6 +46,14 @@ class ServerState:
     phase: Phase = Phase.STARTING
     # Set by the CLI: asks uvicorn to exit when the engine fails to start.
     on_fatal: Callable[[], None] | None = None
+    _token_text: TokenText | None = None
+
+    @property
+    def token_text(self) -> TokenText:
+        """Token id -> logprob display text, cached for the app's life."""
+        if self._token_text is None:
+            self._token_text = TokenText(self.tokenizer)
+        return self._token_text
 
     @property
     def model_info(self) -> ModelInfo:

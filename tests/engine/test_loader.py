@@ -221,3 +221,28 @@ def greedy(model: CausalLM, config: ModelArchConfig, ids: list[int], steps: int)
             out.append(int(model.compute_logits(hidden[-1:]).argmax()))
         feed, ctx = out[-1:], total
     return out
+
+
+def test_outdated_conversion_is_replaced(tmp_path: Path) -> None:
+    dest = tmp_path / "model"
+    dest.mkdir()
+    (dest / "config.json").write_text("{}")  # an older converter's output: no stamp
+    assert not dm.is_current(dest)
+    fresh = tmp_path / ".model-tmp"
+    fresh.mkdir()
+    for name in (*dm._REQUIRED_FILES, dm._STAMP_FILE):
+        (fresh / name).write_text(json.dumps(dm._STAMP) if name == dm._STAMP_FILE else "new")
+    dm._move_into_place(fresh, dest)
+    assert dm.is_current(dest) and (dest / "config.json").read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == ["model"]  # the stale copy is gone
+
+
+def test_tiny_model_dir_ships_a_matching_tokenizer(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    folder = make_tiny_model_dir(tmp_path)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    _, config = load_model(str(folder), torch.float32, CPU)
+    assert len(tok) <= config.vocab_size  # every token id has an embedding row
+    assert tok.convert_tokens_to_ids("<|im_end|>") in config.eos_token_ids
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template

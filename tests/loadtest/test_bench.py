@@ -8,12 +8,12 @@ ITL gap). Delays are long (150 ms / 40 ms) so that slack stays small relative to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import random
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from slipstream.loadtest import BenchConfig, run_benchmark
 from slipstream.loadtest.runner import BenchError
 from slipstream.loadtest.workload import arrival_times
 from tests.loadtest.fakes import WordTokenizer, hf_tokenizer_folder
-from tests.loadtest.stub_server import StubBehaviour, StubState, run_stub
+from tests.loadtest.stub_server import StubBehaviour, run_stub
 
 TTFT, GAP, CHUNKS = 0.150, 0.040, 8
 TTFT_SLACK, GAP_SLACK = 0.060, 0.012
@@ -145,12 +145,10 @@ def _hang_file(tmp_path: Path) -> str:
 
 def test_time_limit_cancels_hung_requests_and_reports_the_rest(tmp_path: Path) -> None:
     fast = StubBehaviour(ttft_s=0.0, interval_s=0.0)
-    config = _config(
-        "", dataset="jsonl", dataset_path=_hang_file(tmp_path), num_prompts=4, max_duration_s=0.5
-    )
     with run_stub(fast) as (url, _):
+        config = _config(url, dataset="jsonl", dataset_path=_hang_file(tmp_path), num_prompts=4)
         t0 = time.perf_counter()
-        s = run_benchmark(BenchConfig(**(config.__dict__ | {"base_url": url}))).summary
+        s = run_benchmark(dataclasses.replace(config, max_duration_s=0.5)).summary
         elapsed = time.perf_counter() - t0
     assert elapsed < 3.0
     assert s["interrupted"] and s["stop_reason"] == "max duration 0.5s"
@@ -159,25 +157,15 @@ def test_time_limit_cancels_hung_requests_and_reports_the_rest(tmp_path: Path) -
 
 
 def test_ctrl_c_prints_partial_report(tmp_path: Path) -> None:
-    state_box: list[StubState] = []
+    def ctrl_c_after_quick_ones(done: int, total: int) -> None:
+        # Called by the runner while its SIGINT handler is installed; the HANG ones are pending.
+        if done == 2:
+            os.kill(os.getpid(), signal.SIGINT)
 
-    def interrupt_when_running() -> None:
-        # Only once a request reached the server is the runner's SIGINT handler installed.
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not (state_box and len(state_box[0].arrivals) > 2):
-            time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGINT)
-
-    config = _config(
-        "", dataset="jsonl", dataset_path=_hang_file(tmp_path), num_prompts=4, timeout_s=60.0
-    )
-    with run_stub(StubBehaviour(ttft_s=0.0, interval_s=0.0)) as (url, state):
-        state_box.append(state)
-        killer = threading.Thread(target=interrupt_when_running)
-        killer.start()
-        s = run_benchmark(BenchConfig(**(config.__dict__ | {"base_url": url}))).summary
-        killer.join()
-    assert s["stop_reason"] == "interrupted" and s["completed"] == 2
+    with run_stub(StubBehaviour(ttft_s=0.0, interval_s=0.0)) as (url, _):
+        config = _config(url, dataset="jsonl", dataset_path=_hang_file(tmp_path), num_prompts=4)
+        s = run_benchmark(dataclasses.replace(config, timeout_s=60.0), ctrl_c_after_quick_ones)
+    assert s.summary["stop_reason"] == "interrupted" and s.summary["completed"] == 2
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 

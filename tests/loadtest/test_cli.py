@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 from pathlib import Path
 
 import pytest
 
 from slipstream.loadtest.cli import add_parser
+from slipstream.loadtest.progress import progress_display
 from tests.loadtest.stub_server import StubBehaviour, run_stub
 
 FAST = StubBehaviour(ttft_s=0.01, interval_s=0.002, num_chunks=5)
@@ -87,3 +89,19 @@ def test_bad_inputs_give_one_line_errors(
     err = capsys.readouterr().err
     assert "bad.jsonl:1: invalid JSON" in err and "--goodput 'ttft'" in err
     assert "Traceback" not in err
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_a_rich_bar_on_a_terminal_and_lines_otherwise() -> None:
+    term, pipe = _Terminal(), io.StringIO()
+    for stream in (term, pipe):
+        with progress_display("run", stream) as update:
+            for done in range(1, 21):
+                update(done, 20)
+    assert "20/20" in term.getvalue() and "requests done" not in term.getvalue()
+    lines = pipe.getvalue().splitlines()
+    assert len(lines) == 10 and lines[-1] == "run: 20/20 requests done"

@@ -28,7 +28,9 @@ class LiveServer:
         self.engine = engine
         self.config = config
         self.app = create_app(engine, config)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # NOTE: IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto
+        # says TCP, and without it every response waits ~40 ms for a delayed ACK.
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]

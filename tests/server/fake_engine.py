@@ -97,6 +97,7 @@ class FakeEngine:
         self.submitted: list[GenerateRequest] = []
         self.aborted: list[str] = []
         self.finished: list[str] = []
+        self.results: dict[str, RequestOutput] = {}
 
     # ---- EngineClient ---------------------------------------------------------------
 
@@ -242,7 +243,10 @@ class FakeEngine:
             req.metrics.finished_time = now
             self._drop(req, aborted=False)
             self.finished.append(req.request.request_id)
-        req.queue.put_nowait(self._snapshot(req, finished))
+        output = self._snapshot(req, finished)
+        if finished:
+            self.results[req.request.request_id] = output
+        req.queue.put_nowait(output)
 
     def _next_token(self, req: _Request, i: int, c: CompletionOutput) -> None:
         params = req.request.params

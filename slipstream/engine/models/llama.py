@@ -1,9 +1,10 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) over the paged KV cache.
 
 Batch-1 decode on a CPU spends much of its time dispatching small ops (SmolLM2 has 30
-layers), so each layer runs 11 compute ops besides attention: rms_norm, fused q|k|v linear,
+layers), so each layer runs 13 compute ops besides attention: rms_norm, fused q|k|v linear,
 roll + mul_ + addcmul_ (RoPE on q and k together), o_proj linear + in-place residual add_,
-rms_norm, fused gate|up linear, silu + mul_, down linear + add_. Everything else is a view.
+rms_norm, fused gate|up linear, silu + mul_, down linear + add_; plus 6 view ops (splits,
+views, one reshape). cos/sin are gathered once per forward, not per layer.
 """
 
 from __future__ import annotations

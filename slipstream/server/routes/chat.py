@@ -85,7 +85,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     params = build_sampling_params(body, max_tokens, top)
     chat = _Chat(
         new_id("chatcmpl"), now_s(), state.model_name, len(prompt_ids), top,
-        TokenText(state.tokenizer),
+        state.token_text,
     )  # fmt: skip
     note_tokens(request, len(prompt_ids), None)
     engine_request = GenerateRequest(chat.id, prompt_ids, params, None, arrival_time(request))
@@ -126,7 +126,7 @@ def _reject_unsupported(body: ChatCompletionRequest) -> None:
                 "response_format",
             )
     if body.modalities and set(body.modalities) != {"text"}:
-        raise bad_request("only the text modality is supported", "modalities")
+        raise bad_request("output modalities other than text are not supported", "modalities")
     if body.audio is not None:
         raise bad_request("audio output is not supported", "audio")
     if body.prediction is not None:

@@ -89,7 +89,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     check_token_ids(body.stop_token_ids or [], info.vocab_size, "stop_token_ids")
     cmpl = _Completion(
         new_id("cmpl"), now_s(), state.model_name, prompts, body.n, body.echo, body.logprobs,
-        TokenText(state.tokenizer),
+        state.token_text,
     )  # fmt: skip
     requests = []
     for i, prompt in enumerate(prompts):

@@ -1,0 +1,173 @@
+"""Choosing the draft-tree size from measured forward cost and measured node acceptance.
+
+A step that feeds N tokens costs t(N); a sequence drafting s nodes emits 1 + A(s) tokens on
+average, where A(s) is the summed acceptance rate of the s best nodes of the template. With
+B sequences drafting, tokens per second are B (1 + A(s)) / t(B (1 + s)); we pick the s that
+maximises it. t(N) is learnt online from every step's wall time (prefill steps included), so
+a 2-core CPU (t grows ~linearly from N = 1) gets a small tree and a GPU (t flat to N ~ 100s)
+a large one, and the tree shrinks to nothing as the batch fills.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import numpy as np
+
+from slipstream.decoding.draft_tree import TreeTemplate
+
+
+class AcceptanceStats:
+    """Per-node acceptance rates of a full template, with a prior so that a cold start works."""
+
+    def __init__(self, full: TreeTemplate, prior_weight: float = 4.0) -> None:
+        self.full = full
+        n = full.num_tokens
+        self.hits = np.zeros(n)  # [T] times the node was on the accepted path
+        self.trials = np.zeros(n)  # [T] times the node was verified
+        self.prior_weight = prior_weight
+        # Prior: each step down halves, later ranks divide further ((0,) -> .5, (1,) -> .25).
+        self.prior = np.array([math.prod(0.5 / (1 + r) for r in p) for p in full.paths])
+
+    def record(self, tmpl: TreeTemplate, nodes: list[int]) -> None:
+        """One verified draft cut from the full template; `nodes` were accepted (root first)."""
+        src = tmpl.source_index
+        self.trials[src[1:]] += 1
+        self.hits[[src[n] for n in nodes[1:]]] += 1
+
+    def rates(self) -> np.ndarray:
+        """[T] smoothed P(node accepted); never above its parent's, so top-s sets are subtrees."""
+        m = self.prior_weight
+        rate = (self.hits + self.prior * m) / (self.trials + m)
+        rate[0] = 1.0
+        for i, parent in enumerate(self.full.parents):
+            if parent >= 0:
+                rate[i] = min(rate[i], rate[parent])
+        return rate
+
+    def order(self) -> list[int]:
+        """Draft nodes from most to least likely accepted (ties: template order)."""
+        rate = self.rates()
+        return sorted(range(1, self.full.num_tokens), key=lambda i: (-rate[i], i))
+
+    def expected_accepted(self) -> np.ndarray:
+        """[T] A(s): expected accepted draft tokens with the best s nodes, s = 0 .. T - 1."""
+        rate = self.rates()
+        best = np.array([rate[i] for i in self.order()])
+        return np.concatenate([[0.0], np.cumsum(best)])
+
+
+class CostModel:
+    """Step time as a function of tokens fed, from recent measurements (piecewise linear)."""
+
+    def __init__(self, ratio: float = 1.15, window: int = 8) -> None:
+        # Buckets of N on a geometric grid: 1.15 -> ~40 buckets up to 512 tokens.
+        self.log_ratio = math.log(ratio)
+        self.window = window
+        self.samples: dict[int, deque[tuple[int, float]]] = {}
+
+    def add(self, num_tokens: int, seconds: float) -> None:
+        """Record one step."""
+        if num_tokens <= 0 or seconds <= 0:
+            return
+        key = round(math.log(num_tokens) / self.log_ratio)
+        self.samples.setdefault(key, deque(maxlen=self.window)).append((num_tokens, seconds))
+
+    def points(self) -> list[tuple[float, float]]:
+        """(mean N, median seconds) per bucket, by N."""
+        pts = []
+        for key in sorted(self.samples):
+            s = self.samples[key]
+            pts.append((float(np.mean([n for n, _ in s])), float(np.median([t for _, t in s]))))
+        return pts
+
+    def predict(self, num_tokens: float) -> float | None:
+        """Predicted seconds for a step of num_tokens; None before any measurement."""
+        pts = self.points()
+        if not pts:
+            return None
+        if num_tokens <= pts[0][0]:
+            return pts[0][1]
+        for (n0, t0), (n1, t1) in zip(pts, pts[1:], strict=False):
+            if num_tokens <= n1:
+                return t0 + (t1 - t0) * (num_tokens - n0) / max(n1 - n0, 1e-9)
+        n_last, t_last = pts[-1]
+        slope = 0.0
+        if len(pts) >= 2:
+            # NOTE: beyond the data, take the steeper of the last segment and the overall
+            # trend: guessing too cheap would grow trees exactly where they hurt (big batches).
+            last = (t_last - pts[-2][1]) / max(n_last - pts[-2][0], 1e-9)
+            overall = (t_last - pts[0][1]) / max(n_last - pts[0][0], 1e-9)
+            slope = max(last, overall, 0.0)
+        else:
+            slope = t_last / n_last
+        return t_last + slope * (num_tokens - n_last)
+
+
+def choose_size(
+    num_seqs: int, expected: np.ndarray, cost: CostModel, max_size: int
+) -> tuple[int, float]:
+    """The draft size s <= max_size maximising num_seqs (1 + A(s)) / t(num_seqs (1 + s)).
+
+    expected: [>= max_size + 1] A(s). Returns (s, predicted tokens/s); s = max_size if no
+    cost has been measured yet.
+    """
+    best, best_rate = max_size, -1.0
+    for s in range(max_size + 1):
+        t = cost.predict(num_seqs * (1 + s))
+        if t is None:
+            return max_size, 0.0
+        rate = num_seqs * (1.0 + float(expected[s])) / t
+        if rate > best_rate * (1 + 1e-9):
+            best, best_rate = s, rate
+    return best, best_rate
+
+
+class TreeSizer:
+    """Start-up calibration (cycle through sizes), then the best size with some exploration."""
+
+    CYCLE = (80, 40, 20, 10, 5, 2, 0)  # sizes measured at start-up, largest first
+    LADDER = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 80)
+
+    def __init__(
+        self,
+        stats: AcceptanceStats,
+        max_size: int,
+        calibration_rounds: int = 2,
+        explore_every: int = 16,
+    ) -> None:
+        self.stats = stats
+        self.cost = CostModel()
+        self.max_size = max_size
+        self.cycle = [min(s, max_size) for s in self.CYCLE]
+        self.calibration_steps = calibration_rounds * len(self.cycle)
+        self.explore_every = explore_every
+        self.step = 0
+        self._cache: dict[int, int] = {}
+        self._expected = stats.expected_accepted()
+
+    def size_for(self, num_running: int) -> int:
+        """Draft nodes per sequence for the coming step."""
+        if self.step < self.calibration_steps:
+            return self.cycle[self.step % len(self.cycle)]
+        if num_running not in self._cache:
+            self._cache[num_running] = choose_size(
+                num_running, self._expected, self.cost, self.max_size
+            )[0]
+        best = self._cache[num_running]
+        if self.explore_every and self.step % self.explore_every == 0:
+            # Try a neighbouring size now and then, so costs at new batch sizes get measured.
+            ladder = [s for s in self.LADDER if s <= self.max_size]
+            pos = min(range(len(ladder)), key=lambda j: abs(ladder[j] - best))
+            up = (self.step // self.explore_every) % 2 == 0
+            return ladder[min(pos + 1, len(ladder) - 1)] if up else ladder[max(pos - 1, 0)]
+        return best
+
+    def end_step(self, num_tokens: int, seconds: float) -> None:
+        """Record the step's cost; re-plan every 8 steps (acceptance and cost drift slowly)."""
+        self.cost.add(num_tokens, seconds)
+        self.step += 1
+        if self.step % 8 == 0:
+            self._cache.clear()
+            self._expected = self.stats.expected_accepted()

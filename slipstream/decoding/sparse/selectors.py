@@ -1,0 +1,331 @@
+"""HiP and block top-k selectors: which KV chunks each pruned sequence's KV heads read.
+
+HiP (Lee et al., arXiv 2406.09827, ICLR 2025): a hierarchical mask search over key blocks
+of b_k tokens, the mask cached per (sequence, layer) and refreshed every N decode steps.
+Block top-k (Kinetics, Sadhukhan et al., arXiv 2506.05333): per step and KV head, pages
+scored by (mean GQA query) . (page mean key), the top k kept.
+Both add sink and local-window chunks; the chunk list feeds kernels/sparse_paged_attention.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from slipstream.decoding.sparse.plan import StepPlan, SubBatch
+from slipstream.engine.attention import AttentionMetadata
+from slipstream.kernels.hip_mask import hip_mask
+from slipstream.kernels.page_mean_keys import page_mean_keys
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Sink, local window and budget in chunks of `chunk` tokens."""
+
+    chunk: int  # tokens per chunk (HiP b_k, or the KV page for block top-k)
+    sink: int  # always-attended first tokens
+    window: int  # always-attended last cached tokens
+    top_k: int  # chunks selected from the region between sink and window
+
+    @property
+    def sink_chunks(self) -> int:
+        """Chunks covering the sink tokens."""
+        return -(-self.sink // self.chunk)
+
+    def window_start(self, ctx: int) -> int:
+        """First chunk of the local window for `ctx` cached keys."""
+        return max(self.sink_chunks, (ctx - self.window) // self.chunk)
+
+    def prunes(self, ctx: int) -> bool:
+        """Whether the region between sink and window holds more chunks than the budget."""
+        return self.window_start(ctx) - self.sink_chunks > self.top_k
+
+    def fixed_chunks(self, ctx: int, window_start: int | None = None) -> list[int]:
+        """Sink chunks, then window chunks up to the one holding the last cached key."""
+        start = self.window_start(ctx) if window_start is None else window_start
+        return list(range(self.sink_chunks)) + list(range(start, (ctx - 1) // self.chunk + 1))
+
+
+def _pad(rows: list[list[int]], device: torch.device) -> torch.Tensor:  # [n, max_len] int64
+    """Lists of chunk ids as one tensor, -1 padded."""
+    width = max((len(r) for r in rows), default=0)
+    return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+
+
+class Selector(ABC):
+    """Chooses the chunks each pruned sequence reads, layer by layer."""
+
+    def __init__(self, geometry: Geometry) -> None:
+        self.geometry = geometry
+        self.refreshes = 0  # sequences whose selection was recomputed from scratch this step
+
+    @property
+    def chunk_size(self) -> int:
+        """Tokens per selected chunk."""
+        return self.geometry.chunk
+
+    def prunes(self, ctx: int) -> bool:
+        """Whether a decode with `ctx` cached keys is pruned (else it runs dense)."""
+        return self.geometry.prunes(ctx)
+
+    def prepare(self, meta: AttentionMetadata, plan: StepPlan) -> None:
+        """Per-step bookkeeping, once, before the first sparse layer attends."""
+
+    def after_store(self, layer: int, k_cache: torch.Tensor, plan: StepPlan) -> None:
+        """Called in every sparse layer after this step's K/V are stored."""
+
+    @abstractmethod
+    def select(
+        self,
+        layer: int,
+        q: torch.Tensor,  # [num_rows, num_heads, head_dim], the pruned sequences' rows
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        plan: StepPlan,
+    ) -> torch.Tensor:  # [num_pruned, num_kv_heads, max_chunks] int64, -1 padded
+        """Chunks to read for each pruned sequence and KV head."""
+
+    def forget(self, seq_id: int) -> None:
+        """Drop a finished sequence's state."""
+
+
+# ----------------------------------------------------------------------------- HiP
+
+
+@dataclass
+class _HipSeq:
+    """One sequence's cached masks."""
+
+    ctx: int  # cached keys when the masks were computed
+    region_end: int  # the searched region ended here (chunks); the window covers the rest
+    uses: int = 0  # steps the masks have served
+    masks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [H, K] int64
+
+
+@dataclass
+class _HipStep:
+    """This step's refresh set and fixed chunks."""
+
+    refresh: list[int]  # positions in plan.sparse whose masks are recomputed
+    rows: torch.Tensor | None  # [rows] of the pruned q that belong to `refresh`; None = all
+    query_start_loc: torch.Tensor  # [len(refresh) + 1] int32
+    block_tables: torch.Tensor  # [len(refresh), max_blocks] int32
+    region_start: torch.Tensor  # [len(refresh)] int64
+    region_end: torch.Tensor  # [len(refresh)] int64
+    fixed: torch.Tensor  # [num_pruned, W] int64 sink + window chunks
+
+
+def _subset(sp: SubBatch, index: list[int]) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(rows of sp's q, query_start_loc, block_tables) for sequences `index` of sp."""
+    if index == list(range(sp.size)):
+        return None, sp.query_start_loc, sp.block_tables
+    offsets = [0]
+    for n in sp.num_q:
+        offsets.append(offsets[-1] + n)
+    rows = [r for i in index for r in range(offsets[i], offsets[i + 1])]
+    qsl = [0]
+    for i in index:
+        qsl.append(qsl[-1] + sp.num_q[i])
+    dev = sp.seq_lens.device
+    idx = torch.tensor(index, dtype=torch.long, device=dev)
+    return (
+        torch.tensor(rows, dtype=torch.long, device=dev),
+        torch.tensor(qsl, dtype=torch.int32, device=dev),
+        sp.block_tables.index_select(0, idx),
+    )
+
+
+class HipSelector(Selector):
+    """HiP: hierarchical mask search, masks reused for `refresh_interval` decode steps."""
+
+    def __init__(self, geometry: Geometry, refresh_interval: int) -> None:
+        super().__init__(geometry)
+        self.refresh_interval = refresh_interval
+        self.seqs: dict[int, _HipSeq] = {}
+
+    def prepare(self, meta: AttentionMetadata, plan: StepPlan) -> None:
+        """Decide which pruned sequences refresh their masks; build the fixed chunks."""
+        self.refreshes = 0
+        sp = plan.sparse
+        if sp is None:
+            return
+        g = self.geometry
+        refresh: list[int] = []
+        fixed: list[list[int]] = []
+        for i, (sid, ctx) in enumerate(zip(sp.seq_ids, sp.ctx, strict=True)):
+            st = self.seqs.get(sid)
+            # ctx < st.ctx: preempted and recomputed (or rolled back); the old masks may
+            # name chunks that are no longer cached.
+            if st is None or st.uses >= self.refresh_interval or ctx < st.ctx:
+                st = _HipSeq(ctx=ctx, region_end=g.window_start(ctx))
+                self.seqs[sid] = st
+                refresh.append(i)
+            st.uses += 1
+            # Between refreshes the window stretches back to where the searched region
+            # ended, so the tokens decoded since are never skipped (at most N - 1 extra).
+            fixed.append(g.fixed_chunks(ctx, min(g.window_start(ctx), st.region_end)))
+        self.refreshes = len(refresh)
+        rows, qsl, tables = _subset(sp, refresh)
+        dev = sp.seq_lens.device
+        plan.extra["hip"] = _HipStep(
+            refresh=refresh,
+            rows=rows,
+            query_start_loc=qsl,
+            block_tables=tables,
+            region_start=torch.full((len(refresh),), g.sink_chunks, dtype=torch.long, device=dev),
+            region_end=torch.tensor(
+                [self.seqs[sp.seq_ids[i]].region_end for i in refresh], dtype=torch.long, device=dev
+            ),
+            fixed=_pad(fixed, dev),
+        )
+
+    def select(
+        self,
+        layer: int,
+        q: torch.Tensor,  # [num_rows, num_heads, head_dim]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        plan: StepPlan,
+    ) -> torch.Tensor:  # [num_pruned, num_kv_heads, max_chunks] int64
+        """Cached masks (searched anew for the refreshing sequences) + sink + window."""
+        sp = plan.sparse
+        assert sp is not None
+        step: _HipStep = plan.extra["hip"]
+        g = self.geometry
+        masks: torch.Tensor | None = None
+        if step.refresh:
+            qr = q if step.rows is None else q.index_select(0, step.rows)
+            found = hip_mask(
+                qr,
+                k_cache,
+                step.block_tables,
+                step.query_start_loc,
+                step.region_start,
+                step.region_end,
+                g.top_k,
+                g.chunk,
+            )  # [R, H, K]
+            for j, i in enumerate(step.refresh):
+                self.seqs[sp.seq_ids[i]].masks[layer] = found[j]
+            if len(step.refresh) == sp.size:
+                masks = found
+        if masks is None:
+            masks = torch.stack([self.seqs[sid].masks[layer] for sid in sp.seq_ids])
+        n, heads = masks.shape[0], masks.shape[1]
+        fixed = step.fixed.unsqueeze(1).expand(n, heads, step.fixed.shape[1])
+        return torch.cat([masks, fixed], -1)
+
+    def forget(self, seq_id: int) -> None:
+        """Drop the sequence's masks."""
+        self.seqs.pop(seq_id, None)
+
+
+# ----------------------------------------------------------------------------- block top-k
+
+
+@dataclass
+class _TopkStep:
+    """This step's dirty pages and the pruned sequences' fixed pages."""
+
+    pages: torch.Tensor  # [num_dirty] int64 physical pages whose mean key is recomputed
+    counts: torch.Tensor  # [num_dirty] int64 filled slots of each
+    fixed: torch.Tensor | None  # [num_pruned, W] int64 sink + window pages
+    region_end: torch.Tensor | None  # [num_pruned, 1] int64 first window page
+    num_scored: int  # pages scored per pruned sequence: max region end
+
+
+class BlockTopkSelector(Selector):
+    """Kinetics block top-k over KV pages, with per-page mean keys kept per layer."""
+
+    def __init__(self, geometry: Geometry, num_kv_blocks: int) -> None:
+        super().__init__(geometry)
+        self.num_kv_blocks = num_kv_blocks
+        self.means: dict[int, torch.Tensor] = {}  # layer -> [num_kv_blocks, H, D]
+        # seq_id -> first page whose mean may be stale: the page of the previous step's
+        # first new token (tree verification compacts accepted KV into pages from there).
+        self.stale_from: dict[int, int] = {}
+
+    def prepare(self, meta: AttentionMetadata, plan: StepPlan) -> None:
+        """Pages each sequence wrote (or may have rewritten) since its last step."""
+        g = self.geometry
+        page = g.chunk
+        flat: list[int] = []
+        counts: list[int] = []
+        width = meta.block_tables.shape[1]
+        starts = meta.query_start_loc_list
+        for b in range(meta.num_seqs):
+            n = starts[b + 1] - starts[b]
+            if n == 0:
+                continue
+            seq_len = meta.seq_lens_list[b]
+            ctx_page = (seq_len - n) // page
+            sid = meta.seq_ids[b] if meta.seq_ids else b
+            first = min(self.stale_from.get(sid, ctx_page), ctx_page)
+            self.stale_from[sid] = ctx_page
+            for p in range(first, (seq_len - 1) // page + 1):
+                flat.append(b * width + p)
+                counts.append(min(page, seq_len - p * page))
+        dev = meta.block_tables.device
+        idx = torch.tensor(flat, dtype=torch.long, device=dev)
+        pages = meta.block_tables.reshape(-1).index_select(0, idx).long()
+        sp = plan.sparse
+        fixed = region_end = None
+        num_scored = 0
+        if sp is not None:
+            fixed = _pad([g.fixed_chunks(c) for c in sp.ctx], dev)
+            ends = [g.window_start(c) for c in sp.ctx]
+            num_scored = max(ends)
+            region_end = torch.tensor(ends, dtype=torch.long, device=dev).view(-1, 1)
+        plan.extra["topk"] = _TopkStep(
+            pages, torch.tensor(counts, dtype=torch.long, device=dev), fixed, region_end, num_scored
+        )
+
+    def after_store(self, layer: int, k_cache: torch.Tensor, plan: StepPlan) -> None:
+        """Recompute the mean keys of the pages this step wrote."""
+        means = self.means.get(layer)
+        if means is None:
+            shape = (self.num_kv_blocks, k_cache.shape[2], k_cache.shape[3])
+            means = torch.zeros(shape, dtype=k_cache.dtype, device=k_cache.device)
+            self.means[layer] = means
+        step: _TopkStep = plan.extra["topk"]
+        page_mean_keys(k_cache, means, step.pages, step.counts)
+
+    def select(
+        self,
+        layer: int,
+        q: torch.Tensor,  # [num_rows, num_heads, head_dim]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        plan: StepPlan,
+    ) -> torch.Tensor:  # [num_pruned, num_kv_heads, max_chunks] int64
+        """Top-k pages by mean GQA query . page mean key, plus sink and window pages."""
+        sp = plan.sparse
+        assert sp is not None
+        step: _TopkStep = plan.extra["topk"]
+        assert step.fixed is not None and step.region_end is not None
+        g = self.geometry
+        heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        n = sp.size
+        qh = q.float().view(q.shape[0], heads, -1, head_dim).mean(2)  # [rows, H, D]
+        if qh.shape[0] == n:
+            qm = qh  # one new token each
+        else:
+            seg = torch.repeat_interleave(
+                torch.arange(n, device=q.device), torch.tensor(sp.num_q, device=q.device)
+            )
+            qm = torch.zeros(n, heads, head_dim, device=q.device).index_add_(0, seg, qh)
+            qm = qm / torch.tensor(sp.num_q, device=q.device, dtype=qm.dtype).view(-1, 1, 1)
+        p = step.num_scored
+        tables = sp.block_tables[:, :p].reshape(-1)
+        pm = self.means[layer].index_select(0, tables).view(n, p, heads, head_dim).float()
+        scores = torch.einsum("nhd,nphd->nhp", qm, pm)  # [n, H, P]
+        pos = torch.arange(p, device=q.device).view(1, -1)
+        eligible = (pos >= g.sink_chunks) & (pos < step.region_end)  # [n, P]
+        scores = scores.masked_fill(~eligible.unsqueeze(1), float("-inf"))
+        top = torch.topk(scores, min(g.top_k, p), dim=-1)
+        chosen = torch.where(top.values > float("-inf"), top.indices, -1)
+        fixed = step.fixed.unsqueeze(1).expand(n, heads, step.fixed.shape[1])
+        return torch.cat([chosen, fixed], -1)
+
+    def forget(self, seq_id: int) -> None:
+        """Drop the sequence's page bookkeeping."""
+        self.stale_from.pop(seq_id, None)

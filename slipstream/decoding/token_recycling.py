@@ -1,0 +1,205 @@
+"""Token Recycling: lossless, train-free speculative decoding from recycled candidate tokens.
+
+Luo et al., "Turning Trash into Treasure: Accelerating Inference of Large Language Models with
+Token Recycling", arXiv 2408.08696 (ACL 2025). Every forward computes a next-token
+distribution at every fed position; the top-k of each is stored in an adjacency matrix
+M [vocab, k] (row t = likely successors of token t). Each step drafts a static tree from M
+(draft_tree.py), verifies it in one forward with a tree mask (tree_verify.py), keeps the
+accepted path's KV and writes the top-k of every node's logits back into M.
+
+Faithful to the official code: k = 8, the "2.2.2" template (80 nodes), greedy longest-path
+acceptance, all nodes' rows updated (last writer wins), M shared by all requests and never
+reset (hot start). Where we differ on purpose:
+- temperature > 0 runs lossless tree rejection sampling (the official code is greedy only);
+- `adaptive` (default on) cuts the tree to the size that maximises measured tokens/s at the
+  current batch size (calibration.py); {"adaptive": false} is the faithful 80-node run;
+- M is int32 (half the official int64) and can be saved to and loaded from `matrix_path`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from slipstream.decoding.base import DecoderContext
+from slipstream.decoding.calibration import AcceptanceStats, TreeSizer
+from slipstream.decoding.draft_tree import TreeTemplate, fill_tree, subtree, template
+from slipstream.decoding.registry import DECODERS
+from slipstream.decoding.tree_verify import Draft, TreeSpecDecoder
+from slipstream.engine.batch import ScheduledSeq
+from slipstream.engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TokenRecyclingOptions:
+    """--decoder-config keys of token_recycling."""
+
+    top_k: int = 8  # candidates stored per token (the official --output-id-topk)
+    template: str = "2.2.2"  # the official static tree: 80 nodes, levels 8/21/25/15/8/3
+    matrix_path: str | None = None  # load M from here at start-up; save it here periodically
+    save_interval_s: float = 60.0  # autosave period (and once at exit) when matrix_path is set
+    adaptive: bool = True  # size the tree from measured cost and acceptance; False = faithful
+    tree_size: int | None = None  # fixed draft nodes per step (overrides adaptive)
+    calibration_rounds: int = 2  # start-up passes over the calibration sizes
+    explore_every: int = 16  # steps between exploratory sizes (0 = never)
+    sampling: bool = True  # temperature > 0 via tree rejection sampling; False = standard path
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.tree_size is not None and self.tree_size < 0:
+            raise ValueError(f"tree_size must be >= 0, got {self.tree_size}")
+        if self.save_interval_s <= 0:
+            raise ValueError(f"save_interval_s must be > 0, got {self.save_interval_s}")
+
+
+@DECODERS.register("token_recycling")
+class TokenRecyclingDecoder(TreeSpecDecoder):
+    """Adjacency matrix + static draft tree + one-forward tree verification."""
+
+    name = "token_recycling"
+    Options = TokenRecyclingOptions
+    required_features = frozenset({"tree_mask", "kv_compaction"})
+
+    def __init__(self, options: TokenRecyclingOptions, ctx: DecoderContext) -> None:
+        super().__init__(options, ctx)
+        self.opts = options
+        self.full = template(options.template, options.top_k)
+        # [vocab, k] int32 on the model's device, zero-filled (token 0 until first seen).
+        self.matrix = torch.zeros(ctx.vocab_size, options.top_k, dtype=torch.int32, device=ctx.device)
+        if options.matrix_path and os.path.exists(options.matrix_path):
+            self.load_matrix(options.matrix_path)
+        self.acceptance = AcceptanceStats(self.full)
+        self.sizer = TreeSizer(
+            self.acceptance, self.full.num_draft, options.calibration_rounds, options.explore_every
+        )
+        self._trees: dict[int, TreeTemplate] = {self.full.num_draft: self.full}
+        self._topk: torch.Tensor | None = None  # [R, k] this step's candidates per logits row
+        self._last_size = 0
+        self._last_save = time.monotonic()
+        if options.matrix_path:
+            atexit.register(self._save_at_exit)
+
+    # ---------------------------------------------------------------- drafting
+    def drafts_allowed(self, seq: Sequence) -> bool:
+        """Greedy always; sampling unless turned off (then the standard path, counted)."""
+        return seq.params.is_greedy or self.opts.sampling
+
+    def plan_draft(self, seq: Sequence, num_running: int) -> int:
+        """Draft nodes for the next step: fixed, faithful (80) or calibrated."""
+        if self.opts.tree_size is not None:
+            size = min(self.opts.tree_size, self.full.num_draft)
+        elif not self.opts.adaptive:
+            size = self.full.num_draft
+        else:
+            size = self.sizer.size_for(num_running)
+        self._last_size = size
+        return size
+
+    def tree(self, size: int) -> TreeTemplate:
+        """The `size` most-often-accepted nodes of the template (a subtree: parents first)."""
+        size = min(size, self.full.num_draft)
+        if size not in self._trees:
+            self._trees[size] = subtree(self.full, self.acceptance.order()[:size])
+        return self._trees[size]
+
+    def propose(self, items: list[ScheduledSeq]) -> list[Draft | None]:
+        """Fill each sequence's tree from M, one gather per level for all of them."""
+        by_size: dict[int, list[int]] = {}
+        for j, item in enumerate(items):
+            by_size.setdefault(item.num_lookahead_slots, []).append(j)
+        drafts: list[Draft | None] = [None] * len(items)
+        for size, members in by_size.items():
+            tmpl = self.tree(size)
+            roots = torch.tensor(
+                [items[j].seq.token_ids[-1] for j in members], device=self.matrix.device
+            )
+            tokens: list[list[int]] = fill_tree(tmpl, self.matrix, roots).tolist()  # [B, T]
+            for j, toks in zip(members, tokens, strict=True):
+                drafts[j] = Draft(tmpl, toks)
+        return drafts
+
+    # ---------------------------------------------------------------- verification
+    def greedy_targets(self, values: torch.Tensor) -> torch.Tensor:
+        """Argmax per row from one top-k pass (the top-k also feeds the matrix update).
+
+        NOTE: topk's order among equal values is unspecified, so rows whose top two tie take
+        values.argmax (lowest index), the rule the standard sampler uses.
+        """
+        k = min(self.opts.top_k, values.shape[1])
+        top_vals, top_idx = values.topk(k, dim=-1)  # [R, k]
+        self._topk = top_idx
+        targets = top_idx[:, 0].clone()
+        if k > 1:
+            ties = (top_vals[:, 0] == top_vals[:, 1]).nonzero().squeeze(1)
+            if ties.numel():
+                targets[ties] = values[ties].argmax(dim=-1)
+        return targets
+
+    def accepted(self, tmpl: TreeTemplate, nodes: list[int]) -> None:
+        """Acceptance statistics per template node (they order the nodes for smaller trees)."""
+        self.acceptance.record(tmpl, nodes)
+
+    def observe(
+        self, fed_tokens: list[int], values: torch.Tensor, num_tokens: int, seconds: float
+    ) -> None:
+        """M[fed token] = top-k of its logits, for every row (rejected branches included)."""
+        if fed_tokens:
+            top = self._topk if self._topk is not None else values.topk(self.opts.top_k)[1]
+            rows = torch.tensor(fed_tokens, dtype=torch.long, device=self.matrix.device)
+            width = top.shape[1]
+            self.matrix[rows, :width] = top.to(device=self.matrix.device, dtype=torch.int32)
+        self._topk = None
+        self.sizer.end_step(num_tokens, seconds)
+        if self.sizer.step % 64 == 0:
+            self._trees = {self.full.num_draft: self.full}  # re-cut subtrees by new rates
+        if self.opts.matrix_path and time.monotonic() - self._last_save > self.opts.save_interval_s:
+            self.save_matrix(self.opts.matrix_path)
+
+    def step_stats(self) -> dict[str, float]:
+        """The tree size planned for this step."""
+        return {"tree_size": float(self._last_size)}
+
+    # ---------------------------------------------------------------- persistence
+    def save_matrix(self, path: str) -> None:
+        """Write M atomically (a temp file, then rename)."""
+        tmp = f"{path}.tmp{os.getpid()}"
+        payload = {"matrix": self.matrix.cpu(), "vocab_size": self.ctx.vocab_size}
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+        self._last_save = time.monotonic()
+
+    def load_matrix(self, path: str) -> None:
+        """Read M written by save_matrix; the vocabulary and k must match."""
+        payload: Any = torch.load(path, map_location="cpu", weights_only=True)
+        matrix = payload["matrix"]
+        if tuple(matrix.shape) != tuple(self.matrix.shape):
+            raise ValueError(
+                f"matrix at {path} has shape {tuple(matrix.shape)}, expected "
+                f"{tuple(self.matrix.shape)} (vocab_size, top_k)"
+            )
+        self.matrix.copy_(matrix.to(self.matrix.device, torch.int32))
+        logger.info("token_recycling: loaded matrix %s", path)
+
+    def _save_at_exit(self) -> None:
+        try:
+            if self.opts.matrix_path:
+                self.save_matrix(self.opts.matrix_path)
+        except OSError as exc:  # the directory may be gone at interpreter exit
+            logger.warning("token_recycling: could not save matrix: %s", exc)
+
+    def stats(self) -> dict[str, float]:
+        """Cumulative counters plus the current calibration state."""
+        out = super().stats()
+        out["tree_size"] = float(self._last_size)
+        out["calibrating"] = float(self.sizer.step < self.sizer.calibration_steps)
+        out["matrix_rows_filled"] = float((self.matrix != 0).any(dim=1).sum())
+        return out

@@ -1,0 +1,332 @@
+"""Verifying a draft tree in one forward pass: greedy longest-path acceptance and lossless
+speculative sampling over the tree. Shared by token recycling and ngram (a chain is a tree).
+
+Greedy (Token Recycling, arXiv 2408.08696, as its official code does it): a node matches when
+its token equals its parent's argmax; the accepted path is the root-to-leaf path with the
+longest run of matches from the root; the bonus token is the argmax at its last node.
+
+Sampling (SpecInfer / EAGLE's recursive rejection sampling with point-mass drafts): at node u
+with target distribution p, try its children in rank order; child token x is accepted with
+probability p(x) / sum(p); on rejection p(x) is set to 0. When no child is accepted the
+bonus token is drawn from what is left of p. Each emitted token therefore follows exactly p.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from slipstream.decoding.base import (
+    Decoder,
+    DecoderContext,
+    SeqInputs,
+    SeqResult,
+    SpecStats,
+    StepInputs,
+    StepLogits,
+    StepResult,
+    default_seq_inputs,
+)
+from slipstream.decoding.draft_tree import TreeTemplate
+from slipstream.engine.batch import Batch, ScheduledSeq
+from slipstream.engine.outputs import TokenLogprobs
+from slipstream.engine.sampler import Sampler, SamplingContext, _is_plain_greedy
+from slipstream.engine.sequence import Sequence
+
+
+def accept_greedy(
+    tmpl: TreeTemplate,
+    tokens: torch.Tensor,  # [B, T] fed tokens (root first)
+    targets: torch.Tensor,  # [B, T] the model's argmax at every node
+) -> list[list[int]]:
+    """Accepted node indices per sequence (root first): the longest matching root path.
+
+    Vectorised over root-to-leaf paths: accepted length = sum(cumprod(matches along path)).
+    Ties between equally long paths go to the first leaf (template order).
+    """
+    parents = torch.tensor([max(p, 0) for p in tmpl.parents], device=tokens.device)
+    match = tokens == targets[:, parents]  # [B, T]; node 0 compares with itself: unused
+    sentinel = torch.zeros(tokens.shape[0], 1, dtype=torch.bool, device=tokens.device)
+    match = torch.cat([match, sentinel], dim=1)  # [B, T + 1]; column T = path padding
+    paths = tmpl.leaf_paths.to(tokens.device)  # [L, D + 1]
+    along = match[:, paths[:, 1:]].long()  # [B, L, D]
+    lengths = along.cumprod(dim=2).sum(dim=2)  # [B, L]
+    best = lengths.argmax(dim=1)  # [B] first maximum
+    best_len = lengths.gather(1, best.unsqueeze(1)).squeeze(1)  # [B]
+    rows = paths[best]  # [B, D + 1]
+    out: list[list[int]] = []
+    for row, n in zip(rows.tolist(), best_len.tolist(), strict=True):
+        out.append(row[: n + 1])
+    return out
+
+
+@dataclass
+class WalkResult:
+    """Accepted nodes (root first) and the tokens they emit (accepted drafts + bonus)."""
+
+    nodes: list[int]
+    new_tokens: list[int]
+    contexts: list[SamplingContext] = field(default_factory=list)
+
+
+def verify_walk(
+    sampler: Sampler,
+    seq: Sequence,
+    tmpl: TreeTemplate,
+    tokens: list[int],  # [T] fed tokens
+    logits: torch.Tensor,  # [T, V] raw logits of every node
+) -> WalkResult:
+    """Walk the tree from the root under the sequence's own sampling params (any params).
+
+    Each node gets the sampling context it would have in sequential decoding (its path's
+    tokens appended to the output), so penalties and min_tokens stay exact.
+    """
+    base = SamplingContext.of(seq)
+    output = list(base.output_token_ids)
+    greedy = base.params.is_greedy
+    node, nodes, emitted, contexts = 0, [0], [], []
+    while True:
+        ctx = SamplingContext(base.params, base.prompt_token_ids, output + emitted, base.generator)
+        contexts.append(ctx)
+        row = logits[node : node + 1]
+        nxt: int | None = None
+        if greedy:
+            target = int(sampler.processed_logits(row, [ctx]).argmax(dim=-1).item())
+            nxt = next((c for c in tmpl.children[node] if tokens[c] == target), None)
+            if nxt is None:
+                emitted.append(target)
+                break
+        else:
+            probs = sampler.processed_probs(row, [ctx])[0]  # [V]
+            for c in tmpl.children[node]:
+                x = tokens[c]
+                mass = float(probs.sum())
+                px = float(probs[x])
+                if px > 0.0 and float(sampler.uniform([ctx], probs.device)[0]) * mass < px:
+                    nxt = c
+                    break
+                probs[x] = 0.0  # rejected: the residual is p without x
+            if nxt is None:
+                emitted.append(int(sampler.sample_from_probs(probs.unsqueeze(0), [ctx])[0]))
+                break
+        emitted.append(tokens[nxt])
+        nodes.append(nxt)
+        node = nxt
+    return WalkResult(nodes, emitted, contexts)
+
+
+@dataclass
+class Draft:
+    """What one sequence feeds this step: a template and its tokens (root first)."""
+
+    tmpl: TreeTemplate
+    tokens: list[int]
+
+
+class TreeSpecDecoder(Decoder):
+    """Draft (subclass), feed root + tree, verify, keep the accepted path's KV.
+
+    Subclasses implement plan_draft (at schedule time) and propose (at build time); they may
+    override greedy_targets and observe to reuse the step's logits (the recycling matrix).
+    """
+
+    name = "tree_spec_base"
+
+    def __init__(self, options: Any, ctx: DecoderContext) -> None:
+        super().__init__(options, ctx)
+        self._drafts: list[Draft | None] = []
+        self._t_build = 0.0
+        self.totals: dict[str, float] = {
+            "verify_steps": 0,
+            "draft_tokens": 0,
+            "accepted_tokens": 0,
+            "emitted_tokens": 0,
+            "standard_path_seqs": 0,
+        }
+
+    # ---------------------------------------------------------------- subclass hooks
+    def plan_draft(self, seq: Sequence, num_running: int) -> int:
+        """Draft tokens wanted for this sequence's next step (0 = none)."""
+        return 0
+
+    def propose(self, items: list[ScheduledSeq]) -> list[Draft | None]:
+        """Drafts for sequences in plain decode (each item has lookahead slots granted)."""
+        return [None] * len(items)
+
+    def greedy_targets(self, values: torch.Tensor) -> torch.Tensor:
+        """[R, V] -> [R] argmax with the sampler's rule (ties: lowest index)."""
+        return values.argmax(dim=-1)
+
+    def observe(
+        self, fed_tokens: list[int], values: torch.Tensor, num_tokens: int, seconds: float
+    ) -> None:
+        """Once per step: each logits row's fed token, the tokens fed and the step's time."""
+
+    def step_stats(self) -> dict[str, float]:
+        """Per-step numbers for StepStats.decoder."""
+        return {}
+
+    def drafts_allowed(self, seq: Sequence) -> bool:
+        """Whether this sequence's params can take drafts (sampling falls back if not)."""
+        return True
+
+    # ---------------------------------------------------------------- engine hooks
+    def num_lookahead_slots(self, seq: Sequence, num_running: int) -> int:
+        """Room for this step's draft."""
+        if not self.drafts_allowed(seq):
+            return 0
+        room = self.ctx.max_model_len - seq.num_tokens  # positions left for draft tokens
+        return max(0, min(self.plan_draft(seq, num_running), room - 1))
+
+    def build_inputs(self, batch: Batch) -> StepInputs:
+        """Root + tree for drafting sequences, the default chain for the rest."""
+        t0 = time.perf_counter()
+        want = [
+            i
+            for i, item in enumerate(batch.items)
+            if item.num_lookahead_slots > 0 and item.num_new_tokens == 1 and item.samples
+        ]
+        self._drafts = [None] * len(batch.items)
+        for i, draft in zip(want, self.propose([batch.items[i] for i in want]), strict=True):
+            self._drafts[i] = draft
+        seqs: list[SeqInputs] = []
+        for item, draft in zip(batch.items, self._drafts, strict=True):
+            if draft is None:
+                seqs.append(default_seq_inputs(item))
+                continue
+            base = item.seq.num_computed_tokens
+            tmpl = draft.tmpl
+            seqs.append(
+                SeqInputs(
+                    token_ids=draft.tokens,
+                    positions=[base + d for d in tmpl.depths],
+                    parents=tmpl.parents,
+                    logits_indices=list(range(tmpl.num_tokens)),
+                    tree_mask=tmpl.mask,
+                )
+            )
+        self._t_build = t0
+        return StepInputs(seqs)
+
+    def select(self, batch: Batch, inputs: StepInputs, logits: StepLogits) -> StepResult:
+        """Verify every drafted sequence, sample the others."""
+        values = logits.values
+        results = [SeqResult() for _ in batch.items]
+        spec = SpecStats()
+        fed: list[int] = []
+        for item, si in zip(batch.items, inputs.seqs, strict=True):
+            fed.extend(si.token_ids[j] for j in si.logits_indices)
+        fast: list[int] = []  # drafted, plain greedy: verified from the argmax alone
+        walk: list[int] = []  # drafted, any other params: walked node by node
+        plain: list[int] = []  # not drafted, samples this step
+        for i, item in enumerate(batch.items):
+            if self._drafts[i] is not None:
+                (fast if _is_plain_greedy(SamplingContext.of(item.seq)) else walk).append(i)
+            elif item.samples:
+                plain.append(i)
+                if not self.drafts_allowed(item.seq):
+                    self.totals["standard_path_seqs"] += 1
+        targets = self.greedy_targets(values) if values.shape[0] else None
+        seconds = time.perf_counter() - self._t_build
+        if fast and targets is not None:
+            self._verify_fast(batch, logits, targets, fast, results, spec)
+        for i in walk:
+            self._verify_walk(batch.items[i].seq, logits.for_item(i), i, results, spec)
+        if plain:
+            self._sample_plain(batch, logits, targets, plain, results)
+        self.observe(fed, values, inputs.num_tokens, seconds)
+        return StepResult(
+            seqs=results, spec=spec if spec.num_drafts else None, stats=self.step_stats()
+        )
+
+    # ---------------------------------------------------------------- verification
+    def _verify_fast(
+        self,
+        batch: Batch,
+        logits: StepLogits,
+        targets: torch.Tensor,
+        idx: list[int],
+        results: list[SeqResult],
+        spec: SpecStats,
+    ) -> None:
+        groups: dict[int, list[int]] = {}
+        for i in idx:
+            groups.setdefault(id(self._drafts[i].tmpl), []).append(i)  # type: ignore[union-attr]
+        host_targets: list[int] = targets.tolist()
+        for members in groups.values():
+            tmpl = self._drafts[members[0]].tmpl  # type: ignore[union-attr]
+            toks = torch.tensor([self._drafts[i].tokens for i in members])  # type: ignore[union-attr]
+            rows = torch.cat(
+                [torch.arange(logits.offsets[i], logits.offsets[i + 1]) for i in members]
+            )
+            tgt = targets.index_select(0, rows.to(targets.device)).view(len(members), -1).cpu()
+            accepted = accept_greedy(tmpl, toks, tgt)
+            for i, nodes in zip(members, accepted, strict=True):
+                off = logits.offsets[i]
+                new = [host_targets[off + n] for n in nodes]
+                self._finish(results, spec, i, nodes, new, tmpl, None)
+
+    def _verify_walk(
+        self, seq: Sequence, rows: torch.Tensor, i: int, results: list[SeqResult], spec: SpecStats
+    ) -> None:
+        draft = self._drafts[i]
+        assert draft is not None
+        res = verify_walk(self.ctx.sampler, seq, draft.tmpl, draft.tokens, rows)
+        logprobs = None
+        if seq.params.logprobs is not None:
+            chosen = rows[res.nodes]  # [n, V] the logits each emitted token was drawn from
+            lps = self.ctx.sampler._logprobs(chosen, res.contexts, res.new_tokens)
+            logprobs = [lp for lp in lps if lp is not None]
+        self._finish(results, spec, i, res.nodes, res.new_tokens, draft.tmpl, logprobs)
+
+    def _finish(
+        self,
+        results: list[SeqResult],
+        spec: SpecStats,
+        i: int,
+        nodes: list[int],
+        new: list[int],
+        tmpl: TreeTemplate,
+        logprobs: list[TokenLogprobs] | None,
+    ) -> None:
+        results[i] = SeqResult(new_token_ids=new, logprobs=logprobs, kv_keep=nodes)
+        spec.add(tmpl.num_draft, len(nodes) - 1)
+        self.totals["verify_steps"] += 1
+        self.totals["draft_tokens"] += tmpl.num_draft
+        self.totals["accepted_tokens"] += len(nodes) - 1
+        self.totals["emitted_tokens"] += len(new)
+        self.accepted(tmpl, nodes)
+
+    def accepted(self, tmpl: TreeTemplate, nodes: list[int]) -> None:
+        """Called for every verified draft with the accepted nodes (acceptance statistics)."""
+
+    def _sample_plain(
+        self,
+        batch: Batch,
+        logits: StepLogits,
+        targets: torch.Tensor | None,
+        idx: list[int],
+        results: list[SeqResult],
+    ) -> None:
+        rows = [logits.offsets[i + 1] - 1 for i in idx]
+        contexts = [SamplingContext.of(batch.items[i].seq) for i in idx]
+        if targets is not None and all(_is_plain_greedy(c) for c in contexts):
+            picked: list[int] = targets[rows].tolist()
+            for i, tok in zip(idx, picked, strict=True):
+                results[i] = SeqResult(new_token_ids=[tok])
+            return
+        out = self.ctx.sampler.sample(logits.values[rows], contexts)
+        for k, i in enumerate(idx):
+            lp = out.logprobs[k]
+            results[i] = SeqResult(new_token_ids=[out.token_ids[k]], logprobs=[lp] if lp else None)
+
+    def stats(self) -> dict[str, float]:
+        """Cumulative counters; mean accepted tokens per verification step (bonus included)."""
+        out = dict(self.totals)
+        steps = self.totals["verify_steps"]
+        if steps:
+            out["mean_accepted_tokens_per_step"] = self.totals["emitted_tokens"] / steps
+        return out

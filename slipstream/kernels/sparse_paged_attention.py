@@ -1,0 +1,417 @@
+"""Block-sparse attention of a step's new tokens over selected chunks of paged KV.
+
+Used by the sparse-attention decoder for both HiP (Lee et al., arXiv 2406.09827: block-sparse
+attention over the mask's key blocks + sink + sliding window) and Kinetics block top-k
+(Sadhukhan et al., arXiv 2506.05333: top-k pages + sink + local window + current page).
+
+Semantics (per sequence b with n_q new tokens, L = seq_lens[b] keys stored, ctx = L - n_q
+cached ones; chunk c covers positions [c * chunk_size, (c + 1) * chunk_size)): query i of
+head h, KV head g = h // group, sees
+    cached key p < ctx  iff  p // chunk_size is in chunks[b, g, :]   (-1 entries are padding)
+    new key ctx + j'    iff  j' <= i (causal, tree_mask None) or tree_mask[qs[b] + i, j']
+Chunks of one row must be distinct. With every chunk below ctx listed this is exactly
+kernels/paged_attention.py. The chunk size divides nothing in particular: HiP uses b_k = 2
+tokens, block top-k one page (16).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from slipstream.kernels._dispatch import triton_interpreting, use_triton
+
+# ----------------------------------------------------------------------------- reference
+
+
+def sparse_paged_attention_ref(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32
+    chunks: torch.Tensor,  # [num_seqs, num_kv_heads, max_chunks] int32/int64, -1 = padding
+    chunk_size: int,
+    scale: float,
+    tree_mask: torch.Tensor | None = None,  # [num_tokens, max_query_len] bool
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Reference: gather the selected keys of all sequences into one padded box, one SDPA."""
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    out = torch.empty_like(q)
+    seqs = [b for b in range(len(lens)) if starts[b + 1] > starts[b]]
+    if not seqs:
+        return out
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    dev = q.device
+    nb = len(seqs)
+    all_seqs = nb == len(lens)
+    seq_idx = torch.tensor(seqs, device=dev)
+    tables = (block_tables if all_seqs else block_tables[seq_idx]).long()  # [B, max_blocks]
+    sel = (chunks if all_seqs else chunks[seq_idx]).long()  # [B, H, S]
+    num_q_list = [starts[b + 1] - starts[b] for b in seqs]
+    max_q = max(num_q_list)
+    num_q = torch.tensor(num_q_list, device=dev).view(nb, 1)  # [B, 1]
+    ctx = torch.tensor([lens[b] - n for b, n in zip(seqs, num_q_list, strict=True)], device=dev)
+    ctx = ctx.view(nb, 1)  # [B, 1]
+    heads = torch.arange(num_kv_heads, device=dev).view(1, -1, 1)  # [1, H, 1]
+
+    # Selected cached keys: positions [B, H, S * C]; invalid ones read position 0, which is
+    # always written (finite): an unwritten slot may hold NaN and 0 * NaN poisons SDPA.
+    within = torch.arange(chunk_size, device=dev)
+    pos = (sel.unsqueeze(-1) * chunk_size + within).flatten(2)  # [B, H, S * C]
+    valid = (sel >= 0).repeat_interleave(chunk_size, -1) & (pos < ctx.unsqueeze(-1))
+    pos = torch.where(valid, pos, 0)
+    # New keys: positions ctx + j', padding repeats the last new key.
+    j = torch.arange(max_q, device=dev)
+    new_pos = ctx + torch.minimum(j, num_q - 1)  # [B, max_q]
+    pos = torch.cat([pos, new_pos.unsqueeze(1).expand(nb, num_kv_heads, max_q)], 2)
+    pages = torch.gather(tables, 1, (pos // block_size).flatten(1)).view(pos.shape)
+    flat = ((pages * block_size + pos % block_size) * num_kv_heads + heads).flatten()
+    k = k_cache.view(-1, head_dim).index_select(0, flat).view(*pos.shape, head_dim).to(q.dtype)
+    v = v_cache.view(-1, head_dim).index_select(0, flat).view(*pos.shape, head_dim).to(q.dtype)
+
+    # Queries in the grouped layout [B, H, max_q * G, D]; padded rows repeat the last query.
+    start = torch.tensor([starts[b] for b in seqs], device=dev).view(nb, 1)
+    tok = start + torch.minimum(j, num_q - 1)  # [B, max_q]
+    qg = q[tok].view(nb, max_q, num_kv_heads, group, head_dim).permute(0, 2, 1, 3, 4)
+    qg = qg.reshape(nb, num_kv_heads, max_q * group, head_dim)
+
+    if tree_mask is None:
+        new_mask = j.view(1, 1, -1) <= j.view(1, -1, 1)  # [1, max_q, max_q]
+    else:
+        new_mask = tree_mask[tok][:, :, :max_q].to(torch.bool)  # [B, max_q, max_q]
+    new_mask = new_mask & (j < num_q).unsqueeze(1)  # [B, max_q, max_q]
+    new_mask = new_mask.repeat_interleave(group, 1).unsqueeze(1)  # [B, 1, max_q * G, max_q]
+    rows = max_q * group
+    mask = torch.cat(
+        [
+            valid.unsqueeze(2).expand(nb, num_kv_heads, rows, valid.shape[-1]),
+            new_mask.expand(nb, num_kv_heads, rows, max_q),
+        ],
+        -1,
+    )
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
+    o = o.view(nb, num_kv_heads, max_q, group, head_dim).permute(0, 2, 1, 3, 4)
+    o = o.reshape(nb, max_q, num_heads, head_dim)
+    if max_q == 1:
+        if all_seqs and q.shape[0] == nb:
+            return o.view(q.shape)
+        out[tok[:, 0]] = o[:, 0]
+        return out
+    keep = j < num_q  # [B, max_q]
+    out[tok[keep]] = o[keep]
+    return out
+
+
+# ----------------------------------------------------------------------------- Triton
+
+
+@triton.jit
+def _sparse_paged_attention_kernel(
+    q_ptr,  # [num_tokens, num_heads, head_dim]
+    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    out_ptr,  # [num_tokens, num_heads, head_dim]
+    block_tables_ptr,  # [num_seqs, max_blocks_per_seq]
+    query_start_loc_ptr,  # [num_seqs + 1]
+    seq_lens_ptr,  # [num_seqs]
+    chunks_ptr,  # [num_seqs, num_kv_heads, max_chunks]
+    tree_mask_ptr,  # [num_tokens, max_query_len] uint8 (unused when not IS_TREE)
+    scale_log2,  # softmax scale * log2(e)
+    num_chunks,  # max_chunks
+    stride_q_tok,
+    stride_q_head,
+    stride_o_tok,
+    stride_o_head,
+    stride_k_block,
+    stride_k_slot,
+    stride_k_head,
+    stride_v_block,
+    stride_v_slot,
+    stride_v_head,
+    stride_bt_seq,
+    stride_c_seq,
+    stride_c_head,
+    stride_tm_tok,
+    PAGE_SIZE: tl.constexpr,  # cache block_size
+    CHUNK: tl.constexpr,  # tokens per selected chunk
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,  # power of two >= max(HEAD_DIM, 16)
+    GROUP: tl.constexpr,  # query heads per KV head
+    GROUP_P: tl.constexpr,  # power of two >= GROUP
+    BLOCK_Q: tl.constexpr,  # new tokens per program; rows = BLOCK_Q * GROUP_P
+    BLOCK_N: tl.constexpr,  # keys per inner step
+    IS_TREE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32, else "tf32"
+    UPCAST: tl.constexpr,  # fp32 dots (the interpreter's bf16 tl.dot is wrong)
+):
+    """Program (seq, kv_head, q_block): the selected cached chunks, then the new tokens."""
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    q_block = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + seq).to(tl.int64)
+    num_q = tl.load(query_start_loc_ptr + seq + 1).to(tl.int64) - q_start
+    if q_block * BLOCK_Q < num_q:
+        seq_len = tl.load(seq_lens_ptr + seq).to(tl.int64)
+        ctx = seq_len - num_q
+        BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P
+        rows = tl.arange(0, BLOCK_M)
+        tok = q_block * BLOCK_Q + rows // GROUP_P
+        head = kv_head * GROUP + rows % GROUP_P
+        row_ok = (tok < num_q) & (rows % GROUP_P < GROUP)
+        d = tl.arange(0, HEAD_DIM_P)
+        d_ok = d < HEAD_DIM
+        q_off = (q_start + tok)[:, None] * stride_q_tok + head[:, None] * stride_q_head
+        q = tl.load(q_ptr + q_off + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
+        chunk_row = chunks_ptr + seq * stride_c_seq + kv_head * stride_c_head
+
+        # Phase 1: BLOCK_N keys at a time from the flattened list of selected chunks.
+        for j0 in range(0, num_chunks * CHUNK, BLOCK_N):
+            j = j0 + tl.arange(0, BLOCK_N)
+            c = j // CHUNK
+            chunk = tl.load(chunk_row + c, mask=c < num_chunks, other=-1).to(tl.int64)
+            pos = chunk * CHUNK + j % CHUNK
+            ok = (chunk >= 0) & (pos < ctx)
+            bt_off = seq * stride_bt_seq + pos // PAGE_SIZE
+            page = tl.load(block_tables_ptr + bt_off, mask=ok, other=0).to(tl.int64)
+            slot = pos % PAGE_SIZE
+            kv_mask = ok[:, None] & d_ok[None, :]
+            k_off = page * stride_k_block + slot * stride_k_slot + kv_head * stride_k_head
+            k = tl.load(k_cache_ptr + k_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2
+            s = tl.where(ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # NOTE: a row with nothing visible yet has m_new = -inf; shift by 0, not NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v_off = page * stride_v_block + slot * stride_v_slot + kv_head * stride_v_head
+            v = tl.load(v_cache_ptr + v_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = v.to(q.dtype)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        # Phase 2: the new tokens, causal or tree-masked.
+        new_end = num_q
+        if not IS_TREE:
+            new_end = tl.minimum(num_q, (q_block + 1) * BLOCK_Q)
+        for n0 in range(0, new_end, BLOCK_N):
+            new = n0 + tl.arange(0, BLOCK_N)
+            ok = new < new_end
+            pos = ctx + new
+            bt_off = seq * stride_bt_seq + pos // PAGE_SIZE
+            page = tl.load(block_tables_ptr + bt_off, mask=ok, other=0).to(tl.int64)
+            slot = pos % PAGE_SIZE
+            kv_mask = ok[:, None] & d_ok[None, :]
+            k_off = page * stride_k_block + slot * stride_k_slot + kv_head * stride_k_head
+            k = tl.load(k_cache_ptr + k_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2
+            if IS_TREE:
+                tm_off = (q_start + tok)[:, None] * stride_tm_tok + new[None, :]
+                tm_ok = row_ok[:, None] & ok[None, :]
+                tm = tl.load(tree_mask_ptr + tm_off, mask=tm_ok, other=0)
+                visible = tm != 0
+            else:
+                visible = new[None, :] <= tok[:, None]
+            visible = visible & ok[None, :]
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v_off = page * stride_v_block + slot * stride_v_slot + kv_head * stride_v_head
+            v = tl.load(v_cache_ptr + v_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = v.to(q.dtype)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        o_off = (q_start + tok)[:, None] * stride_o_tok + head[:, None] * stride_o_head
+        o_mask = row_ok[:, None] & d_ok[None, :]
+        tl.store(out_ptr + o_off + d[None, :], out.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def sparse_paged_attention_triton(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32
+    chunks: torch.Tensor,  # [num_seqs, num_kv_heads, max_chunks] int32/int64, -1 = padding
+    chunk_size: int,
+    scale: float,
+    tree_mask: torch.Tensor | None = None,  # [num_tokens, max_query_len] bool
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Triton launcher: checks the arguments, then one program per (seq, kv head, q block)."""
+    _check_args(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, chunks, tree_mask)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    num_tokens, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_seqs = seq_lens.shape[0]
+    out = torch.empty_like(q)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    group = num_heads // num_kv_heads
+    group_p = triton.next_power_of_2(group)
+    max_query_len = num_tokens if tree_mask is None else min(num_tokens, tree_mask.shape[1])
+    # tl.dot needs >= 16 rows: decode packs 16 // group_p tokens' worth of rows.
+    rows = 16 if max_query_len * group_p <= 16 else 64
+    block_q = max(1, rows // group_p)
+    grid = (num_seqs, num_kv_heads, triton.cdiv(max_query_len, block_q))
+    tm = tree_mask.view(torch.uint8) if tree_mask is not None else q  # q: unused placeholder
+    upcast = triton_interpreting() and q.dtype == torch.bfloat16
+    _sparse_paged_attention_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        block_tables,
+        query_start_loc,
+        seq_lens,
+        chunks,
+        tm,
+        scale * 1.4426950408889634,  # log2(e)
+        chunks.shape[2],
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
+        chunks.stride(0),
+        chunks.stride(1),
+        tm.stride(0) if tree_mask is not None else 0,
+        PAGE_SIZE=block_size,
+        CHUNK=chunk_size,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_P=max(16, triton.next_power_of_2(head_dim)),
+        GROUP=group,
+        GROUP_P=group_p,
+        BLOCK_Q=block_q,
+        BLOCK_N=64 if q.is_cuda else 16,  # small tiles keep the CPU interpreter quick
+        IS_TREE=tree_mask is not None,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32",
+        UPCAST=upcast,
+    )
+    return out
+
+
+def _check_args(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    chunks: torch.Tensor,
+    tree_mask: torch.Tensor | None,
+) -> None:
+    """Raise ValueError naming the first argument whose shape, stride or dtype is wrong."""
+    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"q must be 3-d, k_cache/v_cache 4-d alike; got {tuple(q.shape)},"
+            f" {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
+        )
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim or num_heads % num_kv_heads:
+        raise ValueError(
+            f"q [*, {num_heads}, {head_dim}] does not fit the cache's"
+            f" [{num_kv_heads}, {k_cache.shape[3]}] (heads must be a multiple of kv heads)"
+        )
+    if q.dtype not in _FLOAT_DTYPES or k_cache.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"q/k_cache dtypes must be fp16/bf16/fp32; got {q.dtype}, {k_cache.dtype}")
+    if v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"v_cache dtype {v_cache.dtype} != k_cache dtype {k_cache.dtype}")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} needs a unit last-dim stride; strides {t.stride()}")
+    num_seqs = seq_lens.shape[0]
+    if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs:
+        raise ValueError(f"block_tables {tuple(block_tables.shape)} must be [{num_seqs}, *]")
+    if query_start_loc.shape != (num_seqs + 1,) or seq_lens.dim() != 1:
+        raise ValueError(
+            f"query_start_loc {tuple(query_start_loc.shape)} must be [{num_seqs + 1}]"
+            f" and seq_lens 1-d, got {tuple(seq_lens.shape)}"
+        )
+    if chunks.dim() != 3 or chunks.shape[:2] != (num_seqs, num_kv_heads):
+        raise ValueError(f"chunks {tuple(chunks.shape)} must be [{num_seqs}, {num_kv_heads}, *]")
+    for name, t in (
+        ("block_tables", block_tables),
+        ("query_start_loc", query_start_loc),
+        ("seq_lens", seq_lens),
+        ("chunks", chunks),
+    ):
+        if t.dtype not in _INDEX_DTYPES:
+            raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
+        if t.numel() > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name} needs a unit last-dim stride; strides {t.stride()}")
+    if tree_mask is not None:
+        if tree_mask.dtype != torch.bool or tree_mask.dim() != 2:
+            raise ValueError(f"tree_mask must be 2-d bool, got {tree_mask.dtype}")
+        if tree_mask.shape[0] != num_tokens or tree_mask.stride(-1) != 1:
+            raise ValueError(
+                f"tree_mask {tuple(tree_mask.shape)} must be [{num_tokens}, max_query_len]"
+                " with a unit last-dim stride"
+            )
+    tensors = [q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, chunks]
+    if tree_mask is not None:
+        tensors.append(tree_mask)
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def sparse_paged_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32
+    chunks: torch.Tensor,  # [num_seqs, num_kv_heads, max_chunks] int32/int64, -1 = padding
+    chunk_size: int,
+    scale: float,
+    tree_mask: torch.Tensor | None = None,  # [num_tokens, max_query_len] bool
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Public op: Triton on CUDA, the reference elsewhere (see kernels/_dispatch.py)."""
+    op = sparse_paged_attention_triton if use_triton(q) else sparse_paged_attention_ref
+    return op(
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        query_start_loc,
+        seq_lens,
+        chunks,
+        chunk_size,
+        scale,
+        tree_mask,
+    )

@@ -1,0 +1,137 @@
+"""Pure-function tests: the official template's shape, BFS filling, greedy path acceptance,
+and the calibration that picks the tree size (no engine)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from slipstream.decoding.calibration import AcceptanceStats, CostModel, choose_size
+from slipstream.decoding.draft_tree import (
+    TEMPLATE_2_2_2,
+    build_template,
+    chain_template,
+    fill_tree,
+    subtree,
+    template,
+)
+from slipstream.decoding.tree_verify import accept_greedy
+from slipstream.engine.model_runner import ancestor_mask
+
+
+def test_official_template_shape() -> None:
+    t = template("2.2.2")
+    assert t.num_draft == 80 and t.num_tokens == 81
+    assert t.level_sizes() == [8, 21, 25, 15, 8, 3]
+    assert t.max_depth == 6
+    assert [list(p) for p in t.paths[1:]] == [list(p) for p in TEMPLATE_2_2_2]
+    assert all(t.parents[i] < i for i in range(1, 81))
+    assert torch.equal(t.mask, ancestor_mask(t.parents))
+    # every root-to-leaf path ends at a leaf and walks parent links
+    for row in t.leaf_paths.tolist():
+        nodes = [n for n in row if n < 81]
+        assert not t.children[nodes[-1]]
+        assert all(t.parents[b] == a for a, b in zip(nodes, nodes[1:], strict=False))
+    assert t.leaf_paths.shape[0] == sum(1 for c in t.children if not c)
+
+
+def test_fill_from_hand_written_matrix() -> None:
+    tmpl = build_template([[0], [1], [0, 0]], k=2)
+    m = torch.zeros(10, 2, dtype=torch.int32)
+    m[5] = torch.tensor([7, 9])
+    m[7] = torch.tensor([3, 4])
+    m[6] = torch.tensor([1, 2])
+    m[1] = torch.tensor([8, 8])
+    out = fill_tree(tmpl, m, torch.tensor([5, 6]))
+    assert out.tolist() == [[5, 7, 9, 3], [6, 1, 2, 8]]
+
+
+def test_fill_full_template_follows_ranks() -> None:
+    t = template("2.2.2")
+    vocab = 200
+    # row t holds t * 8 + r mod vocab: every node's token encodes its parent and rank.
+    m = (torch.arange(vocab).unsqueeze(1) * 8 + torch.arange(8)) % vocab
+    tokens = fill_tree(t, m.int(), torch.tensor([3])).tolist()[0]
+    for i in range(1, 81):
+        assert tokens[i] == (tokens[t.parents[i]] * 8 + t.ranks[i]) % vocab
+
+
+def test_subtree_and_chain() -> None:
+    t = template("2.2.2")
+    sub = subtree(t, [1, 2, 9, 30])  # [0], [1], [0,0], [0,0,0]
+    assert [list(p) for p in sub.paths] == [[], [0], [1], [0, 0], [0, 0, 0]]
+    assert sub.parents == [-1, 0, 0, 1, 3]
+    assert sub.source_index == [0, 1, 2, 9, 30]
+    c = chain_template(3)
+    assert c.parents == [-1, 0, 1, 2] and c.depths == [0, 1, 2, 3]
+
+
+def test_accept_greedy_full_partial_and_ties() -> None:
+    # root 0 -> a(1), b(2); a -> c(3)
+    t = build_template([[0], [1], [0, 0]], k=2)
+    tokens = torch.tensor(
+        [
+            [10, 11, 12, 13],  # argmax(root)=11 -> a, argmax(a)=13 -> c: full path
+            [10, 11, 12, 13],  # argmax(root)=12 -> b only
+            [10, 11, 12, 13],  # nothing matches
+        ]
+    )
+    targets = torch.tensor(
+        [
+            [11, 13, 0, 5],
+            [12, 99, 7, 0],
+            [42, 0, 0, 0],
+        ]
+    )
+    assert accept_greedy(t, tokens, targets) == [[0, 1, 3], [0, 2], [0]]
+    # duplicate siblings both match with equal length: the path to the lowest leaf index
+    # (node 2 before node 3) wins, deterministically
+    dup = torch.tensor([[10, 11, 11, 13]])
+    assert accept_greedy(t, dup, torch.tensor([[11, 0, 0, 0]])) == [[0, 2]]
+    # ... but a longer match below the first sibling still wins
+    assert accept_greedy(t, dup, torch.tensor([[11, 13, 0, 0]])) == [[0, 1, 3]]
+
+
+def test_acceptance_order_is_a_subtree() -> None:
+    t = template("2.2.2")
+    stats = AcceptanceStats(t)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        leaf = int(rng.integers(1, 81))
+        path = [leaf]
+        while t.parents[path[-1]] > 0:
+            path.append(t.parents[path[-1]])
+        stats.record(t, [0, *path[::-1]])
+    order = stats.order()
+    for s in (1, 5, 17, 40, 80):
+        kept = set(order[:s])
+        assert all(t.parents[i] == 0 or t.parents[i] in kept for i in kept)
+    a = stats.expected_accepted()
+    assert a[0] == 0 and np.all(np.diff(a) >= 0)
+
+
+def _linear_cost(fixed: float, per_token: float) -> CostModel:
+    cost = CostModel()
+    for n in (1, 2, 4, 8, 16, 32, 64, 81, 128, 256, 512, 1296):
+        cost.add(n, fixed + per_token * n)
+    return cost
+
+
+def test_calibration_picks_smaller_tree_when_cost_is_steeper() -> None:
+    stats = AcceptanceStats(template("2.2.2"))
+    expected = stats.expected_accepted()
+    flat, _ = choose_size(1, expected, _linear_cost(0.020, 0.00002), 80)  # GPU-like
+    mid, _ = choose_size(1, expected, _linear_cost(0.020, 0.0003), 80)  # CPU-like
+    steep, _ = choose_size(1, expected, _linear_cost(0.020, 0.005), 80)
+    assert flat > mid > steep
+    assert flat == 80
+    # a full batch on a compute-bound machine stops drafting
+    busy, _ = choose_size(16, expected, _linear_cost(0.002, 0.001), 80)
+    assert busy == 0
+
+
+def test_cost_model_interpolates_and_extrapolates() -> None:
+    cost = _linear_cost(0.01, 0.001)
+    assert abs((cost.predict(50) or 0) - 0.06) < 0.003
+    assert abs((cost.predict(3000) or 0) - 3.01) < 0.05
+    assert CostModel().predict(5) is None

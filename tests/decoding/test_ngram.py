@@ -1,0 +1,37 @@
+"""ngram (prompt lookup): vLLM's matching rule, and lossless greedy on the tiny model."""
+
+from __future__ import annotations
+
+from slipstream.decoding.ngram import NgramDecoder, find_draft
+from slipstream.engine.engine import LLMEngine
+from slipstream.engine.sampling_params import SamplingParams
+from slipstream.testing.engines import run_to_completion, tiny_engine_config
+
+
+def test_find_draft_matches_vllm_rules() -> None:
+    # vLLM's docstring example: [4, 2, 3] never occurred, [2, 3] did -> what followed it.
+    assert find_draft([1, 2, 3, 4, 2, 3], 2, 3, 4) == [4, 2, 3]
+    # the longest n wins; among equal n, the earliest occurrence
+    assert find_draft([7, 1, 2, 9, 5, 1, 2, 8, 1, 2], 2, 2, 1) == [9]
+    assert find_draft([5, 1, 2, 9, 7, 5, 1, 2], 2, 3, 2) == [9, 7]
+    assert find_draft([1, 2, 3, 4], 2, 3, 4) == []  # no repeat
+    assert find_draft([1, 2], 5, 5, 4) == []  # shorter than min_n
+    assert find_draft([3, 3, 3, 3, 3], 2, 2, 8) == [3, 3]  # capped by what follows
+
+
+def test_greedy_identical_and_drafts_accepted(tiny_model_dir: str) -> None:
+    prompts = [[11, 42, 7, 99, 5] * 4, [5, 6, 7, 8] * 5, [100, 200, 300]]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    std = LLMEngine(tiny_engine_config(tiny_model_dir, block_size=4))
+    want = [o.outputs[0].token_ids for o in run_to_completion(std, prompts, params)]
+    opts = {"prompt_lookup_min": 2, "prompt_lookup_max": 3, "num_speculative_tokens": 4}
+    eng = LLMEngine(
+        tiny_engine_config(tiny_model_dir, decoder="ngram", decoder_options=opts, block_size=4)
+    )
+    got = [o.outputs[0].token_ids for o in run_to_completion(eng, prompts, params)]
+    assert got == want
+    stats = eng.get_stats()
+    assert stats["spec_num_drafts"] > 0 and stats["spec_num_accepted_tokens"] > 0
+    assert isinstance(eng.decoder, NgramDecoder)
+    assert eng.decoder.stats()["draft_tokens"] == stats["spec_num_draft_tokens"]
+    eng.block_manager.check_invariants()

@@ -1,0 +1,160 @@
+"""Token recycling on the tiny model: lossless greedy, KV after acceptance, matrix update,
+hot start across requests, save/load, and the standard-path fallback counter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from slipstream.decoding.token_recycling import TokenRecyclingDecoder
+from slipstream.engine.engine import LLMEngine
+from slipstream.engine.sampling_params import SamplingParams
+from slipstream.engine.sequence import Sequence
+from slipstream.testing.engines import run_to_completion, tiny_engine_config
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+PROMPTS = [
+    [11, 42, 7, 99, 123, 5, 64, 300, 17] * 3,  # repetitive: drafts get accepted
+    [5, 6, 7, 8] * 6,
+    [100, 200, 300],
+    [401, 222, 3, 58, 9, 77, 19],
+]
+
+
+def _engine(model_dir: str, **options: Any) -> LLMEngine:
+    return LLMEngine(tiny_engine_config(model_dir, decoder="token_recycling", decoder_options=options, block_size=4))
+
+
+def _decoder(engine: LLMEngine) -> TokenRecyclingDecoder:
+    assert isinstance(engine.decoder, TokenRecyclingDecoder)
+    return engine.decoder
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model_dir: str) -> list[list[int]]:
+    std = LLMEngine(tiny_engine_config(tiny_model_dir, block_size=4))
+    return [o.outputs[0].token_ids for o in run_to_completion(std, PROMPTS, GREEDY)]
+
+
+@pytest.mark.parametrize(
+    "options", [{"adaptive": False}, {}], ids=["faithful", "adaptive"]
+)
+def test_greedy_identical_to_standard(
+    tiny_model_dir: str, expected: list[list[int]], options: dict[str, Any]
+) -> None:
+    eng = _engine(tiny_model_dir, **options)
+    for _ in range(2):  # cold, then hot start
+        got = [o.outputs[0].token_ids for o in run_to_completion(eng, PROMPTS, GREEDY)]
+        assert got == expected
+        eng.block_manager.check_invariants()
+    stats = eng.get_stats()
+    assert stats["spec_num_drafts"] > 0
+    assert stats["spec_num_accepted_tokens"] > 0
+    assert stats["mean_accepted_tokens_per_step"] > 1.0
+    assert sum(stats["spec_accepted_per_pos"][:1]) <= stats["spec_num_drafts"]
+
+
+def test_mixed_batch_with_standard_path_requests(
+    tiny_model_dir: str, expected: list[list[int]]
+) -> None:
+    eng = _engine(tiny_model_dir, sampling=False, tree_size=12)
+    sampled = SamplingParams(temperature=1.0, max_tokens=4, seed=3, ignore_eos=True)
+    params = [GREEDY, sampled] * len(PROMPTS)
+    prompts = [p for p in PROMPTS for _ in range(2)]
+    outs = run_to_completion(eng, prompts, params)
+    assert [o.outputs[0].token_ids for o in outs[::2]] == expected
+    assert all(len(o.outputs[0].token_ids) == 4 for o in outs[1::2])
+    assert _decoder(eng).stats()["standard_path_seqs"] == len(PROMPTS) * 4
+
+
+def test_short_max_tokens_and_penalties_stay_exact(tiny_model_dir: str) -> None:
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=12, repetition_penalty=1.3, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=9, min_tokens=4, logprobs=2),
+    ]
+    std = LLMEngine(tiny_engine_config(tiny_model_dir, block_size=4))
+    want = run_to_completion(std, PROMPTS[:3], params)
+    eng = _engine(tiny_model_dir, adaptive=False)
+    run_to_completion(eng, PROMPTS, GREEDY)  # hot matrix: deep drafts
+    got = run_to_completion(eng, PROMPTS[:3], params)
+    for w, g in zip(want, got, strict=True):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+    lp_want = [lp.chosen.logprob for lp in want[2].outputs[0].logprobs or []]
+    lp_got = [lp.chosen.logprob for lp in got[2].outputs[0].logprobs or []]
+    assert lp_got == pytest.approx(lp_want, abs=1e-4)
+
+
+def test_matrix_update_rule(tiny_model_dir: str) -> None:
+    dec = _decoder(_engine(tiny_model_dir))
+    vocab = dec.ctx.vocab_size
+    logits = torch.full((3, vocab), -5.0)
+    for row, tok in enumerate((10, 20, 30)):
+        logits[row, tok : tok + 8] = torch.arange(8, 0, -1).float()  # best first
+    dec.greedy_targets(logits)
+    dec.observe([7, 8, 7], logits, num_tokens=3, seconds=0.01)
+    assert dec.matrix[8].tolist() == list(range(20, 28))
+    assert dec.matrix[7].tolist() == list(range(30, 38))  # last writer wins
+    assert dec.matrix[9].tolist() == [0] * 8
+
+
+def test_kv_after_acceptance_equals_sequential(tiny_model_dir: str, expected: list[list[int]]) -> None:
+    prompt, want = PROMPTS[0], expected[0]
+    eng = _engine(tiny_model_dir, adaptive=False)
+    dec = _decoder(eng)
+    # Seed M with the known continuation so that deep drafts are accepted.
+    chain = prompt + want
+    for a, b in zip(chain, chain[1:], strict=False):
+        dec.matrix[a, 0] = b
+    std = LLMEngine(tiny_engine_config(tiny_model_dir, block_size=4))
+    eng.add_request("tr", prompt, GREEDY)
+    std.add_request("sd", prompt, GREEDY)
+    eng.step()
+    eng.step()
+    seq = next(iter(eng.seqs.values()))
+    assert seq.num_output_tokens > 2, "the seeded draft was accepted"
+    ref = next(iter(std.seqs.values()))
+    while ref.num_computed_tokens < seq.num_computed_tokens:
+        std.step()
+    n = seq.num_computed_tokens
+    torch.testing.assert_close(_kv(eng, seq, n), _kv(std, ref, n), atol=1e-5, rtol=1e-5)
+
+
+def _kv(engine: LLMEngine, seq: Sequence, n: int) -> torch.Tensor:
+    slots = torch.tensor([engine.block_manager.slot(seq, p) for p in range(n)])
+    return torch.stack([kv.view(2, -1, *kv.shape[3:])[:, slots] for kv in engine.runner.kv_caches])
+
+
+def test_hot_start_and_save_load(tiny_model_dir: str, tmp_path: Path) -> None:
+    path = str(tmp_path / "m.pt")
+    eng = _engine(tiny_model_dir, adaptive=False, matrix_path=path)
+    run_to_completion(eng, PROMPTS[:1], GREEDY)
+    cold = eng.get_stats()
+    run_to_completion(eng, PROMPTS[:1], GREEDY)
+    hot = eng.get_stats()
+    cold_steps = cold["spec_num_drafts"]
+    hot_steps = hot["spec_num_drafts"] - cold_steps
+    assert hot_steps < cold_steps, "the matrix carried over: fewer steps the second time"
+    dec = _decoder(eng)
+    dec.save_matrix(path)
+    loaded = _engine(tiny_model_dir, adaptive=False, matrix_path=path)
+    assert torch.equal(_decoder(loaded).matrix, dec.matrix)
+    run_to_completion(loaded, PROMPTS[:1], GREEDY)
+    assert loaded.get_stats()["spec_num_drafts"] < cold_steps  # starts hot
+    bad = tmp_path / "bad.pt"
+    torch.save({"matrix": torch.zeros(3, 8, dtype=torch.int32)}, bad)
+    with pytest.raises(ValueError, match="shape"):
+        _engine(tiny_model_dir, matrix_path=str(bad))
+
+
+def test_options_are_validated() -> None:
+    from slipstream.config import DecoderSpec
+    from slipstream.decoding.registry import decoder_options
+
+    with pytest.raises(ValueError, match="unknown option"):
+        decoder_options(DecoderSpec("token_recycling", {"treesize": 3}))
+    with pytest.raises(ValueError, match="tree_size"):
+        decoder_options(DecoderSpec("token_recycling", {"tree_size": -1}))

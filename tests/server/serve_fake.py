@@ -1,0 +1,28 @@
+"""Serve a fake engine through run_server (what `slipstream serve` runs), for signal tests.
+
+Usage: python -m tests.server.serve_fake SOCKET_FD STEP_DELAY_S SHUTDOWN_TIMEOUT_S
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+from slipstream.server.app import create_app, run_server
+from slipstream.server.config import ServerConfig
+from slipstream.server.logs import configure_logging
+from tests.server.fake_engine import FakeConfig, FakeEngine
+
+
+def main() -> int:
+    """Serve on the inherited listening socket until SIGTERM."""
+    fd, step_delay, shutdown_timeout = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+    sock = socket.socket(fileno=fd)
+    config = ServerConfig(port=0, log_format="json", shutdown_timeout_s=shutdown_timeout)
+    configure_logging(config.log_format, config.log_level)
+    engine = FakeEngine(FakeConfig(step_delay_s=step_delay))
+    return run_server(create_app(engine, config), config, sock)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -518,7 +518,12 @@ class VllmEngineClient:
         self.config = config
         self.options = options or VllmOptions()
         # Fail at start-up, before loading anything, on decoders vLLM cannot run.
-        speculative_config(config.decoder)
+        spec = speculative_config(config.decoder)
+        if spec is not None and spec["method"] == "suffix" and not _has_module("arctic_inference"):
+            raise ValueError(
+                "--decoder suffix on the vllm backend needs Arctic Inference "
+                "(vLLM's requirement): pip install arctic-inference==0.1.1"
+            )
         self._llm: Any = None
         self._tokenizer: Any = None
         self._model_info: ModelInfo | None = None
@@ -690,6 +695,12 @@ class VllmEngineClient:
         if getattr(self._llm, "errored", False):
             raise EngineDeadError("the vLLM engine has failed")
         return self._llm
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
 
 
 def _cuda_available() -> bool:

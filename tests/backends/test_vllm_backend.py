@@ -503,3 +503,10 @@ def test_in_process_generate_and_abort(tmp_path: Path) -> None:
             await client.shutdown()
 
     asyncio.run(run())
+
+
+def test_suffix_without_arctic_inference_is_a_startup_error() -> None:
+    if importlib.util.find_spec("arctic_inference") is not None:
+        pytest.skip("arctic_inference is installed")
+    with pytest.raises(ValueError, match="arctic-inference"):
+        VllmEngineClient(EngineConfig(decoder=DecoderSpec("suffix")))

@@ -16,7 +16,7 @@ def test_find_draft_matches_vllm_rules() -> None:
     assert find_draft([5, 1, 2, 9, 7, 5, 1, 2], 2, 3, 2) == [9, 7]
     assert find_draft([1, 2, 3, 4], 2, 3, 4) == []  # no repeat
     assert find_draft([1, 2], 5, 5, 4) == []  # shorter than min_n
-    assert find_draft([3, 3, 3, 3, 3], 2, 2, 8) == [3, 3]  # capped by what follows
+    assert find_draft([3, 3, 3, 3, 3], 2, 2, 8) == [3, 3, 3]  # capped by what follows
 
 
 def test_greedy_identical_and_drafts_accepted(tiny_model_dir: str) -> None:

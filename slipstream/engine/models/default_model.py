@@ -78,7 +78,13 @@ def resolve_model_path(model: str | None) -> str:
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{path}: a model file must be .gguf (or pass an HF folder)")
-        return str(path)
+        # Converted once, like the default model, so the tokenizer and chat template come
+        # along and later starts load safetensors in about a second.
+        stat = path.stat()
+        dest = cache_root() / "models" / f"gguf-{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+        if not is_current(dest):
+            convert_gguf_to_hf(path, dest)
+        return str(dest)
     from slipstream.engine.models.loader import safetensors_files
 
     if not (path / "config.json").is_file():

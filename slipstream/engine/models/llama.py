@@ -178,7 +178,10 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [R, vocab] float32
         """LM head over the rows the caller picked ([R, hidden])."""
         weight = self.embed_tokens if self.lm_head is None else self.lm_head
-        return F.linear(hidden, weight).float()
+        logits = F.linear(hidden, weight).float()
+        if weight.dtype in (torch.bfloat16, torch.float16) and logits.numel():
+            _refine_top_logits(logits, hidden, weight)
+        return logits
 
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Take HF-named tensors (model.layers.N.self_attn.q_proj.weight ...) into this layout.
@@ -195,6 +198,29 @@ class LlamaForCausalLM(nn.Module):
         if unexpected:
             raise ValueError(f"unexpected weights: {', '.join(unexpected[:8])}")
         self.load_state_dict(state, strict=True, assign=True)
+
+
+# Leading candidates recomputed in float32 per row (see _refine_top_logits).
+_REFINE_TOP = 8
+
+
+def _refine_top_logits(
+    logits: torch.Tensor,  # [R, vocab] float32, rounded from a bf16/fp16 matmul output
+    hidden: torch.Tensor,  # [R, hidden]
+    weight: torch.Tensor,  # [vocab, hidden]
+) -> None:
+    """Recompute the top candidates' logits in float32, in place.
+
+    A bf16 output keeps 8 significant bits: at |logit| ~ 20 neighbouring values are 0.125
+    apart, so the leading candidates of SmolLM2 often tie and greedy decoding would pick by
+    token index rather than by value (seen on the first token of a chat answer: 'L' won a
+    tie against 'The'). The matmul accumulates in float32 anyway; only its output is
+    rounded, so R x 8 float32 dot products restore the exact order where it matters.
+    """
+    top = logits.topk(_REFINE_TOP, dim=-1).indices  # [R, 8]
+    rows = weight[top].float()  # [R, 8, hidden]
+    exact = torch.bmm(rows, hidden.float().unsqueeze(-1)).squeeze(-1)  # [R, 8]
+    logits.scatter_(1, top, exact)
 
 
 # Our parameter name -> HF names concatenated along dim 0 ({i} = layer index).

@@ -10,6 +10,9 @@ import jinja2
 from fastapi import Request
 from fastapi.responses import Response
 
+# NOTE: imported at load time, not per request: it pulls in transformers (and torch), which
+# would stall the event loop for seconds on the first chat request.
+from slipstream.engine.tokenizer import apply_chat_template
 from slipstream.server.errors import APIError, bad_request
 from slipstream.server.middleware import CLIENT_CLOSED
 from slipstream.server.protocol import ChatMessage, ErrorResponse
@@ -69,8 +72,6 @@ def render_chat(
     state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool
 ) -> list[int]:
     """Messages -> prompt token ids through the model's chat template (400 if it refuses)."""
-    from slipstream.engine.tokenizer import apply_chat_template
-
     try:
         return apply_chat_template(
             state.tokenizer, chat_messages(messages), add_generation_prompt=add_generation_prompt

@@ -1,0 +1,190 @@
+"""Speculative decoders side by side: standard, ngram and token recycling, one run.
+
+Default model, builtin prompt suite, chat template, greedy, batch 1 (one request at a time).
+Per category and overall: mean accepted tokens per verification step (MAT, bonus included)
+and tokens/s, for standard, ngram (k = 4 and 8) and token recycling (faithful 80-node tree
+and calibrated tree, each cold and hot start). A second workload with a repetition penalty
+keeps answers from looping. Then, if `slipstream bench decoders` is available, a served
+comparison at concurrency 1, 4 and 16.
+
+    python benchmarks/spec_decode.py                       # the full run (slow on CPU)
+    python benchmarks/spec_decode.py --per-category 1 --max-tokens 64   # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+# Token Recycling paper, Table 1 (Vicuna-7B, Spec-Bench, A100, greedy, bs 1).
+PAPER = {
+    "token_recycling": "MAT 2.70, 2.03x over AR (MT 2.17 Trans 1.90 Sum 1.94 QA 1.95 "
+    "Math 2.40 RAG 1.78 speedup); cold start 1.93x (smpanaro repro)",
+    "ngram": "PLD: MAT 1.75, 1.53x over AR (paper Table 1)",
+}
+
+CONFIGS: list[tuple[str, str, dict[str, Any], bool]] = [
+    # label, decoder, options, cold (reset decoder state before every prompt)
+    ("standard", "standard", {}, False),
+    ("ngram k=4", "ngram", {"num_speculative_tokens": 4}, False),
+    ("ngram k=8", "ngram", {"num_speculative_tokens": 8}, False),
+    ("TR faithful cold", "token_recycling", {"adaptive": False}, True),
+    ("TR faithful hot", "token_recycling", {"adaptive": False}, False),
+    ("TR calibrated cold", "token_recycling", {}, True),
+    ("TR calibrated hot", "token_recycling", {}, False),
+]
+
+
+def run_config(
+    llm: Any, prompts: list[Any], max_tokens: int, repetition_penalty: float, cold: bool
+) -> dict[str, Any]:
+    """Run prompts one at a time; per-category tokens, seconds, verification steps, outputs."""
+    from slipstream.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(
+        temperature=0.0, max_tokens=max_tokens, repetition_penalty=repetition_penalty
+    )
+    per_cat: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    outputs: list[list[int]] = []
+    dec = llm.engine.decoder
+    for p in prompts:
+        if cold and hasattr(dec, "matrix"):
+            dec.matrix.zero_()
+        before = llm.get_stats()
+        t0 = time.perf_counter()
+        out = llm.chat([dict(m) for m in p.messages], params)[0]
+        seconds = time.perf_counter() - t0
+        after = llm.get_stats()
+        ids = out.outputs[0].token_ids
+        outputs.append(list(ids))
+        c = per_cat[p.category]
+        c["tokens"] += len(ids)
+        c["seconds"] += seconds
+        c["drafts"] += after["spec_num_drafts"] - before["spec_num_drafts"]
+        c["accepted"] += after["spec_num_accepted_tokens"] - before["spec_num_accepted_tokens"]
+        c["steps"] += after["num_steps"] - before["num_steps"]
+    return {"per_category": {k: dict(v) for k, v in per_cat.items()}, "outputs": outputs}
+
+
+def summarise(res: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """MAT and tokens/s per category and overall."""
+    rows: dict[str, dict[str, float]] = {}
+    cats = dict(res["per_category"])
+    total: dict[str, float] = defaultdict(float)
+    for c in cats.values():
+        for k, v in c.items():
+            total[k] += v
+    cats["overall"] = dict(total)
+    for name, c in cats.items():
+        mat = 1 + c["accepted"] / c["drafts"] if c["drafts"] else 1.0
+        rows[name] = {"mat": mat, "tok_s": c["tokens"] / max(c["seconds"], 1e-9)}
+    return rows
+
+
+def print_table(title: str, results: dict[str, dict[str, dict[str, float]]]) -> None:
+    """A markdown table: one row per config, MAT / tok/s per category."""
+    labels = list(results)
+    cats = [c for c in results[labels[0]] if c != "overall"] + ["overall"]
+    base = results[labels[0]]["overall"]["tok_s"]
+    print(f"\n### {title}\n")
+    print("| config | " + " | ".join(cats) + " | speedup |")
+    print("|---" * (len(cats) + 2) + "|")
+    for label in labels:
+        r = results[label]
+        cells = [f"{r[c]['mat']:.2f} / {r[c]['tok_s']:.1f}" for c in cats]
+        print(f"| {label} | " + " | ".join(cells) + f" | {r['overall']['tok_s'] / base:.2f}x |")
+    print("\ncells: mean accepted tokens per verification step / tokens per second")
+
+
+def served(args: argparse.Namespace) -> None:
+    """`slipstream bench decoders` at concurrency 1, 4, 16, when the CLI has it."""
+    exe = [sys.executable, "-m", "slipstream.cli"]
+    probe = subprocess.run([*exe, "bench", "decoders", "--help"], capture_output=True, text=True)
+    if probe.returncode != 0 or shutil.which(sys.executable) is None:
+        print("\n(served comparison skipped: `slipstream bench decoders` is not available)")
+        return
+    for conc in (1, 4, 16):
+        cmd = [
+            *exe, "bench", "decoders", "--decoders", "standard,ngram,token_recycling",
+            "--dataset", "builtin", "--max-concurrency", str(conc),
+            "--num-prompts", str(max(conc * 2, args.served_prompts)),
+            "--max-tokens", str(args.max_tokens), "--temperature", "0",
+        ]  # fmt: skip
+        print(f"\n$ {' '.join(cmd)}", flush=True)
+        subprocess.run(cmd, check=False)
+
+
+def main() -> None:
+    """Parse arguments, run every config on the same prompts, print the tables."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default=None, help="model folder (default: the default model)")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--per-category", type=int, default=0, help="prompts per category (0 = all)")
+    ap.add_argument("--categories", default=None, help="comma-separated builtin categories")
+    ap.add_argument("--configs", default=None, help="comma-separated config labels to run")
+    ap.add_argument("--no-penalty-workload", action="store_true")
+    ap.add_argument("--served", action="store_true", help="also run the served comparison")
+    ap.add_argument("--served-prompts", type=int, default=32)
+    ap.add_argument("--json", default=None, help="write all results here")
+    args = ap.parse_args()
+
+    from slipstream import LLM
+    from slipstream.loadtest.builtin import load_builtin
+
+    cats = args.categories.split(",") if args.categories else None
+    prompts = load_builtin(cats)
+    if args.per_category:
+        seen: dict[str, int] = defaultdict(int)
+        keep = []
+        for p in prompts:
+            if seen[p.category] < args.per_category:
+                keep.append(p)
+                seen[p.category] += 1
+        prompts = keep
+    configs = [c for c in CONFIGS if not args.configs or c[0] in args.configs.split(",")]
+    print(f"{len(prompts)} prompts, {args.max_tokens} max tokens, greedy, batch 1, "
+          f"{torch.get_num_threads()} torch threads")  # fmt: skip
+    workloads = [("repetitive answers allowed (no penalty)", 1.0)]
+    if not args.no_penalty_workload:
+        workloads.append(("answers kept from looping (repetition_penalty 1.2)", 1.2))
+    everything: dict[str, Any] = {}
+    for title, penalty in workloads:
+        results: dict[str, dict[str, dict[str, float]]] = {}
+        reference: list[list[int]] | None = None
+        for label, decoder, options, cold in configs:
+            llm = LLM(model=args.model, dtype=args.dtype, decoder=decoder, decoder_config=options)
+            llm.chat([{"role": "user", "content": "Hi"}])  # warm-up (also warms a hot matrix)
+            if cold and hasattr(llm.engine.decoder, "matrix"):
+                llm.engine.decoder.matrix.zero_()
+            res = run_config(llm, prompts, args.max_tokens, penalty, cold)
+            if reference is None:
+                reference = res["outputs"]
+            same = sum(a == b for a, b in zip(res["outputs"], reference, strict=True))
+            results[label] = summarise(res)
+            results[label]["overall"]["identical_outputs"] = same / len(prompts)
+            print(f"  {label}: {results[label]['overall']} ({same}/{len(prompts)} outputs "
+                  "identical to the first config)", flush=True)  # fmt: skip
+            del llm
+        print_table(title, results)
+        everything[title] = results
+    print("\nPaper figures (different model and hardware: compare drafters with each other):")
+    for k, v in PAPER.items():
+        print(f"  {k}: {v}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(everything, f, indent=2)
+    if args.served:
+        served(args)
+
+
+if __name__ == "__main__":
+    main()

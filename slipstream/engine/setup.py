@@ -71,6 +71,9 @@ def load_engine_model(config: ModelConfig) -> LoadedModel:
     path = resolve_model_path(config.model)
     torch.manual_seed(config.seed)
     model, arch = load_model(path, dtype, device)
+    pack = getattr(model, "pack_for_cpu", None)
+    if pack is not None and pack():
+        logger.info("bf16 projection weights pre-packed for oneDNN")
     tokenizer = load_tokenizer(path)
     gen_config = os.path.join(path, "generation_config.json") if os.path.isdir(path) else None
     eos = eos_token_ids(

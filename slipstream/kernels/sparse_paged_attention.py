@@ -45,6 +45,9 @@ def sparse_paged_attention_ref(
     seqs = [b for b in range(len(lens)) if starts[b + 1] > starts[b]]
     if not seqs:
         return out
+    num_q_list = [starts[b + 1] - starts[b] for b in seqs]
+    if tree_mask is None and max(num_q_list) == 1:
+        return _decode(q, k_cache, v_cache, block_tables, chunks, chunk_size, scale, starts, lens)
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -54,7 +57,6 @@ def sparse_paged_attention_ref(
     seq_idx = torch.tensor(seqs, device=dev)
     tables = (block_tables if all_seqs else block_tables[seq_idx]).long()  # [B, max_blocks]
     sel = (chunks if all_seqs else chunks[seq_idx]).long()  # [B, H, S]
-    num_q_list = [starts[b + 1] - starts[b] for b in seqs]
     max_q = max(num_q_list)
     num_q = torch.tensor(num_q_list, device=dev).view(nb, 1)  # [B, 1]
     ctx = torch.tensor([lens[b] - n for b, n in zip(seqs, num_q_list, strict=True)], device=dev)
@@ -106,6 +108,62 @@ def sparse_paged_attention_ref(
         return out
     keep = j < num_q  # [B, max_q]
     out[tok[keep]] = o[keep]
+    return out
+
+
+def _decode(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    chunks: torch.Tensor,  # [num_seqs, num_kv_heads, max_chunks], -1 = padding
+    chunk_size: int,
+    scale: float,
+    starts: list[int],  # query_start_loc as a list
+    lens: list[int],  # seq_lens as a list
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Every sequence has at most one new token: the new key joins the selected ones.
+
+    About 20 tensor ops whatever the batch (the engine's CPU hot path: ~0.15 ms per layer
+    at 400 selected keys vs ~0.5 ms for the general padded path).
+    """
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    dev = q.device
+    seqs = [b for b in range(len(lens)) if starts[b + 1] > starts[b]]
+    nb = len(seqs)
+    if nb == len(lens):
+        tables, sel = block_tables, chunks
+    else:
+        idx = torch.tensor(seqs, device=dev)
+        tables, sel = block_tables.index_select(0, idx), chunks.index_select(0, idx)
+    ctx_list = [lens[b] - 1 for b in seqs]
+    ctx = torch.tensor(ctx_list, device=dev).view(nb, 1, 1)  # [B, 1, 1]
+    within = torch.arange(chunk_size, device=dev)
+    pos = (sel.long().unsqueeze(-1) * chunk_size + within).flatten(2)  # [B, H, S * C]
+    # Cached keys are those < ctx (-1 padding gives negative positions); the new key (at
+    # ctx) is appended once. Invalid positions are clamped into [0, ctx], all written.
+    valid = (pos >= 0) & (pos < ctx)
+    pos = torch.cat([pos.clamp(min=0).minimum(ctx), ctx.expand(nb, num_kv_heads, 1)], -1)
+    valid = torch.cat([valid, torch.ones_like(valid[:, :, :1])], -1)  # [B, H, N]
+    pages = torch.gather(tables.long(), 1, (pos // block_size).view(nb, -1)).view(pos.shape)
+    heads = torch.arange(num_kv_heads, device=dev).view(1, -1, 1)
+    flat = ((pages * block_size + pos % block_size) * num_kv_heads + heads).view(-1)
+    k = k_cache.view(-1, head_dim).index_select(0, flat).view(*pos.shape, head_dim)
+    v = v_cache.view(-1, head_dim).index_select(0, flat).view(*pos.shape, head_dim)
+    if nb == q.shape[0]:
+        qg = q.view(nb, num_kv_heads, group, head_dim)
+    else:
+        qg = q[[starts[b] for b in seqs]].view(nb, num_kv_heads, group, head_dim)
+    # The mask broadcasts over the group's query rows: [B, H, 1, N].
+    o = F.scaled_dot_product_attention(
+        qg, k.to(q.dtype), v.to(q.dtype), attn_mask=valid.unsqueeze(2), scale=scale
+    )
+    if nb == q.shape[0]:
+        return o.view(q.shape)
+    out = torch.empty_like(q)
+    out[[starts[b] for b in seqs]] = o.view(nb, num_heads, head_dim)
     return out
 
 

@@ -141,6 +141,11 @@ class Generation:
             gen.tracker.done = True
             await gen.close()
             raise from_engine_error(exc) from exc
+        except ValueError as exc:
+            # The engine's own validation refused the request (e.g. a limit of its own).
+            gen.tracker.done = True
+            await gen.close()
+            raise bad_request(f"The engine rejected the request: {exc}") from exc
         except Exception:
             await gen.close("error")
             raise

@@ -70,12 +70,15 @@ class LiveServer:
 
 @contextlib.contextmanager
 def live_server(
-    engine: EngineClient | None = None, wait_ready: bool = True, **config: Any
+    engine: EngineClient | None = None,
+    wait_ready: bool = True,
+    ready_timeout: float = 20.0,
+    **config: Any,
 ) -> Iterator[LiveServer]:
     """A started LiveServer, stopped on exit (config: ServerConfig fields)."""
     cfg = replace(ServerConfig(port=0, log_requests=False, shutdown_timeout_s=5), **config)
     server = LiveServer(engine or FakeEngine(), cfg)
-    server.start(wait_ready=wait_ready)
+    server.start(wait_ready=wait_ready, timeout=ready_timeout)
     try:
         yield server
     finally:

@@ -10,7 +10,8 @@ views, one reshape). cos/sin are gathered once per forward, not per layer.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +93,15 @@ class LlamaDecoderLayer(nn.Module):
         self.gate_up_bias = _optional(c.mlp_bias, (2 * inter,), dtype, device)
         self.down_weight = _param((hidden, inter), dtype, device)
         self.down_bias = _optional(c.mlp_bias, (hidden,), dtype, device)
+        self.linear: LinearFn = F.linear
+
+    def pack_weights(self) -> None:
+        """Swap the four projection weights for oneDNN-packed copies (see pack_for_cpu)."""
+        for name in ("qkv_weight", "o_weight", "gate_up_weight", "down_weight"):
+            weight = self._parameters.pop(name)
+            assert weight is not None
+            setattr(self, name, torch.ops.mkldnn._reorder_linear_weight(weight.data, 1))
+        self.linear = _packed_linear
 
     def forward(
         self,
@@ -106,7 +116,8 @@ class LlamaDecoderLayer(nn.Module):
         """One transformer block."""
         n = h.shape[0]
         x = F.rms_norm(h, self.hidden_shape, self.input_norm, self.eps)
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # [T, (H + 2 * KV) * D]
+        linear = self.linear
+        qkv = linear(x, self.qkv_weight, self.qkv_bias)  # [T, (H + 2 * KV) * D]
         qk, v = qkv.split(self.qk_v_split, dim=-1)
         qk = qk.view(n, -1, self.head_dim)  # [T, H + KV, D]
         rot = qk.roll(self.head_dim // 2, dims=-1)
@@ -118,12 +129,12 @@ class LlamaDecoderLayer(nn.Module):
             q, k, v.view(n, -1, self.head_dim), k_cache, v_cache, meta, self.scale
         )  # [T, H, D]
         # The linear output is fresh, so adding the residual into it in place is safe.
-        h = F.linear(out.reshape(n, -1), self.o_weight, self.o_bias).add_(h)
+        h = linear(out.reshape(n, -1), self.o_weight, self.o_bias).add_(h)
         x = F.rms_norm(h, self.hidden_shape, self.post_norm, self.eps)
-        gate_up = F.linear(x, self.gate_up_weight, self.gate_up_bias)  # [T, 2 * inter]
+        gate_up = linear(x, self.gate_up_weight, self.gate_up_bias)  # [T, 2 * inter]
         gate, up = gate_up.split(self.inter, dim=-1)
         act = F.silu(gate).mul_(up)  # [T, inter]
-        return F.linear(act, self.down_weight, self.down_bias).add_(h)
+        return linear(act, self.down_weight, self.down_bias).add_(h)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -154,6 +165,28 @@ class LlamaForCausalLM(nn.Module):
         self.attn_backends: list[AttentionBackend] = [
             PagedAttentionBackend() for _ in range(c.num_hidden_layers)
         ]
+        self.lm_head_packed: torch.Tensor | None = None
+
+    def pack_for_cpu(self) -> bool:
+        """Pre-pack bf16 projection weights in oneDNN's blocked layout; True if done.
+
+        Measured on this 2-core AVX512-BF16 CPU (one thread, [1, 576] x [576, 3072]): plain
+        F.linear 168-178 us, packed 74-77 us, bit-identical output; at 256 rows still ~5%
+        faster. The LM head [49152, 576] drops from 6.6 ms to 3.9 ms. float32 is left alone
+        (packed fp32 differs in rounding and is slower at 8 rows).
+        """
+        ref = self.norm
+        if ref.device.type != "cpu" or ref.dtype != torch.bfloat16:
+            return False
+        if os.environ.get("SLIPSTREAM_PACK_WEIGHTS", "1") == "0":
+            return False
+        if not torch.backends.mkldnn.is_available():
+            return False
+        for layer in self.layers:
+            layer.pack_weights()  # type: ignore[operator]
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        self.lm_head_packed = torch.ops.mkldnn._reorder_linear_weight(head.data, 1)
+        return True
 
     def set_attention_backend(self, layer_idx: int, backend: AttentionBackend) -> None:
         """Replace one layer's attention backend (sparse-attention decoders use this)."""
@@ -178,7 +211,10 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [R, vocab] float32
         """LM head over the rows the caller picked ([R, hidden])."""
         weight = self.embed_tokens if self.lm_head is None else self.lm_head
-        logits = F.linear(hidden, weight).float()
+        if self.lm_head_packed is not None:
+            logits = _packed_linear(hidden, self.lm_head_packed, None).float()
+        else:
+            logits = F.linear(hidden, weight).float()
         if weight.dtype in (torch.bfloat16, torch.float16) and logits.numel():
             _refine_top_logits(logits, hidden, weight)
         return logits
@@ -198,6 +234,16 @@ class LlamaForCausalLM(nn.Module):
         if unexpected:
             raise ValueError(f"unexpected weights: {', '.join(unexpected[:8])}")
         self.load_state_dict(state, strict=True, assign=True)
+
+
+LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def _packed_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x @ weight.T + bias with a weight pre-packed by torch.ops.mkldnn._reorder_linear_weight."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 # Leading candidates recomputed in float32 per row (see _refine_top_logits).

@@ -67,7 +67,7 @@ def run_method(
     conversations = [[{"role": "user", "content": p.prompt()}] for p in problems]
     params = [_params(args, method, seed, i) for i in range(len(problems))]
     start = time.perf_counter()
-    outs = llm.chat(conversations, params)  # type: ignore[arg-type]
+    outs = llm.chat(conversations, params)
     wall = time.perf_counter() - start
     after = llm.get_stats()
     correct = sum(
@@ -78,7 +78,7 @@ def run_method(
     )
     decoder = {
         k: after["decoder"].get(k, 0.0) - before["decoder"].get(k, 0.0)
-        for k in ("gates_fired", "trials_spawned", "gates_committed", "committed_segment_tokens")
+        for k in ("gates_fired", "trials_spawned", "gates_committed", "committed_tokens")
     }
     return RunResult(
         method=method,
@@ -116,7 +116,7 @@ def summarize(runs: list[RunResult], num_problems: int) -> dict[str, Any]:
             sum(r.decoder["trials_spawned"] for r in runs) / gates if gates else 0.0
         )
         summary["committed_segment_len"] = (
-            sum(r.decoder["committed_segment_tokens"] for r in runs) / committed
+            sum(r.decoder["committed_tokens"] for r in runs) / committed
             if committed
             else 0.0
         )
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument(
-        "--cntp-config", type=json.loads, default={}, help="cautious options as JSON ({} = official)"
+        "--cntp-config", type=json.loads, default={}, help="cautious options, JSON ({} = official)"
     )
     p.add_argument("--no-serve", action="store_true", help="skip the served-throughput part")
     p.add_argument("--concurrencies", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])

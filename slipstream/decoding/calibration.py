@@ -10,6 +10,7 @@ a large one, and the tree shrinks to nothing as the batch fills.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 
@@ -89,7 +90,7 @@ class CostModel:
             return None
         if num_tokens <= pts[0][0]:
             return pts[0][1]
-        for (n0, t0), (n1, t1) in zip(pts, pts[1:], strict=False):
+        for (n0, t0), (n1, t1) in itertools.pairwise(pts):
             if num_tokens <= n1:
                 return t0 + (t1 - t0) * (num_tokens - n0) / max(n1 - n0, 1e-9)
         n_last, t_last = pts[-1]

@@ -31,7 +31,6 @@ Deliberate differences from the official code (research-decoders.md section 3):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -44,70 +43,40 @@ from slipstream.decoding.base import (
     StepLogits,
     StepResult,
 )
-from slipstream.decoding.cautious_trials import Group, Trial, raw_logprobs
-from slipstream.decoding.punctuation import DEFAULT_PUNCTUATION, punctuation_token_ids
+from slipstream.decoding.cautious_trials import (
+    CautiousOptions,
+    Group,
+    Trial,
+    entropy,
+    raw_logprobs,
+    trial_count,
+)
+from slipstream.decoding.punctuation import punctuation_token_ids
 from slipstream.decoding.registry import DECODERS
 from slipstream.engine.batch import Batch, ScheduledSeq
+from slipstream.engine.outputs import TokenLogprobs
 from slipstream.engine.sampler import SamplingContext
 from slipstream.engine.sequence import Sequence
 
-# The official entropy is -sum(p * log(p + 1e-10)): the epsilon keeps log(0) finite.
-_ENTROPY_EPS = 1e-10
-
-
-def entropy(probs: torch.Tensor) -> torch.Tensor:
-    """Entropy in nats of each row, as the official code computes it. [R, V] -> [R]."""
-    return -(probs * torch.log(probs + _ENTROPY_EPS)).sum(dim=-1)
-
-
-def trial_count(h: float, low: float = 0.01, high: float = 1.5, max_trials: int = 10) -> int:
-    """N = int(1 + (max_trials - 1) * clamp((h - low) / (high - low), 0, 1)) (the code's map).
-
-    With the defaults N > 1 from h >= 0.01 + 1.49 / 9 = 0.1756 nats, and N = 10 from 1.5.
-    Example: trial_count(0.92) == 6 and trial_count(0.43) == 3 (the paper's overview figure).
-    """
-    normalised = min(max((h - low) / (high - low), 0.0), 1.0)
-    return int(1 + (max_trials - 1) * normalised)
-
-
-@dataclass(frozen=True)
-class CautiousOptions:
-    """CNTP knobs; the defaults are the official code's."""
-
-    # Entropy (nats) mapped to 1 trial and to max_trials (entropy_threshold_low / _high).
-    entropy_low: float = 0.01
-    entropy_high: float = 1.5
-    max_trials: int = 10
-    # An extra gate: trials only where the entropy is also >= this. 0 = the official rule
-    # (trials whenever N > 1); float("inf") turns CNTP off (plain sampling, same draws).
-    gate_entropy: float = 0.0
-    # Trial length cap in tokens; None = the official behaviour (punctuation, EOS or the
-    # request's own limits end a trial).
-    max_trial_tokens: int | None = None
-    # Characters that end a trial when a token's decoded text ends with one of them.
-    punctuation: str = DEFAULT_PUNCTUATION
-
-    def __post_init__(self) -> None:
-        if not self.entropy_high > self.entropy_low:
-            raise ValueError(f"entropy_high must exceed entropy_low, got {self}")
-        if self.max_trials < 1:
-            raise ValueError(f"max_trials must be >= 1, got {self.max_trials}")
-        if self.max_trial_tokens is not None and self.max_trial_tokens < 1:
-            raise ValueError(f"max_trial_tokens must be >= 1, got {self.max_trial_tokens}")
-
-    @property
-    def gates(self) -> bool:
-        """Whether any entropy can fire the gate."""
-        return self.max_trials > 1 and math.isfinite(self.gate_entropy)
-
 
 @dataclass
-class _StepCounts:
-    """What one select() did, for StepResult.stats."""
+class _Row:
+    """One sequence whose processed distribution this step is known."""
 
-    gates_fired: int = 0
-    trials_spawned: int = 0
-    committed_tokens: int = 0
+    result: SeqResult
+    seq: Sequence
+    raw: torch.Tensor  # [V] raw logits (logprobs are reported from these)
+    probs: torch.Tensor  # [V] the distribution the token was drawn from
+    context: SamplingContext
+    token: int
+
+    def take(self, tokens: list[int], logprobs: list[TokenLogprobs] | None) -> None:
+        """Append `tokens` to the sequence this step."""
+        self.result.new_token_ids = tokens
+        self.result.logprobs = logprobs
+
+
+_STEP_KEYS = ("gates_fired", "trials_spawned", "committed_tokens")
 
 
 @DECODERS.register("cautious")
@@ -120,18 +89,18 @@ class CautiousDecoder(Decoder):
 
     def __init__(self, options: CautiousOptions, ctx: DecoderContext) -> None:
         super().__init__(options, ctx)
+        self.options: CautiousOptions = options
         self.punctuation_ids = punctuation_token_ids(
             ctx.tokenizer, ctx.vocab_size, options.punctuation
         )
         self._groups: dict[int, Group] = {}  # parent seq_id -> its open gate
         self._trial_group: dict[int, Group] = {}  # child seq_id -> the gate it belongs to
+        self._step: dict[str, float] = dict.fromkeys(_STEP_KEYS, 0.0)
         self._totals: dict[str, float] = dict.fromkeys(
             (
-                "gates_fired",
-                "trials_spawned",
+                *_STEP_KEYS,
                 "trials_forked",
                 "gates_committed",
-                "committed_segment_tokens",
                 "output_tokens",
                 "output_forward_tokens",
             ),
@@ -142,19 +111,20 @@ class CautiousDecoder(Decoder):
     def select(self, batch: Batch, inputs: StepInputs, logits: StepLogits) -> StepResult:
         """Sample every row; gate uncertain rows into trials; score and commit trials."""
         result = StepResult(seqs=[SeqResult() for _ in batch.items])
-        counts = _StepCounts()
+        self._step = dict.fromkeys(_STEP_KEYS, 0.0)
         plain: list[int] = []  # rows sampled the ordinary way
         scored: list[int] = []  # rows whose processed distribution we need
         for i, item in enumerate(batch.items):
-            self._totals["output_forward_tokens"] += _output_tokens_fed(item)
+            self._count("output_forward_tokens", _output_tokens_fed(item))
+            seq = item.seq
             if not item.samples:
                 continue
-            seq = item.seq
-            if seq.seq_id in self._groups or seq.paused:
-                # A held parent or a finished trial recomputed after preemption: it samples
-                # nothing, and a finished trial keeps its last token uncomputed for later.
-                if seq.seq_id not in self._groups:
-                    result.seqs[i].kv_keep = list(range(item.num_new_tokens - 1))
+            if seq.seq_id in self._groups:
+                pass  # a held parent recomputed after preemption: it samples nothing
+            elif seq.paused:
+                # A finished trial recomputed after preemption: its last token stays
+                # uncomputed, to be fed once its parent adopts it.
+                result.seqs[i].kv_keep = list(range(item.num_new_tokens - 1))
             elif seq.seq_id in self._trial_group or (
                 self.options.gates and not seq.params.is_greedy and not seq.is_trial
             ):
@@ -162,13 +132,8 @@ class CautiousDecoder(Decoder):
             else:
                 plain.append(i)
         self._sample_plain(batch, logits, plain, result)
-        if scored:
-            self._sample_scored(batch, logits, scored, result, counts)
-        result.stats = {
-            "gates_fired": float(counts.gates_fired),
-            "trials_spawned": float(counts.trials_spawned),
-            "committed_tokens": float(counts.committed_tokens),
-        }
+        self._sample_scored(batch, logits, scored, result)
+        result.stats = dict(self._step)
         return result
 
     def _sample_plain(
@@ -178,77 +143,55 @@ class CautiousDecoder(Decoder):
         if not rows:
             return
         contexts = [SamplingContext.of(batch.items[i].seq) for i in rows]
-        out = self.ctx.sampler.sample(
-            logits.values[[logits.offsets[i + 1] - 1 for i in rows]], contexts
-        )
+        last = [logits.offsets[i + 1] - 1 for i in rows]
+        out = self.ctx.sampler.sample(logits.values[last], contexts)
         for k, i in enumerate(rows):
-            result.seqs[i].new_token_ids = [out.token_ids[k]]
             lp = out.logprobs[k]
+            result.seqs[i].new_token_ids = [out.token_ids[k]]
             result.seqs[i].logprobs = [lp] if lp is not None else None
-        self._totals["output_tokens"] += len(rows)
+        self._count("output_tokens", len(rows))
 
     def _sample_scored(
-        self,
-        batch: Batch,
-        logits: StepLogits,
-        rows: list[int],
-        result: StepResult,
-        counts: _StepCounts,
+        self, batch: Batch, logits: StepLogits, rows: list[int], result: StepResult
     ) -> None:
         """Sample rows from their processed distribution; gate and score along the way."""
+        if not rows:
+            return
         sampler = self.ctx.sampler
         raw = logits.values[[logits.offsets[i + 1] - 1 for i in rows]]  # [R, V]
         contexts = [SamplingContext.of(batch.items[i].seq) for i in rows]
         probs = sampler.processed_probs(raw, contexts)  # [R, V]
-        # NOTE: the exponential race on the processed probabilities is exactly what
-        # Sampler.sample does for a non-greedy row, so a row that does not gate gets the
-        # token the standard decoder would give it.
+        # NOTE: the exponential race on the processed probabilities is what Sampler.sample
+        # does for a non-greedy row, so a row that does not gate gets the standard token.
         tokens: list[int] = sampler.sample_from_probs(probs, contexts).tolist()
         heights: list[float] = entropy(probs).tolist()
+        opts = self.options
         for k, i in enumerate(rows):
-            seq = batch.items[i].seq
-            group = self._trial_group.get(seq.seq_id)
+            row = _Row(result.seqs[i], batch.items[i].seq, raw[k], probs[k], contexts[k], tokens[k])
+            group = self._trial_group.get(row.seq.seq_id)
             if group is not None:
-                self._extend_trial(group, seq, raw[k], probs[k], tokens[k], result, counts, i)
+                self._extend_trial(group, row, result)
                 continue
-            n = trial_count(
-                heights[k],
-                self.options.entropy_low,
-                self.options.entropy_high,
-                self.options.max_trials,
-            )
-            if n > 1 and heights[k] >= self.options.gate_entropy:
-                self._gate(seq, raw[k], probs[k], contexts[k], tokens[k], n, result, counts, i)
+            n = trial_count(heights[k], opts.entropy_low, opts.entropy_high, opts.max_trials)
+            if n > 1 and heights[k] >= opts.gate_entropy:
+                self._gate(row, n, result)
             else:
-                result.seqs[i].new_token_ids = [tokens[k]]
-                result.seqs[i].logprobs = raw_logprobs(raw[k], [tokens[k]], seq.params.logprobs)
-                self._totals["output_tokens"] += 1
+                row.take([row.token], raw_logprobs(row.raw, [row.token], row.seq.params.logprobs))
+                self._count("output_tokens", 1)
 
     # -------------------------------------------------------------------------- trials
-    def _gate(
-        self,
-        seq: Sequence,
-        raw: torch.Tensor,
-        probs: torch.Tensor,
-        context: SamplingContext,
-        first: int,
-        n: int,
-        result: StepResult,
-        counts: _StepCounts,
-        row: int,
-    ) -> None:
-        """Start n trials from seq's current distribution `probs` ([V])."""
-        counts.gates_fired += 1
-        counts.trials_spawned += n
-        self._totals["gates_fired"] += 1
-        self._totals["trials_spawned"] += n
+    def _gate(self, row: _Row, n: int, result: StepResult) -> None:
+        """Start n trials from the row's distribution."""
+        seq = row.seq
+        self._count("gates_fired", 1)
+        self._count("trials_spawned", n)
         # Trial 0 keeps the draw already made; the others draw from seq's generator.
         more = self.ctx.sampler.sample_from_probs(
-            probs.unsqueeze(0).repeat(n - 1, 1), [context] * (n - 1)
+            row.probs.unsqueeze(0).repeat(n - 1, 1), [row.context] * (n - 1)
         )
-        firsts = [first, *more.tolist()]
-        p_first: list[float] = probs[firsts].tolist()
-        lps = raw_logprobs(raw, firsts, seq.params.logprobs)
+        firsts = [row.token, *more.tolist()]
+        p_first: list[float] = row.probs[firsts].tolist()
+        lps = raw_logprobs(row.raw, firsts, seq.params.logprobs)
         trials = [
             Trial(
                 index=j,
@@ -262,18 +205,17 @@ class CautiousDecoder(Decoder):
         finished = [t for t in trials if t.done]
         best = min(finished, key=Trial.key) if finished else None
         continuing = [t for t in trials if not t.done]
-        if not continuing:
+        if not continuing:  # every trial ended at once: commit the best like a normal token
             assert best is not None
-            result.seqs[row].new_token_ids = list(best.tokens)
-            result.seqs[row].logprobs = list(best.logprobs) or None
-            self._count_commit(1, counts)
+            row.take(list(best.tokens), list(best.logprobs) or None)
+            self._count_commit(1)
             return
         group = Group(parent=seq, pending=[*continuing, *([best] if best else [])])
         self._groups[seq.seq_id] = group
         seq.hold_output = True
         seq.paused = True
         result.forks[seq.seq_id] = len(group.pending)
-        self._totals["trials_forked"] += len(group.pending)
+        self._count("trials_forked", len(group.pending))
 
     def on_fork(self, parent: Sequence, children: list[Sequence]) -> None:
         """Give each child its trial's first token (its KV is computed in the next step)."""
@@ -291,25 +233,14 @@ class CautiousDecoder(Decoder):
                 group.running[child.seq_id] = trial
         group.pending = []
 
-    def _extend_trial(
-        self,
-        group: Group,
-        seq: Sequence,
-        raw: torch.Tensor,
-        probs: torch.Tensor,
-        token: int,
-        result: StepResult,
-        counts: _StepCounts,
-        row: int,
-    ) -> None:
+    def _extend_trial(self, group: Group, row: _Row, result: StepResult) -> None:
         """Append a running trial's next token; finish the trial (and maybe the gate)."""
+        seq = row.seq
         trial = group.running[seq.seq_id]
-        trial.tokens.append(token)
-        trial.probs.append(float(probs[token]))
-        lps = raw_logprobs(raw, [token], seq.params.logprobs)
-        result.seqs[row].new_token_ids = [token]
-        result.seqs[row].logprobs = lps
-        if not self._ends_trial(seq, token, len(trial.tokens), seq.num_output_tokens + 1):
+        trial.tokens.append(row.token)
+        trial.probs.append(float(row.probs[row.token]))
+        row.take([row.token], raw_logprobs(row.raw, [row.token], seq.params.logprobs))
+        if not self._ends_trial(seq, row.token, len(trial.tokens), seq.num_output_tokens + 1):
             return
         del group.running[seq.seq_id]
         seq.paused = True
@@ -318,9 +249,9 @@ class CautiousDecoder(Decoder):
             result.drops.append(loser)
             self._trial_group.pop(loser, None)
         if not group.running:
-            self._commit(group, result, counts)
+            self._commit(group, result)
 
-    def _commit(self, group: Group, result: StepResult, counts: _StepCounts) -> None:
+    def _commit(self, group: Group, result: StepResult) -> None:
         """Every trial ended: the parent adopts the best one and goes on."""
         best = group.best
         assert best is not None and best.seq_id is not None
@@ -330,13 +261,7 @@ class CautiousDecoder(Decoder):
         parent.hold_output = False
         del self._groups[parent.seq_id]
         self._trial_group.pop(best.seq_id, None)
-        self._count_commit(len(best.tokens), counts)
-
-    def _count_commit(self, num_tokens: int, counts: _StepCounts) -> None:
-        counts.committed_tokens += num_tokens
-        self._totals["gates_committed"] += 1
-        self._totals["committed_segment_tokens"] += num_tokens
-        self._totals["output_tokens"] += num_tokens
+        self._count_commit(len(best.tokens))
 
     def _ends_trial(self, seq: Sequence, token: int, trial_len: int, num_output: int) -> bool:
         """A trial stops right after punctuation, EOS, a stop id or any length limit."""
@@ -351,7 +276,17 @@ class CautiousDecoder(Decoder):
             or (cap is not None and trial_len >= cap)
         )
 
-    # ----------------------------------------------------------------------- lifecycle
+    # ---------------------------------------------------------------------- accounting
+    def _count(self, key: str, value: float) -> None:
+        if key in self._step:
+            self._step[key] += value
+        self._totals[key] += value
+
+    def _count_commit(self, num_tokens: int) -> None:
+        self._count("committed_tokens", num_tokens)
+        self._count("gates_committed", 1)
+        self._count("output_tokens", num_tokens)
+
     def on_finish(self, seq: Sequence) -> None:
         """Forget a released parent's gate or a released trial."""
         group = self._groups.pop(seq.seq_id, None)
@@ -367,12 +302,9 @@ class CautiousDecoder(Decoder):
     def stats(self) -> dict[str, float]:
         """Cumulative counters, mean segment length and output-side forward cost."""
         t = dict(self._totals)
-        gates = t["gates_committed"]
-        t["mean_committed_segment_len"] = t["committed_segment_tokens"] / gates if gates else 0.0
-        t["mean_trials_per_gate"] = (
-            t["trials_spawned"] / t["gates_fired"] if t["gates_fired"] else 0.0
-        )
-        out = t["output_tokens"]
+        fired, committed, out = t["gates_fired"], t["gates_committed"], t["output_tokens"]
+        t["mean_trials_per_gate"] = t["trials_spawned"] / fired if fired else 0.0
+        t["mean_committed_segment_len"] = t["committed_tokens"] / committed if committed else 0.0
         t["forward_tokens_per_output_token"] = t["output_forward_tokens"] / out if out else 0.0
         return t
 
@@ -382,3 +314,6 @@ def _output_tokens_fed(item: ScheduledSeq) -> int:
     seq = item.seq
     start = max(seq.num_computed_tokens, seq.num_prompt_tokens)
     return max(0, seq.num_computed_tokens + item.num_new_tokens - start)
+
+
+__all__ = ["CautiousDecoder", "CautiousOptions", "entropy", "trial_count"]

@@ -1,6 +1,7 @@
-"""CNTP trial bookkeeping: perplexity, the lowest-perplexity pick, a gate's open trials.
+"""CNTP's pure parts (Wang et al., arXiv 2507.03038): options, the entropy gate's trial
+count, the lowest-perplexity pick, and the bookkeeping of one gate's trials.
 
-Pure Python apart from raw_logprobs, so the selection rule is testable without an engine.
+Nothing here touches the engine, so the rules are testable on hand-written numbers.
 """
 
 from __future__ import annotations
@@ -11,8 +12,60 @@ from dataclasses import dataclass, field
 
 import torch
 
+from slipstream.decoding.punctuation import DEFAULT_PUNCTUATION
 from slipstream.engine.outputs import Logprob, TokenLogprobs
 from slipstream.engine.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class CautiousOptions:
+    """CNTP knobs; the defaults are the official code's."""
+
+    # Entropy (nats) mapped to 1 trial and to max_trials (entropy_threshold_low / _high).
+    entropy_low: float = 0.01
+    entropy_high: float = 1.5
+    max_trials: int = 10
+    # An extra gate: trials only where the entropy is also >= this. 0 = the official rule
+    # (trials whenever N > 1); float("inf") turns CNTP off (plain sampling, same draws).
+    gate_entropy: float = 0.0
+    # Trial length cap in tokens; None = the official behaviour (punctuation, EOS or the
+    # request's own limits end a trial).
+    max_trial_tokens: int | None = None
+    # Characters that end a trial when a token's decoded text ends with one of them.
+    punctuation: str = DEFAULT_PUNCTUATION
+
+    def __post_init__(self) -> None:
+        if not self.entropy_high > self.entropy_low:
+            raise ValueError(f"entropy_high must exceed entropy_low, got {self}")
+        if self.max_trials < 1:
+            raise ValueError(f"max_trials must be >= 1, got {self.max_trials}")
+        if self.max_trial_tokens is not None and self.max_trial_tokens < 1:
+            raise ValueError(f"max_trial_tokens must be >= 1, got {self.max_trial_tokens}")
+
+    @property
+    def gates(self) -> bool:
+        """Whether any entropy can fire the gate."""
+        return self.max_trials > 1 and math.isfinite(self.gate_entropy)
+
+
+# The official entropy is -sum(p * log(p + 1e-10)): the epsilon keeps log(0) finite.
+_ENTROPY_EPS = 1e-10
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of each row, as the official code computes it. [R, V] -> [R]."""
+    return -(probs * torch.log(probs + _ENTROPY_EPS)).sum(dim=-1)
+
+
+def trial_count(h: float, low: float = 0.01, high: float = 1.5, max_trials: int = 10) -> int:
+    """N = int(1 + (max_trials - 1) * clamp((h - low) / (high - low), 0, 1)) (the code's map).
+
+    With the defaults N > 1 from h >= 0.01 + 1.49 / 9 = 0.1756 nats, and N = 10 from 1.5.
+    Example: trial_count(0.92) == 6 and trial_count(0.43) == 3 (the paper's overview figure).
+    """
+    normalised = min(max((h - low) / (high - low), 0.0), 1.0)
+    return int(1 + (max_trials - 1) * normalised)
+
 
 # A sampled token's probability is > 0, but float32 may round a tiny one to 0.
 _MIN_PROB = 1e-30

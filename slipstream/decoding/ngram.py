@@ -38,7 +38,9 @@ class NgramOptions:
                 f"{self.prompt_lookup_min}, {self.prompt_lookup_max}"
             )
         if self.num_speculative_tokens < 1:
-            raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+            raise ValueError(
+                f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}"
+            )
 
 
 def find_draft(tokens: list[int] | np.ndarray, min_n: int, max_n: int, k: int) -> list[int]:

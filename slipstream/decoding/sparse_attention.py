@@ -250,7 +250,9 @@ class SparseAttentionDecoder(Decoder):
 
     def __init__(self, options: Any, ctx: DecoderContext) -> None:
         super().__init__(options, ctx)
-        dense = _DEFAULTS[options.method][3] if options.dense_layers is None else options.dense_layers
+        dense = (
+            _DEFAULTS[options.method][3] if options.dense_layers is None else options.dense_layers
+        )
         self.dense_layers = min(dense, ctx.num_layers)
         self.shared = _Shared(make_selector(options, ctx), ctx.num_layers, self.dense_layers)
         self.backends: list[SparseAttentionBackend] = []

@@ -74,7 +74,9 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         self.opts = options
         self.full = template(options.template, options.top_k)
         # [vocab, k] int32 on the model's device, zero-filled (token 0 until first seen).
-        self.matrix = torch.zeros(ctx.vocab_size, options.top_k, dtype=torch.int32, device=ctx.device)
+        self.matrix = torch.zeros(
+            ctx.vocab_size, options.top_k, dtype=torch.int32, device=ctx.device
+        )
         if options.matrix_path and os.path.exists(options.matrix_path):
             self.load_matrix(options.matrix_path)
         self.acceptance = AcceptanceStats(self.full)

@@ -87,7 +87,9 @@ def verify_walk(
     base = SamplingContext.of(seq)
     output = list(base.output_token_ids)
     greedy = base.params.is_greedy
-    node, nodes, emitted, contexts = 0, [0], [], []
+    node, nodes = 0, [0]
+    emitted: list[int] = []
+    contexts: list[SamplingContext] = []
     while True:
         ctx = SamplingContext(base.params, base.prompt_token_ids, output + emitted, base.generator)
         contexts.append(ctx)
@@ -217,7 +219,7 @@ class TreeSpecDecoder(Decoder):
         results = [SeqResult() for _ in batch.items]
         spec = SpecStats()
         fed: list[int] = []
-        for item, si in zip(batch.items, inputs.seqs, strict=True):
+        for si in inputs.seqs:
             fed.extend(si.token_ids[j] for j in si.logits_indices)
         fast: list[int] = []  # drafted, plain greedy: verified from the argmax alone
         walk: list[int] = []  # drafted, any other params: walked node by node

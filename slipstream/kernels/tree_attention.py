@@ -31,7 +31,7 @@ def tree_attention_ref(
     tree_mask: torch.Tensor,  # [num_tokens, max_query_len] bool
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Reference (PyTorch): prefix part and tree part per sequence, merged by log-sum-exp."""
-    num_tokens, num_heads, head_dim = q.shape
+    _num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)
@@ -214,8 +214,10 @@ def _check_args(
     if q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[2]:
         raise ValueError(f"q {tuple(q.shape)} does not fit cache {tuple(k_cache.shape)}")
     if tree_mask.dtype != torch.bool or tree_mask.dim() != 2 or tree_mask.shape[0] != q.shape[0]:
-        raise ValueError(f"tree_mask must be [num_tokens, max_q] bool, got {tree_mask.dtype} "
-                         f"{tuple(tree_mask.shape)}")
+        raise ValueError(
+            f"tree_mask must be [num_tokens, max_q] bool, got {tree_mask.dtype} "
+            f"{tuple(tree_mask.shape)}"
+        )
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("tree_mask", tree_mask)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} needs a unit last-dim stride; strides {t.stride()}")

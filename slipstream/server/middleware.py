@@ -27,6 +27,15 @@ _REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
 CLIENT_CLOSED = 499
 
 
+def _treat_body_as_json(scope: Scope) -> None:
+    """Every POST route takes JSON; `curl -d` labels it a form, so read any body as JSON."""
+    if scope["method"] != "POST":
+        return
+    raw = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+    kept = [v for k, v in scope["headers"] if k == b"content-type" and b"json" in v.lower()]
+    scope["headers"] = [*raw, (b"content-type", kept[0] if kept else b"application/json")]
+
+
 def request_id_from(header: str | None) -> str:
     """The client's X-Request-Id if acceptable, else a fresh one."""
     if header and _REQUEST_ID_RE.match(header):
@@ -47,6 +56,7 @@ class ServerMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.monotonic()
+        _treat_body_as_json(scope)
         headers = Headers(scope=scope)
         log = RequestLog(request_id_from(headers.get("x-request-id")), arrival_time=start)
         scope.setdefault("state", {})["request_log"] = log

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from slipstream.backends.base import EngineError
@@ -34,18 +35,20 @@ def sse_error(exc: BaseException) -> bytes:
     return sse(error.envelope())
 
 
-async def with_error_tail(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def with_error_tail(events: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:
     """Pass `events` through; on failure emit an error event; always end with [DONE].
 
-    Cancellation (the client went away) is not an Exception and passes straight through.
+    Cancellation (the client went away) is not an Exception and passes straight through;
+    `events` is closed on every path, so its cleanup (the engine abort) runs promptly.
     """
-    try:
-        async for event in events:
-            yield event
-    except Exception as exc:
-        if not isinstance(exc, APIError | EngineError):
-            logger.exception("stream failed")
-        yield sse_error(exc)
+    async with contextlib.aclosing(events):
+        try:
+            async for event in events:
+                yield event
+        except Exception as exc:
+            if not isinstance(exc, APIError | EngineError):
+                logger.exception("stream failed")
+            yield sse_error(exc)
     yield DONE
 
 

@@ -3,6 +3,8 @@ and the calibration that picks the tree size (no engine)."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -31,7 +33,7 @@ def test_official_template_shape() -> None:
     for row in t.leaf_paths.tolist():
         nodes = [n for n in row if n < 81]
         assert not t.children[nodes[-1]]
-        assert all(t.parents[b] == a for a, b in zip(nodes, nodes[1:], strict=False))
+        assert all(t.parents[b] == a for a, b in itertools.pairwise(nodes))
     assert t.leaf_paths.shape[0] == sum(1 for c in t.children if not c)
 
 

@@ -26,12 +26,18 @@ NUM_WALKS = 3000
 
 
 @pytest.fixture(scope="module")
-def tree_step(tiny_model_dir: str) -> tuple[TokenRecyclingDecoder, TreeTemplate, list[int], torch.Tensor]:
+def tree_step(
+    tiny_model_dir: str,
+) -> tuple[TokenRecyclingDecoder, TreeTemplate, list[int], torch.Tensor]:
     """A hot matrix, then one real tree-verification forward: (decoder, tree, tokens, logits)."""
     eng = LLMEngine(
-        tiny_engine_config(tiny_model_dir, decoder="token_recycling", decoder_options={"adaptive": False})
+        tiny_engine_config(
+            tiny_model_dir, decoder="token_recycling", decoder_options={"adaptive": False}
+        )
     )
-    run_to_completion(eng, [PROMPT], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
+    run_to_completion(
+        eng, [PROMPT], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    )
     dec = eng.decoder
     assert isinstance(dec, TokenRecyclingDecoder)
     captured: list[StepLogits] = []
@@ -51,7 +57,9 @@ def tree_step(tiny_model_dir: str) -> tuple[TokenRecyclingDecoder, TreeTemplate,
     return dec, draft.tmpl, draft.tokens, captured[-1].for_item(0).clone()
 
 
-def _probs(dec: TokenRecyclingDecoder, seq: Sequence, row: torch.Tensor, extra: list[int]) -> torch.Tensor:
+def _probs(
+    dec: TokenRecyclingDecoder, seq: Sequence, row: torch.Tensor, extra: list[int]
+) -> torch.Tensor:
     ctx = SamplingContext(seq.params, seq.prompt_token_ids, seq.output_token_ids + extra, None)
     return dec.ctx.sampler.processed_probs(row.unsqueeze(0), [ctx])[0]
 
@@ -103,7 +111,11 @@ def test_a_biased_verifier_is_caught(
 
 
 def test_sampling_requests_use_the_tree(tiny_model_dir: str) -> None:
-    eng = LLMEngine(tiny_engine_config(tiny_model_dir, decoder="token_recycling", decoder_options={"tree_size": 8}))
+    eng = LLMEngine(
+        tiny_engine_config(
+            tiny_model_dir, decoder="token_recycling", decoder_options={"tree_size": 8}
+        )
+    )
     params = SamplingParams(temperature=0.8, max_tokens=12, seed=7, ignore_eos=True)
     a = run_to_completion(eng, [PROMPT], params)[0].outputs[0].token_ids
     b = run_to_completion(eng, [PROMPT], params)[0].outputs[0].token_ids

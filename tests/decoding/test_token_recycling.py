@@ -3,6 +3,7 @@ hot start across requests, save/load, and the standard-path fallback counter."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,11 @@ PROMPTS = [
 
 
 def _engine(model_dir: str, **options: Any) -> LLMEngine:
-    return LLMEngine(tiny_engine_config(model_dir, decoder="token_recycling", decoder_options=options, block_size=4))
+    return LLMEngine(
+        tiny_engine_config(
+            model_dir, decoder="token_recycling", decoder_options=options, block_size=4
+        )
+    )
 
 
 def _decoder(engine: LLMEngine) -> TokenRecyclingDecoder:
@@ -39,9 +44,7 @@ def expected(tiny_model_dir: str) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in run_to_completion(std, PROMPTS, GREEDY)]
 
 
-@pytest.mark.parametrize(
-    "options", [{"adaptive": False}, {}], ids=["faithful", "adaptive"]
-)
+@pytest.mark.parametrize("options", [{"adaptive": False}, {}], ids=["faithful", "adaptive"])
 def test_greedy_identical_to_standard(
     tiny_model_dir: str, expected: list[list[int]], options: dict[str, Any]
 ) -> None:
@@ -101,13 +104,15 @@ def test_matrix_update_rule(tiny_model_dir: str) -> None:
     assert dec.matrix[9].tolist() == [0] * 8
 
 
-def test_kv_after_acceptance_equals_sequential(tiny_model_dir: str, expected: list[list[int]]) -> None:
+def test_kv_after_acceptance_equals_sequential(
+    tiny_model_dir: str, expected: list[list[int]]
+) -> None:
     prompt, want = PROMPTS[0], expected[0]
     eng = _engine(tiny_model_dir, adaptive=False)
     dec = _decoder(eng)
     # Seed M with the known continuation so that deep drafts are accepted.
     chain = prompt + want
-    for a, b in zip(chain, chain[1:], strict=False):
+    for a, b in itertools.pairwise(chain):
         dec.matrix[a, 0] = b
     std = LLMEngine(tiny_engine_config(tiny_model_dir, block_size=4))
     eng.add_request("tr", prompt, GREEDY)

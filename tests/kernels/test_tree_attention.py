@@ -74,7 +74,9 @@ def test_reference_matches_paged_loop(
     args = _batch(ctx_lens, trees, *heads, block_size, torch.float32, "cpu")
     q, kc, vc, bt, qsl, sl, mask = args
     want = _paged_attention_loop(q, kc, vc, bt, qsl, sl, SCALE, mask)
-    assert_close_verbose(tree_attention_ref(q, kc, vc, bt, qsl, sl, SCALE, mask), want, **TOL[torch.float32])
+    assert_close_verbose(
+        tree_attention_ref(q, kc, vc, bt, qsl, sl, SCALE, mask), want, **TOL[torch.float32]
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

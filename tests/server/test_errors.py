@@ -263,3 +263,11 @@ def test_overload_gives_429_and_accepted_requests_complete() -> None:
         assert engine.num_free_blocks() == engine.config.num_blocks
         after = c.post("/v1/completions", json={"prompt": "after", "max_tokens": 2})
         assert after.status_code == 200
+
+
+def test_body_is_json_whatever_the_content_type(client: httpx.Client) -> None:
+    # `curl -d '{...}'` labels the body application/x-www-form-urlencoded.
+    body = b'{"prompt": "curl", "max_tokens": 2}'
+    for content_type in ("application/x-www-form-urlencoded", "text/plain"):
+        resp = client.post("/v1/completions", content=body, headers={"content-type": content_type})
+        assert resp.status_code == 200, resp.text

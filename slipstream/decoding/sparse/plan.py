@@ -98,7 +98,9 @@ def is_decode_like(meta: AttentionMetadata, b: int) -> bool:
     if n == 0 or meta.tree_mask is None:
         return False
     rows = meta.tree_mask[start:end, :n]
-    return not bool(torch.equal(rows, torch.ones(n, n, dtype=torch.bool, device=rows.device).tril()))
+    return not bool(
+        torch.equal(rows, torch.ones(n, n, dtype=torch.bool, device=rows.device).tril())
+    )
 
 
 def build_plan(meta: AttentionMetadata, prunes: Callable[[int], bool]) -> StepPlan:

@@ -9,7 +9,6 @@ Both add sink and local-window chunks; the chunk list feeds kernels/sparse_paged
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
@@ -51,10 +50,12 @@ class Geometry:
 def _pad(rows: list[list[int]], device: torch.device) -> torch.Tensor:  # [n, max_len] int64
     """Lists of chunk ids as one tensor, -1 padded."""
     width = max((len(r) for r in rows), default=0)
-    return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+    return torch.tensor(
+        [r + [-1] * (width - len(r)) for r in rows], dtype=torch.long, device=device
+    )
 
 
-class Selector(ABC):
+class Selector:
     """Chooses the chunks each pruned sequence reads, layer by layer."""
 
     def __init__(self, geometry: Geometry) -> None:
@@ -76,7 +77,6 @@ class Selector(ABC):
     def after_store(self, layer: int, k_cache: torch.Tensor, plan: StepPlan) -> None:
         """Called in every sparse layer after this step's K/V are stored."""
 
-    @abstractmethod
     def select(
         self,
         layer: int,
@@ -85,6 +85,7 @@ class Selector(ABC):
         plan: StepPlan,
     ) -> torch.Tensor:  # [num_pruned, num_kv_heads, max_chunks] int64, -1 padded
         """Chunks to read for each pruned sequence and KV head."""
+        raise NotImplementedError
 
     def forget(self, seq_id: int) -> None:
         """Drop a finished sequence's state."""
@@ -116,7 +117,9 @@ class _HipStep:
     fixed: torch.Tensor  # [num_pruned, W] int64 sink + window chunks
 
 
-def _subset(sp: SubBatch, index: list[int]) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+def _subset(
+    sp: SubBatch, index: list[int]
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """(rows of sp's q, query_start_loc, block_tables) for sequences `index` of sp."""
     if index == list(range(sp.size)):
         return None, sp.query_start_loc, sp.block_tables

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,7 +163,7 @@ async def _stream(
     chat: _Chat,
     body: ChatCompletionRequest,
     request: Request,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """Role chunks, one chunk per choice per step with new text, usage, (then [DONE])."""
     options = body.stream_options
     include_usage = options is not None and options.include_usage

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,7 +207,7 @@ def _response(
 
 async def _stream(
     gens: list[Generation], cmpl: _Completion, body: CompletionRequest, request: Request
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """One chunk per choice per step with new text, then usage if asked (then [DONE])."""
     options = body.stream_options
     include_usage = options is not None and options.include_usage

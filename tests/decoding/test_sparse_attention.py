@@ -1,0 +1,219 @@
+"""The sparse-attention decoder: options, block selection vs dense top-k, engine behaviour
+(degenerate equivalence, real pruning, HiP mask refresh, composition with token recycling)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slipstream.config import DecoderSpec
+from slipstream.decoding.base import DecoderContext
+from slipstream.decoding.registry import decoder_options
+from slipstream.decoding.sparse.plan import build_plan
+from slipstream.decoding.sparse_attention import SparseAttentionDecoder, SparseAttentionOptions
+from slipstream.engine.attention import AttentionMetadata
+from slipstream.engine.engine import LLMEngine
+from slipstream.engine.sampling_params import SamplingParams
+from slipstream.kernels.page_mean_keys import page_mean_keys_ref
+from slipstream.testing.engines import run_to_completion, tiny_engine_config
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+# Long enough (with block_size 4) that a small budget prunes; tiny model allows 256 positions.
+PROMPTS = [
+    [(i * 37 + 11) % 400 + 3 for i in range(150)],
+    [(i * 13 + 5) % 400 + 3 for i in range(90)],
+]
+SMALL = {"top_k": 16, "window": 8, "sink": 4, "dense_layers": 0}
+
+
+def _ctx(
+    num_blocks: int = 64, block_size: int = 4, kv_heads: int = 2, head_dim: int = 8
+) -> DecoderContext:
+    return DecoderContext(
+        vocab_size=10,
+        eos_token_ids=frozenset(),
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        num_layers=2,
+        max_model_len=256,
+        num_kv_blocks=num_blocks,
+        block_size=block_size,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        sampler=None,  # type: ignore[arg-type]
+    )
+
+
+def _engine(model_dir: str, decoder: str = "standard", options: dict | None = None) -> LLMEngine:  # type: ignore[type-arg]
+    return LLMEngine(
+        tiny_engine_config(
+            model_dir, decoder=decoder, decoder_options=options, block_size=4, num_blocks=512
+        )
+    )
+
+
+def _tokens(engine: LLMEngine) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in run_to_completion(engine, PROMPTS, GREEDY)]
+
+
+@pytest.fixture(scope="module")
+def standard_tokens(tiny_model_dir: str) -> list[list[int]]:
+    return _tokens(_engine(tiny_model_dir))
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="method"):
+        decoder_options(DecoderSpec("sparse_attention", {"method": "quest"}))
+    with pytest.raises(ValueError, match="not both"):
+        decoder_options(DecoderSpec("sparse_attention", {"top_k": 64, "top_k_pages": 4}))
+    with pytest.raises(ValueError, match="unknown option"):
+        decoder_options(DecoderSpec("sparse_attention", {"budget": 3}))
+    opts = decoder_options(
+        DecoderSpec("sparse_attention", {"method": "block_topk", "top_k_pages": 8})
+    )
+    assert isinstance(opts, SparseAttentionOptions) and opts.top_k_pages == 8
+
+
+def test_default_config_prunes_at_needle_lengths() -> None:
+    """The defaults must prune a 1k-token decode on the default model's geometry."""
+    ctx = DecoderContext(
+        vocab_size=10,
+        eos_token_ids=frozenset(),
+        device=torch.device("cpu"),
+        dtype=torch.bfloat16,
+        num_layers=30,
+        max_model_len=8192,
+        num_kv_blocks=600,
+        block_size=16,
+        num_kv_heads=3,
+        head_dim=64,
+        sampler=None,  # type: ignore[arg-type]
+    )
+    for method in ("hip", "block_topk"):
+        dec = SparseAttentionDecoder(SparseAttentionOptions(method=method), ctx)
+        assert dec.shared.selector.prunes(1000)
+        g = dec.shared.selector.geometry
+        budget = g.sink_chunks * g.chunk + g.top_k * g.chunk + g.window + g.chunk
+        assert budget <= 1024 // 2, (method, budget)
+
+
+def test_block_topk_selection_equals_dense_top_k() -> None:
+    """Kinetics' score: mean over the page's keys and the GQA group of the logits; by
+    linearity the decoder computes it from page mean keys. Compare with full logits."""
+    ctx = _ctx(num_blocks=40, block_size=4, kv_heads=2, head_dim=8)
+    opts = SparseAttentionOptions(
+        method="block_topk", top_k_pages=3, sink=4, window=8, dense_layers=0
+    )
+    dec = SparseAttentionDecoder(opts, ctx)
+    sel = dec.shared.selector
+    k_cache = torch.randn(40, 4, 2, 8)
+    seq_len = 61
+    n_pages = -(-seq_len // 4)
+    table = torch.randperm(40)[:n_pages].int().view(1, -1)
+    means = torch.zeros(40, 2, 8)
+    page_mean_keys_ref(k_cache, means, table[0], torch.full((n_pages,), 4))
+    sel.means[0] = means  # type: ignore[attr-defined]
+    q = torch.randn(1, 6, 8)  # 3 query heads per KV head
+    meta = AttentionMetadata(
+        torch.tensor([0, 1], dtype=torch.int32),
+        torch.tensor([seq_len], dtype=torch.int32),
+        table,
+        torch.tensor([0]),
+        None,
+        1,
+        seq_len,
+        seq_ids=[0],
+        query_start_loc_list=[0, 1],
+        seq_lens_list=[seq_len],
+    )
+    plan = build_plan(meta, sel.prunes)
+    sel.prepare(meta, plan)
+    chunks = sel.select(0, q, k_cache, plan)[0]  # [H, S]
+    ctx_len = seq_len - 1
+    window_start = (ctx_len - 8) // 4
+    keys = k_cache[table[0].long()].reshape(-1, 2, 8)[: window_start * 4]  # [T, H, D]
+    logits = torch.einsum("hgd,thd->hgt", q[0].view(2, 3, 8), keys)  # [H, G, T]
+    page_scores = logits.mean(1).view(2, window_start, 4).mean(-1)  # [H, pages]
+    page_scores[:, :1] = float("-inf")  # the sink page is always read, not selected
+    for h in range(2):
+        want = set(torch.topk(page_scores[h], 3).indices.tolist())
+        assert set(chunks[h, :3].tolist()) == want
+        fixed = chunks[h, 3:].tolist()
+        assert fixed == [0] + list(range(window_start, (ctx_len - 1) // 4 + 1))
+
+
+@pytest.mark.parametrize("method", ["hip", "block_topk"])
+def test_budget_covering_context_gives_standard_tokens(
+    tiny_model_dir: str, standard_tokens: list[list[int]], method: str
+) -> None:
+    opts = {"method": method, "top_k": 4096, "dense_layers": 0}
+    eng = _engine(tiny_model_dir, "sparse_attention", opts)
+    assert _tokens(eng) == standard_tokens
+    assert eng.get_stats()["decoder"]["sparse_kv_read_fraction"] == 1.0
+
+
+@pytest.mark.parametrize("method", ["hip", "block_topk"])
+def test_small_budget_prunes_and_reports(tiny_model_dir: str, method: str) -> None:
+    eng = _engine(tiny_model_dir, "sparse_attention", {"method": method, **SMALL})
+    out = _tokens(eng)
+    assert all(len(t) == GREEDY.max_tokens for t in out)
+    stats = eng.get_stats()["decoder"]
+    assert 0.1 < stats["sparse_kv_read_fraction"] < 0.5  # ~40 of 100-160 tokens
+    assert stats["sparse_pruned_seq_steps"] > 0
+    assert eng.last_stats.decoder["sparse_kv_read_fraction"] < 1.0
+    assert not eng.decoder.shared.selector.seqs if method == "hip" else True  # type: ignore[attr-defined]
+
+
+def test_sparse_path_with_everything_selected_matches_dense(tiny_model_dir: str) -> None:
+    """Force the sparse kernel (not the dense fallback) with a selection covering the whole
+    context: logits must match the standard engine's."""
+    eng = _engine(tiny_model_dir, "sparse_attention", {"method": "block_topk", **SMALL})
+    sel = eng.decoder.shared.selector  # type: ignore[attr-defined]
+    sel.geometry = type(sel.geometry)(chunk=4, sink=0, window=4096, top_k=1)
+    sel.prunes = lambda ctx: True  # type: ignore[method-assign]
+    std = _engine(tiny_model_dir)
+    got = _tokens(eng)
+    assert got == _tokens(std)
+    assert eng.get_stats()["decoder"]["sparse_pruned_seq_steps"] > 0
+
+
+def test_hip_refreshes_masks_every_interval(tiny_model_dir: str) -> None:
+    eng = _engine(
+        tiny_model_dir, "sparse_attention", {"method": "hip", "refresh_interval": 4, **SMALL}
+    )
+    eng.add_request("r", PROMPTS[0], GREEDY)
+    refreshes = []
+    while eng.has_unfinished_requests():
+        eng.step()
+        if "sparse_mask_refreshes" in eng.last_stats.decoder:
+            refreshes.append(eng.last_stats.decoder["sparse_mask_refreshes"])
+    # 11 decode steps after the prefill step samples the first token.
+    assert refreshes[:11] == [1, 0, 0, 0] * 2 + [1, 0, 0]
+
+
+def test_composes_with_token_recycling(
+    tiny_model_dir: str, standard_tokens: list[list[int]]
+) -> None:
+    covering = {"sparse_attention": {"top_k": 4096, "dense_layers": 0}}
+    eng = _engine(tiny_model_dir, "token_recycling+sparse_attention", covering)
+    assert _tokens(eng) == standard_tokens
+    assert eng.decoder.name == "token_recycling+sparse_attention"
+    assert {"tree_mask", "attention_backend"} <= eng.decoder.required_features
+    pruned = _engine(
+        tiny_model_dir, "token_recycling+sparse_attention", {"sparse_attention": SMALL}
+    )
+    out = _tokens(pruned)
+    assert all(len(t) == GREEDY.max_tokens for t in out)
+    stats = pruned.get_stats()["decoder"]
+    assert stats["sparse_kv_read_fraction"] < 0.6 and stats["sparse_pruned_seq_steps"] > 0
+
+
+def test_composition_rejects_conflicts_and_bad_options() -> None:
+    with pytest.raises(ValueError, match="both override select"):
+        decoder_options(DecoderSpec("token_recycling+cautious", {}))
+    with pytest.raises(ValueError, match="unknown decoder"):
+        decoder_options(DecoderSpec("sparse_attention+nope", {}))
+    with pytest.raises(ValueError, match="keyed by part"):
+        decoder_options(DecoderSpec("token_recycling+sparse_attention", {"top_k": 3}))
+    with pytest.raises(ValueError, match="twice"):
+        decoder_options(DecoderSpec("sparse_attention+sparse_attention", {}))

@@ -80,6 +80,11 @@ def run_method(
         k: after["decoder"].get(k, 0.0) - before["decoder"].get(k, 0.0)
         for k in ("gates_fired", "trials_spawned", "gates_committed", "committed_tokens")
     }
+    print(
+        f"  {method:<12} seed {seed}: accuracy {correct}/{len(problems)}, {wall:.0f} s",
+        file=sys.stderr,
+        flush=True,
+    )
     return RunResult(
         method=method,
         seed=seed,
@@ -87,7 +92,7 @@ def run_method(
         output_tokens=sum(len(o.outputs[0].token_ids) for o in outs),
         output_forward_tokens=forward,
         wall_s=wall,
-        decoder=decoder if method == "cntp" else {},
+        decoder=decoder if method.startswith("cntp") else {},
     )
 
 
@@ -116,33 +121,45 @@ def summarize(runs: list[RunResult], num_problems: int) -> dict[str, Any]:
             sum(r.decoder["trials_spawned"] for r in runs) / gates if gates else 0.0
         )
         summary["committed_segment_len"] = (
-            sum(r.decoder["committed_tokens"] for r in runs) / committed
-            if committed
-            else 0.0
+            sum(r.decoder["committed_tokens"] for r in runs) / committed if committed else 0.0
         )
     return summary
 
 
+def cntp_name(config: dict[str, Any]) -> str:
+    """The method name of one CNTP configuration: "cntp" for the official defaults."""
+    return "cntp" + (f" {json.dumps(config, separators=(',', ':'))}" if config else "")
+
+
 def accuracy_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    """Greedy, temperature sampling and CNTP on the same problems and seeds."""
+    """Greedy, temperature sampling and each CNTP config on the same problems and seeds."""
     problems = make_problems(args.problems, seed=args.problem_seed)
     seeds = list(range(args.seeds))
     common = {"dtype": args.dtype, "max_num_seqs": args.max_num_seqs}
-    results: dict[str, Any] = {}
     standard = LLM(decoder="standard", **common)
     runs = {"greedy": [run_method(standard, problems, args, "greedy", None)]}
     runs["temperature"] = [run_method(standard, problems, args, "temperature", s) for s in seeds]
     del standard
-    cautious = LLM(decoder="cautious", decoder_config=args.cntp_config, **common)
-    runs["cntp"] = [run_method(cautious, problems, args, "cntp", s) for s in seeds]
-    for method, method_runs in runs.items():
-        results[method] = summarize(method_runs, len(problems))
+    for config in args.cntp_config:
+        name = cntp_name(config)
+        cautious = LLM(decoder="cautious", decoder_config=config, **common)
+        runs[name] = [run_method(cautious, problems, args, name, s) for s in seeds]
+        del cautious
+    results: dict[str, Any] = {m: summarize(r, len(problems)) for m, r in runs.items()}
     base = results["temperature"]
-    cntp = results["cntp"]
-    results["cntp_minus_temperature"] = cntp["accuracy_mean"] - base["accuracy_mean"]
-    results["cntp_forward_cost_ratio"] = (
-        cntp["forward_tokens_per_output_token"] / base["forward_tokens_per_output_token"]
-    )
+    for config in args.cntp_config:
+        name = cntp_name(config)
+        # Paired by seed: both methods see the same problems and per-request seeds.
+        diffs = [
+            c.accuracy - t.accuracy for c, t in zip(runs[name], runs["temperature"], strict=True)
+        ]
+        results[name]["vs_temperature"] = {
+            "accuracy_diff_per_seed": diffs,
+            "accuracy_diff_mean": statistics.fmean(diffs),
+            "accuracy_diff_std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+            "forward_cost_ratio": results[name]["forward_tokens_per_output_token"]
+            / base["forward_tokens_per_output_token"],
+        }
     return results
 
 
@@ -155,7 +172,7 @@ def throughput_benchmark(args: argparse.Namespace) -> dict[str, Any] | str:
         return f"skipped: slipstream bench is not importable ({exc})"
     spec = ServeSpec(
         decoders=("standard", "cautious"),
-        decoder_configs={"cautious": json.dumps(args.cntp_config)},
+        decoder_configs={"cautious": json.dumps(args.cntp_config[0])},
         serve_args=("--dtype", args.dtype),
     )
     table: dict[str, Any] = {}
@@ -183,22 +200,24 @@ def throughput_benchmark(args: argparse.Namespace) -> dict[str, Any] | str:
 
 
 def _print_accuracy(results: dict[str, Any]) -> None:
-    print(f"{'method':<12} {'acc mean':>8} {'std':>6} {'range':>13} {'fwd/ans':>8} {'fwd/tok':>7}")
-    for method in ("greedy", "temperature", "cntp"):
-        r = results[method]
+    print(f"{'method':<34} {'acc':>6} {'std':>6} {'range':>13} {'fwd/ans':>8} {'fwd/tok':>7}")
+    for method, r in results.items():
         lo, hi = r["accuracy_range"]
         print(
-            f"{method:<12} {r['accuracy_mean']:>8.3f} {r['accuracy_std']:>6.3f} "
+            f"{method:<34} {r['accuracy_mean']:>6.3f} {r['accuracy_std']:>6.3f} "
             f"{lo:>6.3f}-{hi:<6.3f} {r['forward_tokens_per_answer']:>8.1f} "
             f"{r['forward_tokens_per_output_token']:>7.2f}"
         )
-    c = results["cntp"]
-    print(
-        f"CNTP: {c['gates_per_answer']:.1f} gates/answer, {c['trials_per_gate']:.1f} trials/gate, "
-        f"segment {c['committed_segment_len']:.1f} tokens; accuracy "
-        f"{results['cntp_minus_temperature']:+.3f} vs temperature at "
-        f"{results['cntp_forward_cost_ratio']:.2f}x its forward tokens per output token"
-    )
+    for method, r in results.items():
+        if "vs_temperature" not in r:
+            continue
+        v = r["vs_temperature"]
+        print(
+            f"{method}: {r['gates_per_answer']:.1f} gates/answer, {r['trials_per_gate']:.1f} "
+            f"trials/gate, segment {r['committed_segment_len']:.1f} tokens; accuracy "
+            f"{v['accuracy_diff_mean']:+.3f} (paired std {v['accuracy_diff_std']:.3f}) vs "
+            f"temperature at {v['forward_cost_ratio']:.2f}x its forward tokens per output token"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,7 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument(
-        "--cntp-config", type=json.loads, default={}, help="cautious options, JSON ({} = official)"
+        "--cntp-config",
+        type=json.loads,
+        action="append",
+        help="cautious options as JSON, repeatable (default: {} = the official settings); "
+        "the served run uses the first",
     )
     p.add_argument("--no-serve", action="store_true", help="skip the served-throughput part")
     p.add_argument("--concurrencies", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
@@ -221,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--result-dir", default="bench-results/cautious")
     p.add_argument("--out", help="write all numbers as JSON here")
     args = p.parse_args(argv)
+    args.cntp_config = args.cntp_config or [{}]
     report: dict[str, Any] = {"args": {k: v for k, v in vars(args).items() if k != "out"}}
     report["accuracy"] = accuracy_benchmark(args)
     _print_accuracy(report["accuracy"])

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 from slipstream.backends.base import EngineDeadError, GenerateRequest, ModelInfo
 from slipstream.config import EngineConfig
 from slipstream.engine.async_engine import AsyncLLMEngine
 from slipstream.engine.engine import LLMEngine
+from slipstream.engine.models.default_model import DEFAULT_MODEL_NAME
 from slipstream.engine.outputs import RequestOutput, StepStats
+
+
+def served_name(path: str, requested: str | None) -> str:
+    """The default model's own name, else the folder or file name the user gave."""
+    if requested is None:
+        return DEFAULT_MODEL_NAME
+    return Path(requested.rstrip("/")).name or path
 
 
 class NativeEngineClient:
@@ -24,7 +33,7 @@ class NativeEngineClient:
         """The served model (available after start)."""
         engine = self._engine()
         return ModelInfo(
-            name=engine.loaded.path,
+            name=served_name(engine.loaded.path, self.config.model.model),
             max_model_len=engine.max_model_len,
             vocab_size=engine.loaded.arch.vocab_size,
             decoder=self.config.decoder.name,

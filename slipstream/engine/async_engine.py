@@ -140,7 +140,8 @@ class AsyncLLMEngine:
         assert engine is not None
         try:
             while not self._stopping:
-                self._drain_commands(engine)
+                if self._drain_commands(engine) and not engine.has_unfinished_requests():
+                    self._notify(engine.idle_stats())
                 if not engine.has_unfinished_requests():
                     self._wake.wait(_IDLE_WAIT_S)
                     self._wake.clear()
@@ -152,14 +153,16 @@ class AsyncLLMEngine:
         finally:
             self._fail_all(EngineDeadError("the engine stopped"))
 
-    def _drain_commands(self, engine: LLMEngine) -> None:
+    def _drain_commands(self, engine: LLMEngine) -> bool:
+        """Apply queued adds and aborts; True if anything was aborted."""
+        aborted = False
         while True:
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
-                return
+                return aborted
             if cmd is None:
-                return
+                return aborted
             if isinstance(cmd, _Add):
                 with self._lock:
                     self._pending_adds -= 1
@@ -176,7 +179,7 @@ class AsyncLLMEngine:
                     continue
                 self._sinks[cmd.request_id] = cmd.sink
             else:
-                engine.abort_request(cmd.request_id)
+                aborted |= engine.abort_request(cmd.request_id) is not None
                 self._sinks.pop(cmd.request_id, None)
 
     def _step(self, engine: LLMEngine) -> None:
@@ -196,9 +199,12 @@ class AsyncLLMEngine:
                 sink(out)
                 if out.finished:
                     del self._sinks[out.request_id]
+        self._notify(engine.last_stats)
+
+    def _notify(self, stats: StepStats) -> None:
         for listener in self._listeners:
             try:
-                listener(engine.last_stats)
+                listener(stats)
             except Exception:
                 logger.exception("stats listener failed")
 

@@ -272,6 +272,14 @@ class LLMEngine:
             outputs.append(self.outputs.make_output(state))
         return outputs
 
+    def idle_stats(self) -> StepStats:
+        """Gauges only (no step ran): what listeners need after aborts empty the engine."""
+        return StepStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.block_manager.usage,
+        )
+
     def _accumulate(self, stats: StepStats) -> None:
         self.num_steps += 1
         t = self.totals

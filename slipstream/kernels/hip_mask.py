@@ -66,12 +66,13 @@ def _search(
     dev = region_start.device
     size = (region_end - region_start).clamp(min=0)  # [B]
     i = torch.arange(num_select + 1, device=dev)
-    bounds = (i.view(1, -1) * size.view(-1, 1)) // num_select  # [B, K + 1] equal split
+    bounds = torch.div(i.view(1, -1) * size.view(-1, 1), num_select, rounding_mode="floor")
     ns = bounds[:, :-1].unsqueeze(1).expand(num_seqs, num_kv_heads, num_select).contiguous()
     ne = bounds[:, 1:].unsqueeze(1).expand(num_seqs, num_kv_heads, num_select).contiguous()
     largest = max(1, -(-int(size.max().item()) // num_select)) if num_seqs else 1
     for _ in range(math.ceil(math.log2(largest))):
-        mid = ns + (ne - ns + 1) // 2
+        # torch.div, not //: Tensor.__floordiv__ goes through a slow Python wrapper.
+        mid = ns + torch.div(ne - ns + 1, 2, rounding_mode="floor")
         cs = torch.cat([ns, mid], -1)  # [B, H, 2K]
         ce = torch.cat([mid, ne], -1)
         s = score(cs, ce)
@@ -92,9 +93,10 @@ def _key_index(
 ) -> torch.Tensor:  # [num_seqs, num_kv_heads, n] rows of k_cache.view(-1, head_dim)
     """Row of each (position, kv head) in the flattened cache."""
     b, h, n = pos.shape
-    pages = torch.gather(block_tables.long(), 1, (pos // block_size).view(b, -1)).view(b, h, n)
+    page_idx = torch.div(pos, block_size, rounding_mode="floor").view(b, -1)
+    pages = torch.gather(block_tables.long(), 1, page_idx).view(b, h, n)
     heads = torch.arange(num_kv_heads, device=pos.device).view(1, -1, 1)
-    return (pages * block_size + pos % block_size) * num_kv_heads + heads
+    return (pages * block_size + torch.remainder(pos, block_size)) * num_kv_heads + heads
 
 
 def hip_mask_ref(
@@ -116,7 +118,8 @@ def hip_mask_ref(
 
     def score(cs: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
         # Empty children (scored -inf by _search) read block 0 instead of past the region.
-        centre = torch.where(ce > cs, base + cs + (ce - cs) // 2, 0)  # [B, H, 2K]
+        half = torch.div(ce - cs, 2, rounding_mode="floor")
+        centre = torch.where(ce > cs, base + cs + half, 0)  # [B, H, 2K]
         pos = (centre.unsqueeze(-1) * block_k + within).flatten(2)  # [B, H, 2K * b_k]
         rows = _key_index(block_tables, pos, block_size, num_kv_heads)
         keys = flat.index_select(0, rows.flatten()).view(*rows.shape, head_dim).float()

@@ -147,9 +147,11 @@ def _decode(
     valid = (pos >= 0) & (pos < ctx)
     pos = torch.cat([pos.clamp(min=0).minimum(ctx), ctx.expand(nb, num_kv_heads, 1)], -1)
     valid = torch.cat([valid, torch.ones_like(valid[:, :, :1])], -1)  # [B, H, N]
-    pages = torch.gather(tables.long(), 1, (pos // block_size).view(nb, -1)).view(pos.shape)
+    # torch.div/remainder, not // and %: Tensor.__floordiv__ adds a slow Python wrapper.
+    page_idx = torch.div(pos, block_size, rounding_mode="floor").view(nb, -1)
+    pages = torch.gather(tables.long(), 1, page_idx).view(pos.shape)
     heads = torch.arange(num_kv_heads, device=dev).view(1, -1, 1)
-    flat = ((pages * block_size + pos % block_size) * num_kv_heads + heads).view(-1)
+    flat = ((pages * block_size + torch.remainder(pos, block_size)) * num_kv_heads + heads).view(-1)
     k = k_cache.view(-1, head_dim).index_select(0, flat).view(*pos.shape, head_dim)
     v = v_cache.view(-1, head_dim).index_select(0, flat).view(*pos.shape, head_dim)
     if nb == q.shape[0]:

@@ -18,6 +18,7 @@ DEGENERATE: dict[str, dict[str, Any]] = {
     "standard": {},
     "ngram": {"prompt_lookup_min": 1, "prompt_lookup_max": 3},
     "token_recycling": {"adaptive": False},
+    "cautious": {"gate_entropy": float("inf")},
 }
 
 PROMPTS = [[11, 42, 7, 99, 123, 5] * 3, [5, 6, 7, 8] * 4, [100, 200, 300], [9]]

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -44,7 +46,9 @@ def _ctx(
     )
 
 
-def _engine(model_dir: str, decoder: str = "standard", options: dict | None = None) -> LLMEngine:  # type: ignore[type-arg]
+def _engine(
+    model_dir: str, decoder: str = "standard", options: dict[str, Any] | None = None
+) -> LLMEngine:
     return LLMEngine(
         tiny_engine_config(
             model_dir, decoder=decoder, decoder_options=options, block_size=4, num_blocks=512
@@ -170,7 +174,7 @@ def test_sparse_path_with_everything_selected_matches_dense(tiny_model_dir: str)
     eng = _engine(tiny_model_dir, "sparse_attention", {"method": "block_topk", **SMALL})
     sel = eng.decoder.shared.selector  # type: ignore[attr-defined]
     sel.geometry = type(sel.geometry)(chunk=4, sink=0, window=4096, top_k=1)
-    sel.prunes = lambda ctx: True  # type: ignore[method-assign]
+    sel.prunes = lambda ctx: True
     std = _engine(tiny_model_dir)
     got = _tokens(eng)
     assert got == _tokens(std)

@@ -49,18 +49,18 @@ def _batch(
 
 def _random_chunks(lens: list[int], num_q: list[int], kv_heads: int, chunk: int) -> torch.Tensor:
     """Each (seq, kv head) keeps a random half of its cached chunks, shuffled, -1 padded."""
-    rows = []
+    rows: list[list[list[int]]] = []
     for seq_len, n in zip(lens, num_q, strict=True):
         total = -(-(seq_len - n) // chunk)
-        heads = []
+        per_head: list[list[int]] = []
         for _ in range(kv_heads):
-            keep = torch.randperm(total)[: max(1, total // 2)] if total else torch.empty(0)
-            heads.append(keep.long().tolist())
-        rows.append(heads)
+            perm = torch.randperm(total)[: max(1, total // 2)] if total else torch.empty(0)
+            per_head.append(perm.long().tolist())
+        rows.append(per_head)
     width = max(len(h) for r in rows for h in r) + 2
     out = torch.full((len(lens), kv_heads, width), -1, dtype=torch.long)
-    for b, heads in enumerate(rows):
-        for h, keep in enumerate(heads):
+    for b, per_head in enumerate(rows):
+        for h, keep in enumerate(per_head):
             out[b, h, : len(keep)] = torch.tensor(keep, dtype=torch.long)
     return out
 
@@ -167,10 +167,12 @@ def test_all_chunks_selected_equals_paged_attention(
     chunks = torch.arange(width).expand(len(lens), 2, width).contiguous()
     tree = _tree(num_q) if is_tree else None
     dense = paged_attention_ref(
-        *(
-            batch[k]
-            for k in ("q", "k_cache", "v_cache", "block_tables", "query_start_loc", "seq_lens")
-        ),
+        batch["q"],
+        batch["k_cache"],
+        batch["v_cache"],
+        batch["block_tables"],
+        batch["query_start_loc"],
+        batch["seq_lens"],
         SCALE,
         tree,
     )

@@ -75,9 +75,8 @@ def test_tiny_model_end_to_end(tiny_model_dir: str) -> None:
 def test_default_model_knows_the_capital_of_france() -> None:
     from slipstream.config import EngineConfig, ModelConfig
 
-    # float32: on CPUs with native bf16, dtype "auto" picks bfloat16, which (for now) derails
-    # this 135M model into "L'Étoile, la Marseillaise, ..." instead of "Paris".
-    engine = _native(EngineConfig(model=ModelConfig(device="cpu", dtype="float32")))
+    # The default dtype: bfloat16 on CPUs with native bf16 (with a float32 residual stream).
+    engine = _native(EngineConfig(model=ModelConfig(device="cpu")))
     # The first start converts the GGUF file into a cached HF folder (tens of seconds).
     with live_server(engine, ready_timeout=600) as srv:  # type: ignore[arg-type]
         client = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0, timeout=120)

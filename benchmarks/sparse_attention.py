@@ -1,0 +1,399 @@
+"""Sparse attention (HiP, block top-k) vs dense on the default model, plus GPU kernel timing.
+
+Papers: HiP (Lee et al., arXiv 2406.09827), Kinetics block top-k (Sadhukhan et al., arXiv
+2506.05333). Measures, side by side in one invocation:
+  speed      decode tok/s at 2k/4k/8k tokens of context, and the fraction of KV read
+  needles    retrieval of "The secret number is NNNN." planted at varying depths of a
+             haystack of English sentences (1k-4k tokens), asked for via the chat template
+  ppl        perplexity of long real text (the GPL/GFDL/Apache licence texts shipped in
+             /usr/share/common-licenses), the last tokens teacher-forced one decode step
+             at a time so that sparse attention applies
+  kernel     (CUDA only) sparse paged decode attention + selection vs dense SDPA (flash) at
+             32k and 128k on random data
+Configs: standard (dense), each method with its defaults, and each method at a quarter of
+the context ("q": sink + window + top_k = context / 4).
+
+Short validation run (busy CPU):
+  python benchmarks/sparse_attention.py --contexts 2048 --decode-tokens 8 \\
+      --needle-lengths 1024 --needles 3 --ppl-prefix 1024 --ppl-tokens 16
+Full run (quiet machine): python benchmarks/sparse_attention.py --out sparse.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SUBJECTS = [
+    "The old lighthouse keeper",
+    "A young botanist from the valley",
+    "The committee on public transport",
+    "Our neighbour's grey cat",
+    "The river ferry",
+    "A travelling string quartet",
+    "The village baker",
+    "An engineer at the water plant",
+    "The museum's night guard",
+    "A group of students",
+    "The regional newspaper",
+    "The morning train to the coast",
+]
+VERBS = [
+    "walked slowly past",
+    "wrote a long letter about",
+    "argued for an hour over",
+    "took a photograph of",
+    "forgot all about",
+    "quietly repaired",
+    "spent the afternoon near",
+    "read a short report on",
+    "painted a picture of",
+    "asked several questions about",
+]
+OBJECTS = [
+    "the stone bridge over the canal",
+    "the new library on the hill",
+    "the orchard behind the school",
+    "a broken clock in the market square",
+    "the harbour at low tide",
+    "the winter timetable",
+    "an abandoned windmill",
+    "the garden of the town hall",
+    "a map of the northern islands",
+    "the price of fresh bread",
+]
+TAILS = [
+    "before the rain started.",
+    "while the bells rang at noon.",
+    "and nobody seemed to mind.",
+    "because it had been a quiet week.",
+    "although the wind was cold.",
+    "as the fog lifted from the fields.",
+    "and then went home for supper.",
+    "just as the shops were closing.",
+]
+LICENCES = ("GPL-3", "GFDL-1.3", "Apache-2.0", "GPL-2", "LGPL-3", "MPL-2.0")
+QUESTION = "What is the secret number in the text above? Answer with the number only."
+
+
+def haystack(rng: random.Random, num_sentences: int) -> list[str]:
+    """English sentences from templates (varied enough that no sentence stands out)."""
+    return [
+        f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(TAILS)}"
+        for _ in range(num_sentences)
+    ]
+
+
+def needle_prompt(
+    tokenizer: Any, rng: random.Random, length: int, depth: float
+) -> tuple[list[int], str]:
+    """Chat prompt of ~length tokens with the needle at `depth` (0..1); returns (ids, answer)."""
+    from slipstream.engine.tokenizer import apply_chat_template
+
+    answer = str(rng.randrange(1000, 10000))
+    sentences = haystack(rng, length // 10 + 50)
+    ids: list[int] = []
+    text: list[str] = []
+    for s in sentences:  # trim to the token budget
+        text.append(s)
+        ids = tokenizer.encode(" ".join(text), add_special_tokens=False)
+        if len(ids) >= length - 60:
+            break
+    text.insert(int(depth * len(text)), f"The secret number is {answer}.")
+    messages = [{"role": "user", "content": " ".join(text) + "\n\n" + QUESTION}]
+    return apply_chat_template(tokenizer, messages), answer
+
+
+def real_text() -> str:
+    """Long real English text: licence texts if the OS ships them, else the haystack."""
+    root = Path("/usr/share/common-licenses")
+    parts = [(root / n).read_text() for n in LICENCES if (root / n).exists()]
+    if parts:
+        return "\n\n".join(parts)
+    return " ".join(haystack(random.Random(1), 3000))
+
+
+def make_llm(config: tuple[str, dict[str, Any]], max_len: int) -> Any:
+    """A bfloat16 LLM with the decoder config (prefix caching off: every run prefills)."""
+    from slipstream import LLM
+
+    name, options = config
+    return LLM(
+        dtype="bfloat16",
+        decoder=name,
+        decoder_config=options,
+        max_model_len=max_len,
+        max_num_batched_tokens=2048,
+        enable_prefix_caching=False,
+    )
+
+
+def configs(context: int, names: list[str]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Named decoder configs; 'q' variants keep sink + window + top_k = context / 4."""
+    quarter = context // 4
+    out: dict[str, tuple[str, dict[str, Any]]] = {
+        "dense": ("standard", {}),
+        "hip": ("sparse_attention", {"method": "hip"}),
+        "block_topk": ("sparse_attention", {"method": "block_topk"}),
+        "hip_q": (
+            "sparse_attention",
+            {
+                "method": "hip",
+                "sink": 16,
+                "window": quarter // 4,
+                "top_k": quarter - 16 - quarter // 4,
+            },
+        ),
+        "block_topk_q": (
+            "sparse_attention",
+            {
+                "method": "block_topk",
+                "sink": 4,
+                "window": quarter // 4,
+                "top_k_pages": max(1, (quarter - 16 - quarter // 4 - 16) // 16),
+            },
+        ),
+    }
+    return {n: out[n] for n in names}
+
+
+def decode_speed(llm: Any, prompt: list[int], num_tokens: int) -> tuple[float, dict[str, float]]:
+    """(decode tok/s after the prefill, decoder stats) for one greedy request."""
+    from slipstream.engine.sampling_params import SamplingParams
+
+    eng = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=num_tokens + 1, ignore_eos=True)
+    eng.add_request("speed", prompt, params)
+    while all(s.num_output_tokens == 0 for s in eng.seqs.values()):
+        eng.step()
+    start, steps = time.perf_counter(), 0
+    while eng.has_unfinished_requests():
+        eng.step()
+        steps += 1
+    return steps / (time.perf_counter() - start), dict(eng.get_stats().get("decoder", {}))
+
+
+def retrieval(llm: Any, prompts: list[tuple[list[int], str]]) -> tuple[int, list[str]]:
+    """Needles found (the answer's digits appear in the reply) and the replies."""
+    from slipstream.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    outs = llm.generate([p for p, _ in prompts], params)
+    replies = [o.outputs[0].text for o in outs]
+    found = sum(ans in re.sub(r"\D", "", r) for r, (_, ans) in zip(replies, prompts, strict=True))
+    return found, replies
+
+
+def teacher_forced_nll(llm: Any, tokens: list[int], prefix: int, count: int) -> float:
+    """Mean NLL of tokens[prefix:prefix+count], each predicted by a one-token decode step."""
+    from slipstream.decoding.base import SeqInputs, StepInputs
+    from slipstream.engine.batch import Batch, ScheduledSeq
+    from slipstream.engine.sampling_params import SamplingParams
+    from slipstream.engine.sequence import Sequence
+
+    eng = llm.engine
+    seq = Sequence(10**9, "ppl", tokens[:prefix], SamplingParams(max_tokens=1), 0.0)
+    assert eng.block_manager.allocate_slots(seq, prefix)
+    logits = eng.runner.forward(
+        Batch([ScheduledSeq(seq, prefix)]),
+        StepInputs([SeqInputs(tokens[:prefix], list(range(prefix)), logits_indices=[prefix - 1])]),
+    ).values
+    seq.num_computed_tokens = prefix
+    nll = 0.0
+    for pos in range(prefix, prefix + count):
+        target = tokens[pos]
+        nll -= torch.log_softmax(logits[-1].float(), -1)[target].item()
+        seq.token_ids.append(target)
+        assert eng.block_manager.allocate_slots(seq, 1)
+        logits = eng.runner.forward(
+            Batch([ScheduledSeq(seq, 1)]),
+            StepInputs([SeqInputs([target], [pos], logits_indices=[0])]),
+        ).values
+        seq.num_computed_tokens += 1
+    eng.block_manager.free(seq)
+    eng.decoder.on_finish(seq)
+    return nll / count
+
+
+def kernel_times(contexts: list[int], batch: int) -> list[dict[str, Any]]:
+    """CUDA: dense SDPA (flash) vs selection + sparse paged decode attention, random data."""
+    rows = []
+    for ctx in contexts:
+        rows.append(_kernel_row(ctx, batch))
+        print(json.dumps(rows[-1]), flush=True)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _kernel_row(ctx: int, batch: int) -> dict[str, Any]:
+    """One context length: Llama-3-8B attention shapes (32 heads, 8 KV heads, dim 128)."""
+    import torch.nn.functional as F
+    import triton.testing
+
+    from slipstream.kernels.hip_mask import hip_mask
+    from slipstream.kernels.paged_attention import paged_attention_triton
+    from slipstream.kernels.sparse_paged_attention import sparse_paged_attention
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    heads, kv_heads, dim, page = 32, 8, 128, 16
+    pages = ctx // page
+    k_cache = torch.randn(batch * pages, page, kv_heads, dim, device=dev, dtype=dt)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.arange(batch * pages, device=dev, dtype=torch.int32).view(batch, pages)
+    q = torch.randn(batch, heads, dim, device=dev, dtype=dt)
+    qsl = torch.arange(batch + 1, device=dev, dtype=torch.int32)
+    lens = torch.full((batch,), ctx, device=dev, dtype=torch.int32)
+    # Contiguous [B, kv_heads, ctx, dim] copies for SDPA (flash reads GQA heads directly).
+    kd = k_cache.view(batch, ctx, kv_heads, dim).transpose(1, 2).contiguous()
+    vd = v_cache.view(batch, ctx, kv_heads, dim).transpose(1, 2).contiguous()
+    qd = q.unsqueeze(2)  # [B, heads, 1, dim]
+    dense = triton.testing.do_bench(
+        lambda: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True)
+    )
+    dense_paged = triton.testing.do_bench(
+        lambda: paged_attention_triton(q, k_cache, v_cache, tables, qsl, lens, dim**-0.5)
+    )
+    # Block top-k: 64 pages (Kinetics' benchmark budget) + sink page + 4 window pages.
+    means = k_cache.float().mean(1).view(batch, pages, kv_heads, dim)
+    fixed = torch.tensor([0, *range(pages - 4, pages)], device=dev).expand(batch, kv_heads, 5)
+
+    def topk_step() -> torch.Tensor:
+        qm = q.view(batch, kv_heads, -1, dim).float().mean(2)
+        s = torch.einsum("bhd,bphd->bhp", qm, means)
+        top = torch.topk(s[:, :, 1 : pages - 4], 64, dim=-1).indices + 1
+        chunks = torch.cat([top, fixed], -1)
+        return sparse_paged_attention(
+            q, k_cache, v_cache, tables, qsl, lens, chunks, page, dim**-0.5
+        )
+
+    block_topk = triton.testing.do_bench(topk_step)
+    # HiP (k=512 in b_k=2 blocks, 256-token window), mask reused 8 steps: attention + 1/8
+    # of a search.
+    blocks = (torch.arange(256, device=dev) * 3).expand(batch, kv_heads, 256)
+    window = torch.arange(ctx // 2 - 128, ctx // 2, device=dev).expand(batch, kv_heads, 128)
+    hip_chunks = torch.cat([blocks, window], -1)
+    hip_attn = triton.testing.do_bench(
+        lambda: sparse_paged_attention(
+            q, k_cache, v_cache, tables, qsl, lens, hip_chunks, 2, dim**-0.5
+        )
+    )
+    start = torch.full((batch,), 8, device=dev)
+    end = torch.full((batch,), ctx // 2 - 128, device=dev)
+    search = triton.testing.do_bench(lambda: hip_mask(q, k_cache, tables, qsl, start, end, 256, 2))
+    hip = hip_attn + search / 8
+    return {
+        "context": ctx,
+        "batch": batch,
+        "dense_sdpa_ms": dense,
+        "dense_paged_triton_ms": dense_paged,
+        "block_topk_ms": block_topk,
+        "hip_attention_ms": hip_attn,
+        "hip_search_ms": search,
+        "hip_ms_refresh8": hip,
+        "speedup_block_topk_vs_sdpa": dense / block_topk,
+        "speedup_hip_vs_sdpa": dense / hip,
+    }
+
+
+def main() -> None:
+    """Run the selected parts and print/save one JSON report."""
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--contexts", default="2048,4096,8192", help="speed: context lengths")
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--needle-lengths", default="1024,2048,4096")
+    ap.add_argument("--needles", type=int, default=5, help="needles per length (depths spread)")
+    ap.add_argument("--ppl-prefix", type=int, default=4096)
+    ap.add_argument("--ppl-tokens", type=int, default=128)
+    ap.add_argument("--configs", default="dense,hip,block_topk,hip_q,block_topk_q")
+    ap.add_argument("--parts", default="speed,needles,ppl,kernel")
+    ap.add_argument("--kernel-contexts", default="32768,131072")
+    ap.add_argument("--kernel-batch", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    parts = set(args.parts.split(","))
+    names = args.configs.split(",")
+    report: dict[str, Any] = {"device": "cuda" if torch.cuda.is_available() else "cpu"}
+
+    if "speed" in parts:
+        rows: list[dict[str, Any]] = []
+        for ctx in map(int, args.contexts.split(",")):
+            for name, cfg in configs(ctx, names).items():
+                llm = make_llm(cfg, ctx + args.decode_tokens + 64)
+                text_ids = llm.tokenizer.encode(real_text() * 3, add_special_tokens=False)
+                tps, stats = decode_speed(llm, text_ids[:ctx], args.decode_tokens)
+                rows.append({"context": ctx, "config": name, "decode_tok_s": tps, **stats})
+                print(json.dumps(rows[-1]), flush=True)
+            dense = [
+                r["decode_tok_s"] for r in rows if r["context"] == ctx and r["config"] == "dense"
+            ]
+            for r in rows:
+                if r["context"] == ctx and dense:
+                    r["speedup_vs_dense"] = float(r["decode_tok_s"]) / float(dense[0])
+        report["speed"] = rows
+
+    if "needles" in parts:
+        rows = []
+        lengths = list(map(int, args.needle_lengths.split(",")))
+        for name in names:
+            llm = None
+            for length in lengths:
+                cfg = configs(length, names)[name]
+                llm = make_llm(cfg, 8192)
+                rng = random.Random(length)
+                depths = [(i + 0.5) / args.needles for i in range(args.needles)]
+                prompts = [needle_prompt(llm.tokenizer, rng, length, d) for d in depths]
+                found, replies = retrieval(llm, prompts)
+                stats = llm.engine.get_stats().get("decoder", {})
+                rows.append(
+                    {
+                        "config": name,
+                        "length": length,
+                        "found": found,
+                        "total": len(prompts),
+                        "kv_read": stats.get("sparse_kv_read_fraction", 1.0),
+                        "replies": replies,
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+        report["needles"] = rows
+
+    if "ppl" in parts:
+        rows = []
+        for name, cfg in configs(args.ppl_prefix, names).items():
+            llm = make_llm(cfg, 8192)
+            tokens = llm.tokenizer.encode(real_text(), add_special_tokens=False)
+            nll = teacher_forced_nll(llm, tokens, args.ppl_prefix, args.ppl_tokens)
+            rows.append(
+                {
+                    "config": name,
+                    "prefix": args.ppl_prefix,
+                    "tokens": args.ppl_tokens,
+                    "ppl": float(torch.tensor(nll).exp()),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+        report["ppl"] = rows
+
+    if "kernel" in parts and torch.cuda.is_available():
+        report["kernel"] = kernel_times(
+            list(map(int, args.kernel_contexts.split(","))), args.kernel_batch
+        )
+
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -5,8 +5,8 @@ benchmark gets as many uncontaminated problems as it needs, reproducibly.
 
 Example:
     make_problems(1, seed=0)[0]
-    -> ArithProblem(question="Maya has 7 marbles. She buys 5 more marbles. Then she gives
-       3 marbles to Omar. How many marbles does Maya have now?", answer=9)
+    -> ArithProblem(question="Zoe has 4 stamps. Then she triples the number of stamps she
+       has. Then she loses 8 stamps. How many stamps does Zoe have now?", answer=4)
 """
 
 from __future__ import annotations

@@ -370,3 +370,18 @@ def test_abort_during_trials_frees_everything(tiny_model_dir: str) -> None:
     eng.abort_request("a")
     assert eng.block_manager.num_free_blocks == free0 and not eng.seqs
     assert not decoder._groups and not decoder._trial_group
+
+
+# ------------------------------------------------------------------ benchmark problems
+def test_arith_problems_are_reproducible_and_parseable() -> None:
+    from slipstream.testing.arith_problems import extract_answer, make_problems
+
+    problems = make_problems(50, seed=0)
+    assert problems == make_problems(50, seed=0) and problems != make_problems(50, seed=1)
+    assert problems[0].question.startswith("Zoe has 4 stamps.") and problems[0].answer == 4
+    assert all(p.answer >= 0 and p.question.endswith("now?") for p in problems)
+    assert len({p.question for p in problems}) == 50
+    assert extract_answer("3 + 4 = 7. The answer is 7.") == 7
+    assert extract_answer("so **Answer: 1,024**") == 1024
+    assert extract_answer("she has 12 left") == 12
+    assert extract_answer("no idea") is None

@@ -19,6 +19,8 @@ DEGENERATE: dict[str, dict[str, Any]] = {
     "ngram": {"prompt_lookup_min": 1, "prompt_lookup_max": 3},
     "token_recycling": {"adaptive": False},
     "cautious": {"gate_entropy": float("inf")},
+    # A budget covering the context (and no dense layers, so the sparse backend runs).
+    "sparse_attention": {"top_k": 1 << 20, "dense_layers": 0},
 }
 
 PROMPTS = [[11, 42, 7, 99, 123, 5] * 3, [5, 6, 7, 8] * 4, [100, 200, 300], [9]]

@@ -10,13 +10,15 @@ the same random streams. Reported per method: accuracy per seed, mean, standard 
 and range over seeds; forward tokens per answer and per output token (cost); for CNTP the
 gates fired per answer, trials per gate and committed segment length.
 
-Throughput: `slipstream bench decoders` starts `slipstream serve` per decoder and runs the
-same workload at each concurrency (default 1 and 8); skipped with a message when the
-serving or bench modules are missing.
+Throughput: `slipstream bench decoders` starts `slipstream serve` per decoder (standard, and
+cautious with the first --cntp-config) and runs the builtin workload at T 0.7 (bench has no
+top-p flag) at each concurrency (default 1 and 8); skipped with a message when the serving
+or bench modules are missing or a server does not start.
 
 Usage:
     python benchmarks/cautious.py                              # 200 problems x 5 seeds
     python benchmarks/cautious.py --problems 16 --seeds 1 --no-serve   # a quick check
+    python benchmarks/cautious.py --cntp-config '{}' --cntp-config '{"max_trials": 3}'
 """
 
 from __future__ import annotations
@@ -238,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         help="cautious options as JSON, repeatable (default: {} = the official settings); "
         "the served run uses the first",
     )
+    p.add_argument("--no-accuracy", action="store_true", help="only the served throughput")
     p.add_argument("--no-serve", action="store_true", help="skip the served-throughput part")
     p.add_argument("--concurrencies", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
     p.add_argument("--serve-prompts", type=int, default=32)
@@ -246,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.cntp_config = args.cntp_config or [{}]
     report: dict[str, Any] = {"args": {k: v for k, v in vars(args).items() if k != "out"}}
-    report["accuracy"] = accuracy_benchmark(args)
-    _print_accuracy(report["accuracy"])
+    if not args.no_accuracy:
+        report["accuracy"] = accuracy_benchmark(args)
+        _print_accuracy(report["accuracy"])
     if not args.no_serve:
         report["throughput"] = throughput_benchmark(args)
         print(json.dumps(report["throughput"], indent=2))

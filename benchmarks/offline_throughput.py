@@ -44,21 +44,17 @@ def measure_bandwidth_gbs(size_mib: int = 512, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / best / 1e9
 
 
-def weight_bytes_per_token(model: Any) -> int:
-    """Bytes of parameters read for one decode step (tied embeddings read once, as lm_head)."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if p.data_ptr() in seen:
-            continue
-        seen.add(p.data_ptr())
-        total += p.numel() * p.element_size()
-    embed = getattr(model, "embed_tokens", None)
-    tied = getattr(model, "lm_head", None) is None
-    if embed is not None and not tied:
-        # the input embedding is a gather of one row, not a full read
-        total -= embed.weight.numel() * embed.weight.element_size()
-    return total
+def weight_bytes_per_token(arch: Any, dtype: torch.dtype) -> int:
+    """Bytes of weights one decode step reads: every projection once plus the LM head.
+
+    Computed from the config because packed weights are not nn.Parameters any more; the
+    input embedding is a gather of one row, so it is not counted (tied or not).
+    """
+    elem = torch.empty((), dtype=dtype).element_size()
+    h, inter = arch.hidden_size, arch.intermediate_size
+    q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
+    per_layer = h * (q + 2 * kv) + q * h + 2 * h * inter + inter * h
+    return (arch.num_hidden_layers * per_layer + arch.vocab_size * h) * elem
 
 
 def slipstream_batch1(llm: Any, prompt_ids: list[int], tokens: int, runs: int) -> list[float]:
@@ -182,7 +178,7 @@ def main() -> None:
     result["batch1_slipstream_tok_s"] = statistics.median(rates)
     result["batch1_slipstream_runs"] = rates
     bandwidth = measure_bandwidth_gbs()
-    weights = weight_bytes_per_token(llm.engine.loaded.model)
+    weights = weight_bytes_per_token(llm.engine.loaded.arch, llm.engine.loaded.dtype)
     result["copy_bandwidth_gb_s"] = bandwidth
     result["weight_bytes_per_token"] = weights
     result["roofline_tok_s"] = bandwidth * 1e9 / weights

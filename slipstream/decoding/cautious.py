@@ -27,6 +27,11 @@ Deliberate differences from the official code (research-decoders.md section 3):
   trial per gate holds KV; the winner (lowest perplexity, earliest trial on ties) is the
   same as comparing all at the end.
 - Punctuation is found by decoding the vocabulary (see punctuation.py).
+- Stop strings are not checked inside a trial; the output processor cuts the committed
+  segment at one as it would any tokens.
+
+Engine capability used: Sequence.paused (the scheduler skips the sequence but it keeps its
+KV), so a parent and a finished trial wait without being fed.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ class PagedAttentionBackend:
         scale: float,
     ) -> torch.Tensor:
         """Store, then attend over everything the sequence has."""
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping, meta.scratch)
         return paged_attention(
             q,
             k_cache,
@@ -82,4 +82,5 @@ class PagedAttentionBackend:
             meta.seq_lens,
             scale,
             meta.tree_mask,
+            meta.scratch,
         )

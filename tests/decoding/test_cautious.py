@@ -385,3 +385,23 @@ def test_arith_problems_are_reproducible_and_parseable() -> None:
     assert extract_answer("so **Answer: 1,024**") == 1024
     assert extract_answer("she has 12 left") == 12
     assert extract_answer("no idea") is None
+
+
+def test_scheduler_skips_paused_sequences() -> None:
+    from slipstream.config import SchedulerConfig
+    from slipstream.engine.block_manager import BlockManager
+    from slipstream.engine.scheduler import Scheduler
+
+    sched = Scheduler(
+        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), BlockManager(8, 4)
+    )
+    seqs = [Sequence(i, f"s{i}", [1, 2, 3], SamplingParams(), 0.0) for i in range(2)]
+    for seq in seqs:
+        sched.add(seq)
+    assert [item.seq for item in sched.schedule().items] == seqs
+    for seq in seqs:
+        seq.num_computed_tokens = 3
+        seq.token_ids.append(5)
+    seqs[0].paused = True
+    assert [item.seq for item in sched.schedule().items] == [seqs[1]]
+    assert seqs[0] in sched.running  # still holds its KV, just not fed

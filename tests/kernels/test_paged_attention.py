@@ -211,6 +211,29 @@ def test_fast_reference_matches_loop(
     assert_close_verbose(out, batch.run(_paged_attention_loop), **TOL[dtype])
 
 
+@pytest.mark.parametrize("name", ALL_CASES)
+def test_plan_shared_across_layers_gives_the_same_output(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """A plan built in "layer 1" is reused in "layer 2" with other q/K/V, same metadata."""
+    monkeypatch.setattr(pa, "_MAX_PAD_RATIO", float("inf"))  # force the cached padded path
+    num_q, seq_lens, tree = _case(name)
+    first = random_batch(num_q, seq_lens, tree=tree)
+    second = random_batch(num_q, seq_lens, tree=tree)
+    second.block_tables, second.tree_mask = first.block_tables, first.tree_mask
+    second.k_cache, second.v_cache = (
+        torch.randn_like(first.k_cache),
+        torch.randn_like(first.v_cache),
+    )
+    plan: dict[str, object] = {}
+    paged_attention_ref(*first.args(), SCALE, first.tree_mask, plan)
+    reused = paged_attention_ref(*second.args(), SCALE, second.tree_mask, plan)
+    fresh = paged_attention_ref(*second.args(), SCALE, second.tree_mask)
+    num_tokens = int(first.query_start_loc[-1])
+    assert torch.equal(reused[:num_tokens], fresh[:num_tokens])
+    assert "pa_starts" in plan
+
+
 def test_fast_reference_ignores_trailing_padding_tokens() -> None:
     """Rows past query_start_loc[-1] (a padded batch) are left alone and do not break it."""
     batch = random_batch([1, 1], [20, 7])

@@ -122,6 +122,36 @@ def served(args: argparse.Namespace) -> None:
         subprocess.run(cmd, check=False)
 
 
+def run_vllm(args: argparse.Namespace, prompts: list[Any]) -> Any:
+    """vLLM-CPU without speculation and with ngram k=4/8 on the same chat prompts."""
+    from pathlib import Path
+
+    from slipstream.engine.models.default_model import resolve_model_path
+    from slipstream.engine.tokenizer import apply_chat_template, load_tokenizer
+
+    python = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
+    if not python.exists():
+        print("(vLLM comparison skipped: .venv-vllm missing; run `make vllm`)")
+        return None
+    path = resolve_model_path(args.model)
+    tok = load_tokenizer(path)
+    ids = [apply_chat_template(tok, [dict(m) for m in p.messages]) for p in prompts]
+    prompt_file = Path("bench-results/spec_prompts.json")
+    prompt_file.parent.mkdir(exist_ok=True)
+    prompt_file.write_text(json.dumps(ids))
+    out = prompt_file.with_name("vllm_spec.json")
+    cmd = [str(python), str(Path(__file__).with_name("vllm_spec.py")), "--model", path,
+           "--dtype", args.dtype, "--prompts", str(prompt_file), "--max-tokens",
+           str(args.max_tokens), "--out", str(out)]  # fmt: skip
+    print(f"\n$ {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, check=True)
+    results = json.loads(out.read_text())
+    for r in results:
+        print(f"  vLLM ngram k={r['k']}: {r['tok_s']:.1f} tok/s, "
+              f"MAT {r.get('mean_accepted_per_draft_step', '-')}")  # fmt: skip
+    return results
+
+
 def main() -> None:
     """Parse arguments, run every config on the same prompts, print the tables."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -133,6 +163,9 @@ def main() -> None:
     ap.add_argument("--configs", default=None, help="comma-separated config labels to run")
     ap.add_argument("--no-penalty-workload", action="store_true")
     ap.add_argument("--served", action="store_true", help="also run the served comparison")
+    ap.add_argument(
+        "--vllm", action="store_true", help="also run vLLM-CPU's ngram (needs .venv-vllm)"
+    )
     ap.add_argument("--served-prompts", type=int, default=32)
     ap.add_argument("--json", default=None, help="write all results here")
     args = ap.parse_args()
@@ -179,6 +212,8 @@ def main() -> None:
     print("\nPaper figures (different model and hardware: compare drafters with each other):")
     for k, v in PAPER.items():
         print(f"  {k}: {v}")
+    if args.vllm:
+        everything["vllm"] = run_vllm(args, prompts)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(everything, f, indent=2)

@@ -419,7 +419,9 @@ def paged_attention_triton(
     tree_mask: torch.Tensor | None = None,  # [num_tokens, max_query_len] bool
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Triton launcher: checks the arguments, then one program per (seq, kv head, q block)."""
-    _check_args(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, tree_mask)
+    check_paged_attention_args(
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, tree_mask
+    )
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     num_seqs = seq_lens.shape[0]
@@ -476,7 +478,7 @@ def paged_attention_triton(
     return out
 
 
-def _check_args(
+def check_paged_attention_args(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,

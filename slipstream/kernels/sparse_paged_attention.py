@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from slipstream.kernels._dispatch import triton_interpreting, use_triton
+from slipstream.kernels.paged_attention import check_paged_attention_args
 
 # ----------------------------------------------------------------------------- reference
 
@@ -304,7 +305,6 @@ def _sparse_paged_attention_kernel(
         tl.store(out_ptr + o_off + d[None, :], out.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -390,60 +390,22 @@ def _check_args(
     chunks: torch.Tensor,
     tree_mask: torch.Tensor | None,
 ) -> None:
-    """Raise ValueError naming the first argument whose shape, stride or dtype is wrong."""
-    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        raise ValueError(
-            f"q must be 3-d, k_cache/v_cache 4-d alike; got {tuple(q.shape)},"
-            f" {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
-        )
-    num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    if k_cache.shape[3] != head_dim or num_heads % num_kv_heads:
-        raise ValueError(
-            f"q [*, {num_heads}, {head_dim}] does not fit the cache's"
-            f" [{num_kv_heads}, {k_cache.shape[3]}] (heads must be a multiple of kv heads)"
-        )
-    if q.dtype not in _FLOAT_DTYPES or k_cache.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"q/k_cache dtypes must be fp16/bf16/fp32; got {q.dtype}, {k_cache.dtype}")
-    if v_cache.dtype != k_cache.dtype:
-        raise ValueError(f"v_cache dtype {v_cache.dtype} != k_cache dtype {k_cache.dtype}")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} needs a unit last-dim stride; strides {t.stride()}")
-    num_seqs = seq_lens.shape[0]
-    if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs:
-        raise ValueError(f"block_tables {tuple(block_tables.shape)} must be [{num_seqs}, *]")
-    if query_start_loc.shape != (num_seqs + 1,) or seq_lens.dim() != 1:
-        raise ValueError(
-            f"query_start_loc {tuple(query_start_loc.shape)} must be [{num_seqs + 1}]"
-            f" and seq_lens 1-d, got {tuple(seq_lens.shape)}"
-        )
+    """Raise ValueError naming the first argument whose shape, stride or dtype is wrong.
+
+    Everything but `chunks` is the dense paged kernel's contract, so its checker is reused.
+    """
+    check_paged_attention_args(
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, tree_mask
+    )
+    num_seqs, num_kv_heads = seq_lens.shape[0], k_cache.shape[2]
     if chunks.dim() != 3 or chunks.shape[:2] != (num_seqs, num_kv_heads):
         raise ValueError(f"chunks {tuple(chunks.shape)} must be [{num_seqs}, {num_kv_heads}, *]")
-    for name, t in (
-        ("block_tables", block_tables),
-        ("query_start_loc", query_start_loc),
-        ("seq_lens", seq_lens),
-        ("chunks", chunks),
-    ):
-        if t.dtype not in _INDEX_DTYPES:
-            raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
-        if t.numel() > 1 and t.stride(-1) != 1:
-            raise ValueError(f"{name} needs a unit last-dim stride; strides {t.stride()}")
-    if tree_mask is not None:
-        if tree_mask.dtype != torch.bool or tree_mask.dim() != 2:
-            raise ValueError(f"tree_mask must be 2-d bool, got {tree_mask.dtype}")
-        if tree_mask.shape[0] != num_tokens or tree_mask.stride(-1) != 1:
-            raise ValueError(
-                f"tree_mask {tuple(tree_mask.shape)} must be [{num_tokens}, max_query_len]"
-                " with a unit last-dim stride"
-            )
-    tensors = [q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, chunks]
-    if tree_mask is not None:
-        tensors.append(tree_mask)
-    devices = {t.device for t in tensors}
-    if len(devices) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if chunks.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"chunks must be int32 or int64, got {chunks.dtype}")
+    if chunks.numel() > 1 and chunks.stride(-1) != 1:
+        raise ValueError(f"chunks needs a unit last-dim stride; strides {chunks.stride()}")
+    if chunks.device != q.device:
+        raise ValueError(f"all tensors must be on one device, got {q.device} and {chunks.device}")
 
 
 # ----------------------------------------------------------------------------- dispatch

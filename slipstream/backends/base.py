@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from slipstream.engine.outputs import RequestOutput, StepStats
 from slipstream.engine.sampling_params import SamplingParams
@@ -88,4 +88,22 @@ class EngineClient(Protocol):
 
     def num_free_blocks(self) -> int:
         """Free KV blocks now (tests check that aborts give them back)."""
+        ...
+
+
+@runtime_checkable
+class CallerThreadEngine(Protocol):
+    """An engine that can run its loop on a thread the server hands it (the main thread).
+
+    The native engine wants this: see slipstream/engine/async_engine.py for why the main
+    thread decodes faster on small CPUs. The server calls claim_caller_thread() before the
+    HTTP thread starts, then run_on_current_thread() until the engine shuts down.
+    """
+
+    def claim_caller_thread(self) -> None:
+        """Make start() use the calling thread instead of a new one."""
+        ...
+
+    def run_on_current_thread(self, keep_waiting: Callable[[], bool]) -> None:
+        """Load and run the engine loop here; return early if keep_waiting() turns False."""
         ...

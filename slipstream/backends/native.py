@@ -55,8 +55,16 @@ class NativeEngineClient:
         return self._async.engine
 
     async def start(self) -> None:
-        """Load the model and start the engine thread."""
+        """Load the model and start the engine loop."""
         await self._async.start()
+
+    def claim_caller_thread(self) -> None:
+        """Run the loop on the calling thread (the server's main thread) instead of a new one."""
+        self._async.claim_caller_thread()
+
+    def run_on_current_thread(self, keep_waiting: Callable[[], bool]) -> None:
+        """Load the model and step the engine on this thread until shutdown."""
+        self._async.run_on_current_thread(keep_waiting)
 
     async def shutdown(self) -> None:
         """Stop the engine thread."""

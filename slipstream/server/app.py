@@ -19,7 +19,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from slipstream import __version__
-from slipstream.backends.base import EngineClient
+from slipstream.backends.base import CallerThreadEngine, EngineClient
 from slipstream.server.config import ServerConfig
 from slipstream.server.errors import install_error_handlers
 from slipstream.server.metrics import ServerMetrics
@@ -145,14 +145,41 @@ def build_server(app: FastAPI, config: ServerConfig) -> uvicorn.Server:
 def run_server(app: FastAPI, config: ServerConfig, sock: socket.socket | None = None) -> int:
     """Serve until SIGTERM/SIGINT; 0 after a graceful drain, 1 if the engine failed to start."""
     server = build_server(app, config)
-    if threading.current_thread() is threading.main_thread():
+    state: ServerState = app.state.server
+    sockets = [sock] if sock is not None else None
+    on_main = threading.current_thread() is threading.main_thread()
+    if on_main:
         # uvicorn re-raises the signal that stopped it once it is done; these handlers turn
         # that re-raise into a no-op, so a drained server exits with status 0.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, _after_shutdown)
-    server.run(sockets=[sock] if sock is not None else None)
-    state: ServerState = app.state.server
+    if on_main and isinstance(state.engine, CallerThreadEngine):
+        _serve_with_engine_on_this_thread(server, state.engine, sockets)
+    else:
+        server.run(sockets=sockets)
     return 1 if state.phase is Phase.FAILED else 0
+
+
+def _serve_with_engine_on_this_thread(
+    server: uvicorn.Server, engine: CallerThreadEngine, sockets: list[socket.socket] | None
+) -> None:
+    """HTTP on a helper thread, the engine loop here (the main thread: ~25% faster decode
+    on a 2-core CPU, see slipstream/engine/async_engine.py); signals reach uvicorn from here."""
+    engine.claim_caller_thread()
+    http = threading.Thread(
+        target=server.run, kwargs={"sockets": sockets}, name="slipstream-http", daemon=True
+    )
+    previous = {
+        sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGTERM, signal.SIGINT)
+    }
+    http.start()
+    try:
+        engine.run_on_current_thread(keep_waiting=http.is_alive)
+        while http.is_alive():  # short joins keep this thread responsive to signals
+            http.join(0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _after_shutdown(sig: int, frame: FrameType | None) -> None:

@@ -1,6 +1,8 @@
-"""Serve a fake engine through run_server (what `slipstream serve` runs), for signal tests.
+"""Serve an engine through run_server (what `slipstream serve` runs), for signal tests.
 
-Usage: python -m tests.server.serve_fake SOCKET_FD STEP_DELAY_S SHUTDOWN_TIMEOUT_S
+Usage: python -m tests.server.serve_fake SOCKET_FD STEP_DELAY_S SHUTDOWN_TIMEOUT_S [MODEL_DIR]
+With MODEL_DIR the native engine serves that (tiny) model, its loop on the main thread;
+without it, the fake engine.
 """
 
 from __future__ import annotations
@@ -8,9 +10,12 @@ from __future__ import annotations
 import socket
 import sys
 
+from slipstream.backends.base import EngineClient
+from slipstream.backends.native import NativeEngineClient
 from slipstream.server.app import create_app, run_server
 from slipstream.server.config import ServerConfig
 from slipstream.server.logs import configure_logging
+from slipstream.testing.engines import tiny_engine_config
 from tests.server.fake_engine import FakeConfig, FakeEngine
 
 
@@ -20,7 +25,11 @@ def main() -> int:
     sock = socket.socket(fileno=fd)
     config = ServerConfig(port=0, log_format="json", shutdown_timeout_s=shutdown_timeout)
     configure_logging(config.log_format, config.log_level)
-    engine = FakeEngine(FakeConfig(step_delay_s=step_delay))
+    engine: EngineClient
+    if len(sys.argv) > 4:
+        engine = NativeEngineClient(tiny_engine_config(sys.argv[4], num_blocks=64, max_num_seqs=4))
+    else:
+        engine = FakeEngine(FakeConfig(step_delay_s=step_delay))
     return run_server(create_app(engine, config), config, sock)
 
 

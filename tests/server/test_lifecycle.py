@@ -23,15 +23,23 @@ from tests.server.conftest import live_server
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def served() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """A `run_server` subprocess on an inherited socket; yields (process, url)."""
+@pytest.fixture(params=["fake", "native"])
+def served(
+    request: pytest.FixtureRequest, tiny_model_dir: str
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A `run_server` subprocess on an inherited socket; yields (process, url).
+
+    "native" serves the tiny model with the engine loop on the main thread and HTTP on a
+    helper thread, the way `slipstream serve` runs it.
+    """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    model_args = [tiny_model_dir] if request.param == "native" else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.server.serve_fake", str(sock.fileno()), "0.02", "5"],
+        [sys.executable, "-m", "tests.server.serve_fake", str(sock.fileno()), "0.02", "5"]
+        + model_args,
         pass_fds=[sock.fileno()],
         cwd=ROOT,
         env=env,
@@ -63,7 +71,7 @@ def test_sigterm_drains_in_flight_streams_and_exits_0(
     started = threading.Event()
 
     def stream() -> None:
-        body = {"prompt": "drain me", "max_tokens": 50, "stream": True}
+        body = {"prompt": "drain me", "max_tokens": 50, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as resp:
             for line in resp.iter_lines():
                 if line:
@@ -84,7 +92,8 @@ def test_sigterm_drains_in_flight_streams_and_exits_0(
     assert last["choices"][0]["finish_reason"] == "length"
     assert proc.wait(timeout=30) == 0
     assert proc.stderr is not None
-    records = [json.loads(line) for line in proc.stderr.read().decode().splitlines() if line]
+    lines_err = proc.stderr.read().decode().splitlines()
+    records = [json.loads(line) for line in lines_err if line.startswith("{")]
     requests = [r for r in records if r["message"] == "request" and r["path"] == "/v1/completions"]
     assert len(requests) == 1
     entry = requests[0]

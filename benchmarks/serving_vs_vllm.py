@@ -6,8 +6,11 @@
    workload (random, 256 in, 128 out, 64 prompts, concurrency 8, completions endpoint,
    ignore_eos) with `slipstream bench serve` and with `vllm bench serve`, back to back;
 2. measures that server at concurrency 1, 8 and 32 with `slipstream bench serve`;
-3. stops it, starts `slipstream serve` (native backend) and measures the same three points.
-Everything in one invocation, one server at a time, loopback only.
+3. stops it, starts `slipstream serve --backend vllm` (vLLM's engine inside our server, from
+   .venv-vllm) and measures the same three points: the wrapper's cost;
+4. stops it, starts `slipstream serve` (native backend) and measures the same three points.
+All three servers get the same scheduler limits (32 sequences, 2048 batched tokens, 2048
+context, bf16). Everything in one invocation, one server at a time, loopback only.
 """
 
 from __future__ import annotations
@@ -85,6 +88,9 @@ def main() -> None:
     ap.add_argument("--out", default="bench-results/serving")
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--prompts-c1", type=int, default=16)
+    ap.add_argument(
+        "--skip-tools", action="store_true", help="skip the load-tester agreement check"
+    )
     args = ap.parse_args()
     from slipstream.engine.models.default_model import resolve_model_path
 
@@ -92,23 +98,35 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2")
+    limits = ["--max-num-seqs", "32", "--max-num-batched-tokens", "2048", "--max-model-len",
+              "2048", "--dtype", "bfloat16", "--port", str(args.port)]  # fmt: skip
+    ours = theirs = None
     vllm = subprocess.Popen(
         [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-         "--served-model-name", NAME, "--dtype", "bfloat16", "--port", str(args.port),
-         "--max-model-len", "2048"],
+         "--served-model-name", NAME, *limits],
         env=env, start_new_session=True, stdout=open(out / "vllm_server.log", "wb"),  # noqa: SIM115
         stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
         wait_healthy(args.port, vllm)
-        ours = slipstream_bench(args.port, model, 8, 64, out, "tool_slipstream.json")
-        theirs = vllm_bench(args.port, model, 8, 64, out, "tool_vllm.json")
+        if not args.skip_tools:
+            ours = slipstream_bench(args.port, model, 8, 64, out, "tool_slipstream.json")
+            theirs = vllm_bench(args.port, model, 8, 64, out, "tool_vllm.json")
         vllm_points = points(args.port, model, out, "vllm", args.prompts_c1)
     finally:
         stop(vllm)
+    wrapped = subprocess.Popen(
+        [str(VLLM_PY), "-m", "slipstream.cli", "serve", "--backend", "vllm", *limits],
+        env=env, start_new_session=True, stdout=open(out / "wrapped_server.log", "wb"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        wait_healthy(args.port, wrapped)
+        wrapped_points = points(args.port, model, out, "wrapped", args.prompts_c1)
+    finally:
+        stop(wrapped)
     slip = subprocess.Popen(
-        [sys.executable, "-m", "slipstream.cli", "serve", "--port", str(args.port),
-         "--max-num-seqs", "32", "--max-num-batched-tokens", "2048"],
+        [sys.executable, "-m", "slipstream.cli", "serve", *limits],
         start_new_session=True, stdout=open(out / "slipstream_server.log", "wb"),  # noqa: SIM115
         stderr=subprocess.STDOUT,
     )  # fmt: skip
@@ -117,6 +135,35 @@ def main() -> None:
         slip_points = points(args.port, model, out, "slipstream", args.prompts_c1)
     finally:
         stop(slip)
+    report(ours, theirs, vllm_points, wrapped_points, slip_points)
+
+
+def report(
+    ours: dict | None,
+    theirs: dict | None,
+    vllm_points: dict[int, dict],
+    wrapped_points: dict[int, dict],
+    slip_points: dict[int, dict],
+) -> None:
+    """Markdown tables for BENCHMARKS.md."""
+    if ours is not None and theirs is not None:
+        _report_tools(ours, theirs)
+    print("\n## slipstream serve (native, vllm backend) vs vLLM-CPU serve (random 256/128)")
+    print("| concurrency | native tok/s | --backend vllm tok/s | vllm serve tok/s | "
+          "wrapper (--backend vllm / vllm serve) | native / vllm serve | median TPOT ms "
+          "(native / wrapped / vllm) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for conc in (1, 8, 32):
+        a, w, b = slip_points[conc], wrapped_points[conc], vllm_points[conc]
+        print(f"| {conc} | {a['output_throughput']:.1f} | {w['output_throughput']:.1f} | "
+              f"{b['output_throughput']:.1f} | "
+              f"{w['output_throughput'] / b['output_throughput']:.3f} | "
+              f"{a['output_throughput'] / b['output_throughput']:.2f}x | "
+              f"{a['median_tpot_ms']:.1f} / {w['median_tpot_ms']:.1f} / "
+              f"{b['median_tpot_ms']:.1f} |")  # fmt: skip
+
+
+def _report_tools(ours: dict, theirs: dict) -> None:
     print("\n## load testers on one vLLM-CPU server (random 256/128, 64 prompts, concurrency 8)")
     print("| tool | output tok/s | median TPOT ms | median TTFT ms |\n|---|---|---|---|")
     for label, r in (("slipstream bench serve", ours), ("vllm bench serve", theirs)):
@@ -125,16 +172,6 @@ def main() -> None:
     tput = ours["output_throughput"] / theirs["output_throughput"]
     tpot = ours["median_tpot_ms"] / theirs["median_tpot_ms"]
     print(f"ratio slipstream/vllm: throughput {tput:.3f}, median TPOT {tpot:.3f}")
-    print("\n## slipstream serve vs vLLM-CPU serve (slipstream bench serve, random 256/128)")
-    print(
-        "| concurrency | slipstream tok/s | vLLM tok/s | ratio | TPOT ms (ours) | TPOT ms (vLLM) |"
-    )
-    print("|---|---|---|---|---|---|")
-    for conc in (1, 8, 32):
-        a, b = slip_points[conc], vllm_points[conc]
-        print(f"| {conc} | {a['output_throughput']:.1f} | {b['output_throughput']:.1f} | "
-              f"{a['output_throughput'] / b['output_throughput']:.2f}x | "
-              f"{a['median_tpot_ms']:.1f} | {b['median_tpot_ms']:.1f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

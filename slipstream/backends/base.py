@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from slipstream.engine.models.default_model import DEFAULT_MODEL_NAME
 from slipstream.engine.outputs import RequestOutput, StepStats
 from slipstream.engine.sampling_params import SamplingParams
 
@@ -43,6 +45,13 @@ class ModelInfo:
     vocab_size: int
     decoder: str = "standard"
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def served_name(path: str, requested: str | None) -> str:
+    """The name clients use: the default model's own name, else the folder or file name given."""
+    if requested is None:
+        return DEFAULT_MODEL_NAME
+    return Path(requested.rstrip("/")).name or path
 
 
 class EngineClient(Protocol):

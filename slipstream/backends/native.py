@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
-from slipstream.backends.base import EngineDeadError, GenerateRequest, ModelInfo
+from slipstream.backends.base import EngineDeadError, GenerateRequest, ModelInfo, served_name
 from slipstream.config import EngineConfig
 from slipstream.engine.async_engine import AsyncLLMEngine
 from slipstream.engine.engine import LLMEngine
-from slipstream.engine.models.default_model import DEFAULT_MODEL_NAME
 from slipstream.engine.outputs import RequestOutput, StepStats
-
-
-def served_name(path: str, requested: str | None) -> str:
-    """The default model's own name, else the folder or file name the user gave."""
-    if requested is None:
-        return DEFAULT_MODEL_NAME
-    return Path(requested.rstrip("/")).name or path
 
 
 class NativeEngineClient:

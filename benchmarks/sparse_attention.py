@@ -80,6 +80,7 @@ TAILS = [
     "just as the shops were closing.",
 ]
 LICENCES = ("GPL-3", "GFDL-1.3", "Apache-2.0", "GPL-2", "LGPL-3", "MPL-2.0")
+MODEL_WINDOW = 8192  # SmolLM2's max_position_embeddings
 QUESTION = "What is the secret number in the text above? Answer with the number only."
 
 
@@ -329,11 +330,23 @@ def main() -> None:
     if "speed" in parts:
         rows: list[dict[str, Any]] = []
         for ctx in map(int, args.contexts.split(",")):
+            # The default model's window is 8192 positions: "8k" prompts leave room for the
+            # decoded tokens.
+            max_len = min(ctx + args.decode_tokens + 64, MODEL_WINDOW)
+            prompt_len = min(ctx, max_len - args.decode_tokens - 2)
             for name, cfg in configs(ctx, names).items():
-                llm = make_llm(cfg, ctx + args.decode_tokens + 64)
+                llm = make_llm(cfg, max_len)
                 text_ids = llm.tokenizer.encode(real_text() * 3, add_special_tokens=False)
-                tps, stats = decode_speed(llm, text_ids[:ctx], args.decode_tokens)
-                rows.append({"context": ctx, "config": name, "decode_tok_s": tps, **stats})
+                tps, stats = decode_speed(llm, text_ids[:prompt_len], args.decode_tokens)
+                rows.append(
+                    {
+                        "context": ctx,
+                        "prompt_tokens": prompt_len,
+                        "config": name,
+                        "decode_tok_s": tps,
+                        **stats,
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
             dense = [
                 r["decode_tok_s"] for r in rows if r["context"] == ctx and r["config"] == "dense"
@@ -350,7 +363,7 @@ def main() -> None:
             llm = None
             for length in lengths:
                 cfg = configs(length, names)[name]
-                llm = make_llm(cfg, 8192)
+                llm = make_llm(cfg, MODEL_WINDOW)
                 rng = random.Random(length)
                 depths = [(i + 0.5) / args.needles for i in range(args.needles)]
                 prompts = [needle_prompt(llm.tokenizer, rng, length, d) for d in depths]
@@ -372,7 +385,7 @@ def main() -> None:
     if "ppl" in parts:
         rows = []
         for name, cfg in configs(args.ppl_prefix, names).items():
-            llm = make_llm(cfg, 8192)
+            llm = make_llm(cfg, MODEL_WINDOW)
             tokens = llm.tokenizer.encode(real_text(), add_special_tokens=False)
             nll = teacher_forced_nll(llm, tokens, args.ppl_prefix, args.ppl_tokens)
             rows.append(

@@ -162,6 +162,14 @@ def configs(context: int, names: list[str]) -> dict[str, tuple[str, dict[str, An
             },
         ),
     }
+    # Variants: block top-k scored by the best query head of each GQA group ("max").
+    out["block_topk_max"] = ("sparse_attention", {"method": "block_topk", "group_pooling": "max"})
+    out["block_topk_q_max"] = (
+        "sparse_attention",
+        {**out["block_topk_q"][1], "group_pooling": "max"},
+    )
+    # HiP with its mask searched at every decode step instead of every 8th.
+    out["hip_q_r1"] = ("sparse_attention", {**out["hip_q"][1], "refresh_interval": 1})
     return {n: out[n] for n in names}
 
 

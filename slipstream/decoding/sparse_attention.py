@@ -19,6 +19,8 @@ the paged KV. Options (`--decoder-config`), defaults per method:
     dense_layers      first layers left dense (hip 3, block_topk 1 = layer 0)
     block_k           HiP key block b_k in tokens (2)
     refresh_interval  HiP: decode steps a mask is reused before it is searched again (8)
+    group_pooling     block_topk: "mean" (Kinetics: the GQA group's mean query scores a
+                      page) or "max" (each query head scores it, the best counts)
 
 Where the official defaults differ: HiP ships k=512, window 256 (v1.1; 128 in v1.0), sized
 for 32k-128k contexts; Kinetics' benchmark keeps 64 pages (1024 tokens). Our default model
@@ -70,12 +72,15 @@ class SparseAttentionOptions:
     dense_layers: int | None = None
     block_k: int = 2
     refresh_interval: int = 8
+    group_pooling: str = "mean"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.top_k is not None and self.top_k_pages is not None:
             raise ValueError("set top_k (tokens) or top_k_pages, not both")
+        if self.group_pooling not in ("mean", "max"):
+            raise ValueError(f"group_pooling must be 'mean' or 'max', got {self.group_pooling!r}")
         for name in ("top_k", "top_k_pages", "block_k", "refresh_interval"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -103,7 +108,7 @@ def make_selector(options: SparseAttentionOptions, ctx: DecoderContext) -> Selec
         return HipSelector(geometry, options.refresh_interval)
     page = ctx.block_size
     geometry = Geometry(chunk=page, sink=sink, window=window, top_k=max(1, -(-top_k // page)))
-    return BlockTopkSelector(geometry, ctx.num_kv_blocks)
+    return BlockTopkSelector(geometry, ctx.num_kv_blocks, options.group_pooling)
 
 
 class _Shared:

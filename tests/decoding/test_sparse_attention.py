@@ -72,6 +72,8 @@ def test_options_are_validated() -> None:
         decoder_options(DecoderSpec("sparse_attention", {"top_k": 64, "top_k_pages": 4}))
     with pytest.raises(ValueError, match="unknown option"):
         decoder_options(DecoderSpec("sparse_attention", {"budget": 3}))
+    with pytest.raises(ValueError, match="group_pooling"):
+        decoder_options(DecoderSpec("sparse_attention", {"group_pooling": "median"}))
     opts = decoder_options(
         DecoderSpec("sparse_attention", {"method": "block_topk", "top_k_pages": 8})
     )
@@ -101,12 +103,19 @@ def test_default_config_prunes_at_needle_lengths() -> None:
         assert budget <= 1024 // 2, (method, budget)
 
 
-def test_block_topk_selection_equals_dense_top_k() -> None:
-    """Kinetics' score: mean over the page's keys and the GQA group of the logits; by
-    linearity the decoder computes it from page mean keys. Compare with full logits."""
+@pytest.mark.parametrize("group_pooling", ["mean", "max"])
+def test_block_topk_selection_equals_dense_top_k(group_pooling: str) -> None:
+    """Kinetics' score: mean over the page's keys and the GQA group of the logits ("max":
+    the best head of the group instead); by linearity the decoder computes it from page
+    mean keys. Compare with full logits."""
     ctx = _ctx(num_blocks=40, block_size=4, kv_heads=2, head_dim=8)
     opts = SparseAttentionOptions(
-        method="block_topk", top_k_pages=3, sink=4, window=8, dense_layers=0
+        method="block_topk",
+        top_k_pages=3,
+        sink=4,
+        window=8,
+        dense_layers=0,
+        group_pooling=group_pooling,
     )
     dec = SparseAttentionDecoder(opts, ctx)
     sel = dec.shared.selector
@@ -137,7 +146,8 @@ def test_block_topk_selection_equals_dense_top_k() -> None:
     window_start = (ctx_len - 8) // 4
     keys = k_cache[table[0].long()].reshape(-1, 2, 8)[: window_start * 4]  # [T, H, D]
     logits = torch.einsum("hgd,thd->hgt", q[0].view(2, 3, 8), keys)  # [H, G, T]
-    page_scores = logits.mean(1).view(2, window_start, 4).mean(-1)  # [H, pages]
+    per_head = logits.view(2, 3, window_start, 4).mean(-1)  # [H, G, pages]
+    page_scores = per_head.mean(1) if group_pooling == "mean" else per_head.amax(1)
     page_scores[:, :1] = float("-inf")  # the sink page is always read, not selected
     for h in range(2):
         want = set(torch.topk(page_scores[h], 3).indices.tolist())

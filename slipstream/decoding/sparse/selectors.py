@@ -240,9 +240,13 @@ class _TopkStep:
 class BlockTopkSelector(Selector):
     """Kinetics block top-k over KV pages, with per-page mean keys kept per layer."""
 
-    def __init__(self, geometry: Geometry, num_kv_blocks: int) -> None:
+    def __init__(self, geometry: Geometry, num_kv_blocks: int, group_pooling: str = "mean") -> None:
         super().__init__(geometry)
         self.num_kv_blocks = num_kv_blocks
+        # "mean": Kinetics' score, (mean of the group's queries) . page mean key. "max": each
+        # query head scores the page and the group keeps the best, so a page that one head
+        # needs (a copied fact) is not outvoted by the group's other heads.
+        self.group_pooling = group_pooling
         self.means: dict[int, torch.Tensor] = {}  # layer -> [num_kv_blocks, H, D]
         # seq_id -> first page whose mean may be stale: the page of the previous step's
         # first new token (tree verification compacts accepted KV into pages from there).
@@ -300,7 +304,7 @@ class BlockTopkSelector(Selector):
         k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
         plan: StepPlan,
     ) -> torch.Tensor:  # [num_pruned, num_kv_heads, max_chunks] int64
-        """Top-k pages by mean GQA query . page mean key, plus sink and window pages."""
+        """Top-k pages by GQA query . page mean key, plus sink and window pages."""
         sp = plan.sparse
         assert sp is not None
         step: _TopkStep = plan.extra["topk"]
@@ -308,19 +312,21 @@ class BlockTopkSelector(Selector):
         g = self.geometry
         heads, head_dim = k_cache.shape[2], k_cache.shape[3]
         n = sp.size
-        qh = q.float().view(q.shape[0], heads, -1, head_dim).mean(2)  # [rows, H, D]
+        qh = q.float().view(q.shape[0], heads, -1, head_dim)  # [rows, H, G, D]
+        if self.group_pooling == "mean":
+            qh = qh.mean(2, keepdim=True)  # [rows, H, 1, D]: one score per KV head
         if qh.shape[0] == n:
             qm = qh  # one new token each
-        else:
+        else:  # a verification tree: its tokens' mean query per sequence
             seg = torch.repeat_interleave(
                 torch.arange(n, device=q.device), torch.tensor(sp.num_q, device=q.device)
             )
-            qm = torch.zeros(n, heads, head_dim, device=q.device).index_add_(0, seg, qh)
-            qm = qm / torch.tensor(sp.num_q, device=q.device, dtype=qm.dtype).view(-1, 1, 1)
+            qm = torch.zeros(n, *qh.shape[1:], device=q.device).index_add_(0, seg, qh)
+            qm = qm / torch.tensor(sp.num_q, device=q.device, dtype=qm.dtype).view(-1, 1, 1, 1)
         p = step.num_scored
         tables = sp.block_tables[:, :p].reshape(-1)
         pm = self.means[layer].index_select(0, tables).view(n, p, heads, head_dim).float()
-        scores = torch.einsum("nhd,nphd->nhp", qm, pm)  # [n, H, P]
+        scores = torch.einsum("nhgd,nphd->nhgp", qm, pm).amax(2)  # [n, H, P]
         pos = torch.arange(p, device=q.device).view(1, -1)
         eligible = (pos >= g.sink_chunks) & (pos < step.region_end)  # [n, P]
         scores = scores.masked_fill(~eligible.unsqueeze(1), float("-inf"))

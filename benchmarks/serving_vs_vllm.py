@@ -100,41 +100,33 @@ def main() -> None:
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2")
     limits = ["--max-num-seqs", "32", "--max-num-batched-tokens", "2048", "--max-model-len",
               "2048", "--dtype", "bfloat16", "--port", str(args.port)]  # fmt: skip
-    ours = theirs = None
-    vllm = subprocess.Popen(
+    tools: dict[str, dict] = {}
+
+    def measure(cmd: list[str], label: str, with_tools: bool = False) -> dict[int, dict]:
+        """Start one server, measure it at 1/8/32 (and the tools check), stop it."""
+        proc = subprocess.Popen(
+            cmd, env=env, start_new_session=True, stderr=subprocess.STDOUT,
+            stdout=open(out / f"{label}_server.log", "wb"),  # noqa: SIM115
+        )  # fmt: skip
+        try:
+            wait_healthy(args.port, proc)
+            if with_tools:
+                tools["ours"] = slipstream_bench(args.port, model, 8, 64, out, "tool_ours.json")
+                tools["vllm"] = vllm_bench(args.port, model, 8, 64, out, "tool_vllm.json")
+            return points(args.port, model, out, label, args.prompts_c1)
+        finally:
+            stop(proc)
+
+    vllm_points = measure(
         [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", model,
          "--served-model-name", NAME, *limits],
-        env=env, start_new_session=True, stdout=open(out / "vllm_server.log", "wb"),  # noqa: SIM115
-        stderr=subprocess.STDOUT,
+        "vllm", with_tools=not args.skip_tools,
     )  # fmt: skip
-    try:
-        wait_healthy(args.port, vllm)
-        if not args.skip_tools:
-            ours = slipstream_bench(args.port, model, 8, 64, out, "tool_slipstream.json")
-            theirs = vllm_bench(args.port, model, 8, 64, out, "tool_vllm.json")
-        vllm_points = points(args.port, model, out, "vllm", args.prompts_c1)
-    finally:
-        stop(vllm)
-    wrapped = subprocess.Popen(
-        [str(VLLM_PY), "-m", "slipstream.cli", "serve", "--backend", "vllm", *limits],
-        env=env, start_new_session=True, stdout=open(out / "wrapped_server.log", "wb"),  # noqa: SIM115
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        wait_healthy(args.port, wrapped)
-        wrapped_points = points(args.port, model, out, "wrapped", args.prompts_c1)
-    finally:
-        stop(wrapped)
-    slip = subprocess.Popen(
-        [sys.executable, "-m", "slipstream.cli", "serve", *limits],
-        start_new_session=True, stdout=open(out / "slipstream_server.log", "wb"),  # noqa: SIM115
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        wait_healthy(args.port, slip)
-        slip_points = points(args.port, model, out, "slipstream", args.prompts_c1)
-    finally:
-        stop(slip)
+    wrapped_points = measure(
+        [str(VLLM_PY), "-m", "slipstream.cli", "serve", "--backend", "vllm", *limits], "wrapped"
+    )
+    slip_points = measure([sys.executable, "-m", "slipstream.cli", "serve", *limits], "slipstream")
+    ours, theirs = tools.get("ours"), tools.get("vllm")
     report(ours, theirs, vllm_points, wrapped_points, slip_points)
 
 

@@ -168,8 +168,12 @@ def configs(context: int, names: list[str]) -> dict[str, tuple[str, dict[str, An
         "sparse_attention",
         {**out["block_topk_q"][1], "group_pooling": "max"},
     )
-    # HiP with its mask searched at every decode step instead of every 8th.
-    out["hip_q_r1"] = ("sparse_attention", {**out["hip_q"][1], "refresh_interval": 1})
+    # HiP with its mask searched every 1, 2 or 4 decode steps instead of every 8th.
+    for every in (1, 2, 4):
+        out[f"hip_q_r{every}"] = (
+            "sparse_attention",
+            {**out["hip_q"][1], "refresh_interval": every},
+        )
     return {n: out[n] for n in names}
 
 

@@ -341,6 +341,7 @@ def main() -> None:
 
     if "speed" in parts:
         rows: list[dict[str, Any]] = []
+        text_ids: list[int] | None = None  # the same tokenizer for every config: encode once
         for ctx in map(int, args.contexts.split(",")):
             # The default model's window is 8192 positions: "8k" prompts leave room for the
             # decoded tokens.
@@ -348,7 +349,8 @@ def main() -> None:
             prompt_len = min(ctx, max_len - args.decode_tokens - 2)
             for name, cfg in configs(ctx, names).items():
                 llm = make_llm(cfg, max_len)
-                text_ids = llm.tokenizer.encode(real_text() * 3, add_special_tokens=False)
+                if text_ids is None:
+                    text_ids = llm.tokenizer.encode(real_text() * 3, add_special_tokens=False)
                 tps, stats = decode_speed(llm, text_ids[:prompt_len], args.decode_tokens)
                 rows.append(
                     {

@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_MODEL = Path.home() / ".cache" / "slipstream" / "models" / "smollm2-135m-instruct"
-
 
 def run(
     model: str, dtype: str, prompts: list[list[int]], max_tokens: int, k: int
@@ -75,17 +73,19 @@ def run(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", default=str(DEFAULT_MODEL))
+    ap.add_argument("--model", default=None, help="model folder (default: the default model)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--prompts", required=True, help="JSON list of token-id lists")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--ks", default="0,4,8", help="0 = no speculation")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    # slipstream is installed in .venv-vllm too (make vllm): same cache, same conversion.
+    from slipstream.engine.models.default_model import resolve_model_path
+
+    model = resolve_model_path(args.model)
     prompts = json.loads(Path(args.prompts).read_text())
-    results = [
-        run(args.model, args.dtype, prompts, args.max_tokens, int(k)) for k in args.ks.split(",")
-    ]
+    results = [run(model, args.dtype, prompts, args.max_tokens, int(k)) for k in args.ks.split(",")]
     Path(args.out).write_text(json.dumps(results))
     for r in results:
         print(

@@ -92,8 +92,7 @@ def test_sigterm_drains_in_flight_streams_and_exits_0(
     assert last["choices"][0]["finish_reason"] == "length"
     assert proc.wait(timeout=30) == 0
     assert proc.stderr is not None
-    lines_err = proc.stderr.read().decode().splitlines()
-    records = [json.loads(line) for line in lines_err if line.startswith("{")]
+    records = [json.loads(line) for line in proc.stderr.read().decode().splitlines() if line]
     requests = [r for r in records if r["message"] == "request" and r["path"] == "/v1/completions"]
     assert len(requests) == 1
     entry = requests[0]

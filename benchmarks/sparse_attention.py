@@ -168,6 +168,27 @@ def configs(context: int, names: list[str]) -> dict[str, tuple[str, dict[str, An
         "sparse_attention",
         {**out["block_topk_q"][1], "group_pooling": "max"},
     )
+    # Block top-k with Quest's page scores (per-channel min/max keys bound each page's best
+    # logit) and each query head voting: the defaults' budget and a quarter of the context.
+    quest = {"group_pooling": "max", "page_scoring": "bounds"}
+    out["block_topk_bounds"] = ("sparse_attention", {"method": "block_topk", **quest})
+    out["block_topk_q_bounds"] = ("sparse_attention", {**out["block_topk_q"][1], **quest})
+    # Block top-k whose Quest bounds shortlist 4x the budget, reranked by each page's best
+    # exact key logit (any query head of the group); "_e": an eighth of the context.
+    rerank = {**quest, "rerank_factor": 4}
+    out["block_topk_rerank"] = ("sparse_attention", {"method": "block_topk", **rerank})
+    out["block_topk_q_rerank"] = ("sparse_attention", {**out["block_topk_q"][1], **rerank})
+    eighth = context // 8
+    out["block_topk_e_rerank"] = (
+        "sparse_attention",
+        {
+            "method": "block_topk",
+            "sink": 4,
+            "window": eighth // 4,
+            "top_k_pages": max(1, (eighth - 16 - eighth // 4 - 16) // 16),
+            **rerank,
+        },
+    )
     # HiP with its mask searched every 1, 2 or 4 decode steps instead of every 8th.
     for every in (1, 2, 4):
         out[f"hip_q_r{every}"] = (
@@ -390,6 +411,7 @@ def main() -> None:
                         "found": found,
                         "total": len(prompts),
                         "kv_read": stats.get("sparse_kv_read_fraction", 1.0),
+                        "rerank_k_read": stats.get("sparse_rerank_k_fraction", 0.0),
                         "replies": replies,
                     }
                 )

@@ -162,6 +162,11 @@ def main() -> None:
     ap.add_argument("--categories", default=None, help="comma-separated builtin categories")
     ap.add_argument("--configs", default=None, help="comma-separated config labels to run")
     ap.add_argument("--no-penalty-workload", action="store_true")
+    ap.add_argument(
+        "--penalty-only",
+        action="store_true",
+        help="only the workload whose answers a repetition penalty keeps from looping",
+    )
     ap.add_argument("--served", action="store_true", help="also run the served comparison")
     ap.add_argument("--served-only", action="store_true", help="only the served comparison")
     ap.add_argument(
@@ -191,6 +196,8 @@ def main() -> None:
     print(f"{len(prompts)} prompts, {args.max_tokens} max tokens, greedy, batch 1, "
           f"{torch.get_num_threads()} torch threads")  # fmt: skip
     workloads = [("repetitive answers allowed (no penalty)", 1.0)]
+    if args.penalty_only:
+        workloads = []
     if not args.no_penalty_workload:
         workloads.append(("answers kept from looping (repetition_penalty 1.2)", 1.2))
     everything: dict[str, Any] = {}

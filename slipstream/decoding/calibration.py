@@ -67,6 +67,9 @@ class CostModel:
         self.log_ratio = math.log(ratio)
         self.window = window
         self.samples: dict[int, deque[tuple[int, float]]] = {}
+        # choose_size asks for up to 81 predictions in a row; recomputing ~40 bucket
+        # medians for each took ~10% of a batch-1 step on CPU, so they wait for new data.
+        self._points: list[tuple[float, float]] | None = None
 
     def add(self, num_tokens: int, seconds: float) -> None:
         """Record one step."""
@@ -74,14 +77,16 @@ class CostModel:
             return
         key = round(math.log(num_tokens) / self.log_ratio)
         self.samples.setdefault(key, deque(maxlen=self.window)).append((num_tokens, seconds))
+        self._points = None
 
     def points(self) -> list[tuple[float, float]]:
         """(mean N, median seconds) per bucket, by N."""
-        pts = []
-        for key in sorted(self.samples):
-            s = self.samples[key]
-            pts.append((float(np.mean([n for n, _ in s])), float(np.median([t for _, t in s]))))
-        return pts
+        if self._points is None:
+            self._points = [
+                (float(np.mean([n for n, _ in s])), float(np.median([t for _, t in s])))
+                for s in (self.samples[key] for key in sorted(self.samples))
+            ]
+        return self._points
 
     def predict(self, num_tokens: float) -> float | None:
         """Predicted seconds for a step of num_tokens; None before any measurement."""

@@ -21,6 +21,15 @@ the paged KV. Options (`--decoder-config`), defaults per method:
     refresh_interval  HiP: decode steps a mask is reused before it is searched again (8)
     group_pooling     block_topk: "mean" (Kinetics: the GQA group's mean query scores a
                       page) or "max" (each query head scores it, the best counts)
+    page_scoring      block_topk: "mean" (Kinetics: query . page mean key, the page's mean
+                      logit) or "bounds" (Quest, arXiv 2406.10774: an upper bound on the
+                      page's best logit from per-channel min/max keys; twice the summary
+                      memory, finds a page that holds one relevant key)
+    rerank_factor     block_topk: 0 (Kinetics) or F > 0: the page score shortlists F x
+                      top_k pages, and the top_k whose best key logit (exact, over the
+                      page's keys and the group's query heads) is highest are read; costs
+                      reading the shortlist's K (F times the budget), recovers the copy
+                      steps of needle retrieval that page means miss
 
 Where the official defaults differ: HiP ships k=512, window 256 (v1.1; 128 in v1.0), sized
 for 32k-128k contexts; Kinetics' benchmark keeps 64 pages (1024 tokens). Our default model
@@ -30,7 +39,9 @@ context, so decoding actually prunes there. A decode whose context fits the budg
 dense kernel (HiP's "dense for short prompts"), which makes budget >= context exact.
 
 Stats per step: sparse_kv_read_fraction (KV tokens read / available, all layers, decode and
-verification tokens only), sparse_pruned_seqs, sparse_mask_refreshes (HiP).
+verification tokens only), sparse_pruned_seqs, sparse_mask_refreshes (HiP),
+sparse_rerank_k_fraction (block top-k with rerank_factor: keys whose exact logit was
+computed to choose pages, / the same denominator; K only, in addition to the KV read).
 """
 
 from __future__ import annotations
@@ -73,6 +84,8 @@ class SparseAttentionOptions:
     block_k: int = 2
     refresh_interval: int = 8
     group_pooling: str = "mean"
+    page_scoring: str = "mean"
+    rerank_factor: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -81,11 +94,13 @@ class SparseAttentionOptions:
             raise ValueError("set top_k (tokens) or top_k_pages, not both")
         if self.group_pooling not in ("mean", "max"):
             raise ValueError(f"group_pooling must be 'mean' or 'max', got {self.group_pooling!r}")
+        if self.page_scoring not in ("mean", "bounds"):
+            raise ValueError(f"page_scoring must be 'mean' or 'bounds', got {self.page_scoring!r}")
         for name in ("top_k", "top_k_pages", "block_k", "refresh_interval"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        for name in ("sink", "window", "dense_layers"):
+        for name in ("sink", "window", "dense_layers", "rerank_factor"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
@@ -108,7 +123,13 @@ def make_selector(options: SparseAttentionOptions, ctx: DecoderContext) -> Selec
         return HipSelector(geometry, options.refresh_interval)
     page = ctx.block_size
     geometry = Geometry(chunk=page, sink=sink, window=window, top_k=max(1, -(-top_k // page)))
-    return BlockTopkSelector(geometry, ctx.num_kv_blocks, options.group_pooling)
+    return BlockTopkSelector(
+        geometry,
+        ctx.num_kv_blocks,
+        options.group_pooling,
+        options.page_scoring,
+        options.rerank_factor,
+    )
 
 
 class _Shared:
@@ -124,6 +145,7 @@ class _Shared:
         self.pruned = 0
         self.totals = {"steps": 0.0, "kv_read": 0.0, "kv_total": 0.0, "refreshes": 0.0}
         self.totals["pruned_seqs"] = 0.0
+        self.totals["scored_keys"] = 0.0
 
     def plan(self, meta: AttentionMetadata) -> StepPlan:
         """This step's plan, built by the first sparse layer and cached in meta.scratch."""
@@ -155,6 +177,12 @@ class _Shared:
         t["kv_total"] += total
         t["refreshes"] += self.selector.refreshes
         t["pruned_seqs"] += self.pruned
+        scored = self.selector.scored_keys
+        if scored is not None:
+            # Block top-k reranking reads the shortlist's keys: K only, on top of the KV read.
+            stats["sparse_rerank_k_fraction"] = scored / total
+            t["scored_keys"] += scored
+            self.selector.scored_keys = 0.0
         self.decode_kv_tokens = 0
         self.saved = 0.0
         self.pruned = 0
@@ -288,4 +316,9 @@ class SparseAttentionDecoder(Decoder):
             "sparse_mask_refreshes": t["refreshes"],
             "sparse_pruned_seq_steps": t["pruned_seqs"],
             "sparse_decode_steps": t["steps"],
+            **(
+                {"sparse_rerank_k_fraction": t["scored_keys"] / t["kv_total"]}
+                if self.shared.selector.scored_keys is not None
+                else {}
+            ),
         }

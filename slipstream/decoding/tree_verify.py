@@ -232,13 +232,15 @@ class TreeSpecDecoder(Decoder):
                 if not self.drafts_allowed(item.seq):
                     self.totals["standard_path_seqs"] += 1
         targets = self.greedy_targets(values) if values.shape[0] else None
-        seconds = time.perf_counter() - self._t_build
         if fast and targets is not None:
             self._verify_fast(batch, logits, targets, fast, results, spec)
         for i in walk:
             self._verify_walk(batch.items[i].seq, logits.for_item(i), i, results, spec)
         if plain:
             self._sample_plain(batch, logits, targets, plain, results)
+        # Timed through verification: walking a tree node by node (penalties, sampling)
+        # costs per drafted node on top of the forward, and the tree sizer must see it.
+        seconds = time.perf_counter() - self._t_build
         self.observe(fed, values, inputs.num_tokens, seconds)
         return StepResult(
             seqs=results, spec=spec if spec.num_drafts else None, stats=self.step_stats()

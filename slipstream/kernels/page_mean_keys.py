@@ -79,7 +79,7 @@ def page_mean_keys_triton(
     counts: torch.Tensor,  # [num_pages] int32/int64, 1..block_size
 ) -> None:
     """Triton launcher: checks the arguments, then one program per (page, kv head)."""
-    _check_args(k_cache, means, pages, counts)
+    check_page_summary_args(k_cache, {"means": means}, pages, counts)
     num_pages = pages.shape[0]
     if num_pages == 0:
         return
@@ -101,18 +101,23 @@ def page_mean_keys_triton(
     )
 
 
-def _check_args(
-    k_cache: torch.Tensor, means: torch.Tensor, pages: torch.Tensor, counts: torch.Tensor
+def check_page_summary_args(
+    k_cache: torch.Tensor,
+    summaries: dict[str, torch.Tensor],  # name -> [num_blocks, num_kv_heads, head_dim]
+    pages: torch.Tensor,
+    counts: torch.Tensor,
 ) -> None:
     """Raise ValueError naming the first argument whose shape, stride or dtype is wrong."""
     if k_cache.dim() != 4:
         raise ValueError(f"k_cache must be 4-d, got {tuple(k_cache.shape)}")
     expected = (k_cache.shape[0], k_cache.shape[2], k_cache.shape[3])
-    if tuple(means.shape) != expected:
-        raise ValueError(f"means {tuple(means.shape)} must be {expected}")
-    if k_cache.dtype not in _FLOAT_DTYPES or means.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"k_cache/means must be fp16/bf16/fp32, got {k_cache.dtype}/{means.dtype}")
-    for name, t in (("k_cache", k_cache), ("means", means)):
+    for name, t in summaries.items():
+        if tuple(t.shape) != expected:
+            raise ValueError(f"{name} {tuple(t.shape)} must be {expected}")
+    floats = {"k_cache": k_cache, **summaries}
+    for name, t in floats.items():
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} must be fp16/bf16/fp32, got {t.dtype}")
         if t.stride(-1) != 1:
             raise ValueError(f"{name} needs a unit last-dim stride; strides {t.stride()}")
     if pages.dim() != 1 or counts.shape != pages.shape:
@@ -122,7 +127,7 @@ def _check_args(
             raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
         if t.numel() > 1 and t.stride(0) != 1:
             raise ValueError(f"{name} must be contiguous; stride {t.stride()}")
-    devices = {t.device for t in (k_cache, means, pages, counts)}
+    devices = {t.device for t in floats.values()} | {pages.device, counts.device}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
 

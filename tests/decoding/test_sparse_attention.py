@@ -16,7 +16,6 @@ from slipstream.decoding.sparse_attention import SparseAttentionDecoder, SparseA
 from slipstream.engine.attention import AttentionMetadata
 from slipstream.engine.engine import LLMEngine
 from slipstream.engine.sampling_params import SamplingParams
-from slipstream.kernels.page_mean_keys import page_mean_keys_ref
 from slipstream.testing.engines import run_to_completion, tiny_engine_config
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -74,6 +73,10 @@ def test_options_are_validated() -> None:
         decoder_options(DecoderSpec("sparse_attention", {"budget": 3}))
     with pytest.raises(ValueError, match="group_pooling"):
         decoder_options(DecoderSpec("sparse_attention", {"group_pooling": "median"}))
+    with pytest.raises(ValueError, match="rerank_factor"):
+        decoder_options(DecoderSpec("sparse_attention", {"rerank_factor": -1}))
+    with pytest.raises(ValueError, match="page_scoring"):
+        decoder_options(DecoderSpec("sparse_attention", {"page_scoring": "min"}))
     opts = decoder_options(
         DecoderSpec("sparse_attention", {"method": "block_topk", "top_k_pages": 8})
     )
@@ -103,30 +106,10 @@ def test_default_config_prunes_at_needle_lengths() -> None:
         assert budget <= 1024 // 2, (method, budget)
 
 
-@pytest.mark.parametrize("group_pooling", ["mean", "max"])
-def test_block_topk_selection_equals_dense_top_k(group_pooling: str) -> None:
-    """Kinetics' score: mean over the page's keys and the GQA group of the logits ("max":
-    the best head of the group instead); by linearity the decoder computes it from page
-    mean keys. Compare with full logits."""
-    ctx = _ctx(num_blocks=40, block_size=4, kv_heads=2, head_dim=8)
-    opts = SparseAttentionOptions(
-        method="block_topk",
-        top_k_pages=3,
-        sink=4,
-        window=8,
-        dense_layers=0,
-        group_pooling=group_pooling,
-    )
-    dec = SparseAttentionDecoder(opts, ctx)
-    sel = dec.shared.selector
-    k_cache = torch.randn(40, 4, 2, 8)
-    seq_len = 61
-    n_pages = -(-seq_len // 4)
-    table = torch.randperm(40)[:n_pages].int().view(1, -1)
-    means = torch.zeros(40, 2, 8)
-    page_mean_keys_ref(k_cache, means, table[0], torch.full((n_pages,), 4))
-    sel.means[0] = means  # type: ignore[attr-defined]
-    q = torch.randn(1, 6, 8)  # 3 query heads per KV head
+def _select_pages(
+    sel: Any, k_cache: torch.Tensor, table: torch.Tensor, seq_len: int, q: torch.Tensor
+) -> torch.Tensor:  # [H, S] chunk ids
+    """Run the selector's own bookkeeping (summaries of the filled pages) and one decode."""
     meta = AttentionMetadata(
         torch.tensor([0, 1], dtype=torch.int32),
         torch.tensor([seq_len], dtype=torch.int32),
@@ -136,24 +119,138 @@ def test_block_topk_selection_equals_dense_top_k(group_pooling: str) -> None:
         1,
         seq_len,
         seq_ids=[0],
-        query_start_loc_list=[0, 1],
+        query_start_loc_list=[0, seq_len],  # as if the whole sequence were new this step
         seq_lens_list=[seq_len],
     )
+    plan = build_plan(meta, lambda ctx: False)
+    sel.prepare(meta, plan)
+    sel.after_store(0, k_cache, plan)  # summaries of every page of the sequence
+    meta.query_start_loc_list = [0, 1]
     plan = build_plan(meta, sel.prunes)
     sel.prepare(meta, plan)
-    chunks = sel.select(0, q, k_cache, plan)[0]  # [H, S]
+    return sel.select(0, q, k_cache, plan)[0]
+
+
+@pytest.mark.parametrize("page_scoring", ["mean", "bounds"])
+@pytest.mark.parametrize("group_pooling", ["mean", "max"])
+def test_block_topk_selection_equals_dense_top_k(group_pooling: str, page_scoring: str) -> None:
+    """Kinetics' score: mean over the page's keys and the GQA group of the logits ("max":
+    the best head of the group instead); by linearity the decoder computes it from page
+    mean keys. Quest's ("bounds"): sum over channels of max(q * min key, q * max key).
+    Compare with scores computed from the full keys."""
+    ctx = _ctx(num_blocks=40, block_size=4, kv_heads=2, head_dim=8)
+    opts = SparseAttentionOptions(
+        method="block_topk",
+        top_k_pages=3,
+        sink=4,
+        window=8,
+        dense_layers=0,
+        group_pooling=group_pooling,
+        page_scoring=page_scoring,
+    )
+    sel = SparseAttentionDecoder(opts, ctx).shared.selector
+    k_cache = torch.randn(40, 4, 2, 8)
+    seq_len = 61
+    n_pages = -(-seq_len // 4)
+    table = torch.randperm(40)[:n_pages].int().view(1, -1)
+    q = torch.randn(1, 6, 8)  # 3 query heads per KV head
+    chunks = _select_pages(sel, k_cache, table, seq_len, q)
     ctx_len = seq_len - 1
     window_start = (ctx_len - 8) // 4
     keys = k_cache[table[0].long()].reshape(-1, 2, 8)[: window_start * 4]  # [T, H, D]
-    logits = torch.einsum("hgd,thd->hgt", q[0].view(2, 3, 8), keys)  # [H, G, T]
-    per_head = logits.view(2, 3, window_start, 4).mean(-1)  # [H, G, pages]
-    page_scores = per_head.mean(1) if group_pooling == "mean" else per_head.amax(1)
+    queries = q[0].view(2, 3, 8)  # [H, G, D]
+    if group_pooling == "mean":
+        queries = queries.mean(1, keepdim=True)
+    if page_scoring == "mean":
+        logits = torch.einsum("hgd,thd->hgt", queries, keys)  # [H, G, T]
+        per_head = logits.view(2, -1, window_start, 4).mean(-1)  # [H, G, pages]
+    else:
+        paged = keys.view(window_start, 4, 2, 8)
+        low, high = paged.amin(1), paged.amax(1)  # [pages, H, D]
+        qd = queries.unsqueeze(2)  # [H, G, 1, D]
+        per_head = torch.maximum(
+            qd * low.transpose(0, 1).unsqueeze(1), qd * high.transpose(0, 1).unsqueeze(1)
+        ).sum(-1)  # [H, G, pages]
+    page_scores = per_head.amax(1)
     page_scores[:, :1] = float("-inf")  # the sink page is always read, not selected
     for h in range(2):
         want = set(torch.topk(page_scores[h], 3).indices.tolist())
         assert set(chunks[h, :3].tolist()) == want
         fixed = chunks[h, 3:].tolist()
         assert fixed == [0] + list(range(window_start, (ctx_len - 1) // 4 + 1))
+
+
+def test_key_bounds_find_the_page_with_one_matching_key() -> None:
+    """A page whose one key matches the query (a planted fact among 15 unrelated keys, whose
+    mean cancels it) is found by Quest's bounds and missed by the mean key."""
+    torch.manual_seed(0)
+    ctx = _ctx(num_blocks=40, block_size=16, kv_heads=1, head_dim=16)
+    q = torch.randn(1, 1, 16)
+    k_cache = 0.3 * torch.randn(40, 16, 1, 16)
+    needle_page = 5  # logical page; its slot 7 holds the matching key
+    k_cache[needle_page, :, 0] -= 0.25 * q[0, 0]  # the rest of the page leans away from q
+    k_cache[needle_page, 7, 0] = 2.0 * q[0, 0]
+    table = torch.arange(40, dtype=torch.int32).view(1, -1)
+    seq_len = 40 * 16
+    found = {}
+    for scoring in ("mean", "bounds"):
+        opts = SparseAttentionOptions(
+            method="block_topk",
+            top_k_pages=2,
+            sink=16,
+            window=32,
+            dense_layers=0,
+            page_scoring=scoring,
+        )
+        sel = SparseAttentionDecoder(opts, ctx).shared.selector
+        found[scoring] = needle_page in _select_pages(sel, k_cache, table, seq_len, q)[0, :2]
+    assert found == {"mean": False, "bounds": True}
+
+
+def test_rerank_keeps_the_shortlisted_pages_with_the_best_key() -> None:
+    """rerank_factor: page means shortlist F * top_k pages, the best single key logit (any
+    query head of the group) picks top_k of them. Distractor pages whose every key leans a
+    little towards q beat the needle page on the mean; its one strong key wins the rerank."""
+    torch.manual_seed(1)
+    ctx = _ctx(num_blocks=40, block_size=16, kv_heads=1, head_dim=16)
+    q = torch.randn(1, 2, 16)  # two query heads share the KV head
+    k_cache = 0.3 * torch.randn(40, 16, 1, 16)
+    k_cache[10:14, :, 0] += 0.3 * q[0, 1]  # distractors: high mean, no standout key
+    needle_page = 25
+    k_cache[needle_page, 7, 0] = 2.0 * q[0, 1]  # only query head 1 matches it
+    table = torch.arange(40, dtype=torch.int32).view(1, -1)
+    picked = {}
+    for factor in (0, 4):
+        opts = SparseAttentionOptions(
+            method="block_topk",
+            top_k_pages=2,
+            sink=16,
+            window=32,
+            dense_layers=0,
+            group_pooling="max",
+            rerank_factor=factor,
+        )
+        sel = SparseAttentionDecoder(opts, ctx).shared.selector
+        picked[factor] = set(_select_pages(sel, k_cache, table, 40 * 16, q)[0, :2].tolist())
+    # Without reranking: the two best page means (the distractors). With it: the best
+    # single key among the 8 best means, which is the needle's, plus the next best.
+    means = k_cache[1:37, :, 0].mean(1) @ q[0].T  # [36 eligible pages, 2 heads]
+    shortlist = (means.amax(1).topk(8).indices + 1).tolist()
+    assert needle_page in shortlist and picked[0] <= {10, 11, 12, 13}
+    best_key = torch.einsum("psd,gd->psg", k_cache[shortlist, :, 0], q[0]).flatten(1).amax(1)
+    want = {shortlist[i] for i in best_key.topk(2).indices.tolist()}
+    assert needle_page in want and picked[4] == want
+
+
+def test_rerank_reports_the_keys_it_scored(tiny_model_dir: str) -> None:
+    opts = {"method": "block_topk", **SMALL, "top_k": 8, "rerank_factor": 2}
+    eng = _engine(tiny_model_dir, "sparse_attention", opts)
+    out = _tokens(eng)
+    assert all(len(t) == GREEDY.max_tokens for t in out)
+    stats = eng.get_stats()["decoder"]
+    # 2 x 8 tokens' keys scored (2 pages of 4 x 2) per layer of ~100-160 cached: 0.1-0.16.
+    assert 0.05 < stats["sparse_rerank_k_fraction"] < 0.2
+    assert stats["sparse_kv_read_fraction"] < 0.5
 
 
 @pytest.mark.parametrize("method", ["hip", "block_topk"])
@@ -220,6 +317,14 @@ def test_composes_with_token_recycling(
     assert all(len(t) == GREEDY.max_tokens for t in out)
     stats = pruned.get_stats()["decoder"]
     assert stats["sparse_kv_read_fraction"] < 0.6 and stats["sparse_pruned_seq_steps"] > 0
+    # Block top-k reranking scores a verification tree with its tokens' mean query.
+    quest = {"method": "block_topk", **SMALL, "top_k": 8, "rerank_factor": 2}
+    quest |= {"page_scoring": "bounds", "group_pooling": "max"}
+    reranked = _engine(
+        tiny_model_dir, "token_recycling+sparse_attention", {"sparse_attention": quest}
+    )
+    assert all(len(t) == GREEDY.max_tokens for t in _tokens(reranked))
+    assert reranked.get_stats()["decoder"]["sparse_rerank_k_fraction"] > 0
 
 
 def test_composition_rejects_conflicts_and_bad_options() -> None:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from slipstream.kernels.hip_mask import hip_mask_ref, hip_mask_triton
+from slipstream.kernels.page_key_bounds import page_key_bounds_ref, page_key_bounds_triton
 from slipstream.kernels.page_mean_keys import page_mean_keys_ref, page_mean_keys_triton
 from slipstream.kernels.paged_attention import paged_attention_ref
 from slipstream.kernels.sparse_paged_attention import (
@@ -340,4 +341,50 @@ def test_page_mean_keys_triton_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError, match="means"):
         page_mean_keys_triton(
             torch.randn(4, 4, 2, 8), torch.zeros(4, 8), torch.tensor([0]), torch.tensor([1])
+        )
+
+
+# ----------------------------------------------------------------------------- page key bounds
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_page_key_bounds_ref_and_triton(dtype: torch.dtype) -> None:
+    k_cache = torch.randn(9, 4, 3, 20, dtype=dtype)
+    k_cache[7, 3] = 100.0  # beyond page 7's count of 3: must not leak into its bounds
+    pages = torch.tensor([7, 0, 4], dtype=torch.int64)
+    counts = torch.tensor([3, 1, 4], dtype=torch.int64)
+    lows = torch.full((9, 3, 20), 5.0, dtype=dtype)
+    highs = torch.full((9, 3, 20), 5.0, dtype=dtype)
+    page_key_bounds_ref(k_cache, lows, highs, pages, counts)
+    for p, c in zip(pages.tolist(), counts.tolist(), strict=True):
+        assert torch.equal(lows[p], k_cache[p, :c].amin(0))
+        assert torch.equal(highs[p], k_cache[p, :c].amax(0))
+    assert torch.equal(lows[1], torch.full((3, 20), 5.0, dtype=dtype))  # untouched
+    got_lows = torch.full((9, 3, 20), 5.0, dtype=dtype)
+    got_highs = torch.full((9, 3, 20), 5.0, dtype=dtype)
+    page_key_bounds_triton(k_cache, got_lows, got_highs, pages.int(), counts.int())
+    assert torch.equal(got_lows, lows)  # min/max are exact: no tolerance
+    assert torch.equal(got_highs, highs)
+
+
+def test_page_key_bounds_bound_every_logit() -> None:
+    """sum_d max(q_d low_d, q_d high_d) >= q . k for each key of the page (Quest's bound)."""
+    k_cache = torch.randn(6, 16, 2, 32)
+    pages = torch.arange(6)
+    lows, highs = torch.zeros(6, 2, 32), torch.zeros(6, 2, 32)
+    page_key_bounds_ref(k_cache, lows, highs, pages, torch.full((6,), 16))
+    q = torch.randn(2, 32)
+    bound = torch.maximum(q * lows, q * highs).sum(-1)  # [6, 2]
+    logits = torch.einsum("hd,pshd->psh", q, k_cache)  # [6, 16, 2]
+    assert (bound >= logits.amax(1) - 1e-5).all()
+
+
+def test_page_key_bounds_triton_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="highs"):
+        page_key_bounds_triton(
+            torch.randn(4, 4, 2, 8),
+            torch.zeros(4, 2, 8),
+            torch.zeros(4, 8),
+            torch.tensor([0]),
+            torch.tensor([1]),
         )

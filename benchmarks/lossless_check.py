@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/lossless_check.py --dtype float32   # exact arithmetic path
     .venv/bin/python benchmarks/lossless_check.py --dtype bfloat16  # rounding can flip ties
+    .venv/bin/python benchmarks/lossless_check.py --repetition-penalty 1.2  # penalised path
 
 Six builtin prompts (one every 8th), chat template, 64 greedy tokens, batch 1.
 """
@@ -20,9 +21,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--repetition-penalty", type=float, default=1.0)
     args = ap.parse_args()
     prompts = load_builtin(None)[::8][:6]
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    params = SamplingParams(
+        temperature=0.0, max_tokens=args.max_tokens, repetition_penalty=args.repetition_penalty
+    )
     convs = [[dict(m) for m in p.messages] for p in prompts]
     outputs: dict[str, list[list[int]]] = {}
     for name, options in DECODERS:
@@ -32,7 +36,10 @@ def main() -> None:
         print(f"{name}: mean accepted tokens per step {mat}")
     for name, _ in DECODERS[1:]:
         same = sum(a == b for a, b in zip(outputs[name], outputs["standard"], strict=True))
-        print(f"{name}: {same}/{len(convs)} outputs identical to standard ({args.dtype})")
+        print(
+            f"{name}: {same}/{len(convs)} outputs identical to standard ({args.dtype}, "
+            f"repetition_penalty {args.repetition_penalty})"
+        )
 
 
 if __name__ == "__main__":

@@ -137,3 +137,14 @@ def test_cost_model_interpolates_and_extrapolates() -> None:
     assert abs((cost.predict(50) or 0) - 0.06) < 0.003
     assert abs((cost.predict(3000) or 0) - 3.01) < 0.05
     assert CostModel().predict(5) is None
+
+
+def test_cost_model_predictions_follow_new_measurements() -> None:
+    """Bucket medians are cached between measurements; a new one must still count."""
+    cost = CostModel(window=1)
+    cost.add(10, 0.010)
+    assert abs((cost.predict(10) or 0) - 0.010) < 1e-9
+    cost.add(10, 0.030)  # the window of one replaces the old sample
+    assert abs((cost.predict(10) or 0) - 0.030) < 1e-9
+    cost.add(100, 0.100)
+    assert abs((cost.predict(55) or 0) - 0.065) < 1e-9

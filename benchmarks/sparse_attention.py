@@ -189,6 +189,12 @@ def configs(context: int, names: list[str]) -> dict[str, tuple[str, dict[str, An
             **rerank,
         },
     )
+    # One config for every length: a quarter of the context, the selected pages capped at
+    # 48 (768 tokens), so 8k contexts read an eighth.
+    out["block_topk_f_rerank"] = (
+        "sparse_attention",
+        {"method": "block_topk", "budget_fraction": 0.25, "top_k_pages": 48, **rerank},
+    )
     # HiP with its mask searched every 1, 2 or 4 decode steps instead of every 8th.
     for every in (1, 2, 4):
         out[f"hip_q_r{every}"] = (

@@ -25,6 +25,9 @@ the paged KV. Options (`--decoder-config`), defaults per method:
                       logit) or "bounds" (Quest, arXiv 2406.10774: an upper bound on the
                       page's best logit from per-channel min/max keys; twice the summary
                       memory, finds a page that holds one relevant key)
+    budget_fraction   block_topk: None (fixed budget) or f in (0, 1]: read f x the context
+                      (sink + window + current page + selected pages), the selected pages
+                      capped by top_k / top_k_pages when one is set
     rerank_factor     block_topk: 0 (Kinetics) or F > 0: the page score shortlists F x
                       top_k pages, and the top_k whose best key logit (exact, over the
                       page's keys and the group's query heads) is highest are read; costs
@@ -86,6 +89,7 @@ class SparseAttentionOptions:
     group_pooling: str = "mean"
     page_scoring: str = "mean"
     rerank_factor: int = 0
+    budget_fraction: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -100,6 +104,11 @@ class SparseAttentionOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.budget_fraction is not None:
+            if not 0 < self.budget_fraction <= 1:
+                raise ValueError(f"budget_fraction must be in (0, 1], got {self.budget_fraction}")
+            if self.method != "block_topk":
+                raise ValueError("budget_fraction is a block_topk option")
         for name in ("sink", "window", "dense_layers", "rerank_factor"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -122,7 +131,15 @@ def make_selector(options: SparseAttentionOptions, ctx: DecoderContext) -> Selec
         geometry = Geometry(chunk=b_k, sink=sink, window=window, top_k=max(1, top_k // b_k))
         return HipSelector(geometry, options.refresh_interval)
     page = ctx.block_size
-    geometry = Geometry(chunk=page, sink=sink, window=window, top_k=max(1, -(-top_k // page)))
+    if options.budget_fraction is not None and options.top_k is None and not options.top_k_pages:
+        top_k = ctx.max_model_len  # no cap: the fraction alone sizes the budget
+    geometry = Geometry(
+        chunk=page,
+        sink=sink,
+        window=window,
+        top_k=max(1, -(-top_k // page)),
+        budget_fraction=options.budget_fraction,
+    )
     return BlockTopkSelector(
         geometry,
         ctx.num_kv_blocks,

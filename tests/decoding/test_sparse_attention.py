@@ -253,6 +253,54 @@ def test_rerank_reports_the_keys_it_scored(tiny_model_dir: str) -> None:
     assert stats["sparse_kv_read_fraction"] < 0.5
 
 
+def test_budget_fraction_scales_the_selection_with_the_context() -> None:
+    """budget_fraction f: sink + window + current page + selected pages = f x context,
+    the selected pages capped by top_k_pages; in a batch each sequence gets its own."""
+    ctx = _ctx(num_blocks=80, block_size=4, kv_heads=2, head_dim=8)
+    opts = SparseAttentionOptions(
+        method="block_topk",
+        sink=4,
+        window=8,
+        dense_layers=0,
+        budget_fraction=0.5,
+        top_k_pages=12,
+    )
+    sel = SparseAttentionDecoder(opts, ctx).shared.selector
+    g = sel.geometry
+    # (c / 2 - sink page 4 - window 8 - current page 4) // 4, at least 1, at most 12
+    assert [g.top_k_at(c) for c in (40, 60, 200)] == [1, 3, 12]
+    assert not sel.prunes(12) and sel.prunes(60)
+    k_cache = torch.randn(80, 4, 2, 8)
+    lens = [41, 61]  # 40 and 60 cached keys + the new token
+    tables = torch.arange(32, dtype=torch.int32).view(2, 16)
+    meta = AttentionMetadata(
+        torch.tensor([0, 1, 2], dtype=torch.int32),
+        torch.tensor(lens, dtype=torch.int32),
+        tables,
+        torch.tensor([0, 1]),
+        None,
+        2,
+        61,
+        seq_ids=[0, 1],
+        query_start_loc_list=[0, 41, 102],  # everything new: the page summaries get built
+        seq_lens_list=lens,
+    )
+    plan = build_plan(meta, lambda c: False)
+    sel.prepare(meta, plan)
+    sel.after_store(0, k_cache, plan)
+    meta.query_start_loc_list = [0, 1, 2]
+    plan = build_plan(meta, sel.prunes)
+    sel.prepare(meta, plan)
+    chunks = sel.select(0, torch.randn(2, 4, 8), k_cache, plan)  # [2, H, S]
+    width = 3  # the larger sequence's budget; the fixed chunks follow
+    assert ((chunks[0, :, :width] >= 0).sum(-1) == 1).all()
+    assert ((chunks[1, :, :width] >= 0).sum(-1) == 3).all()
+    with pytest.raises(ValueError, match="block_topk option"):
+        SparseAttentionOptions(method="hip", budget_fraction=0.25)
+    with pytest.raises(ValueError, match="budget_fraction"):
+        SparseAttentionOptions(method="block_topk", budget_fraction=1.5)
+
+
 @pytest.mark.parametrize("method", ["hip", "block_topk"])
 def test_budget_covering_context_gives_standard_tokens(
     tiny_model_dir: str, standard_tokens: list[list[int]], method: str

@@ -29,7 +29,17 @@ class Geometry:
     chunk: int  # tokens per chunk (HiP b_k, or the KV page for block top-k)
     sink: int  # always-attended first tokens
     window: int  # always-attended last cached tokens
-    top_k: int  # chunks selected from the region between sink and window
+    top_k: int  # chunks selected from the region between sink and window (the cap, below)
+    # None: a fixed budget. f: the whole read (sink + window + current chunk + selected) is
+    # f x the cached context, the selected part capped at top_k; long contexts stay fast.
+    budget_fraction: float | None = None
+
+    def top_k_at(self, ctx: int) -> int:
+        """Chunks selected for a decode with `ctx` cached keys."""
+        if self.budget_fraction is None:
+            return self.top_k
+        fixed = self.sink_chunks * self.chunk + self.window + self.chunk
+        return max(1, min(self.top_k, int(self.budget_fraction * ctx - fixed) // self.chunk))
 
     @property
     def sink_chunks(self) -> int:
@@ -42,7 +52,7 @@ class Geometry:
 
     def prunes(self, ctx: int) -> bool:
         """Whether the region between sink and window holds more chunks than the budget."""
-        return self.window_start(ctx) - self.sink_chunks > self.top_k
+        return self.window_start(ctx) - self.sink_chunks > self.top_k_at(ctx)
 
     def fixed_chunks(self, ctx: int, window_start: int | None = None) -> list[int]:
         """Sink chunks, then window chunks up to the one holding the last cached key."""
@@ -243,6 +253,8 @@ class _TopkStep:
     ineligible: torch.Tensor | None
     scored: torch.Tensor | None  # [num_pruned * P] physical pages scored, P = num_scored
     num_scored: int  # pages scored per pruned sequence: max region end
+    top_k: int = 0  # pages selected per pruned sequence (the largest, with budget_fraction)
+    per_seq_top_k: torch.Tensor | None = None  # [num_pruned] when the sequences' budgets differ
 
 
 class BlockTopkSelector(Selector):
@@ -303,8 +315,8 @@ class BlockTopkSelector(Selector):
         idx = torch.tensor(flat, dtype=torch.long, device=dev)
         pages = meta.block_tables.reshape(-1).index_select(0, idx).long()
         sp = plan.sparse
-        fixed = ineligible = scored = None
-        num_scored = 0
+        fixed = ineligible = scored = per_seq_top_k = None
+        num_scored = top_k = 0
         if sp is not None:  # per step, not per layer: ~30 layers share these
             fixed = _pad([g.fixed_chunks(c) for c in sp.ctx], dev)
             ends = [g.window_start(c) for c in sp.ctx]
@@ -313,6 +325,10 @@ class BlockTopkSelector(Selector):
             pos = torch.arange(num_scored, device=dev).view(1, -1)
             ineligible = ((pos < g.sink_chunks) | (pos >= region_end)).unsqueeze(1)
             scored = sp.block_tables[:, :num_scored].reshape(-1)
+            ks = [g.top_k_at(c) for c in sp.ctx]
+            top_k = max(ks)
+            if min(ks) != top_k:
+                per_seq_top_k = torch.tensor(ks, dtype=torch.long, device=dev)
         plan.extra["topk"] = _TopkStep(
             pages,
             torch.tensor(counts, dtype=torch.long, device=dev),
@@ -320,6 +336,8 @@ class BlockTopkSelector(Selector):
             ineligible,
             scored,
             num_scored,
+            top_k,
+            per_seq_top_k,
         )
 
     def after_store(self, layer: int, k_cache: torch.Tensor, plan: StepPlan) -> None:
@@ -408,20 +426,24 @@ class BlockTopkSelector(Selector):
         p = step.num_scored
         scores = self._page_scores(layer, qm, step.scored).amax(2)  # [n, H, P]
         scores = scores.masked_fill(step.ineligible, float("-inf"))
-        shortlist = min(self.rerank_factor * g.top_k, p)
-        if shortlist > g.top_k:  # else every scored page is kept anyway
+        k = step.top_k
+        shortlist = min(self.rerank_factor * k, p)
+        if shortlist > k:  # else every scored page is kept anyway
             short = torch.topk(scores, shortlist, dim=-1)
             exact = self._best_key_logits(qh, k_cache, sp.block_tables, short.indices)
             assert self.scored_keys is not None
             self.scored_keys += n * short.indices.shape[-1] * g.chunk
             exact = exact.masked_fill(short.values == float("-inf"), float("-inf"))
-            top = torch.topk(exact, g.top_k, dim=-1)
+            top = torch.topk(exact, k, dim=-1)
             chosen = torch.where(
                 top.values > float("-inf"), short.indices.gather(-1, top.indices), -1
             )
         else:
-            top = torch.topk(scores, min(g.top_k, p), dim=-1)
+            top = torch.topk(scores, min(k, p), dim=-1)
             chosen = torch.where(top.values > float("-inf"), top.indices, -1)
+        if step.per_seq_top_k is not None:  # budget_fraction: fewer pages for shorter contexts
+            rank = torch.arange(chosen.shape[-1], device=chosen.device).view(1, 1, -1)
+            chosen = chosen.masked_fill(rank >= step.per_seq_top_k.view(-1, 1, 1), -1)
         fixed = step.fixed.unsqueeze(1).expand(n, heads, step.fixed.shape[1])
         return torch.cat([chosen, fixed], -1)
 

@@ -106,29 +106,38 @@ def test_default_config_prunes_at_needle_lengths() -> None:
         assert budget <= 1024 // 2, (method, budget)
 
 
-def _select_pages(
-    sel: Any, k_cache: torch.Tensor, table: torch.Tensor, seq_len: int, q: torch.Tensor
-) -> torch.Tensor:  # [H, S] chunk ids
-    """Run the selector's own bookkeeping (summaries of the filled pages) and one decode."""
+def _select_batch(
+    sel: Any, k_cache: torch.Tensor, tables: torch.Tensor, lens: list[int], q: torch.Tensor
+) -> torch.Tensor:  # [num_seqs, H, S] chunk ids
+    """Run the selector's own bookkeeping (summaries of every filled page), then one decode
+    step of the sequences with `lens` tokens (the last one new). q: [num_seqs, heads, D]."""
+    n = len(lens)
     meta = AttentionMetadata(
-        torch.tensor([0, 1], dtype=torch.int32),
-        torch.tensor([seq_len], dtype=torch.int32),
-        table,
-        torch.tensor([0]),
+        torch.arange(n + 1, dtype=torch.int32),
+        torch.tensor(lens, dtype=torch.int32),
+        tables,
+        torch.arange(n),
         None,
-        1,
-        seq_len,
-        seq_ids=[0],
-        query_start_loc_list=[0, seq_len],  # as if the whole sequence were new this step
-        seq_lens_list=[seq_len],
+        n,
+        max(lens),
+        seq_ids=list(range(n)),
+        query_start_loc_list=[sum(lens[:i]) for i in range(n + 1)],  # all new this step
+        seq_lens_list=lens,
     )
     plan = build_plan(meta, lambda ctx: False)
     sel.prepare(meta, plan)
-    sel.after_store(0, k_cache, plan)  # summaries of every page of the sequence
-    meta.query_start_loc_list = [0, 1]
+    sel.after_store(0, k_cache, plan)  # summaries of every page of the sequences
+    meta.query_start_loc_list = list(range(n + 1))
     plan = build_plan(meta, sel.prunes)
     sel.prepare(meta, plan)
-    return sel.select(0, q, k_cache, plan)[0]
+    return sel.select(0, q, k_cache, plan)
+
+
+def _select_pages(
+    sel: Any, k_cache: torch.Tensor, table: torch.Tensor, seq_len: int, q: torch.Tensor
+) -> torch.Tensor:  # [H, S] chunk ids
+    """_select_batch for one sequence."""
+    return _select_batch(sel, k_cache, table, [seq_len], q)[0]
 
 
 @pytest.mark.parametrize("page_scoring", ["mean", "bounds"])
@@ -271,27 +280,9 @@ def test_budget_fraction_scales_the_selection_with_the_context() -> None:
     assert [g.top_k_at(c) for c in (40, 60, 200)] == [1, 3, 12]
     assert not sel.prunes(12) and sel.prunes(60)
     k_cache = torch.randn(80, 4, 2, 8)
-    lens = [41, 61]  # 40 and 60 cached keys + the new token
     tables = torch.arange(32, dtype=torch.int32).view(2, 16)
-    meta = AttentionMetadata(
-        torch.tensor([0, 1, 2], dtype=torch.int32),
-        torch.tensor(lens, dtype=torch.int32),
-        tables,
-        torch.tensor([0, 1]),
-        None,
-        2,
-        61,
-        seq_ids=[0, 1],
-        query_start_loc_list=[0, 41, 102],  # everything new: the page summaries get built
-        seq_lens_list=lens,
-    )
-    plan = build_plan(meta, lambda c: False)
-    sel.prepare(meta, plan)
-    sel.after_store(0, k_cache, plan)
-    meta.query_start_loc_list = [0, 1, 2]
-    plan = build_plan(meta, sel.prunes)
-    sel.prepare(meta, plan)
-    chunks = sel.select(0, torch.randn(2, 4, 8), k_cache, plan)  # [2, H, S]
+    # 40 and 60 cached keys + the new token
+    chunks = _select_batch(sel, k_cache, tables, [41, 61], torch.randn(2, 4, 8))  # [2, H, S]
     width = 3  # the larger sequence's budget; the fixed chunks follow
     assert ((chunks[0, :, :width] >= 0).sum(-1) == 1).all()
     assert ((chunks[1, :, :width] >= 0).sum(-1) == 3).all()

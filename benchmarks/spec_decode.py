@@ -175,6 +175,8 @@ def main() -> None:
     ap.add_argument("--served-prompts", type=int, default=32)
     ap.add_argument("--json", default=None, help="write all results here")
     args = ap.parse_args()
+    if args.penalty_only and args.no_penalty_workload:
+        ap.error("--penalty-only and --no-penalty-workload leave no workload to run")
     if args.served_only:
         served(args)
         return
@@ -195,9 +197,7 @@ def main() -> None:
     configs = [c for c in CONFIGS if not args.configs or c[0] in args.configs.split(",")]
     print(f"{len(prompts)} prompts, {args.max_tokens} max tokens, greedy, batch 1, "
           f"{torch.get_num_threads()} torch threads")  # fmt: skip
-    workloads = [("repetitive answers allowed (no penalty)", 1.0)]
-    if args.penalty_only:
-        workloads = []
+    workloads = [] if args.penalty_only else [("repetitive answers allowed (no penalty)", 1.0)]
     if not args.no_penalty_workload:
         workloads.append(("answers kept from looping (repetition_penalty 1.2)", 1.2))
     everything: dict[str, Any] = {}

@@ -131,7 +131,11 @@ def make_selector(options: SparseAttentionOptions, ctx: DecoderContext) -> Selec
         geometry = Geometry(chunk=b_k, sink=sink, window=window, top_k=max(1, top_k // b_k))
         return HipSelector(geometry, options.refresh_interval)
     page = ctx.block_size
-    if options.budget_fraction is not None and options.top_k is None and not options.top_k_pages:
+    if (
+        options.budget_fraction is not None
+        and options.top_k is None
+        and options.top_k_pages is None
+    ):
         top_k = ctx.max_model_len  # no cap: the fraction alone sizes the budget
     geometry = Geometry(
         chunk=page,

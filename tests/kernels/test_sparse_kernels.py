@@ -10,8 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from slipstream.kernels.hip_mask import hip_mask_ref, hip_mask_triton
-from slipstream.kernels.page_key_bounds import page_key_bounds_ref, page_key_bounds_triton
-from slipstream.kernels.page_mean_keys import page_mean_keys_ref, page_mean_keys_triton
+from slipstream.kernels.page_summaries import (
+    page_key_bounds_ref,
+    page_key_bounds_triton,
+    page_mean_keys_ref,
+    page_mean_keys_triton,
+)
 from slipstream.kernels.paged_attention import paged_attention_ref
 from slipstream.kernels.sparse_paged_attention import (
     sparse_paged_attention_ref,
@@ -385,6 +389,18 @@ def test_page_key_bounds_triton_rejects_bad_shapes() -> None:
             torch.randn(4, 4, 2, 8),
             torch.zeros(4, 2, 8),
             torch.zeros(4, 8),
+            torch.tensor([0]),
+            torch.tensor([1]),
+        )
+
+
+def test_page_key_bounds_triton_rejects_mismatched_strides() -> None:
+    # One kernel addresses lows and highs with one set of strides.
+    with pytest.raises(ValueError, match="strides differ"):
+        page_key_bounds_triton(
+            torch.randn(4, 4, 2, 8),
+            torch.zeros(4, 2, 8),
+            torch.zeros(4, 2, 16)[..., :8],
             torch.tensor([0]),
             torch.tensor([1]),
         )

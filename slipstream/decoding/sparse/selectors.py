@@ -18,8 +18,7 @@ import torch
 from slipstream.decoding.sparse.plan import StepPlan, SubBatch
 from slipstream.engine.attention import AttentionMetadata
 from slipstream.kernels.hip_mask import hip_mask
-from slipstream.kernels.page_key_bounds import page_key_bounds
-from slipstream.kernels.page_mean_keys import page_mean_keys
+from slipstream.kernels.page_summaries import page_key_bounds, page_mean_keys
 
 
 @dataclass(frozen=True)

@@ -121,7 +121,9 @@ def real_text() -> str:
     return " ".join(haystack(random.Random(1), 3000))
 
 
-def make_llm(config: tuple[str, dict[str, Any]], max_len: int) -> Any:
+def make_llm(
+    config: tuple[str, dict[str, Any]], max_len: int, num_kv_blocks: int | None = None
+) -> Any:
     """A bfloat16 LLM with the decoder config (prefix caching off: every run prefills)."""
     from slipstream import LLM
 
@@ -132,12 +134,16 @@ def make_llm(config: tuple[str, dict[str, Any]], max_len: int) -> Any:
         decoder_config=options,
         max_model_len=max_len,
         max_num_batched_tokens=2048,
+        num_kv_blocks=num_kv_blocks,
         enable_prefix_caching=False,
     )
 
 
-def configs(context: int, names: list[str]) -> dict[str, tuple[str, dict[str, Any]]]:
-    """Named decoder configs; 'q' variants keep sink + window + top_k = context / 4."""
+def configs(
+    context: int, names: list[str], extra: dict[str, dict[str, Any]] | None = None
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Named decoder configs; 'q' variants keep sink + window + top_k = context / 4.
+    `extra`: more sparse_attention configs by name (--config NAME=JSON)."""
     quarter = context // 4
     out: dict[str, tuple[str, dict[str, Any]]] = {
         "dense": ("standard", {}),
@@ -201,23 +207,80 @@ def configs(context: int, names: list[str]) -> dict[str, tuple[str, dict[str, An
             "sparse_attention",
             {**out["hip_q"][1], "refresh_interval": every},
         )
+    for name, options in (extra or {}).items():
+        out[name] = ("sparse_attention", options)
+    unknown = [n for n in names if n not in out]
+    if unknown:
+        raise SystemExit(f"unknown config(s) {', '.join(unknown)}; known: {', '.join(out)}")
     return {n: out[n] for n in names}
 
 
-def decode_speed(llm: Any, prompt: list[int], num_tokens: int) -> tuple[float, dict[str, float]]:
-    """(decode tok/s after the prefill, decoder stats) for one greedy request."""
+def parse_extra_configs(items: list[str]) -> dict[str, dict[str, Any]]:
+    """--config NAME=JSON items as {name: sparse_attention options}."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--config expects NAME=JSON, got {item!r}")
+        try:
+            options = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"--config {name}: invalid JSON ({err})") from err
+        if not isinstance(options, dict):
+            raise SystemExit(f"--config {name}: expected a JSON object")
+        out[name] = options
+    return out
+
+
+def interleaved_decode_speed(
+    cfgs: dict[str, tuple[str, dict[str, Any]]],
+    prompt: list[int],
+    num_tokens: int,
+    rounds: int,
+    max_len: int,
+) -> dict[str, dict[str, Any]]:
+    """Decode tok/s of every config on one prompt, timed in interleaved rounds.
+
+    Each config gets its own engine and request (prefilled first); then, `rounds` times,
+    every engine decodes num_tokens / rounds steps in turn (order rotated per round). Memory
+    bandwidth on this shared 2-core machine drifts by up to ~2x over minutes (dense 8k decode
+    measured 105 then 58 ms/step an hour apart), so configs timed minutes apart are not
+    comparable; interleaving puts every config under the same conditions, and the paired
+    per-round ratio to the first config shows the spread.
+    """
     from slipstream.engine.sampling_params import SamplingParams
 
-    eng = llm.engine
-    params = SamplingParams(temperature=0.0, max_tokens=num_tokens + 1, ignore_eos=True)
-    eng.add_request("speed", prompt, params)
-    while all(s.num_output_tokens == 0 for s in eng.seqs.values()):
-        eng.step()
-    start, steps = time.perf_counter(), 0
-    while eng.has_unfinished_requests():
-        eng.step()
-        steps += 1
-    return steps / (time.perf_counter() - start), dict(eng.get_stats().get("decoder", {}))
+    per_round = max(1, num_tokens // rounds)
+    # A KV pool just large enough for the request: every engine stays resident at once.
+    blocks = -(-max_len // 16) + 8
+    engines = {}
+    for name, cfg in cfgs.items():
+        eng = make_llm(cfg, max_len, num_kv_blocks=blocks).engine
+        params = SamplingParams(temperature=0.0, max_tokens=per_round * rounds + 1, ignore_eos=True)
+        eng.add_request("speed", prompt, params)
+        while all(s.num_output_tokens == 0 for s in eng.seqs.values()):
+            eng.step()  # prefill (dense in every config)
+        engines[name] = eng
+    names = list(engines)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            eng = engines[name]
+            start = time.perf_counter()
+            for _ in range(per_round):
+                eng.step()
+            times[name].append(time.perf_counter() - start)
+    base = times[names[0]]
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        ratios = sorted(b / t for b, t in zip(base, times[name], strict=True))
+        out[name] = {
+            "decode_tok_s": per_round * rounds / sum(times[name]),
+            "round_tok_s": [round(per_round / t, 2) for t in times[name]],
+            f"speedup_vs_{names[0]}_rounds": [round(x, 3) for x in ratios],
+            **dict(engines[name].get_stats().get("decoder", {})),
+        }
+    return out
 
 
 def retrieval(llm: Any, prompts: list[tuple[list[int], str]]) -> tuple[int, list[str]]:
@@ -348,12 +411,27 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--contexts", default="2048,4096,8192", help="speed: context lengths")
-    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--decode-tokens", type=int, default=32, help="speed: decode steps per config")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="speed: the decode steps are timed in this many interleaved rounds (see "
+        "interleaved_decode_speed); list dense first to get paired ratios",
+    )
     ap.add_argument("--needle-lengths", default="1024,2048,4096")
     ap.add_argument("--needles", type=int, default=5, help="needles per length (depths spread)")
     ap.add_argument("--ppl-prefix", type=int, default=4096)
     ap.add_argument("--ppl-tokens", type=int, default=128)
     ap.add_argument("--configs", default="dense,hip,block_topk,hip_q,block_topk_q")
+    ap.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="an extra sparse_attention config to measure (name it in --configs too), e.g. "
+        'f2=\'{"method": "block_topk", "rerank_factor": 2}\'; repeatable',
+    )
     ap.add_argument("--parts", default="speed,needles,ppl,kernel")
     ap.add_argument("--kernel-contexts", default="32768,131072")
     ap.add_argument("--kernel-batch", type=int, default=4)
@@ -364,6 +442,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     parts = set(args.parts.split(","))
     names = args.configs.split(",")
+    extra = parse_extra_configs(args.config)
+    configs(8192, names, extra)  # fail on an unknown name before loading any model
     report: dict[str, Any] = {"device": "cuda" if torch.cuda.is_available() else "cpu"}
 
     if "speed" in parts:
@@ -374,27 +454,23 @@ def main() -> None:
             # decoded tokens.
             max_len = min(ctx + args.decode_tokens + 64, MODEL_WINDOW)
             prompt_len = min(ctx, max_len - args.decode_tokens - 2)
-            for name, cfg in configs(ctx, names).items():
-                llm = make_llm(cfg, max_len)
-                if text_ids is None:
-                    text_ids = llm.tokenizer.encode(real_text() * 3, add_special_tokens=False)
-                tps, stats = decode_speed(llm, text_ids[:prompt_len], args.decode_tokens)
-                rows.append(
-                    {
-                        "context": ctx,
-                        "prompt_tokens": prompt_len,
-                        "config": name,
-                        "decode_tok_s": tps,
-                        **stats,
-                    }
-                )
-                print(json.dumps(rows[-1]), flush=True)
-            dense = [
-                r["decode_tok_s"] for r in rows if r["context"] == ctx and r["config"] == "dense"
-            ]
-            for r in rows:
-                if r["context"] == ctx and dense:
-                    r["speedup_vs_dense"] = float(r["decode_tok_s"]) / float(dense[0])
+            if text_ids is None:
+                from slipstream.engine.models.default_model import resolve_model_path
+                from slipstream.engine.tokenizer import load_tokenizer
+
+                tok = load_tokenizer(resolve_model_path(None))
+                text_ids = tok.encode(real_text() * 3, add_special_tokens=False)
+            cfgs = configs(ctx, names, extra)
+            speeds = interleaved_decode_speed(
+                cfgs, text_ids[:prompt_len], args.decode_tokens, args.rounds, max_len
+            )
+            dense = speeds[names[0]]["decode_tok_s"] if names[0] == "dense" else None
+            for name, speed in speeds.items():
+                row = {"context": ctx, "prompt_tokens": prompt_len, "config": name, **speed}
+                if dense:
+                    row["speedup_vs_dense"] = float(speed["decode_tok_s"]) / float(dense)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
         report["speed"] = rows
 
     if "needles" in parts:
@@ -403,7 +479,7 @@ def main() -> None:
         for name in names:
             llm = None
             for length in lengths:
-                cfg = configs(length, names)[name]
+                cfg = configs(length, names, extra)[name]
                 llm = make_llm(cfg, MODEL_WINDOW)
                 rng = random.Random(length)
                 depths = [(i + 0.5) / args.needles for i in range(args.needles)]
@@ -426,7 +502,7 @@ def main() -> None:
 
     if "ppl" in parts:
         rows = []
-        for name, cfg in configs(args.ppl_prefix, names).items():
+        for name, cfg in configs(args.ppl_prefix, names, extra).items():
             llm = make_llm(cfg, MODEL_WINDOW)
             tokens = llm.tokenizer.encode(real_text(), add_special_tokens=False)
             nll = teacher_forced_nll(llm, tokens, args.ppl_prefix, args.ppl_tokens)

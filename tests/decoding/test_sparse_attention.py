@@ -106,13 +106,10 @@ def test_default_config_prunes_at_needle_lengths() -> None:
         assert budget <= 1024 // 2, (method, budget)
 
 
-def _select_batch(
-    sel: Any, k_cache: torch.Tensor, tables: torch.Tensor, lens: list[int], q: torch.Tensor
-) -> torch.Tensor:  # [num_seqs, H, S] chunk ids
-    """Run the selector's own bookkeeping (summaries of every filled page), then one decode
-    step of the sequences with `lens` tokens (the last one new). q: [num_seqs, heads, D]."""
+def _decode_meta(tables: torch.Tensor, lens: list[int]) -> AttentionMetadata:
+    """One decode step (one new token each) of sequences 0..n-1 with `lens` tokens."""
     n = len(lens)
-    meta = AttentionMetadata(
+    return AttentionMetadata(
         torch.arange(n + 1, dtype=torch.int32),
         torch.tensor(lens, dtype=torch.int32),
         tables,
@@ -121,15 +118,21 @@ def _select_batch(
         n,
         max(lens),
         seq_ids=list(range(n)),
-        query_start_loc_list=[sum(lens[:i]) for i in range(n + 1)],  # all new this step
+        query_start_loc_list=list(range(n + 1)),
         seq_lens_list=lens,
     )
-    plan = build_plan(meta, lambda ctx: False)
-    sel.prepare(meta, plan)
-    sel.after_store(0, k_cache, plan)  # summaries of every page of the sequences
-    meta.query_start_loc_list = list(range(n + 1))
+
+
+def _select_batch(
+    sel: Any, k_cache: torch.Tensor, tables: torch.Tensor, lens: list[int], q: torch.Tensor
+) -> torch.Tensor:  # [num_seqs, H, S] chunk ids
+    """One decode step of the sequences with `lens` tokens (the last one new), the
+    selector's own bookkeeping included (as the engine calls it: prepare, after_store,
+    select). q: [num_seqs, heads, D]."""
+    meta = _decode_meta(tables, lens)
     plan = build_plan(meta, sel.prunes)
     sel.prepare(meta, plan)
+    sel.after_store(0, k_cache, plan)  # a first pruned step summarises every page
     return sel.select(0, q, k_cache, plan)
 
 
@@ -187,6 +190,32 @@ def test_block_topk_selection_equals_dense_top_k(group_pooling: str, page_scorin
         assert set(chunks[h, :3].tolist()) == want
         fixed = chunks[h, 3:].tolist()
         assert fixed == [0] + list(range(window_start, (ctx_len - 1) // 4 + 1))
+
+
+def test_page_summaries_are_kept_only_for_pruned_sequences() -> None:
+    """Dense steps summarise nothing; a sequence's first pruned step summarises all its
+    pages, later ones the page being written; when its pages move (preempted and
+    recomputed elsewhere) all of them again."""
+    ctx = _ctx(num_blocks=40, block_size=4, kv_heads=2, head_dim=8)
+    opts = SparseAttentionOptions(
+        method="block_topk", top_k_pages=2, sink=4, window=8, dense_layers=0
+    )
+    sel = SparseAttentionDecoder(opts, ctx).shared.selector
+    first_table = torch.arange(11, dtype=torch.int32).view(1, -1)
+    moved_table = torch.arange(20, 31, dtype=torch.int32).view(1, -1)
+
+    def summarised(table: torch.Tensor, seq_len: int, pruned: bool) -> list[int]:
+        meta = _decode_meta(table, [seq_len])
+        plan = build_plan(meta, sel.prunes if pruned else lambda c: False)
+        sel.prepare(meta, plan)
+        return plan.extra["topk"].pages.tolist()
+
+    assert summarised(first_table, 30, pruned=False) == []
+    assert summarised(first_table, 41, pruned=True) == list(range(11))
+    assert summarised(first_table, 42, pruned=True) == [10]
+    assert summarised(moved_table, 43, pruned=True) == list(range(20, 31))
+    sel.forget(0)
+    assert not sel.summarised
 
 
 def test_key_bounds_find_the_page_with_one_matching_key() -> None:

@@ -322,6 +322,25 @@ def test_budget_fraction_scales_the_selection_with_the_context() -> None:
 
 
 @pytest.mark.parametrize("method", ["hip", "block_topk"])
+def test_dense_below_keeps_short_contexts_dense(tiny_model_dir: str, method: str) -> None:
+    ctx = _ctx(num_blocks=80, block_size=4, kv_heads=2, head_dim=8)
+    geometry = {"sink": 4, "window": 8, "top_k": 8, "dense_layers": 0}
+    pruning = SparseAttentionDecoder(SparseAttentionOptions(method=method, **geometry), ctx)
+    held = SparseAttentionOptions(method=method, dense_below=100, **geometry)
+    held_back = SparseAttentionDecoder(held, ctx)
+    assert pruning.shared.selector.prunes(60) and pruning.shared.selector.prunes(100)
+    assert not held_back.shared.selector.prunes(60) and held_back.shared.selector.prunes(100)
+    # Above every context the engine never prunes (the tiny prompts stay under 200 tokens).
+    eng = _engine(
+        tiny_model_dir, "sparse_attention", {"method": method, **SMALL, "dense_below": 4096}
+    )
+    _tokens(eng)
+    assert eng.get_stats()["decoder"]["sparse_pruned_seq_steps"] == 0
+    with pytest.raises(ValueError, match="dense_below"):
+        SparseAttentionOptions(dense_below=-1)
+
+
+@pytest.mark.parametrize("method", ["hip", "block_topk"])
 def test_budget_covering_context_gives_standard_tokens(
     tiny_model_dir: str, standard_tokens: list[list[int]], method: str
 ) -> None:

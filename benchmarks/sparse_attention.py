@@ -242,17 +242,18 @@ def interleaved_decode_speed(
     """Decode tok/s of every config on one prompt, timed in interleaved rounds.
 
     Each config gets its own engine and request (prefilled first); then, `rounds` times,
-    every engine decodes num_tokens / rounds steps in turn (order rotated per round). Memory
-    bandwidth on this shared 2-core machine drifts by up to ~2x over minutes (dense 8k decode
-    measured 105 then 58 ms/step an hour apart), so configs timed minutes apart are not
-    comparable; interleaving puts every config under the same conditions, and the paired
-    per-round ratio to the first config shows the spread.
+    every engine decodes num_tokens / rounds steps in turn (order rotated per round). On this
+    2-core machine dense 8k decode runs at ~57 or ~110 ms/step depending on the process (six
+    runs a minute apart alternated), so configs timed in separate runs are not comparable;
+    interleaving shares one process and its conditions, and the paired per-round ratio to
+    the first config shows the spread. Repeat the run: engines may still differ.
     """
+    from slipstream.config import CacheConfig
     from slipstream.engine.sampling_params import SamplingParams
 
     per_round = max(1, num_tokens // rounds)
     # A KV pool just large enough for the request: every engine stays resident at once.
-    blocks = -(-max_len // 16) + 8
+    blocks = -(-max_len // CacheConfig.block_size) + 8
     engines = {}
     for name, cfg in cfgs.items():
         eng = make_llm(cfg, max_len, num_kv_blocks=blocks).engine

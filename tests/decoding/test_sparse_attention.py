@@ -45,6 +45,11 @@ def _ctx(
     )
 
 
+def _selector(ctx: DecoderContext, **options: Any) -> Any:
+    """The selector a sparse_attention decoder builds from these options."""
+    return SparseAttentionDecoder(SparseAttentionOptions(**options), ctx).shared.selector
+
+
 def _engine(
     model_dir: str, decoder: str = "standard", options: dict[str, Any] | None = None
 ) -> LLMEngine:
@@ -151,7 +156,8 @@ def test_block_topk_selection_equals_dense_top_k(group_pooling: str, page_scorin
     mean keys. Quest's ("bounds"): sum over channels of max(q * min key, q * max key).
     Compare with scores computed from the full keys."""
     ctx = _ctx(num_blocks=40, block_size=4, kv_heads=2, head_dim=8)
-    opts = SparseAttentionOptions(
+    sel = _selector(
+        ctx,
         method="block_topk",
         top_k_pages=3,
         sink=4,
@@ -160,7 +166,6 @@ def test_block_topk_selection_equals_dense_top_k(group_pooling: str, page_scorin
         group_pooling=group_pooling,
         page_scoring=page_scoring,
     )
-    sel = SparseAttentionDecoder(opts, ctx).shared.selector
     k_cache = torch.randn(40, 4, 2, 8)
     seq_len = 61
     n_pages = -(-seq_len // 4)
@@ -197,10 +202,7 @@ def test_page_summaries_are_kept_only_for_pruned_sequences() -> None:
     pages, later ones the page being written; when its pages move (preempted and
     recomputed elsewhere) all of them again."""
     ctx = _ctx(num_blocks=40, block_size=4, kv_heads=2, head_dim=8)
-    opts = SparseAttentionOptions(
-        method="block_topk", top_k_pages=2, sink=4, window=8, dense_layers=0
-    )
-    sel = SparseAttentionDecoder(opts, ctx).shared.selector
+    sel = _selector(ctx, method="block_topk", top_k_pages=2, sink=4, window=8, dense_layers=0)
     first_table = torch.arange(11, dtype=torch.int32).view(1, -1)
     moved_table = torch.arange(20, 31, dtype=torch.int32).view(1, -1)
 
@@ -232,7 +234,8 @@ def test_key_bounds_find_the_page_with_one_matching_key() -> None:
     seq_len = 40 * 16
     found = {}
     for scoring in ("mean", "bounds"):
-        opts = SparseAttentionOptions(
+        sel = _selector(
+            ctx,
             method="block_topk",
             top_k_pages=2,
             sink=16,
@@ -240,7 +243,6 @@ def test_key_bounds_find_the_page_with_one_matching_key() -> None:
             dense_layers=0,
             page_scoring=scoring,
         )
-        sel = SparseAttentionDecoder(opts, ctx).shared.selector
         found[scoring] = needle_page in _select_pages(sel, k_cache, table, seq_len, q)[0, :2]
     assert found == {"mean": False, "bounds": True}
 
@@ -259,7 +261,8 @@ def test_rerank_keeps_the_shortlisted_pages_with_the_best_key() -> None:
     table = torch.arange(40, dtype=torch.int32).view(1, -1)
     picked = {}
     for factor in (0, 4):
-        opts = SparseAttentionOptions(
+        sel = _selector(
+            ctx,
             method="block_topk",
             top_k_pages=2,
             sink=16,
@@ -268,7 +271,6 @@ def test_rerank_keeps_the_shortlisted_pages_with_the_best_key() -> None:
             group_pooling="max",
             rerank_factor=factor,
         )
-        sel = SparseAttentionDecoder(opts, ctx).shared.selector
         picked[factor] = set(_select_pages(sel, k_cache, table, 40 * 16, q)[0, :2].tolist())
     # Without reranking: the two best page means (the distractors). With it: the best
     # single key among the 8 best means, which is the needle's, plus the next best.
@@ -295,7 +297,8 @@ def test_budget_fraction_scales_the_selection_with_the_context() -> None:
     """budget_fraction f: sink + window + current page + selected pages = f x context,
     the selected pages capped by top_k_pages; in a batch each sequence gets its own."""
     ctx = _ctx(num_blocks=80, block_size=4, kv_heads=2, head_dim=8)
-    opts = SparseAttentionOptions(
+    sel = _selector(
+        ctx,
         method="block_topk",
         sink=4,
         window=8,
@@ -303,7 +306,6 @@ def test_budget_fraction_scales_the_selection_with_the_context() -> None:
         budget_fraction=0.5,
         top_k_pages=12,
     )
-    sel = SparseAttentionDecoder(opts, ctx).shared.selector
     g = sel.geometry
     # (c / 2 - sink page 4 - window 8 - current page 4) // 4, at least 1, at most 12
     assert [g.top_k_at(c) for c in (40, 60, 200)] == [1, 3, 12]
@@ -325,11 +327,10 @@ def test_budget_fraction_scales_the_selection_with_the_context() -> None:
 def test_dense_below_keeps_short_contexts_dense(tiny_model_dir: str, method: str) -> None:
     ctx = _ctx(num_blocks=80, block_size=4, kv_heads=2, head_dim=8)
     geometry = {"sink": 4, "window": 8, "top_k": 8, "dense_layers": 0}
-    pruning = SparseAttentionDecoder(SparseAttentionOptions(method=method, **geometry), ctx)
-    held = SparseAttentionOptions(method=method, dense_below=100, **geometry)
-    held_back = SparseAttentionDecoder(held, ctx)
-    assert pruning.shared.selector.prunes(60) and pruning.shared.selector.prunes(100)
-    assert not held_back.shared.selector.prunes(60) and held_back.shared.selector.prunes(100)
+    pruning = _selector(ctx, method=method, **geometry)
+    held_back = _selector(ctx, method=method, dense_below=100, **geometry)
+    assert pruning.prunes(60) and pruning.prunes(100)
+    assert not held_back.prunes(60) and held_back.prunes(100)
     # Above every context the engine never prunes (the tiny prompts stay under 200 tokens).
     eng = _engine(
         tiny_model_dir, "sparse_attention", {"method": method, **SMALL, "dense_below": 4096}

@@ -376,9 +376,10 @@ def test_sparse_path_with_everything_selected_matches_dense(tiny_model_dir: str)
     assert eng.get_stats()["decoder"]["sparse_pruned_seq_steps"] > 0
 
 
-def test_hip_refreshes_masks_every_interval(tiny_model_dir: str) -> None:
+@pytest.mark.parametrize("method", ["hip", "block_topk"])
+def test_selection_refreshes_every_interval(tiny_model_dir: str, method: str) -> None:
     eng = _engine(
-        tiny_model_dir, "sparse_attention", {"method": "hip", "refresh_interval": 4, **SMALL}
+        tiny_model_dir, "sparse_attention", {"method": method, "refresh_interval": 4, **SMALL}
     )
     eng.add_request("r", PROMPTS[0], GREEDY)
     refreshes = []
@@ -388,6 +389,48 @@ def test_hip_refreshes_masks_every_interval(tiny_model_dir: str) -> None:
             refreshes.append(eng.last_stats.decoder["sparse_mask_refreshes"])
     # 11 decode steps after the prefill step samples the first token.
     assert refreshes[:11] == [1, 0, 0, 0] * 2 + [1, 0, 0]
+
+
+def test_block_topk_reuses_its_pages_between_refreshes() -> None:
+    """refresh_interval 3: steps 2 and 3 keep step 1's pages whatever the query, summarise
+    nothing, and stretch the window back to where step 1's scored region ended (no page
+    decoded since is skipped); step 4 chooses again, catching up the summaries."""
+    ctx = _ctx(num_blocks=40, block_size=4, kv_heads=1, head_dim=8)
+    sel = _selector(
+        ctx,
+        method="block_topk",
+        top_k_pages=2,
+        sink=4,
+        window=8,
+        dense_layers=0,
+        refresh_interval=3,
+    )
+    k_cache = torch.randn(40, 4, 1, 8)
+    table = torch.randperm(40)[:12].int().view(1, -1)
+    # 42, 43, 44, 45 cached keys: the window starts at page 8, 8, 9, 9
+    picked, fixed, dirty = [], [], []
+    for step, seq_len in enumerate((43, 44, 45, 46)):
+        q = torch.randn(1, 2, 8) * (1 if step % 2 == 0 else -1)
+        meta = _decode_meta(table, [seq_len])
+        plan = build_plan(meta, sel.prunes)
+        sel.prepare(meta, plan)
+        dirty.append(plan.extra["topk"].pages.numel())
+        sel.after_store(0, k_cache, plan)
+        chunks = sel.select(0, q, k_cache, plan)[0, 0].tolist()
+        picked.append(sorted(chunks[:2]))
+        fixed.append(chunks[2:])
+        if step == 3:
+            page_scores = torch.einsum(
+                "d,pd->p", q[0].mean(0), k_cache[table[0, :9].long(), :, 0].mean(1)
+            )
+            page_scores[0] = float("-inf")  # sink
+            assert picked[3] == sorted(torch.topk(page_scores, 2).indices.tolist())
+    assert picked[0] == picked[1] == picked[2]
+    assert dirty == [11, 0, 0, 2]  # first choice: all pages; then those written since
+    assert fixed[:3] == [[0, 8, 9, 10]] * 3  # the window reaches back to page 8
+    assert fixed[3] == [0, 9, 10, 11]
+    sel.forget(0)
+    assert not sel.seqs and not sel.summarised
 
 
 def test_composes_with_token_recycling(

@@ -148,7 +148,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("lens, num_q, is_tree", CASES)
-@pytest.mark.parametrize("chunk", [2, 4])
+@pytest.mark.parametrize("chunk", [2, 3, 4])  # 3 does not tile the 4-slot pages
 def test_reference_matches_masked_dense_math(
     lens: list[int], num_q: list[int], is_tree: bool, chunk: int
 ) -> None:
@@ -161,6 +161,33 @@ def test_reference_matches_masked_dense_math(
         expected,
         **TOL[torch.float32],
     )
+
+
+def test_step_cache_is_reused_across_layers_with_different_chunks() -> None:
+    # One step, two "layers": the same tables and lengths, different chunks and K/V. The
+    # decode maps built by the first call serve the second, whose output must still match
+    # the plain math for its own chunks.
+    lens, num_q = [13, 33, 9, 20], [1, 1, 0, 1]  # one sequence without a new token
+    tables = _batch(lens, num_q)["block_tables"]
+    cache: dict[str, object] = {}
+    built = None
+    for _ in range(2):
+        batch = {**_batch(lens, num_q), "block_tables": tables}
+        chunks = _random_chunks(lens, num_q, 2, 2)
+        got = sparse_paged_attention_ref(
+            *(batch[k] for k in ("q", "k_cache", "v_cache", "block_tables")),
+            batch["query_start_loc"],
+            batch["seq_lens"],
+            chunks,
+            2,
+            SCALE,
+            None,
+            cache,
+        )
+        assert list(cache) == ["sparse_decode:2"]
+        built = built or cache["sparse_decode:2"]
+        assert cache["sparse_decode:2"] is built
+        assert_close_verbose(got, _naive(batch, chunks, 2, None), **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("lens, num_q, is_tree", CASES)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from slipstream.decoding.sparse.plan import StepPlan, SubBatch
 from slipstream.engine.attention import AttentionMetadata
@@ -249,18 +250,35 @@ class HipSelector(Selector):
 
 
 @dataclass
-class _TopkStep:
-    """This step's dirty pages and the pruned sequences' fixed pages."""
+class _TopkSeq:
+    """One pruned sequence's selection, reused between refreshes."""
 
-    pages: torch.Tensor  # [num_dirty] int64 physical pages whose mean key is recomputed
+    ctx: int  # cached keys when the pages were chosen
+    region_end: int  # the scored region ended here (pages); the window covers the rest
+    uses: int = 0  # steps the selection has served
+    chosen: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [H, k] int64
+
+
+@dataclass
+class _TopkStep:
+    """This step's refresh set, dirty pages and the pruned sequences' fixed pages."""
+
+    pages: torch.Tensor  # [num_dirty] int64 physical pages whose summary is recomputed
     counts: torch.Tensor  # [num_dirty] int64 filled slots of each
     fixed: torch.Tensor | None  # [num_pruned, W] int64 sink + window pages
-    # [num_pruned, 1, P] bool: pages that cannot be selected (sink, window, past the context)
-    ineligible: torch.Tensor | None
-    scored: torch.Tensor | None  # [num_pruned * P] physical pages scored, P = num_scored
-    num_scored: int  # pages scored per pruned sequence: max region end
-    top_k: int = 0  # pages selected per pruned sequence (the largest, with budget_fraction)
-    per_seq_top_k: torch.Tensor | None = None  # [num_pruned] when the sequences' budgets differ
+    refresh: list[int] = field(default_factory=list)  # positions in plan.sparse choosing anew
+    rows: torch.Tensor | None = None  # [rows] of the pruned q that belong to `refresh`
+    num_q: list[int] = field(default_factory=list)  # new tokens of each refreshing sequence
+    tables: torch.Tensor | None = None  # [R, max_blocks] int32 block tables of `refresh`
+    # [R, 1, P] bool: pages that cannot be selected (sink, window, past the context)
+    ineligible: torch.Tensor | None = None
+    scored: torch.Tensor | None = None  # [R * P] physical pages scored, P = num_scored
+    num_scored: int = 0  # pages scored per refreshing sequence: max region end
+    top_k: int = 0  # pages selected per refreshing sequence (the largest, with budget_fraction)
+    per_seq_top_k: torch.Tensor | None = None  # [R] when the sequences' budgets differ
+    # rerank: ([R, P] int64 first k_cache row of each scored page, [1, H, 1, block_size]
+    # int64 row offset of slot s of head h), built by the first layer that reranks
+    key_rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class BlockTopkSelector(Selector):
@@ -273,6 +291,7 @@ class BlockTopkSelector(Selector):
         group_pooling: str = "mean",
         page_scoring: str = "mean",
         rerank_factor: int = 0,
+        refresh_interval: int = 1,
     ) -> None:
         super().__init__(geometry)
         self.num_kv_blocks = num_kv_blocks
@@ -290,6 +309,12 @@ class BlockTopkSelector(Selector):
         # the shortlist's keys costs rerank_factor times the selected pages' K.
         self.rerank_factor = rerank_factor
         self.scored_keys = 0.0 if rerank_factor > 0 else None
+        # 1 (Kinetics, Quest): pages chosen every decode step. N > 1: a sequence's pages are
+        # reused for N steps, as HiP reuses its masks; the window stretches back to where the
+        # scored region ended, so no key decoded since is skipped. Choosing is most of the
+        # sparse path's per-layer cost on CPU (scores, top-k, rerank: ~60% at 8k).
+        self.refresh_interval = refresh_interval
+        self.seqs: dict[int, _TopkSeq] = {}
         # layer -> [num_kv_blocks, H, D] mean keys, or [num_kv_blocks, H, 2 D] = (high | low)
         # so that one gather and one product score a page (see _page_scores)
         self.summaries: dict[int, torch.Tensor] = {}
@@ -298,22 +323,65 @@ class BlockTopkSelector(Selector):
         self.summarised: dict[int, tuple[int, torch.Tensor]] = {}
 
     def prepare(self, meta: AttentionMetadata, plan: StepPlan) -> None:
-        """Pages whose summaries the pruned sequences need refreshed, and per-step tensors.
+        """Which pruned sequences choose pages anew, the pages whose summaries they need
+        refreshed, and per-step tensors.
 
-        Summaries are kept lazily: only sequences pruned this step update theirs, so prefill
-        steps and short (dense) decodes pay nothing (measured at 256 tokens of context, eager
-        upkeep cost 9% of decode speed). A sequence's first pruned step summarises all of
-        its pages; later steps only the pages written since (tree verification compacts
-        accepted KV into pages from the previous step's first new token, so from there).
+        Summaries are kept lazily: only sequences choosing pages this step update theirs, so
+        prefill steps, short (dense) decodes and steps that reuse a selection pay nothing
+        (measured at 256 tokens of context, eager upkeep cost 9% of decode speed). A
+        sequence's first choice summarises all of its pages; later ones only the pages
+        written since (tree verification compacts accepted KV into pages from the previous
+        step's first new token, so from there).
         """
+        self.refreshes = 0
+        sp = plan.sparse
+        if sp is None:
+            plan.extra["topk"] = _TopkStep(*self._dirty_pages(meta, []), None)
+            return
         g = self.geometry
-        page = g.chunk
+        refresh: list[int] = []
+        fixed: list[list[int]] = []
+        for i, (sid, ctx) in enumerate(zip(sp.seq_ids, sp.ctx, strict=True)):
+            st = self.seqs.get(sid)
+            # ctx < st.ctx: preempted and recomputed, or rolled back: the chosen pages may
+            # lie past the context.
+            if st is None or st.uses >= self.refresh_interval or ctx < st.ctx:
+                st = _TopkSeq(ctx=ctx, region_end=g.window_start(ctx))
+                self.seqs[sid] = st
+                refresh.append(i)
+            st.uses += 1
+            fixed.append(g.fixed_chunks(ctx, min(g.window_start(ctx), st.region_end)))
+        self.refreshes = len(refresh)
+        dev = meta.block_tables.device
+        step = _TopkStep(*self._dirty_pages(meta, [sp.index[i] for i in refresh]), _pad(fixed, dev))
+        step.refresh = refresh
+        plan.extra["topk"] = step
+        if not refresh:
+            return
+        # Per step, not per layer: ~30 layers share these.
+        step.rows, _, step.tables = _subset(sp, refresh)
+        step.num_q = [sp.num_q[i] for i in refresh]
+        ends = [self.seqs[sp.seq_ids[i]].region_end for i in refresh]
+        step.num_scored = max(ends)
+        region_end = torch.tensor(ends, dtype=torch.long, device=dev).view(-1, 1)
+        pos = torch.arange(step.num_scored, device=dev).view(1, -1)
+        step.ineligible = ((pos < g.sink_chunks) | (pos >= region_end)).unsqueeze(1)
+        step.scored = step.tables[:, : step.num_scored].reshape(-1)
+        ks = [g.top_k_at(sp.ctx[i]) for i in refresh]
+        step.top_k = max(ks)
+        if min(ks) != step.top_k:
+            step.per_seq_top_k = torch.tensor(ks, dtype=torch.long, device=dev)
+
+    def _dirty_pages(
+        self, meta: AttentionMetadata, batch_index: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # ([num_dirty] int64 pages, [num_dirty] counts)
+        """Physical pages whose summaries sequences `batch_index` (of meta) need updated."""
+        page = self.geometry.chunk
         flat: list[int] = []
         counts: list[int] = []
         width = meta.block_tables.shape[1]
         starts = meta.query_start_loc_list
-        sp = plan.sparse
-        for b in [] if sp is None else sp.index:
+        for b in batch_index:
             n = starts[b + 1] - starts[b]
             seq_len = meta.seq_lens_list[b]
             last = (seq_len - 1) // page
@@ -333,30 +401,7 @@ class BlockTopkSelector(Selector):
         dev = meta.block_tables.device
         idx = torch.tensor(flat, dtype=torch.long, device=dev)
         pages = meta.block_tables.reshape(-1).index_select(0, idx).long()
-        fixed = ineligible = scored = per_seq_top_k = None
-        num_scored = top_k = 0
-        if sp is not None:  # per step, not per layer: ~30 layers share these
-            fixed = _pad([g.fixed_chunks(c) for c in sp.ctx], dev)
-            ends = [g.window_start(c) for c in sp.ctx]
-            num_scored = max(ends)
-            region_end = torch.tensor(ends, dtype=torch.long, device=dev).view(-1, 1)
-            pos = torch.arange(num_scored, device=dev).view(1, -1)
-            ineligible = ((pos < g.sink_chunks) | (pos >= region_end)).unsqueeze(1)
-            scored = sp.block_tables[:, :num_scored].reshape(-1)
-            ks = [g.top_k_at(c) for c in sp.ctx]
-            top_k = max(ks)
-            if min(ks) != top_k:
-                per_seq_top_k = torch.tensor(ks, dtype=torch.long, device=dev)
-        plan.extra["topk"] = _TopkStep(
-            pages,
-            torch.tensor(counts, dtype=torch.long, device=dev),
-            fixed,
-            ineligible,
-            scored,
-            num_scored,
-            top_k,
-            per_seq_top_k,
-        )
+        return pages, torch.tensor(counts, dtype=torch.long, device=dev)
 
     def after_store(self, layer: int, k_cache: torch.Tensor, plan: StepPlan) -> None:
         """Recompute the summaries of the pages this step wrote."""
@@ -368,6 +413,8 @@ class BlockTopkSelector(Selector):
             summary = torch.zeros(shape, dtype=k_cache.dtype, device=k_cache.device)
             self.summaries[layer] = summary
         step: _TopkStep = plan.extra["topk"]
+        if not step.pages.numel():
+            return
         if self.page_scoring == "mean":
             page_mean_keys(k_cache, summary, step.pages, step.counts)
         else:
@@ -396,20 +443,18 @@ class BlockTopkSelector(Selector):
     def _best_key_logits(
         qh: torch.Tensor,  # [n, H, G, D] fp32, every query head of each group
         k_cache: torch.Tensor,  # [num_blocks, block_size, H, D]
-        block_tables: torch.Tensor,  # [n, max_blocks] int32
+        page_rows: torch.Tensor,  # [n, P] int64 first row of each scored page (see _choose)
+        offsets: torch.Tensor,  # [1, H, 1, block_size] int64 row of slot s of head h
         pages: torch.Tensor,  # [n, H, C] int64 logical pages (a shortlist per KV head)
     ) -> torch.Tensor:  # [n, H, C] fp32
         """Each shortlisted page's highest q . k over its keys and the group's query heads."""
         n, heads, c = pages.shape
         block_size, head_dim = k_cache.shape[1], k_cache.shape[3]
-        physical = block_tables.long().gather(1, pages.view(n, -1)).view(n, heads, c, 1)
         # Rows of k_cache viewed as [num_blocks * block_size * H, D]: one contiguous D-vector
         # per (page, slot, head). A flat index_select + bmm runs ~1.8x faster on CPU than
         # advanced indexing + einsum (376 pages x 16 slots x 3 heads: 0.30 vs 0.57 ms).
-        slot = torch.arange(block_size, device=pages.device).view(1, 1, 1, -1)
-        head = torch.arange(heads, device=pages.device).view(1, -1, 1, 1)
-        rows = (physical * block_size + slot) * heads + head  # [n, H, C, block_size]
-        keys = k_cache.view(-1, head_dim).index_select(0, rows.view(-1))
+        first = page_rows.gather(1, pages.view(n, -1)).view(n, heads, c, 1)
+        keys = k_cache.view(-1, head_dim).index_select(0, (first + offsets).view(-1))
         keys = keys.view(n * heads, c * block_size, head_dim)
         group = qh.shape[2]
         query = qh.to(keys.dtype).reshape(n * heads, group, head_dim).transpose(1, 2)
@@ -423,22 +468,49 @@ class BlockTopkSelector(Selector):
         k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
         plan: StepPlan,
     ) -> torch.Tensor:  # [num_pruned, num_kv_heads, max_chunks] int64
-        """Top-k pages by the page score (optionally reranked by exact key logits), plus
-        sink and window pages."""
+        """Top-k pages (chosen anew for the refreshing sequences, else reused), plus sink and
+        window pages."""
         sp = plan.sparse
         assert sp is not None
         step: _TopkStep = plan.extra["topk"]
-        assert step.fixed is not None and step.ineligible is not None and step.scored is not None
-        g = self.geometry
+        assert step.fixed is not None
+        n, heads = sp.size, k_cache.shape[2]
+        chosen: torch.Tensor | None = None
+        if step.refresh:
+            q_r = q if step.rows is None else q.index_select(0, step.rows)
+            found = self._choose(layer, q_r, k_cache, step)  # [R, H, k]
+            for j, i in enumerate(step.refresh):
+                self.seqs[sp.seq_ids[i]].chosen[layer] = found[j]
+            if len(step.refresh) == n:
+                chosen = found
+        if chosen is None:
+            kept = [self.seqs[sid].chosen[layer] for sid in sp.seq_ids]
+            width = max(c.shape[-1] for c in kept)
+            # Sequences chosen at different steps may keep different budgets (budget_fraction).
+            kept = [F.pad(c, (0, width - c.shape[-1]), value=-1) for c in kept]
+            chosen = torch.stack(kept)
+        fixed = step.fixed.unsqueeze(1).expand(n, heads, step.fixed.shape[1])
+        return torch.cat([chosen, fixed], -1)
+
+    def _choose(
+        self,
+        layer: int,
+        q: torch.Tensor,  # [rows, num_heads, head_dim], the refreshing sequences' rows
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        step: _TopkStep,
+    ) -> torch.Tensor:  # [R, num_kv_heads, top_k] int64 logical pages, -1 padded
+        """Top-k pages by the page score, optionally reranked by exact key logits."""
+        assert step.ineligible is not None and step.scored is not None
+        assert step.tables is not None
         heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-        n = sp.size
+        n = len(step.refresh)
         qh = q.float().view(q.shape[0], heads, -1, head_dim)  # [rows, H, G, D]
         if qh.shape[0] != n:  # a verification tree: its tokens' mean query per sequence
             seg = torch.repeat_interleave(
-                torch.arange(n, device=q.device), torch.tensor(sp.num_q, device=q.device)
+                torch.arange(n, device=q.device), torch.tensor(step.num_q, device=q.device)
             )
             qh = torch.zeros(n, *qh.shape[1:], device=q.device).index_add_(0, seg, qh)
-            qh = qh / torch.tensor(sp.num_q, device=q.device, dtype=qh.dtype).view(-1, 1, 1, 1)
+            qh = qh / torch.tensor(step.num_q, device=q.device, dtype=qh.dtype).view(-1, 1, 1, 1)
         # qh: [n, H, G, D]; Kinetics scores with the group's mean query
         qm = qh.mean(2, keepdim=True) if self.group_pooling == "mean" else qh
         p = step.num_scored
@@ -448,9 +520,17 @@ class BlockTopkSelector(Selector):
         shortlist = min(self.rerank_factor * k, p)
         if shortlist > k:  # else every scored page is kept anyway
             short = torch.topk(scores, shortlist, dim=-1)
-            exact = self._best_key_logits(qh, k_cache, sp.block_tables, short.indices)
+            if step.key_rows is None:  # once per step: every layer shares the tables
+                block_size = k_cache.shape[1]
+                slot = torch.arange(block_size, device=q.device).view(1, 1, 1, -1)
+                head = torch.arange(heads, device=q.device).view(1, -1, 1, 1)
+                step.key_rows = (
+                    step.tables[:, :p].long() * (block_size * heads),
+                    slot * heads + head,
+                )
+            exact = self._best_key_logits(qh, k_cache, *step.key_rows, short.indices)
             assert self.scored_keys is not None
-            self.scored_keys += n * short.indices.shape[-1] * g.chunk
+            self.scored_keys += n * short.indices.shape[-1] * self.geometry.chunk
             exact = exact.masked_fill(short.values == float("-inf"), float("-inf"))
             top = torch.topk(exact, k, dim=-1)
             chosen = torch.where(
@@ -462,9 +542,9 @@ class BlockTopkSelector(Selector):
         if step.per_seq_top_k is not None:  # budget_fraction: fewer pages for shorter contexts
             rank = torch.arange(chosen.shape[-1], device=chosen.device).view(1, 1, -1)
             chosen = chosen.masked_fill(rank >= step.per_seq_top_k.view(-1, 1, 1), -1)
-        fixed = step.fixed.unsqueeze(1).expand(n, heads, step.fixed.shape[1])
-        return torch.cat([chosen, fixed], -1)
+        return chosen
 
     def forget(self, seq_id: int) -> None:
-        """Drop the sequence's page bookkeeping."""
+        """Drop the sequence's selection and page bookkeeping."""
+        self.seqs.pop(seq_id, None)
         self.summarised.pop(seq_id, None)

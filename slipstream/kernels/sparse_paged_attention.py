@@ -536,29 +536,7 @@ def sparse_paged_attention(
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Public op: Triton on CUDA, the reference elsewhere (see kernels/_dispatch.py).
     step_cache: see sparse_paged_attention_ref (the Triton kernel needs none)."""
+    args = (q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, chunks, chunk_size)
     if not use_triton(q):
-        return sparse_paged_attention_ref(
-            q,
-            k_cache,
-            v_cache,
-            block_tables,
-            query_start_loc,
-            seq_lens,
-            chunks,
-            chunk_size,
-            scale,
-            tree_mask,
-            step_cache,
-        )
-    return sparse_paged_attention_triton(
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        query_start_loc,
-        seq_lens,
-        chunks,
-        chunk_size,
-        scale,
-        tree_mask,
-    )
+        return sparse_paged_attention_ref(*args, scale, tree_mask, step_cache)
+    return sparse_paged_attention_triton(*args, scale, tree_mask)

@@ -114,17 +114,40 @@ class Selector:
         """Drop a finished sequence's state."""
 
 
-# ----------------------------------------------------------------------------- HiP
-
-
 @dataclass
-class _HipSeq:
-    """One sequence's cached masks."""
+class _Reused:
+    """One sequence's selection, reused between refreshes (HiP masks, block top-k pages)."""
 
-    ctx: int  # cached keys when the masks were computed
+    ctx: int  # cached keys when the selection was made
     region_end: int  # the searched region ended here (chunks); the window covers the rest
-    uses: int = 0  # steps the masks have served
-    masks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [H, K] int64
+    uses: int = 0  # steps the selection has served
+    chunks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [H, K] int64
+
+
+def plan_refreshes(
+    seqs: dict[int, _Reused], sp: SubBatch, geometry: Geometry, interval: int
+) -> tuple[list[int], list[list[int]]]:
+    """(positions in sp whose selection is made anew this step, every pruned sequence's
+    fixed chunks); starts a fresh _Reused for each refreshing sequence."""
+    g = geometry
+    refresh: list[int] = []
+    fixed: list[list[int]] = []
+    for i, (sid, ctx) in enumerate(zip(sp.seq_ids, sp.ctx, strict=True)):
+        st = seqs.get(sid)
+        # ctx < st.ctx: preempted and recomputed (or rolled back); the old selection may
+        # name chunks that are no longer cached.
+        if st is None or st.uses >= interval or ctx < st.ctx:
+            st = _Reused(ctx=ctx, region_end=g.window_start(ctx))
+            seqs[sid] = st
+            refresh.append(i)
+        st.uses += 1
+        # Between refreshes the window stretches back to where the searched region ended,
+        # so the tokens decoded since are never skipped (at most N - 1 extra).
+        fixed.append(g.fixed_chunks(ctx, min(g.window_start(ctx), st.region_end)))
+    return refresh, fixed
+
+
+# ----------------------------------------------------------------------------- HiP
 
 
 @dataclass
@@ -168,7 +191,7 @@ class HipSelector(Selector):
     def __init__(self, geometry: Geometry, refresh_interval: int) -> None:
         super().__init__(geometry)
         self.refresh_interval = refresh_interval
-        self.seqs: dict[int, _HipSeq] = {}
+        self.seqs: dict[int, _Reused] = {}
 
     def prepare(self, meta: AttentionMetadata, plan: StepPlan) -> None:
         """Decide which pruned sequences refresh their masks; build the fixed chunks."""
@@ -177,20 +200,7 @@ class HipSelector(Selector):
         if sp is None:
             return
         g = self.geometry
-        refresh: list[int] = []
-        fixed: list[list[int]] = []
-        for i, (sid, ctx) in enumerate(zip(sp.seq_ids, sp.ctx, strict=True)):
-            st = self.seqs.get(sid)
-            # ctx < st.ctx: preempted and recomputed (or rolled back); the old masks may
-            # name chunks that are no longer cached.
-            if st is None or st.uses >= self.refresh_interval or ctx < st.ctx:
-                st = _HipSeq(ctx=ctx, region_end=g.window_start(ctx))
-                self.seqs[sid] = st
-                refresh.append(i)
-            st.uses += 1
-            # Between refreshes the window stretches back to where the searched region
-            # ended, so the tokens decoded since are never skipped (at most N - 1 extra).
-            fixed.append(g.fixed_chunks(ctx, min(g.window_start(ctx), st.region_end)))
+        refresh, fixed = plan_refreshes(self.seqs, sp, g, self.refresh_interval)
         self.refreshes = len(refresh)
         rows, qsl, tables = _subset(sp, refresh)
         dev = sp.seq_lens.device
@@ -232,11 +242,11 @@ class HipSelector(Selector):
                 g.chunk,
             )  # [R, H, K]
             for j, i in enumerate(step.refresh):
-                self.seqs[sp.seq_ids[i]].masks[layer] = found[j]
+                self.seqs[sp.seq_ids[i]].chunks[layer] = found[j]
             if len(step.refresh) == sp.size:
                 masks = found
         if masks is None:
-            masks = torch.stack([self.seqs[sid].masks[layer] for sid in sp.seq_ids])
+            masks = torch.stack([self.seqs[sid].chunks[layer] for sid in sp.seq_ids])
         n, heads = masks.shape[0], masks.shape[1]
         fixed = step.fixed.unsqueeze(1).expand(n, heads, step.fixed.shape[1])
         return torch.cat([masks, fixed], -1)
@@ -247,16 +257,6 @@ class HipSelector(Selector):
 
 
 # ----------------------------------------------------------------------------- block top-k
-
-
-@dataclass
-class _TopkSeq:
-    """One pruned sequence's selection, reused between refreshes."""
-
-    ctx: int  # cached keys when the pages were chosen
-    region_end: int  # the scored region ended here (pages); the window covers the rest
-    uses: int = 0  # steps the selection has served
-    chosen: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [H, k] int64
 
 
 @dataclass
@@ -314,7 +314,7 @@ class BlockTopkSelector(Selector):
         # scored region ended, so no key decoded since is skipped. Choosing is most of the
         # sparse path's per-layer cost on CPU (scores, top-k, rerank: ~60% at 8k).
         self.refresh_interval = refresh_interval
-        self.seqs: dict[int, _TopkSeq] = {}
+        self.seqs: dict[int, _Reused] = {}
         # layer -> [num_kv_blocks, H, D] mean keys, or [num_kv_blocks, H, 2 D] = (high | low)
         # so that one gather and one product score a page (see _page_scores)
         self.summaries: dict[int, torch.Tensor] = {}
@@ -339,18 +339,7 @@ class BlockTopkSelector(Selector):
             plan.extra["topk"] = _TopkStep(*self._dirty_pages(meta, []), None)
             return
         g = self.geometry
-        refresh: list[int] = []
-        fixed: list[list[int]] = []
-        for i, (sid, ctx) in enumerate(zip(sp.seq_ids, sp.ctx, strict=True)):
-            st = self.seqs.get(sid)
-            # ctx < st.ctx: preempted and recomputed, or rolled back: the chosen pages may
-            # lie past the context.
-            if st is None or st.uses >= self.refresh_interval or ctx < st.ctx:
-                st = _TopkSeq(ctx=ctx, region_end=g.window_start(ctx))
-                self.seqs[sid] = st
-                refresh.append(i)
-            st.uses += 1
-            fixed.append(g.fixed_chunks(ctx, min(g.window_start(ctx), st.region_end)))
+        refresh, fixed = plan_refreshes(self.seqs, sp, g, self.refresh_interval)
         self.refreshes = len(refresh)
         dev = meta.block_tables.device
         step = _TopkStep(*self._dirty_pages(meta, [sp.index[i] for i in refresh]), _pad(fixed, dev))
@@ -480,11 +469,11 @@ class BlockTopkSelector(Selector):
             q_r = q if step.rows is None else q.index_select(0, step.rows)
             found = self._choose(layer, q_r, k_cache, step)  # [R, H, k]
             for j, i in enumerate(step.refresh):
-                self.seqs[sp.seq_ids[i]].chosen[layer] = found[j]
+                self.seqs[sp.seq_ids[i]].chunks[layer] = found[j]
             if len(step.refresh) == n:
                 chosen = found
         if chosen is None:
-            kept = [self.seqs[sid].chosen[layer] for sid in sp.seq_ids]
+            kept = [self.seqs[sid].chunks[layer] for sid in sp.seq_ids]
             width = max(c.shape[-1] for c in kept)
             # Sequences chosen at different steps may keep different budgets (budget_fraction).
             kept = [F.pad(c, (0, width - c.shape[-1]), value=-1) for c in kept]

@@ -198,9 +198,9 @@ def test_block_topk_selection_equals_dense_top_k(group_pooling: str, page_scorin
 
 
 def test_page_summaries_are_kept_only_for_pruned_sequences() -> None:
-    """Dense steps summarise nothing; a sequence's first pruned step summarises all its
-    pages, later ones the page being written; when its pages move (preempted and
-    recomputed elsewhere) all of them again."""
+    """Dense steps summarise nothing; a sequence's first pruned step summarises the pages
+    below its window, later ones the pages that left the window since; when its pages move
+    (preempted and recomputed elsewhere) all of them again."""
     ctx = _ctx(num_blocks=40, block_size=4, kv_heads=2, head_dim=8)
     sel = _selector(ctx, method="block_topk", top_k_pages=2, sink=4, window=8, dense_layers=0)
     first_table = torch.arange(11, dtype=torch.int32).view(1, -1)
@@ -213,9 +213,11 @@ def test_page_summaries_are_kept_only_for_pruned_sequences() -> None:
         return plan.extra["topk"].pages.tolist()
 
     assert summarised(first_table, 30, pruned=False) == []
-    assert summarised(first_table, 41, pruned=True) == list(range(11))
-    assert summarised(first_table, 42, pruned=True) == [10]
-    assert summarised(moved_table, 43, pruned=True) == list(range(20, 31))
+    # 40 cached keys, window 8: pages 0-7 lie below the window (full, final, scorable)
+    assert summarised(first_table, 41, pruned=True) == list(range(8))
+    assert summarised(first_table, 42, pruned=True) == []  # nothing left the window
+    assert summarised(first_table, 45, pruned=True) == [8]  # page 8 did
+    assert summarised(moved_table, 46, pruned=True) == list(range(20, 29))
     sel.forget(0)
     assert not sel.summarised
 
@@ -426,7 +428,7 @@ def test_block_topk_reuses_its_pages_between_refreshes() -> None:
             page_scores[0] = float("-inf")  # sink
             assert picked[3] == sorted(torch.topk(page_scores, 2).indices.tolist())
     assert picked[0] == picked[1] == picked[2]
-    assert dirty == [11, 0, 0, 2]  # first choice: all pages; then those written since
+    assert dirty == [8, 0, 0, 1]  # first choice: pages below the window; then page 8
     assert fixed[:3] == [[0, 8, 9, 10]] * 3  # the window reaches back to page 8
     assert fixed[3] == [0, 9, 10, 11]
     sel.forget(0)
@@ -456,6 +458,44 @@ def test_composes_with_token_recycling(
     )
     assert all(len(t) == GREEDY.max_tokens for t in _tokens(reranked))
     assert reranked.get_stats()["decoder"]["sparse_rerank_k_fraction"] > 0
+
+
+def test_page_summaries_are_current_at_every_choice(tiny_model_dir: str) -> None:
+    """Under tree verification (token recycling compacts accepted KV) and reuse, whenever
+    block top-k chooses, the summary of every page it scores equals the page's mean key
+    recomputed from the cache."""
+    options = {"method": "block_topk", **SMALL, "refresh_interval": 2}
+    eng = _engine(tiny_model_dir, "token_recycling+sparse_attention", {"sparse_attention": options})
+    sparse = next(p for p in eng.decoder.parts if isinstance(p, SparseAttentionDecoder))
+    sel = sparse.shared.selector
+    choose = sel._choose
+    checked = 0
+
+    def checking_choose(layer: int, q: torch.Tensor, k_cache: torch.Tensor, step: Any) -> Any:
+        nonlocal checked
+        ends = [sel.seqs[sid].region_end for sid in [step_ids[i] for i in step.refresh]]
+        for table, end in zip(step.tables.long(), ends, strict=True):
+            pages = table[:end]
+            want = k_cache[pages].float().mean(1)  # [end, H, D]
+            got = sel.summaries[layer][:, pages].transpose(0, 1)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            checked += 1
+        return choose(layer, q, k_cache, step)
+
+    select = sel.select
+
+    def select_with_ids(layer: int, q: torch.Tensor, k_cache: torch.Tensor, plan: Any) -> Any:
+        nonlocal step_ids
+        step_ids = plan.sparse.seq_ids
+        return select(layer, q, k_cache, plan)
+
+    step_ids: list[int] = []
+    sel._choose = checking_choose
+    sel.select = select_with_ids
+    out = _tokens(eng)
+    assert all(len(t) == GREEDY.max_tokens for t in out)
+    assert checked > 0
+    assert eng.get_stats()["decoder"]["sparse_pruned_seq_steps"] > 0
 
 
 def test_composition_rejects_conflicts_and_bad_options() -> None:

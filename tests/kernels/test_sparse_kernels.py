@@ -431,3 +431,35 @@ def test_page_key_bounds_triton_rejects_mismatched_strides() -> None:
             torch.tensor([0]),
             torch.tensor([1]),
         )
+
+
+@pytest.mark.parametrize("bounds", [False, True])
+def test_page_summaries_write_head_major_fp32_views(bounds: bool) -> None:
+    # The block top-k selector keeps summaries as [H, num_blocks, W] fp32 (W = D, or 2 D for
+    # high | low) and hands the kernels [num_blocks, H, D] views of it: block stride W, head
+    # stride num_blocks * W. Both implementations must write through those strides.
+    k_cache = torch.randn(9, 4, 3, 20, dtype=torch.bfloat16)
+    pages = torch.tensor([7, 0, 4], dtype=torch.int32)
+    counts = torch.tensor([4, 1, 3], dtype=torch.int32)
+    width = 40 if bounds else 20
+    results = []
+    for op in ("ref", "triton"):
+        store = torch.full((3, 9, width), 5.0)
+        view = store.transpose(0, 1)  # [9, 3, width]
+        if bounds:
+            fn = page_key_bounds_ref if op == "ref" else page_key_bounds_triton
+            fn(k_cache, view[..., 20:], view[..., :20], pages, counts)
+        else:
+            fn = page_mean_keys_ref if op == "ref" else page_mean_keys_triton
+            fn(k_cache, view, pages, counts)
+        results.append(store)
+    ref, got = results
+    for p, c in zip(pages.tolist(), counts.tolist(), strict=True):
+        keys = k_cache[p, :c].float()  # [c, H, D]
+        if bounds:
+            assert torch.equal(ref[:, p, :20], keys.amax(0))
+            assert torch.equal(ref[:, p, 20:], keys.amin(0))
+        else:
+            assert_close_verbose(ref[:, p], keys.mean(0), **TOL[torch.float32])
+    assert torch.equal(ref[:, 1], torch.full((3, width), 5.0))  # untouched page
+    assert_close_verbose(got, ref, **TOL[torch.float32])

@@ -311,8 +311,8 @@ class BlockTopkSelector(Selector):
         self.scored_keys = 0.0 if rerank_factor > 0 else None
         # 1 (Kinetics, Quest): pages chosen every decode step. N > 1: a sequence's pages are
         # reused for N steps, as HiP reuses its masks; the window stretches back to where the
-        # scored region ended, so no key decoded since is skipped. Choosing is most of the
-        # sparse path's per-layer cost on CPU (scores, top-k, rerank: ~60% at 8k).
+        # scored region ended, so no key decoded since is skipped. Choosing (scores, top-k,
+        # rerank) was 40-60% of the sparse path's per-layer cost at 8k on 2 CPU cores.
         self.refresh_interval = refresh_interval
         self.seqs: dict[int, _Reused] = {}
         # layer -> [H, num_kv_blocks, D] fp32 mean keys, or [H, num_kv_blocks, 2 D] =
@@ -321,8 +321,8 @@ class BlockTopkSelector(Selector):
         # cast of the gathered rows: 81 vs 146 us for 500 pages (means, 2 cores). Memory:
         # 1/16 (means) or 1/8 (bounds) of a bf16 KV cache's bytes.
         self.summaries: dict[int, torch.Tensor] = {}
-        # seq_id -> (first page whose summary may be stale, the physical pages its summaries
-        # were computed for): kept only for sequences that have been pruned (see prepare).
+        # seq_id -> (pages below this one are summarised, the physical pages they were
+        # summarised at): kept only for sequences that have been pruned (see prepare).
         self.summarised: dict[int, tuple[int, torch.Tensor]] = {}
 
     def prepare(self, meta: AttentionMetadata, plan: StepPlan) -> None:
@@ -396,7 +396,7 @@ class BlockTopkSelector(Selector):
         return pages, torch.tensor(counts, dtype=torch.long, device=dev)
 
     def after_store(self, layer: int, k_cache: torch.Tensor, plan: StepPlan) -> None:
-        """Recompute the summaries of the pages this step wrote."""
+        """Summarise the pages the choosing sequences need (see prepare)."""
         summary = self.summaries.get(layer)
         head_dim = k_cache.shape[3]
         if summary is None:

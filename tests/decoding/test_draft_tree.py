@@ -6,9 +6,10 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pytest
 import torch
 
-from slipstream.decoding.calibration import AcceptanceStats, CostModel, choose_size
+from slipstream.decoding.calibration import AcceptanceStats, CostModel, TreeSizer, choose_size
 from slipstream.decoding.draft_tree import (
     TEMPLATE_2_2_2,
     build_template,
@@ -148,3 +149,18 @@ def test_cost_model_predictions_follow_new_measurements() -> None:
     assert abs((cost.predict(10) or 0) - 0.030) < 1e-9
     cost.add(100, 0.100)
     assert abs((cost.predict(55) or 0) - 0.065) < 1e-9
+
+
+@pytest.mark.parametrize("num_running", [1, 4, 16])
+def test_start_up_calibration_feeds_the_same_token_counts_at_any_batch(num_running: int) -> None:
+    stats = AcceptanceStats(template("2.2.2"))
+    sizer = TreeSizer(stats, 80, calibration_rounds=1, explore_every=0)
+    fed = []
+    for _ in range(sizer.calibration_steps):
+        fed.append(num_running * (1 + sizer.size_for(num_running)))
+        sizer.end_step(fed[-1], 0.01)
+    targets = [1 + s for s in TreeSizer.CYCLE]  # 81, 41, 21, 11, 6, 3, 1 at batch 1
+    assert max(fed) <= max(targets[0], num_running)
+    for got, want in zip(fed, targets, strict=True):
+        # the largest token count <= the target that whole trees allow, never below B
+        assert got <= max(want, num_running) and got > want - num_running

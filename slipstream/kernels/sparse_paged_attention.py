@@ -16,6 +16,7 @@ tokens, block top-k one page (16).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,15 +58,13 @@ def sparse_paged_attention_ref(
         return out
     num_q_list = [starts[b + 1] - starts[b] for b in seqs]
     if tree_mask is None and max(num_q_list) == 1:
-        if k_cache.shape[1] % chunk_size == 0:
-            key = f"sparse_decode:{chunk_size}"
-            maps = None if step_cache is None else step_cache.get(key)
-            if maps is None:
-                maps = _DecodeMaps.build(block_tables, chunk_size, starts, lens, k_cache.shape)
-                if step_cache is not None:
-                    step_cache[key] = maps
-            return _decode_paged_chunks(q, k_cache, v_cache, chunks, maps, scale)
-        return _decode(q, k_cache, v_cache, block_tables, chunks, chunk_size, scale, starts, lens)
+        key = f"sparse_decode:{chunk_size}"
+        maps = None if step_cache is None else step_cache.get(key)
+        if maps is None:
+            maps = _DecodeMaps.build(block_tables, chunk_size, starts, lens, k_cache.shape)
+            if step_cache is not None:
+                step_cache[key] = maps
+        return _decode(q, k_cache, v_cache, chunks, maps, scale)
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -131,20 +130,22 @@ def sparse_paged_attention_ref(
 
 @dataclass(frozen=True)
 class _DecodeMaps:
-    """Per-step index maps of the decode path when chunks tile pages (chunk | block_size).
+    """Per-step index maps of the decode path (every sequence has at most one new token).
 
     Built once per step (block tables and lengths are the same in every layer), so each
     layer only gathers through them: ~10 tensor ops per layer instead of ~22 (on 2 CPU
-    cores each small op costs ~5 us; at 30 layers the difference is ~3 ms per step).
+    cores each small op costs ~5 us; at 30 layers the difference is ~3 ms per step). A
+    chunk is split into pieces of g = gcd(chunk, block_size) keys, which never straddle a
+    page: one piece when chunks tile pages (HiP's b_k, block top-k's page), more otherwise.
     """
 
     seqs: list[int]  # batch positions with a new token
     q_rows: list[int]  # their rows of q
-    # [nb, C + 1] int64: flat row (head 0) of each chunk's first key in k_cache viewed as
-    # [num_blocks * block_size * num_kv_heads, head_dim]; entry C serves -1 padding
+    # [nb, C + 1, chunk / g] int64: flat row (head 0) of each piece's first key in k_cache
+    # viewed as [num_blocks * block_size * num_kv_heads, head_dim]; entry C serves -1 padding
     chunk_row: torch.Tensor
     chunk_live: torch.Tensor  # [nb, C + 1, chunk] bool: key is cached (< ctx); row C False
-    offsets: torch.Tensor  # [1, H, 1, chunk] int64: row offset of key j for KV head h
+    offsets: torch.Tensor  # [1, H, 1, 1, g] int64: row offset of a piece's key j, KV head h
     new_rows: torch.Tensor  # [nb, H, 1] int64 flat rows of each sequence's new key
 
     @staticmethod
@@ -164,14 +165,17 @@ class _DecodeMaps:
             tables = block_tables.index_select(0, torch.tensor(seqs, device=dev))
         ctx = torch.tensor([lens[b] - 1 for b in seqs], device=dev).view(-1, 1)  # [nb, 1]
         num_chunks = -(-max(1, int(ctx.max())) // chunk)
-        first = torch.arange(num_chunks, device=dev) * chunk  # [C] first position
-        page = tables.long()[:, first // block_size]  # [nb, C]
-        row = (page * block_size + first % block_size) * heads  # [nb, C]
+        piece = math.gcd(chunk, block_size)
+        first = torch.arange(num_chunks * chunk // piece, device=dev) * piece  # [C * P]
+        # Pieces past a table's last page are masked (not < ctx); clamp to read a real one.
+        page_idx = (first // block_size).clamp(max=tables.shape[1] - 1)
+        row = (tables.long()[:, page_idx] * block_size + first % block_size) * heads
+        row = row.view(len(seqs), num_chunks, -1)  # [nb, C, chunk / g]
         pad = torch.zeros_like(row[:, :1])  # -1 chunks read row 0 (written, finite), masked
         pos = torch.arange(num_chunks * chunk, device=dev).view(1, num_chunks, chunk)
         live = pos < ctx.view(-1, 1, 1)  # [nb, C, chunk]
-        j = torch.arange(chunk, device=dev).view(1, 1, 1, -1)
-        h = torch.arange(heads, device=dev).view(1, -1, 1, 1)
+        j = torch.arange(piece, device=dev).view(1, 1, 1, 1, -1)
+        h = torch.arange(heads, device=dev).view(1, -1, 1, 1, 1)
         new_page = tables.long().gather(1, ctx // block_size)  # [nb, 1]
         new_rows = (new_page * block_size + ctx % block_size) * heads  # [nb, 1]
         return _DecodeMaps(
@@ -184,7 +188,7 @@ class _DecodeMaps:
         )
 
 
-def _decode_paged_chunks(
+def _decode(
     q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -192,7 +196,8 @@ def _decode_paged_chunks(
     maps: _DecodeMaps,
     scale: float,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """One new token per sequence, chunks tiling pages: gather through the step's maps."""
+    """At most one new token per sequence: the selected keys, gathered through the step's
+    maps, and the new key, then one SDPA."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     nb, kv_heads = len(maps.seqs), k_cache.shape[2]
     sel = chunks
@@ -201,7 +206,9 @@ def _decode_paged_chunks(
     num_chunks = maps.chunk_row.shape[1] - 1
     # -1 -> C (the padding entry); chunks past the context also land on masked slots.
     safe = sel.long().clamp(max=num_chunks).remainder(num_chunks + 1).view(nb, -1)  # [nb, H*S]
-    base = maps.chunk_row.gather(1, safe).view(nb, kv_heads, -1, 1)  # [nb, H, S, 1]
+    pieces = maps.chunk_row.shape[2]
+    base = maps.chunk_row.gather(1, safe.unsqueeze(-1).expand(nb, safe.shape[1], pieces))
+    base = base.view(nb, kv_heads, -1, pieces, 1)  # [nb, H, S, chunk / g, 1]
     rows = (base + maps.offsets).view(nb, kv_heads, -1)  # [nb, H, S * chunk]
     width = maps.chunk_live.shape[2]
     live = maps.chunk_live.gather(1, safe.unsqueeze(-1).expand(nb, safe.shape[1], width))
@@ -219,64 +226,6 @@ def _decode_paged_chunks(
         return o.view(q.shape)
     out = torch.empty_like(q)
     out[maps.q_rows] = o.view(nb, num_heads, head_dim)
-    return out
-
-
-def _decode(
-    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
-    chunks: torch.Tensor,  # [num_seqs, num_kv_heads, max_chunks], -1 = padding
-    chunk_size: int,
-    scale: float,
-    starts: list[int],  # query_start_loc as a list
-    lens: list[int],  # seq_lens as a list
-) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """Every sequence has at most one new token: the new key joins the selected ones.
-
-    About 20 tensor ops whatever the batch (the engine's CPU hot path: ~0.15 ms per layer
-    at 400 selected keys vs ~0.5 ms for the general padded path).
-    """
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = num_heads // num_kv_heads
-    dev = q.device
-    seqs = [b for b in range(len(lens)) if starts[b + 1] > starts[b]]
-    nb = len(seqs)
-    if nb == len(lens):
-        tables, sel = block_tables, chunks
-    else:
-        idx = torch.tensor(seqs, device=dev)
-        tables, sel = block_tables.index_select(0, idx), chunks.index_select(0, idx)
-    ctx_list = [lens[b] - 1 for b in seqs]
-    ctx = torch.tensor(ctx_list, device=dev).view(nb, 1, 1)  # [B, 1, 1]
-    within = torch.arange(chunk_size, device=dev)
-    pos = (sel.long().unsqueeze(-1) * chunk_size + within).flatten(2)  # [B, H, S * C]
-    # Cached keys are those < ctx (-1 padding gives negative positions); the new key (at
-    # ctx) is appended once. Invalid positions are clamped into [0, ctx], all written.
-    valid = (pos >= 0) & (pos < ctx)
-    pos = torch.cat([pos.clamp(min=0).minimum(ctx), ctx.expand(nb, num_kv_heads, 1)], -1)
-    valid = torch.cat([valid, torch.ones_like(valid[:, :, :1])], -1)  # [B, H, N]
-    # torch.div/remainder, not // and %: Tensor.__floordiv__ adds a slow Python wrapper.
-    page_idx = torch.div(pos, block_size, rounding_mode="floor").view(nb, -1)
-    pages = torch.gather(tables.long(), 1, page_idx).view(pos.shape)
-    heads = torch.arange(num_kv_heads, device=dev).view(1, -1, 1)
-    flat = ((pages * block_size + torch.remainder(pos, block_size)) * num_kv_heads + heads).view(-1)
-    k = k_cache.view(-1, head_dim).index_select(0, flat).view(*pos.shape, head_dim)
-    v = v_cache.view(-1, head_dim).index_select(0, flat).view(*pos.shape, head_dim)
-    if nb == q.shape[0]:
-        qg = q.view(nb, num_kv_heads, group, head_dim)
-    else:
-        qg = q[[starts[b] for b in seqs]].view(nb, num_kv_heads, group, head_dim)
-    # The mask broadcasts over the group's query rows: [B, H, 1, N].
-    o = F.scaled_dot_product_attention(
-        qg, k.to(q.dtype), v.to(q.dtype), attn_mask=valid.unsqueeze(2), scale=scale
-    )
-    if nb == q.shape[0]:
-        return o.view(q.shape)
-    out = torch.empty_like(q)
-    out[[starts[b] for b in seqs]] = o.view(nb, num_heads, head_dim)
     return out
 
 

@@ -147,6 +147,31 @@ def plan_refreshes(
     return refresh, fixed
 
 
+def reused_plus_fixed(
+    seqs: dict[int, _Reused],
+    sp: SubBatch,
+    layer: int,
+    refresh: list[int],
+    found: torch.Tensor | None,  # [len(refresh), H, K] this layer's new selections
+    fixed: torch.Tensor,  # [num_pruned, W] sink + window chunks
+) -> torch.Tensor:  # [num_pruned, H, K + W] int64, -1 padded
+    """Keep the refreshing sequences' new selections, then every pruned sequence's
+    selection (new or reused) followed by its fixed chunks."""
+    if found is not None:
+        for j, i in enumerate(refresh):
+            seqs[sp.seq_ids[i]].chunks[layer] = found[j]
+    if found is not None and len(refresh) == sp.size:
+        chosen = found
+    else:
+        kept = [seqs[sid].chunks[layer] for sid in sp.seq_ids]
+        width = max(c.shape[-1] for c in kept)
+        # Selections made at different steps may differ in width (budget_fraction).
+        kept = [F.pad(c, (0, width - c.shape[-1]), value=-1) for c in kept]
+        chosen = torch.stack(kept)
+    n, heads = chosen.shape[0], chosen.shape[1]
+    return torch.cat([chosen, fixed.unsqueeze(1).expand(n, heads, fixed.shape[1])], -1)
+
+
 # ----------------------------------------------------------------------------- HiP
 
 
@@ -228,7 +253,7 @@ class HipSelector(Selector):
         assert sp is not None
         step: _HipStep = plan.extra["hip"]
         g = self.geometry
-        masks: torch.Tensor | None = None
+        found: torch.Tensor | None = None
         if step.refresh:
             qr = q if step.rows is None else q.index_select(0, step.rows)
             found = hip_mask(
@@ -241,15 +266,7 @@ class HipSelector(Selector):
                 g.top_k,
                 g.chunk,
             )  # [R, H, K]
-            for j, i in enumerate(step.refresh):
-                self.seqs[sp.seq_ids[i]].chunks[layer] = found[j]
-            if len(step.refresh) == sp.size:
-                masks = found
-        if masks is None:
-            masks = torch.stack([self.seqs[sid].chunks[layer] for sid in sp.seq_ids])
-        n, heads = masks.shape[0], masks.shape[1]
-        fixed = step.fixed.unsqueeze(1).expand(n, heads, step.fixed.shape[1])
-        return torch.cat([masks, fixed], -1)
+        return reused_plus_fixed(self.seqs, sp, layer, step.refresh, found, step.fixed)
 
     def forget(self, seq_id: int) -> None:
         """Drop the sequence's masks."""
@@ -468,23 +485,11 @@ class BlockTopkSelector(Selector):
         assert sp is not None
         step: _TopkStep = plan.extra["topk"]
         assert step.fixed is not None
-        n, heads = sp.size, k_cache.shape[2]
-        chosen: torch.Tensor | None = None
+        found: torch.Tensor | None = None
         if step.refresh:
             q_r = q if step.rows is None else q.index_select(0, step.rows)
             found = self._choose(layer, q_r, k_cache, step)  # [R, H, k]
-            for j, i in enumerate(step.refresh):
-                self.seqs[sp.seq_ids[i]].chunks[layer] = found[j]
-            if len(step.refresh) == n:
-                chosen = found
-        if chosen is None:
-            kept = [self.seqs[sid].chunks[layer] for sid in sp.seq_ids]
-            width = max(c.shape[-1] for c in kept)
-            # Sequences chosen at different steps may keep different budgets (budget_fraction).
-            kept = [F.pad(c, (0, width - c.shape[-1]), value=-1) for c in kept]
-            chosen = torch.stack(kept)
-        fixed = step.fixed.unsqueeze(1).expand(n, heads, step.fixed.shape[1])
-        return torch.cat([chosen, fixed], -1)
+        return reused_plus_fixed(self.seqs, sp, layer, step.refresh, found, step.fixed)
 
     def _choose(
         self,

@@ -59,7 +59,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from slipstream.decoding.base import Decoder, DecoderContext
 from slipstream.decoding.registry import DECODERS
@@ -69,6 +68,7 @@ from slipstream.decoding.sparse.selectors import (
     Geometry,
     HipSelector,
     Selector,
+    stack_padded,
 )
 from slipstream.engine.attention import AttentionBackend, AttentionMetadata
 from slipstream.engine.sequence import Sequence
@@ -210,12 +210,7 @@ class _Shared:
         whole) to `saved`."""
         if not self.selected:
             return
-        width = max(c.shape[-1] for c in self.selected)
-        padded = [
-            c if c.shape[-1] == width else F.pad(c, (0, width - c.shape[-1]), value=-1)
-            for c in self.selected
-        ]
-        chunks = torch.stack(padded)  # [layers, num_pruned, H, S]
+        chunks = stack_padded(self.selected)  # [layers, num_pruned, H, S]
         read = (chunks >= 0).sum(-1).float().mean(-1) * self.selector.chunk_size
         ctx = torch.tensor(self.selected_ctx, dtype=torch.float32, device=chunks.device)
         self.saved += float((ctx - torch.minimum(read, ctx)).sum())

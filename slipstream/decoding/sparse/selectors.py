@@ -75,6 +75,17 @@ def _pad(rows: list[list[int]], device: torch.device) -> torch.Tensor:  # [n, ma
     )
 
 
+def stack_padded(chunk_lists: list[torch.Tensor]) -> torch.Tensor:  # [len, ..., max width]
+    """Chunk-id tensors that differ only in their last width, stacked, -1 padded."""
+    width = max(c.shape[-1] for c in chunk_lists)
+    return torch.stack(
+        [
+            c if c.shape[-1] == width else F.pad(c, (0, width - c.shape[-1]), value=-1)
+            for c in chunk_lists
+        ]
+    )
+
+
 class Selector:
     """Chooses the chunks each pruned sequence reads, layer by layer."""
 
@@ -163,11 +174,8 @@ def reused_plus_fixed(
     if found is not None and len(refresh) == sp.size:
         chosen = found
     else:
-        kept = [seqs[sid].chunks[layer] for sid in sp.seq_ids]
-        width = max(c.shape[-1] for c in kept)
         # Selections made at different steps may differ in width (budget_fraction).
-        kept = [F.pad(c, (0, width - c.shape[-1]), value=-1) for c in kept]
-        chosen = torch.stack(kept)
+        chosen = stack_padded([seqs[sid].chunks[layer] for sid in sp.seq_ids])
     n, heads = chosen.shape[0], chosen.shape[1]
     return torch.cat([chosen, fixed.unsqueeze(1).expand(n, heads, fixed.shape[1])], -1)
 

@@ -2,10 +2,11 @@
 
 Default model, builtin prompt suite, chat template, greedy, batch 1 (one request at a time).
 Per category and overall: mean accepted tokens per verification step (MAT, bonus included)
-and tokens/s, for standard, ngram (k = 4 and 8) and token recycling (faithful 80-node tree
-and calibrated tree, each cold and hot start). A second workload with a repetition penalty
-keeps answers from looping. Then, if `slipstream bench decoders` is available, a served
-comparison at concurrency 1, 4 and 16.
+and tokens/s, for standard, ngram (k = 4 and 8) and token recycling (the official algorithm
+with its 80-node tree; the calibrated tree alone; the calibrated tree with prompt seeding and
+a grafted prompt-lookup branch, the defaults; cold and hot start). A second workload with
+a repetition penalty keeps answers from looping. Then, if `slipstream bench decoders` is
+available, a served comparison at concurrency 1, 4 and 16.
 
     python benchmarks/spec_decode.py                       # the full run (slow on CPU)
     python benchmarks/spec_decode.py --per-category 1 --max-tokens 64   # a quick check
@@ -31,13 +32,17 @@ PAPER = {
     "ngram": "PLD: MAT 1.75, 1.53x over AR (paper Table 1)",
 }
 
+# The official algorithm: the 80-node tree, no prompt seeding, no grafted prompt lookup.
+OFFICIAL: dict[str, Any] = {"adaptive": False, "prompt_seed_rows": 0, "prompt_lookup_tokens": 0}
+
 CONFIGS: list[tuple[str, str, dict[str, Any], bool]] = [
     # label, decoder, options, cold (reset decoder state before every prompt)
     ("standard", "standard", {}, False),
     ("ngram k=4", "ngram", {"num_speculative_tokens": 4}, False),
     ("ngram k=8", "ngram", {"num_speculative_tokens": 8}, False),
-    ("TR faithful cold", "token_recycling", {"adaptive": False}, True),
-    ("TR faithful hot", "token_recycling", {"adaptive": False}, False),
+    ("TR faithful cold", "token_recycling", OFFICIAL, True),
+    ("TR faithful hot", "token_recycling", OFFICIAL, False),
+    ("TR calibrated tree only, hot", "token_recycling", {"prompt_lookup_tokens": 0}, False),
     ("TR calibrated cold", "token_recycling", {}, True),
     ("TR calibrated hot", "token_recycling", {}, False),
 ]

@@ -32,8 +32,15 @@ class AcceptanceStats:
         self.prior = np.array([math.prod(0.5 / (1 + r) for r in p) for p in full.paths])
 
     def record(self, tmpl: TreeTemplate, nodes: list[int]) -> None:
-        """One verified draft cut from the full template; `nodes` were accepted (root first)."""
+        """One verified draft cut from the full template; `nodes` were accepted (root first).
+
+        Drafts with a grafted prompt-lookup chain (source -1) are left out: where the chain
+        wins, template nodes that also matched are off the accepted path, so counting the
+        step would understate them. The rates then describe the steps the tree drafts alone.
+        """
         src = tmpl.source_index
+        if min(src[1:], default=0) < 0:
+            return
         self.trials[src[1:]] += 1
         self.hits[[src[n] for n in nodes[1:]]] += 1
 

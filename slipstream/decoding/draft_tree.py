@@ -177,6 +177,43 @@ def subtree(full: TreeTemplate, nodes: Sequence[int]) -> TreeTemplate:
     )
 
 
+@dataclass(frozen=True)
+class GraftedTemplate:
+    """A template with a chain of given tokens hung under the root beside its own branches.
+
+    Token recycling drafts its tree from the matrix; a prompt-lookup match adds the tokens
+    that followed the same suffix earlier as one more branch, verified in the same forward.
+    """
+
+    tmpl: TreeTemplate  # base nodes + chain nodes (BFS order); chain nodes have source -1
+    # [T] where each node's token comes from: i >= 0 = the base's node i, -d = chain token d
+    take: list[int]
+
+    def tokens(self, base_tokens: Sequence[int], chain: Sequence[int]) -> list[int]:
+        """Tokens of every node, root first, from the base tree's tokens and the chain."""
+        return [base_tokens[t] if t >= 0 else chain[-t - 1] for t in self.take]
+
+
+def graft_chain(base: TreeTemplate, length: int) -> GraftedTemplate:
+    """`base` plus a chain of `length` nodes under the root, on a rank no base node uses.
+
+    Example: base [[0], [1], [0, 0]], length 2 -> the chain's paths are [2] and [2, 0];
+    take = [0, 1, 2, -1, 3, -2] (root, base (0), base (1), chain 1, base (0, 0), chain 2).
+    """
+    if length < 1:
+        raise ValueError(f"a grafted chain needs >= 1 token, got {length}")
+    rank = max(base.ranks) + 1  # the root's children use ranks below this
+    chain = [(rank,) + (0,) * d for d in range(length)]
+    tmpl = build_template(
+        [*base.paths[1:], *chain],
+        k=rank + 1,
+        source_index=[*base.source_index[1:], *([-1] * length)],
+    )
+    base_index = {p: i for i, p in enumerate(base.paths)}
+    take = [-len(p) if p and p[0] == rank else base_index[p] for p in tmpl.paths]
+    return GraftedTemplate(tmpl, take)
+
+
 def chain_template(length: int) -> TreeTemplate:
     """A chain of `length` draft tokens (ngram drafts): root -> d1 -> d2 -> ..."""
     return build_template([(0,) * d for d in range(1, length + 1)], k=1)

@@ -32,15 +32,17 @@ class NgramOptions:
     num_speculative_tokens: int = 4
 
     def __post_init__(self) -> None:
-        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
-            raise ValueError(
-                "need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
-                f"{self.prompt_lookup_min}, {self.prompt_lookup_max}"
-            )
+        check_lookup_bounds(self.prompt_lookup_min, self.prompt_lookup_max)
         if self.num_speculative_tokens < 1:
             raise ValueError(
                 f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}"
             )
+
+
+def check_lookup_bounds(min_n: int, max_n: int) -> None:
+    """Prompt-lookup suffix lengths: 1 <= min <= max (ngram and token recycling's graft)."""
+    if not 1 <= min_n <= max_n:
+        raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got {min_n}, {max_n}")
 
 
 def find_draft(tokens: list[int] | np.ndarray, min_n: int, max_n: int, k: int) -> list[int]:

@@ -12,8 +12,14 @@ acceptance, all nodes' rows updated (last writer wins), M shared by all requests
 reset (hot start). Where we differ on purpose:
 - temperature > 0 runs lossless tree rejection sampling (the official code is greedy only);
 - `adaptive` (default on) cuts the tree to the size that maximises measured tokens/s at the
-  current batch size (calibration.py); {"adaptive": false} is the faithful 80-node run;
+  current batch size (calibration.py);
+- `prompt_seed_rows` (default 128): prefill logits at prompt positions also seed M (the
+  official code discards them; the smpanaro reimplementation seeds);
+- `prompt_lookup_tokens` (default 8): a prompt-lookup match (ngram.py) is grafted under the
+  root as one more branch. A small tree (what a 2-core CPU can afford) accepts ~1.4 tokens
+  per step; in loops and copied passages the lookup chain accepts ~4;
 - M is int32 (half the official int64) and can be saved to and loaded from `matrix_path`.
+The official algorithm is {"adaptive": false, "prompt_seed_rows": 0, "prompt_lookup_tokens": 0}.
 """
 
 from __future__ import annotations
@@ -27,12 +33,20 @@ from typing import Any
 
 import torch
 
-from slipstream.decoding.base import DecoderContext
+from slipstream.decoding.base import DecoderContext, StepInputs
 from slipstream.decoding.calibration import AcceptanceStats, TreeSizer
-from slipstream.decoding.draft_tree import TreeTemplate, fill_tree, subtree, template
+from slipstream.decoding.draft_tree import (
+    GraftedTemplate,
+    TreeTemplate,
+    fill_tree,
+    graft_chain,
+    subtree,
+    template,
+)
+from slipstream.decoding.ngram import check_lookup_bounds, find_draft
 from slipstream.decoding.registry import DECODERS
 from slipstream.decoding.tree_verify import Draft, TreeSpecDecoder
-from slipstream.engine.batch import ScheduledSeq
+from slipstream.engine.batch import Batch, ScheduledSeq
 from slipstream.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -51,12 +65,31 @@ class TokenRecyclingOptions:
     calibration_rounds: int = 2  # start-up passes over the calibration sizes
     explore_every: int = 16  # steps between exploratory sizes (0 = never)
     sampling: bool = True  # temperature > 0 via tree rejection sampling; False = standard path
+    # Prompt positions per step whose logits also seed M (the last ones of each prefill
+    # chunk, shared by the batch's chunks). The official code discards prefill logits (0);
+    # the smpanaro reimplementation seeds M from them. Each row costs one lm_head row
+    # (576 x 49152 on the default model) plus a top-k; 128 rows keep the step's logits
+    # at 128 x 49152 fp32 = 25 MB.
+    prompt_seed_rows: int = 128
+    # Prompt lookup grafted onto the tree: when the last prompt_lookup_min..max tokens
+    # occurred earlier in the prompt or output, the (up to) this many tokens that followed
+    # them hang under the root as one more branch (0 = the recycled tree alone). The tree
+    # misses what the model copies from its context; a loop or a quoted passage is exactly
+    # what prompt lookup finds. Lookup bounds as the ngram decoder's (vLLM's) defaults.
+    prompt_lookup_tokens: int = 8
+    prompt_lookup_min: int = 5
+    prompt_lookup_max: int = 5
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.tree_size is not None and self.tree_size < 0:
             raise ValueError(f"tree_size must be >= 0, got {self.tree_size}")
+        if self.prompt_lookup_tokens < 0:
+            raise ValueError(f"prompt_lookup_tokens must be >= 0, got {self.prompt_lookup_tokens}")
+        check_lookup_bounds(self.prompt_lookup_min, self.prompt_lookup_max)
+        if self.prompt_seed_rows < 0:
+            raise ValueError(f"prompt_seed_rows must be >= 0, got {self.prompt_seed_rows}")
         if self.save_interval_s <= 0:
             raise ValueError(f"save_interval_s must be > 0, got {self.save_interval_s}")
 
@@ -84,6 +117,8 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
             self.acceptance, self.full.num_draft, options.calibration_rounds, options.explore_every
         )
         self._trees: dict[int, TreeTemplate] = {self.full.num_draft: self.full}
+        self._grafts: dict[tuple[int, int], GraftedTemplate] = {}
+        self.totals["prompt_lookup_drafts"] = 0  # drafts that carried a grafted chain
         self._topk: torch.Tensor | None = None  # [R, k] this step's candidates per logits row
         self._last_size = 0
         self._last_save = time.monotonic()
@@ -96,7 +131,8 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         return seq.params.is_greedy or self.opts.sampling
 
     def plan_draft(self, seq: Sequence, num_running: int) -> int:
-        """Draft nodes for the next step: fixed, faithful (80) or calibrated."""
+        """Draft nodes for the next step: the tree's (fixed, faithful 80 or calibrated) plus
+        a grafted prompt-lookup chain when the sequence's latest tokens occurred before."""
         if self.opts.tree_size is not None:
             size = min(self.opts.tree_size, self.full.num_draft)
         elif not self.opts.adaptive:
@@ -104,7 +140,14 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         else:
             size = self.sizer.size_for(num_running)
         self._last_size = size
-        return size
+        chain: list[int] = []
+        if self.opts.prompt_lookup_tokens:
+            o = self.opts
+            chain = find_draft(
+                seq.token_ids, o.prompt_lookup_min, o.prompt_lookup_max, o.prompt_lookup_tokens
+            )
+        seq.decoder_state["tr_plan"] = (size, chain)
+        return size + len(chain)
 
     def tree(self, size: int) -> TreeTemplate:
         """The `size` most-often-accepted nodes of the template (a subtree: parents first)."""
@@ -113,11 +156,26 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
             self._trees[size] = subtree(self.full, self.acceptance.order()[:size])
         return self._trees[size]
 
+    def grafted(self, size: int, length: int) -> GraftedTemplate:
+        """tree(size) with a chain of `length` prompt-lookup tokens under the root."""
+        key = (min(size, self.full.num_draft), length)
+        if key not in self._grafts:
+            self._grafts[key] = graft_chain(self.tree(size), length)
+        return self._grafts[key]
+
     def propose(self, items: list[ScheduledSeq]) -> list[Draft | None]:
-        """Fill each sequence's tree from M, one gather per level for all of them."""
+        """Fill each sequence's tree from M (one gather per level for each tree size), and
+        graft its prompt-lookup chain, if any."""
+        plans: list[tuple[int, list[int]]] = []
+        for item in items:
+            size, chain = item.seq.decoder_state.pop("tr_plan", (item.num_lookahead_slots, []))
+            # Slots can be fewer than planned (room left before max_model_len): the chain,
+            # usually the likelier branch, keeps its tokens first.
+            chain = chain[: item.num_lookahead_slots]
+            plans.append((min(size, item.num_lookahead_slots - len(chain)), chain))
         by_size: dict[int, list[int]] = {}
-        for j, item in enumerate(items):
-            by_size.setdefault(item.num_lookahead_slots, []).append(j)
+        for j, (size, _) in enumerate(plans):
+            by_size.setdefault(size, []).append(j)
         drafts: list[Draft | None] = [None] * len(items)
         for size, members in by_size.items():
             tmpl = self.tree(size)
@@ -126,8 +184,32 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
             )
             tokens: list[list[int]] = fill_tree(tmpl, self.matrix, roots).tolist()  # [B, T]
             for j, toks in zip(members, tokens, strict=True):
-                drafts[j] = Draft(tmpl, toks)
+                chain = plans[j][1]
+                if chain:
+                    self.totals["prompt_lookup_drafts"] += 1
+                    graft = self.grafted(size, len(chain))
+                    drafts[j] = Draft(graft.tmpl, graft.tokens(toks, chain))
+                else:
+                    drafts[j] = Draft(tmpl, toks)
         return drafts
+
+    def build_inputs(self, batch: Batch) -> StepInputs:
+        """The tree step's inputs, plus logits rows at prompt positions that seed M."""
+        inputs = super().build_inputs(batch)
+        budget = self.opts.prompt_seed_rows
+        for si in inputs.seqs:
+            if budget <= 0:
+                break
+            if si.parents is not None or len(si.token_ids) < 2:
+                continue  # a draft tree or a one-token step: no prompt positions
+            # A prefill chunk: add logits rows at its last positions. The sampled row (if the
+            # chunk samples) stays last, so "the item's last row" still means the sampled one.
+            sampled = list(si.logits_indices)  # [n - 1] if the chunk samples, else []
+            end = len(si.token_ids) - len(sampled)
+            rows = min(end, budget)
+            si.logits_indices = [*range(end - rows, end), *sampled]
+            budget -= rows
+        return inputs
 
     # ---------------------------------------------------------------- verification
     def greedy_targets(self, values: torch.Tensor) -> torch.Tensor:
@@ -163,6 +245,7 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         self.sizer.end_step(num_tokens, seconds)
         if self.sizer.step % 64 == 0:
             self._trees = {self.full.num_draft: self.full}  # re-cut subtrees by new rates
+            self._grafts = {}
         if self.opts.matrix_path and time.monotonic() - self._last_save > self.opts.save_interval_s:
             self.save_matrix(self.opts.matrix_path)
 

@@ -15,6 +15,7 @@ from slipstream.decoding.draft_tree import (
     build_template,
     chain_template,
     fill_tree,
+    graft_chain,
     subtree,
     template,
 )
@@ -67,6 +68,38 @@ def test_subtree_and_chain() -> None:
     assert sub.source_index == [0, 1, 2, 9, 30]
     c = chain_template(3)
     assert c.parents == [-1, 0, 1, 2] and c.depths == [0, 1, 2, 3]
+
+
+def test_graft_chain_hangs_given_tokens_under_the_root() -> None:
+    base = build_template([[0], [1], [0, 0]], k=2)
+    g = graft_chain(base, 3)
+    t = g.tmpl
+    # BFS order: the chain's node at each depth follows the base's nodes of that depth
+    assert [list(p) for p in t.paths] == [[], [0], [1], [2], [0, 0], [2, 0], [2, 0, 0]]
+    assert t.parents == [-1, 0, 0, 0, 1, 3, 5]
+    assert t.source_index == [0, 1, 2, -1, 3, -1, -1]
+    assert torch.equal(t.mask, ancestor_mask(t.parents))
+    tokens = g.tokens([10, 11, 12, 13], [40, 41, 42])
+    assert tokens == [10, 11, 12, 40, 13, 41, 42]
+    # the chain is a path of its own: accepting it takes the chain's nodes only
+    targets = torch.tensor([[40, 0, 0, 41, 0, 42, 7]])
+    assert accept_greedy(t, torch.tensor([tokens]), targets) == [[0, 3, 5, 6]]
+    # a root-only base (tree size 0) still takes a chain
+    solo = graft_chain(subtree(template("2.2.2"), []), 2)
+    assert solo.tmpl.parents == [-1, 0, 1] and solo.tokens([5], [6, 7]) == [5, 6, 7]
+    with pytest.raises(ValueError, match="1 token"):
+        graft_chain(base, 0)
+
+
+def test_acceptance_stats_leave_out_grafted_drafts() -> None:
+    t = template("2.2.2")
+    stats = AcceptanceStats(t)
+    before = stats.rates().copy()
+    g = graft_chain(subtree(t, [1, 9]), 2)  # nodes (0,), (0, 0) plus a chain
+    stats.record(g.tmpl, [0, 3, 5])  # the chain won
+    assert np.array_equal(stats.rates(), before)
+    stats.record(subtree(t, [1, 9]), [0, 1])  # the tree alone: counted
+    assert stats.trials[1] == 1 and stats.hits[1] == 1 and stats.trials[9] == 1
 
 
 def test_accept_greedy_full_partial_and_ties() -> None:

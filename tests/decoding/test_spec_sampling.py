@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from slipstream.decoding.base import StepInputs, StepLogits
-from slipstream.decoding.draft_tree import TreeTemplate
+from slipstream.decoding.draft_tree import TreeTemplate, graft_chain
 from slipstream.decoding.token_recycling import TokenRecyclingDecoder
 from slipstream.decoding.tree_verify import verify_walk
 from slipstream.engine.batch import Batch
@@ -32,7 +32,9 @@ def tree_step(
     """A hot matrix, then one real tree-verification forward: (decoder, tree, tokens, logits)."""
     eng = LLMEngine(
         tiny_engine_config(
-            tiny_model_dir, decoder="token_recycling", decoder_options={"adaptive": False}
+            tiny_model_dir,
+            decoder="token_recycling",
+            decoder_options={"adaptive": False, "prompt_lookup_tokens": 0},
         )
     )
     run_to_completion(
@@ -97,6 +99,27 @@ def test_tree_rejection_sampling_is_lossless(
     assert sum(counts.values()) > 500
     p_child = _probs(dec, seq, logits[node], [tokens[node]])
     assert _tv(counts, p_child) < 0.08
+
+
+def test_grafted_chain_repeating_a_drafted_token_stays_lossless(
+    tree_step: tuple[TokenRecyclingDecoder, TreeTemplate, list[int], torch.Tensor],
+) -> None:
+    """A prompt-lookup chain whose first token is also the root's first recycled child: the
+    walk must not give that token a second chance after rejecting it."""
+    dec, tmpl, tokens, logits = tree_step
+    graft = graft_chain(tmpl, 2)
+    repeated = tokens[tmpl.children[0][0]]
+    g_tokens = graft.tokens(tokens, [repeated, tokens[1]])
+    # Chain nodes' rows: any rows will do for the first token's law (it depends on the root's
+    # distribution and the walk only); take the root's.
+    g_logits = logits[[t if t >= 0 else 0 for t in graft.take]]
+    seq = Sequence(0, "x", list(PROMPT), SAMPLED, 0.0)
+    seq.generator = torch.Generator().manual_seed(99)
+    first: Counter[int] = Counter()
+    for _ in range(NUM_WALKS):
+        res = verify_walk(dec.ctx.sampler, seq, graft.tmpl, g_tokens, g_logits)
+        first[res.new_tokens[0]] += 1
+    assert _tv(first, _probs(dec, seq, logits[0], [])) < 0.06
 
 
 def test_a_biased_verifier_is_caught(

@@ -44,7 +44,20 @@ def expected(tiny_model_dir: str) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in run_to_completion(std, PROMPTS, GREEDY)]
 
 
-@pytest.mark.parametrize("options", [{"adaptive": False}, {}], ids=["faithful", "adaptive"])
+FAITHFUL = {"adaptive": False, "prompt_lookup_tokens": 0, "prompt_seed_rows": 0}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        FAITHFUL,
+        {},
+        {"tree_size": 0},
+        # short suffixes match often, so chains are grafted beside a deep full tree
+        {"adaptive": False, "prompt_lookup_min": 1, "prompt_lookup_max": 3},
+    ],
+    ids=["faithful", "adaptive", "lookup_only", "full_tree_and_lookup"],
+)
 def test_greedy_identical_to_standard(
     tiny_model_dir: str, expected: list[list[int]], options: dict[str, Any]
 ) -> None:
@@ -58,6 +71,11 @@ def test_greedy_identical_to_standard(
     assert stats["spec_num_accepted_tokens"] > 0
     assert stats["mean_accepted_tokens_per_step"] > 1.0
     assert sum(stats["spec_accepted_per_pos"][:1]) <= stats["spec_num_drafts"]
+    grafted = _decoder(eng).stats()["prompt_lookup_drafts"]
+    if options.get("prompt_lookup_tokens") == 0:
+        assert grafted == 0
+    else:
+        assert grafted > 0, "the repetitive prompts match their own suffixes"
 
 
 def test_mixed_batch_with_standard_path_requests(
@@ -89,6 +107,32 @@ def test_short_max_tokens_and_penalties_stay_exact(tiny_model_dir: str) -> None:
     lp_want = [lp.chosen.logprob for lp in want[2].outputs[0].logprobs or []]
     lp_got = [lp.chosen.logprob for lp in got[2].outputs[0].logprobs or []]
     assert lp_got == pytest.approx(lp_want, abs=1e-4)
+
+
+def test_prompt_positions_seed_the_matrix(tiny_model_dir: str) -> None:
+    # Two prompts of distinct tokens prefilled in one step, 5 seed rows for the step: the
+    # first prompt's last 5 positions before its sampled one, then none of the second's.
+    prompts = [[30 + i for i in range(12)], [80 + i for i in range(9)]]
+    one = SamplingParams(temperature=0.0, max_tokens=1)
+    eng = _engine(tiny_model_dir, prompt_seed_rows=5, tree_size=0)
+    run_to_completion(eng, prompts, one)
+    matrix = _decoder(eng).matrix
+    std = LLMEngine(tiny_engine_config(tiny_model_dir, block_size=4))
+    want_logprobs = SamplingParams(temperature=0.0, max_tokens=1, logprobs=8)
+
+    def top8(prefix: list[int]) -> list[int]:
+        out = run_to_completion(std, [prefix], want_logprobs)[0].outputs[0]
+        return [lp.token_id for lp in (out.logprobs or [])[0].top]
+
+    first, second = prompts
+    for i in range(len(first) - 6, len(first)):  # 5 seeded rows + the sampled one
+        assert matrix[first[i]].tolist() == top8(first[: i + 1]), i
+    assert not matrix[first[: len(first) - 6]].any()
+    assert matrix[second[-1]].tolist() == top8(second)  # the sampled row, as always
+    assert not matrix[second[:-1]].any()
+    unseeded = _engine(tiny_model_dir, prompt_seed_rows=0, tree_size=0)
+    run_to_completion(unseeded, prompts, one)
+    assert int((_decoder(unseeded).matrix != 0).any(dim=1).sum()) == 2
 
 
 def test_matrix_update_rule(tiny_model_dir: str) -> None:

@@ -42,7 +42,7 @@ CONFIGS: list[tuple[str, str, dict[str, Any], bool]] = [
     ("ngram k=8", "ngram", {"num_speculative_tokens": 8}, False),
     ("TR faithful cold", "token_recycling", OFFICIAL, True),
     ("TR faithful hot", "token_recycling", OFFICIAL, False),
-    ("TR calibrated tree only, hot", "token_recycling", {"prompt_lookup_tokens": 0}, False),
+    ("TR tree only hot", "token_recycling", {"prompt_lookup_tokens": 0}, False),
     ("TR calibrated cold", "token_recycling", {}, True),
     ("TR calibrated hot", "token_recycling", {}, False),
 ]

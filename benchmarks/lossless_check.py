@@ -14,7 +14,18 @@ import argparse
 from slipstream import LLM, SamplingParams
 from slipstream.loadtest.builtin import load_builtin
 
-DECODERS = [("standard", {}), ("token_recycling", {"adaptive": False}), ("ngram", {})]
+# (label, decoder, options): the official 80-node tree, token recycling's defaults (a
+# calibrated tree, prompt seeding, a grafted prompt-lookup branch), and ngram.
+DECODERS = [
+    ("standard", "standard", {}),
+    (
+        "token_recycling (official)",
+        "token_recycling",
+        {"adaptive": False, "prompt_seed_rows": 0, "prompt_lookup_tokens": 0},
+    ),
+    ("token_recycling (defaults)", "token_recycling", {}),
+    ("ngram", "ngram", {}),
+]
 
 
 def main() -> None:
@@ -29,12 +40,12 @@ def main() -> None:
     )
     convs = [[dict(m) for m in p.messages] for p in prompts]
     outputs: dict[str, list[list[int]]] = {}
-    for name, options in DECODERS:
-        llm = LLM(dtype=args.dtype, decoder=name, decoder_config=options, max_num_seqs=1)
+    for name, decoder, options in DECODERS:
+        llm = LLM(dtype=args.dtype, decoder=decoder, decoder_config=options, max_num_seqs=1)
         outputs[name] = [llm.chat(c, params)[0].outputs[0].token_ids for c in convs]
         mat = llm.get_stats().get("mean_accepted_tokens_per_step")
         print(f"{name}: mean accepted tokens per step {mat}")
-    for name, _ in DECODERS[1:]:
+    for name, _, _ in DECODERS[1:]:
         same = sum(a == b for a, b in zip(outputs[name], outputs["standard"], strict=True))
         print(
             f"{name}: {same}/{len(convs)} outputs identical to standard ({args.dtype}, "

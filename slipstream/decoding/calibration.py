@@ -66,6 +66,71 @@ class AcceptanceStats:
         return np.concatenate([[0.0], np.cumsum(best)])
 
 
+class ChainStats:
+    """How deep grafted prompt-lookup chains are accepted, and how often a step carries one.
+
+    rate[d] = P(the chain's first d tokens are accepted | it offered >= d). A step counts its
+    chain as accepted only when the accepted path runs through it; where the recycled tree
+    matched as far, the tree's path wins the tie, so the rates lean low (shorter chains).
+    """
+
+    def __init__(self, max_len: int, prior_weight: float = 4.0) -> None:
+        self.hits = np.zeros(max_len + 1)  # [L + 1] index d: chains accepted to depth >= d
+        self.trials = np.zeros(max_len + 1)  # [L + 1] chains that offered depth d
+        self.prior = np.array([0.7**d for d in range(max_len + 1)])  # ngram's ~3.9 of 4-5
+        self.prior_weight = prior_weight
+        self.lookups = 0  # sequence-steps that looked for a chain
+        self.found = 0  # of which found one
+
+    def record_lookup(self, found: bool) -> None:
+        """One sequence-step's prompt lookup, whether or not its chain is then offered."""
+        self.lookups += 1
+        self.found += int(found)
+
+    def record_chain(self, offered: int, accepted: int) -> None:
+        """One verified chain: tokens offered and accepted (0 when the tree's path won)."""
+        self.trials[1 : offered + 1] += 1
+        self.hits[1 : min(accepted, offered) + 1] += 1
+
+    def expected_accepted(self) -> np.ndarray:
+        """[L + 1] A(l): expected accepted chain tokens when l are offered."""
+        m = self.prior_weight
+        rate = (self.hits + self.prior * m) / (self.trials + m)
+        rate[0] = 1.0
+        deeper = np.minimum.accumulate(rate)[1:]  # accepting d tokens needs the first d - 1
+        return np.concatenate([[0.0], np.cumsum(deeper)])
+
+    def graft_fraction(self) -> float:
+        """Share of sequence-steps whose lookup finds a chain (prior 0.25 over 8 steps)."""
+        return (self.found + 2.0) / (self.lookups + 8.0)
+
+
+def choose_chain_length(
+    num_seqs: int,
+    tree_size: int,
+    tree_expected: float,
+    chain: ChainStats,
+    cost: CostModel,
+    max_len: int,
+) -> int:
+    """Longest-paying chain length l <= max_len, given each sequence drafts tree_size nodes.
+
+    Only a fraction f of the sequences carries a chain, so a step feeds about
+    B (1 + s) + f B l tokens and emits B (1 + A_tree(s)) + f B A_chain(l).
+    """
+    f = chain.graft_fraction()
+    a_chain = chain.expected_accepted()
+    best, best_rate = max_len, -1.0
+    for length in range(max_len + 1):
+        t = cost.predict(num_seqs * (1 + tree_size) + f * num_seqs * length)
+        if t is None:
+            return max_len
+        rate = num_seqs * (1.0 + tree_expected + f * float(a_chain[length])) / t
+        if rate > best_rate * (1 + 1e-9):
+            best, best_rate = length, rate
+    return best
+
+
 class CostModel:
     """Step time as a function of tokens fed, from recent measurements (piecewise linear)."""
 
@@ -160,6 +225,7 @@ class TreeSizer:
         self.explore_every = explore_every
         self.step = 0
         self._cache: dict[int, int] = {}
+        self._chain_cache: dict[tuple[int, int], int] = {}
         self._expected = stats.expected_accepted()
 
     def size_for(self, num_running: int) -> int:
@@ -184,10 +250,25 @@ class TreeSizer:
             return ladder[min(pos + 1, len(ladder) - 1)] if up else ladder[max(pos - 1, 0)]
         return best
 
+    def chain_length_for(self, num_running: int, tree_size: int, chain: ChainStats) -> int:
+        """Prompt-lookup tokens to graft beside a tree of tree_size nodes (all of them while
+        calibrating: the cost points are measured first)."""
+        max_len = len(chain.trials) - 1
+        if self.step < self.calibration_steps:
+            return max_len
+        key = (num_running, tree_size)
+        if key not in self._chain_cache:
+            a_tree = float(self._expected[min(tree_size, len(self._expected) - 1)])
+            self._chain_cache[key] = choose_chain_length(
+                num_running, tree_size, a_tree, chain, self.cost, max_len
+            )
+        return self._chain_cache[key]
+
     def end_step(self, num_tokens: int, seconds: float) -> None:
         """Record the step's cost; re-plan every 8 steps (acceptance and cost drift slowly)."""
         self.cost.add(num_tokens, seconds)
         self.step += 1
         if self.step % 8 == 0:
             self._cache.clear()
+            self._chain_cache.clear()
             self._expected = self.stats.expected_accepted()

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from slipstream.decoding.base import DecoderContext, StepInputs
-from slipstream.decoding.calibration import AcceptanceStats, TreeSizer
+from slipstream.decoding.calibration import AcceptanceStats, ChainStats, TreeSizer
 from slipstream.decoding.draft_tree import (
     GraftedTemplate,
     TreeTemplate,
@@ -113,6 +113,7 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         if options.matrix_path and os.path.exists(options.matrix_path):
             self.load_matrix(options.matrix_path)
         self.acceptance = AcceptanceStats(self.full)
+        self.chains = ChainStats(options.prompt_lookup_tokens)
         self.sizer = TreeSizer(
             self.acceptance, self.full.num_draft, options.calibration_rounds, options.explore_every
         )
@@ -146,6 +147,11 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
             chain = find_draft(
                 seq.token_ids, o.prompt_lookup_min, o.prompt_lookup_max, o.prompt_lookup_tokens
             )
+            self.chains.record_lookup(bool(chain))
+            if chain and self.opts.adaptive and self.opts.tree_size is None:
+                # As the batch fills, verified tokens cost nearly as much as decoded ones:
+                # keep the chain only as deep as its measured acceptance pays for.
+                chain = chain[: self.sizer.chain_length_for(num_running, size, self.chains)]
         seq.decoder_state["tr_plan"] = (size, chain)
         return size + len(chain)
 
@@ -229,8 +235,13 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         return targets
 
     def accepted(self, tmpl: TreeTemplate, nodes: list[int]) -> None:
-        """Acceptance statistics per template node (they order the nodes for smaller trees)."""
+        """Acceptance statistics per template node (they order the nodes for smaller trees)
+        and of grafted chains (they size the chain)."""
         self.acceptance.record(tmpl, nodes)
+        offered = sum(1 for src in tmpl.source_index if src < 0)
+        if offered:
+            on_chain = len(nodes) > 1 and tmpl.source_index[nodes[1]] < 0
+            self.chains.record_chain(offered, len(nodes) - 1 if on_chain else 0)
 
     def observe(
         self, fed_tokens: list[int], values: torch.Tensor, num_tokens: int, seconds: float

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from slipstream.decoding.calibration import AcceptanceStats, CostModel, TreeSizer, choose_size
+from slipstream.decoding.calibration import (
+    AcceptanceStats,
+    ChainStats,
+    CostModel,
+    TreeSizer,
+    choose_chain_length,
+    choose_size,
+)
 from slipstream.decoding.draft_tree import (
     TEMPLATE_2_2_2,
     build_template,
@@ -164,6 +171,31 @@ def test_calibration_picks_smaller_tree_when_cost_is_steeper() -> None:
     # a full batch on a compute-bound machine stops drafting
     busy, _ = choose_size(16, expected, _linear_cost(0.002, 0.001), 80)
     assert busy == 0
+
+
+def test_chain_statistics_and_cost_aware_chain_length() -> None:
+    chains = ChainStats(8)
+    for _ in range(200):
+        chains.record_chain(8, 2)  # always the first two tokens, never the third
+    a = chains.expected_accepted()
+    assert a[0] == 0 and abs(a[2] - 2.0) < 0.05 and a[8] - a[2] < 0.05
+    for found in [True] + [False] * 99:
+        chains.record_lookup(found)
+    assert abs(chains.graft_fraction() - 3 / 108) < 1e-9
+    # Flat cost (a GPU at batch 1): every useful token is worth offering; tokens 3..8 add
+    # almost nothing (each < 0.01 accepted), so the chain stops at 2 once cost grows.
+    flat = _linear_cost(0.020, 0.0)
+    assert choose_chain_length(1, 0, 0.0, chains, flat, 8) >= 2
+    steep = _linear_cost(0.002, 0.001)
+    assert choose_chain_length(16, 0, 0.0, chains, steep, 8) == 2
+    # Chains never accepted: not worth a token where tokens cost time.
+    useless = ChainStats(8)
+    for _ in range(200):
+        useless.record_chain(8, 0)
+    assert choose_chain_length(16, 0, 0.0, useless, steep, 8) == 0
+    # While the sizer calibrates it offers whole chains.
+    sizer = TreeSizer(AcceptanceStats(template("2.2.2")), 80)
+    assert sizer.chain_length_for(16, 0, useless) == 8
 
 
 def test_cost_model_interpolates_and_extrapolates() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
+from collections.abc import Callable
 
 import numpy as np
 
@@ -120,15 +121,28 @@ def choose_chain_length(
     """
     f = chain.graft_fraction()
     a_chain = chain.expected_accepted()
-    best, best_rate = max_len, -1.0
-    for length in range(max_len + 1):
-        t = cost.predict(num_seqs * (1 + tree_size) + f * num_seqs * length)
+    return _fastest(
+        max_len,
+        cost,
+        fed=lambda length: num_seqs * (1 + tree_size) + f * num_seqs * length,
+        emitted=lambda length: num_seqs * (1.0 + tree_expected + f * float(a_chain[length])),
+    )[0]
+
+
+def _fastest(
+    max_n: int, cost: CostModel, fed: Callable[[int], float], emitted: Callable[[int], float]
+) -> tuple[int, float]:
+    """The n in 0..max_n maximising emitted(n) / t(fed(n)) (ties: the smaller n), with that
+    rate; (max_n, 0.0) before any cost has been measured."""
+    best, best_rate = max_n, -1.0
+    for n in range(max_n + 1):
+        t = cost.predict(fed(n))
         if t is None:
-            return max_len
-        rate = num_seqs * (1.0 + tree_expected + f * float(a_chain[length])) / t
+            return max_n, 0.0
+        rate = emitted(n) / t
         if rate > best_rate * (1 + 1e-9):
-            best, best_rate = length, rate
-    return best
+            best, best_rate = n, rate
+    return best, best_rate
 
 
 class CostModel:
@@ -191,15 +205,12 @@ def choose_size(
     expected: [>= max_size + 1] A(s). Returns (s, predicted tokens/s); s = max_size if no
     cost has been measured yet.
     """
-    best, best_rate = max_size, -1.0
-    for s in range(max_size + 1):
-        t = cost.predict(num_seqs * (1 + s))
-        if t is None:
-            return max_size, 0.0
-        rate = num_seqs * (1.0 + float(expected[s])) / t
-        if rate > best_rate * (1 + 1e-9):
-            best, best_rate = s, rate
-    return best, best_rate
+    return _fastest(
+        max_size,
+        cost,
+        fed=lambda s: num_seqs * (1 + s),
+        emitted=lambda s: num_seqs * (1.0 + float(expected[s])),
+    )
 
 
 class TreeSizer:

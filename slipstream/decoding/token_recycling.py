@@ -123,7 +123,6 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         self.totals["prompt_lookup_drafts"] = 0  # drafts that carried a grafted chain
         self._topk: torch.Tensor | None = None  # [R, k] this step's candidates per logits row
         self._last_size = 0
-        self._num_running = 1  # batch size the scheduler last planned drafts for
         self._last_save = time.monotonic()
         if options.matrix_path:
             atexit.register(self._save_at_exit)
@@ -143,7 +142,6 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         else:
             size = self.sizer.size_for(num_running)
         self._last_size = size
-        self._num_running = num_running
         chain: list[int] = []
         if self.opts.prompt_lookup_tokens:
             o = self.opts
@@ -214,7 +212,7 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
             budget
             and self.opts.adaptive
             and self.opts.tree_size is None
-            and self.sizer.best_size(max(1, self._num_running)) == 0
+            and self.sizer.best_size(max(1, len(batch.items))) == 0
         ):
             budget = 0
         for si in inputs.seqs:

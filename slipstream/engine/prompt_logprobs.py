@@ -21,7 +21,8 @@ import torch
 
 from slipstream.decoding.base import StepInputs, StepLogits
 from slipstream.engine.batch import Batch
-from slipstream.engine.outputs import Logprob, TokenLogprobs
+from slipstream.engine.outputs import Logprob
+from slipstream.engine.sampler import raw_token_logprobs
 from slipstream.engine.sequence import Sequence
 
 
@@ -89,22 +90,15 @@ def take_prompt_logprobs(
     for p in plan:
         start = logits.offsets[p.item]
         rows = torch.tensor([start + r for r in p.rows], device=logits.values.device)
-        raw = torch.log_softmax(logits.values.index_select(0, rows).float(), dim=-1)  # [n, V]
-        ids = torch.tensor(p.tokens, device=raw.device).unsqueeze(1)
-        chosen: list[float] = raw.gather(1, ids).squeeze(1).tolist()
-        num_top = min(p.seq.params.prompt_logprobs or 0, raw.shape[1])
-        top_vals: list[list[float]] = [[] for _ in p.tokens]
-        top_ids: list[list[int]] = [[] for _ in p.tokens]
-        if num_top > 0:
-            vals, idx = raw.topk(num_top, dim=-1)  # [n, N]
-            top_vals, top_ids = vals.tolist(), idx.tolist()
-        for tok, value, tv, ti in zip(p.tokens, chosen, top_vals, top_ids, strict=True):
-            p.seq.prompt_logprobs.append(
-                TokenLogprobs(
-                    chosen=Logprob(tok, value),
-                    top=[Logprob(t, v) for t, v in zip(ti, tv, strict=True)],
-                )
+        num_top = p.seq.params.prompt_logprobs or 0
+        p.seq.prompt_logprobs.extend(
+            raw_token_logprobs(
+                logits.values.index_select(0, rows),  # [n, V]
+                p.tokens,
+                [num_top] * len(p.tokens),
+                Logprob,  # decoded text is filled in by the output processor
             )
+        )
     # Keep every row the decoder asked for, in its order.
     keep: list[int] = []
     offsets = [0]

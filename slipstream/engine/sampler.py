@@ -223,31 +223,50 @@ class Sampler:
         out: list[TokenLogprobs | None] = [None] * len(rows)
         if not wanted:
             return out
-        # vLLM's default: logprobs of the model's raw distribution, before any processing.
-        raw = torch.log_softmax(logits[wanted].float(), dim=-1)  # [W, V]
-        chosen = raw.gather(1, _long([token_ids[i] for i in wanted], raw.device).unsqueeze(1))
-        chosen_list: list[float] = chosen.squeeze(1).tolist()
-        num_top = max(rows[i].params.logprobs or 0 for i in wanted)
-        top_vals: list[list[float]] = [[] for _ in wanted]
-        top_ids: list[list[int]] = [[] for _ in wanted]
-        if num_top > 0:
-            vals, idx = raw.topk(min(num_top, raw.shape[1]), dim=-1)  # [W, N]
-            top_vals, top_ids = vals.tolist(), idx.tolist()
-        for j, i in enumerate(wanted):
-            n = rows[i].params.logprobs or 0
-            out[i] = TokenLogprobs(
-                chosen=self._logprob(token_ids[i], chosen_list[j]),
-                top=[
-                    self._logprob(t, v)
-                    for t, v in zip(top_ids[j][:n], top_vals[j][:n], strict=True)
-                ],
-            )
+        found = raw_token_logprobs(
+            logits[wanted],
+            [token_ids[i] for i in wanted],
+            [rows[i].params.logprobs or 0 for i in wanted],
+            self._logprob,
+        )
+        for i, entry in zip(wanted, found, strict=True):
+            out[i] = entry
         return out
 
     def _logprob(self, token_id: int, value: float) -> Logprob:
         """A Logprob with its decoded text when a decoder was given."""
         text = self.decode_token(token_id) if self.decode_token is not None else ""
         return Logprob(token_id=token_id, logprob=value, decoded=text)
+
+
+def raw_token_logprobs(
+    logits: torch.Tensor,  # [W, V] one row per scored token
+    token_ids: list[int],  # [W] the token each row scores
+    num_top: list[int],  # [W] alternatives wanted per row
+    make: Callable[[int, float], Logprob],
+) -> list[TokenLogprobs]:
+    """Each token's logprob and its row's top alternatives, from the raw distribution.
+
+    vLLM's default: logprobs of the model's distribution before any processing (temperature,
+    penalties). Shared by output logprobs (the sampler) and prompt logprobs.
+    """
+    raw = torch.log_softmax(logits.float(), dim=-1)  # [W, V]
+    chosen: list[float] = (
+        raw.gather(1, _long(token_ids, raw.device).unsqueeze(1)).squeeze(1).tolist()
+    )
+    most = min(max(num_top, default=0), raw.shape[1])
+    top_vals: list[list[float]] = [[] for _ in token_ids]
+    top_ids: list[list[int]] = [[] for _ in token_ids]
+    if most > 0:
+        vals, idx = raw.topk(most, dim=-1)  # [W, N]
+        top_vals, top_ids = vals.tolist(), idx.tolist()
+    return [
+        TokenLogprobs(
+            chosen=make(tok, value),
+            top=[make(t, v) for t, v in zip(ti[:n], tv[:n], strict=True)],
+        )
+        for tok, value, n, ti, tv in zip(token_ids, chosen, num_top, top_ids, top_vals, strict=True)
+    ]
 
 
 def _is_plain_greedy(c: SamplingContext) -> bool:

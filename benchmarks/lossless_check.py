@@ -21,7 +21,12 @@ DECODERS = [
     (
         "token_recycling (official)",
         "token_recycling",
-        {"adaptive": False, "prompt_seed_rows": 0, "prompt_lookup_tokens": 0},
+        {
+            "adaptive": False,
+            "prompt_seed_rows": 0,
+            "prompt_lookup_tokens": 0,
+            "dynamic_tree": False,
+        },
     ),
     ("token_recycling (defaults)", "token_recycling", {}),
     ("ngram", "ngram", {}),

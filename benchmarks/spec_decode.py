@@ -37,7 +37,12 @@ PAPER = {
 }
 
 # The official algorithm: the 80-node tree, no prompt seeding, no grafted prompt lookup.
-OFFICIAL: dict[str, Any] = {"adaptive": False, "prompt_seed_rows": 0, "prompt_lookup_tokens": 0}
+OFFICIAL: dict[str, Any] = {
+    "adaptive": False,
+    "prompt_seed_rows": 0,
+    "prompt_lookup_tokens": 0,
+    "dynamic_tree": False,
+}
 
 CONFIGS: list[tuple[str, str, dict[str, Any], bool]] = [
     # label, decoder, options, cold (reset decoder state before every prompt)
@@ -47,6 +52,8 @@ CONFIGS: list[tuple[str, str, dict[str, Any], bool]] = [
     ("TR faithful cold", "token_recycling", OFFICIAL, True),
     ("TR faithful hot", "token_recycling", OFFICIAL, False),
     ("TR tree only hot", "token_recycling", {"prompt_lookup_tokens": 0}, False),
+    # Session 8's defaults: the static template's best nodes rather than a dynamic tree.
+    ("TR static tree hot", "token_recycling", {"dynamic_tree": False}, False),
     ("TR calibrated cold", "token_recycling", {}, True),
     ("TR calibrated hot", "token_recycling", {}, False),
 ]
@@ -88,8 +95,8 @@ def run_prompt(
         temperature=0.0, max_tokens=max_tokens, repetition_penalty=repetition_penalty
     )
     dec = llm.engine.decoder
-    if cold and hasattr(dec, "matrix"):
-        dec.matrix.zero_()
+    if cold and hasattr(dec, "reset_matrix"):
+        dec.reset_matrix()
     before = llm.get_stats()
     t0 = time.perf_counter()
     out = llm.chat([dict(m) for m in prompt.messages], params)[0]
@@ -191,8 +198,8 @@ def run_workload(
             kv_cache_memory_gib=1.0,
         )
         llm.chat([{"role": "user", "content": "Hi"}])  # warm-up (also warms a hot matrix)
-        if cold and hasattr(llm.engine.decoder, "matrix"):
-            llm.engine.decoder.matrix.zero_()
+        if cold and hasattr(llm.engine.decoder, "reset_matrix"):
+            llm.engine.decoder.reset_matrix()
         return llm
 
     results = {label: new_result() for label, *_ in configs}

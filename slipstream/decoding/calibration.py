@@ -67,6 +67,42 @@ class AcceptanceStats:
         return np.concatenate([[0.0], np.cumsum(best)])
 
 
+class PickOrderStats:
+    """Acceptance rate of the i-th node a best-first (dynamic) tree picks, i = 1 .. max_size.
+
+    Dynamic trees differ in shape every step, so nodes are counted by pick order: the first
+    s picks of a step are exactly what a tree of s nodes would have drafted, so A(s) is the
+    sum of the first s rates, as for a static template's best nodes.
+    """
+
+    def __init__(self, max_size: int, prior_weight: float = 4.0) -> None:
+        self.hits = np.zeros(max_size + 1)  # [S + 1] index i: times the i-th pick was accepted
+        self.trials = np.zeros(max_size + 1)  # [S + 1] times a step drafted >= i picks
+        self.prior = np.array([1.0, *(0.5 / i for i in range(1, max_size + 1))])
+        self.prior_weight = prior_weight
+
+    def record(self, tmpl: TreeTemplate, nodes: list[int]) -> None:
+        """One verified dynamic tree (source_index = pick order); `nodes` were accepted.
+        Drafts with a grafted chain are left out, as in AcceptanceStats.record."""
+        src = tmpl.source_index
+        if min(src[1:], default=0) < 0:
+            return
+        self.trials[1 : len(src)] += 1
+        self.hits[[src[n] for n in nodes[1:]]] += 1
+
+    def expected_accepted(self) -> np.ndarray:
+        """[S + 1] A(s): expected accepted draft tokens with the first s picks.
+
+        NOTE: rates are not forced to fall with pick order. A node's path probability never
+        exceeds its parent's, but acceptance is not ordered that way across branches: pick 2
+        (the root's second candidate) may be accepted 5% of the time and pick 3 (the first
+        pick's child) 40%; capping pick 3 at 5% chose trees far too small.
+        """
+        m = self.prior_weight
+        rate = (self.hits + self.prior * m) / (self.trials + m)
+        return np.concatenate([[0.0], np.cumsum(rate[1:])])
+
+
 class ChainStats:
     """How deep grafted prompt-lookup chains are accepted, and how often a step carries one.
 
@@ -223,7 +259,7 @@ class TreeSizer:
 
     def __init__(
         self,
-        stats: AcceptanceStats,
+        stats: AcceptanceStats | PickOrderStats,
         max_size: int,
         calibration_rounds: int = 2,
         explore_every: int = 16,

@@ -44,7 +44,12 @@ def expected(tiny_model_dir: str) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in run_to_completion(std, PROMPTS, GREEDY)]
 
 
-FAITHFUL = {"adaptive": False, "prompt_lookup_tokens": 0, "prompt_seed_rows": 0}
+FAITHFUL = {
+    "adaptive": False,
+    "prompt_lookup_tokens": 0,
+    "prompt_seed_rows": 0,
+    "dynamic_tree": False,
+}
 
 
 @pytest.mark.parametrize(
@@ -52,11 +57,12 @@ FAITHFUL = {"adaptive": False, "prompt_lookup_tokens": 0, "prompt_seed_rows": 0}
     [
         FAITHFUL,
         {},
+        {"dynamic_tree": False},
         {"tree_size": 0},
         # short suffixes match often, so chains are grafted beside a deep full tree
         {"adaptive": False, "prompt_lookup_min": 1, "prompt_lookup_max": 3},
     ],
-    ids=["faithful", "adaptive", "lookup_only", "full_tree_and_lookup"],
+    ids=["faithful", "adaptive", "adaptive_static_tree", "lookup_only", "full_tree_and_lookup"],
 )
 def test_greedy_identical_to_standard(
     tiny_model_dir: str, expected: list[list[int]], options: dict[str, Any]
@@ -174,6 +180,48 @@ def test_matrix_update_rule(tiny_model_dir: str) -> None:
     assert dec.matrix[9].tolist() == [0] * 8
 
 
+def test_matrix_update_stores_candidate_probabilities(tiny_model_dir: str) -> None:
+    dec = _decoder(_engine(tiny_model_dir))
+    vocab = dec.ctx.vocab_size
+    logits = torch.full((2, vocab), -30.0)
+    logits[0, 10:18] = torch.arange(8, 0, -1).float()
+    logits[1, 20] = 5.0  # one clear candidate, seven at -30
+    dec.greedy_targets(logits)
+    dec.observe([7, 8], logits, num_tokens=2, seconds=0.01)
+    want = torch.arange(8, 0, -1).float().softmax(dim=0)
+    torch.testing.assert_close(dec.probs[7], want)
+    assert dec.probs[8, 0] > 0.999 and dec.matrix[8, 0] == 20
+    static = _decoder(_engine(tiny_model_dir, dynamic_tree=False))
+    static.greedy_targets(logits)
+    static.observe([7, 8], logits, num_tokens=2, seconds=0.01)
+    assert static.matrix[7].tolist() == list(range(10, 18))
+    assert not static.probs.any()  # static trees do not use them
+
+
+def test_dynamic_tree_drafts_a_confident_chain(
+    tiny_model_dir: str, expected: list[list[int]]
+) -> None:
+    """Three nodes, the right continuation stored at rank 0 everywhere: the static tree's
+    three nodes are (0,), (1,), (0, 0), so it accepts at most 2 tokens a step; the dynamic
+    tree follows the confident rows to depth 3."""
+    prompt, want = PROMPTS[2], expected[2]
+    accepted = {}
+    for dynamic in (True, False):
+        eng = _engine(tiny_model_dir, tree_size=3, prompt_lookup_tokens=0, dynamic_tree=dynamic)
+        dec = _decoder(eng)
+        for a, b in itertools.pairwise(prompt + want):
+            dec.matrix[a] = torch.arange(b, b + 8) % dec.ctx.vocab_size
+            dec.probs[a] = torch.tensor([0.95] + [0.05 / 7] * 7)
+        eng.add_request("r", prompt, GREEDY)
+        eng.step()  # prefill
+        eng.step()  # the first draft
+        seq = next(iter(eng.seqs.values()))
+        accepted[dynamic] = seq.num_output_tokens - 2  # drafts beyond prefill's + the bonus
+        assert seq.output_token_ids == want[: seq.num_output_tokens]
+    assert accepted[True] == 3
+    assert accepted[False] == 2
+
+
 def test_kv_after_acceptance_equals_sequential(
     tiny_model_dir: str, expected: list[list[int]]
 ) -> None:
@@ -217,6 +265,7 @@ def test_hot_start_and_save_load(tiny_model_dir: str, tmp_path: Path) -> None:
     dec.save_matrix(path)
     loaded = _engine(tiny_model_dir, adaptive=False, matrix_path=path)
     assert torch.equal(_decoder(loaded).matrix, dec.matrix)
+    assert dec.probs.any() and torch.equal(_decoder(loaded).probs, dec.probs)
     run_to_completion(loaded, PROMPTS[:1], GREEDY)
     assert loaded.get_stats()["spec_num_drafts"] < cold_steps  # starts hot
     bad = tmp_path / "bad.pt"

@@ -46,30 +46,38 @@ def best_first_draft(
     each path's token.
 
     A path's score is the product of its candidates' stored probabilities, so a child never
-    outscores its parent and the picks are always a subtree. Ties keep rank order (rank 0
-    first, shallower first), so an all-zero `probs` (a cold matrix) gives the root's k
-    candidates, then their first children, like the static template.
+    outscores its parent and the picks are always a subtree. Ties go to the entry found
+    first; an all-zero `probs` (a cold matrix) spreads over ranks and depths alike.
 
     Example (k = 2): M[5] = [7, 9] with p [0.9, 0.1], M[7] = [3, 4] with p [0.8, 0.2]:
         size 2 -> paths [(0,), (0, 0)], tokens [7, 3]   (0.9, then 0.9 * 0.8 = 0.72)
     """
     k = matrix.shape[1]
-    heap: list[tuple[float, int, tuple[int, ...], int]] = []
-    order = 0  # tie-breaker: insertion order
-    for r in range(k):
-        heapq.heappush(heap, (-float(probs[root, r]), order, (r,), int(matrix[root, r])))
-        order += 1
+    # Entries: (-score, insertion order, path, token, parent token, parent score). A row's
+    # probabilities are non-increasing in rank (a softmax of sorted top-k logits), so a
+    # node's next sibling is never likelier than the node: popping rank r pushes rank r + 1
+    # and the node's own rank-0 child, two pushes per pick instead of k.
+    heap: list[tuple[float, int, tuple[int, ...], int, int, float]] = [
+        (-float(probs[root, 0]), 0, (0,), int(matrix[root, 0]), root, 1.0)
+    ]
+    order = 1  # tie-breaker: insertion order
     paths: list[tuple[int, ...]] = []
     tokens: list[int] = []
     while heap and len(paths) < size:
-        neg_score, _, path, token = heapq.heappop(heap)
+        neg_score, _, path, token, parent, parent_score = heapq.heappop(heap)
         paths.append(path)
         tokens.append(token)
-        if len(path) >= max_depth:
-            continue
-        row_p, row_t = probs[token], matrix[token]
-        for r in range(k):
-            child = (neg_score * float(row_p[r]), order, (*path, r), int(row_t[r]))
+        rank = path[-1]
+        if rank + 1 < k:
+            sibling = (*path[:-1], rank + 1)
+            score = parent_score * float(probs[parent, rank + 1])
+            heapq.heappush(
+                heap, (-score, order, sibling, int(matrix[parent, rank + 1]), parent, parent_score)
+            )
+            order += 1
+        if len(path) < max_depth:
+            score = -neg_score * float(probs[token, 0])
+            child = (-score, order, (*path, 0), int(matrix[token, 0]), token, -neg_score)
             heapq.heappush(heap, child)
             order += 1
     return paths, tokens

@@ -55,7 +55,7 @@ from slipstream.decoding.draft_tree import (
 from slipstream.decoding.dynamic_tree import DynamicTrees, best_first_draft
 from slipstream.decoding.ngram import check_lookup_bounds, find_draft
 from slipstream.decoding.registry import DECODERS
-from slipstream.decoding.tree_verify import Draft, TreeSpecDecoder
+from slipstream.decoding.tree_verify import Draft, TreeSpecDecoder, matching_nodes
 from slipstream.engine.batch import Batch, ScheduledSeq
 from slipstream.engine.sequence import Sequence
 
@@ -291,14 +291,15 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
                 targets[ties] = values[ties].argmax(dim=-1)
         return targets
 
-    def accepted(self, tmpl: TreeTemplate, nodes: list[int]) -> None:
-        """Acceptance statistics per template node (they order the nodes for smaller trees)
-        and of grafted chains (they size the chain)."""
-        self.acceptance.record(tmpl, nodes)
+    def accepted(self, tmpl: TreeTemplate, tokens: list[int], emitted: list[int]) -> None:
+        """Acceptance statistics of tree nodes (they size and, for static trees, order the
+        tree) and of grafted chains (they size the chain), counted by token match."""
+        matched = matching_nodes(tmpl, tokens, emitted)
+        self.acceptance.record(tmpl, matched)
         offered = sum(1 for src in tmpl.source_index if src < 0)
         if offered:
-            on_chain = len(nodes) > 1 and tmpl.source_index[nodes[1]] < 0
-            self.chains.record_chain(offered, len(nodes) - 1 if on_chain else 0)
+            depth = sum(1 for n in matched if tmpl.source_index[n] < 0)  # a chain: a prefix
+            self.chains.record_chain(offered, depth)
 
     def observe(
         self, fed_tokens: list[int], values: torch.Tensor, num_tokens: int, seconds: float

@@ -63,6 +63,24 @@ def accept_greedy(
     return out
 
 
+def matching_nodes(tmpl: TreeTemplate, tokens: list[int], emitted: list[int]) -> list[int]:
+    """Nodes (root excluded) whose path's tokens are a prefix of `emitted`: every node that
+    would have been accepted, on the accepted path or on a branch that drafted the same
+    tokens. Greedy: exactly the nodes matching the model's argmax all the way from the root.
+
+    Example: tree root -> a (1), root -> b (2), a -> c (3); tokens [r, 5, 5, 7], emitted
+    [5, 7, 9] -> [1, 2, 3] (nodes 1 and 2 both drafted 5).
+    """
+    ok = [True] + [False] * (len(tokens) - 1)
+    out = []
+    for i in range(1, len(tokens)):  # BFS order: parents first
+        depth = tmpl.depths[i]
+        if ok[tmpl.parents[i]] and depth <= len(emitted) and tokens[i] == emitted[depth - 1]:
+            ok[i] = True
+            out.append(i)
+    return out
+
+
 @dataclass
 class WalkResult:
     """Accepted nodes (root first) and the tokens they emit (accepted drafts + bonus)."""
@@ -302,10 +320,13 @@ class TreeSpecDecoder(Decoder):
         self.totals["draft_tokens"] += tmpl.num_draft
         self.totals["accepted_tokens"] += len(nodes) - 1
         self.totals["emitted_tokens"] += len(new)
-        self.accepted(tmpl, nodes)
+        draft = self._drafts[i]
+        assert draft is not None
+        self.accepted(tmpl, draft.tokens, new)
 
-    def accepted(self, tmpl: TreeTemplate, nodes: list[int]) -> None:
-        """Called for every verified draft with the accepted nodes (acceptance statistics)."""
+    def accepted(self, tmpl: TreeTemplate, tokens: list[int], emitted: list[int]) -> None:
+        """Called for every verified draft with its tokens and the tokens the step emitted
+        (accepted drafts, then the bonus), for acceptance statistics."""
 
     def _sample_plain(
         self,

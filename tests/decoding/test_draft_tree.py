@@ -26,7 +26,7 @@ from slipstream.decoding.draft_tree import (
     subtree,
     template,
 )
-from slipstream.decoding.tree_verify import accept_greedy
+from slipstream.decoding.tree_verify import accept_greedy, matching_nodes
 from slipstream.engine.model_runner import ancestor_mask
 
 
@@ -98,15 +98,19 @@ def test_graft_chain_hangs_given_tokens_under_the_root() -> None:
         graft_chain(base, 0)
 
 
-def test_acceptance_stats_leave_out_grafted_drafts() -> None:
+def test_acceptance_counts_every_matching_node_and_leaves_chains_to_chain_stats() -> None:
     t = template("2.2.2")
     stats = AcceptanceStats(t)
-    before = stats.rates().copy()
-    g = graft_chain(subtree(t, [1, 9]), 2)  # nodes (0,), (0, 0) plus a chain
-    stats.record(g.tmpl, [0, 3, 5])  # the chain won
-    assert np.array_equal(stats.rates(), before)
-    stats.record(subtree(t, [1, 9]), [0, 1])  # the tree alone: counted
-    assert stats.trials[1] == 1 and stats.hits[1] == 1 and stats.trials[9] == 1
+    g = graft_chain(subtree(t, [1, 9]), 2)  # template nodes (0,), (0, 0) plus a 2-token chain
+    assert g.tmpl.paths == ((), (0,), (1,), (0, 0), (1, 0))  # (1,) (1, 0): the chain
+    # The chain and node (0,) drafted the same first token; the emitted tokens match both.
+    tokens = g.tokens([10, 11, 12], [11, 13])  # [10, 11, 11, 12, 13]
+    matched = matching_nodes(g.tmpl, tokens, [11, 13, 40])
+    assert matched == [1, 2, 4]  # (0,), the chain's 2 tokens; (0, 0) drafted 12, not 13
+    stats.record(g.tmpl, matched)
+    assert stats.trials[1] == 1 and stats.hits[1] == 1  # counted though the chain won
+    assert stats.trials[9] == 1 and stats.hits[9] == 0
+    assert stats.trials.sum() == 2  # chain nodes are not template nodes
 
 
 def test_accept_greedy_full_partial_and_ties() -> None:
@@ -144,7 +148,7 @@ def test_acceptance_order_is_a_subtree() -> None:
         path = [leaf]
         while t.parents[path[-1]] > 0:
             path.append(t.parents[path[-1]])
-        stats.record(t, [0, *path[::-1]])
+        stats.record(t, path[::-1])
     order = stats.order()
     for s in (1, 5, 17, 40, 80):
         kept = set(order[:s])

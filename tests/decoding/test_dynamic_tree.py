@@ -3,6 +3,8 @@ pick-order acceptance statistics that size them (pure functions, no engine)."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from slipstream.decoding.calibration import PickOrderStats, TreeSizer
@@ -38,32 +40,36 @@ def test_best_first_follows_path_probability() -> None:
 def test_unknown_rows_are_expanded_last_and_cold_tables_give_rank_order() -> None:
     matrix, probs = _tables({})
     paths, _ = best_first_draft(matrix, probs, root=1, size=4)
-    assert paths == [(0,), (1,), (0, 0), (0, 1)]  # all scores 0: rank order, breadth first
+    assert paths == [(0,), (1,), (0, 0), (1, 0)]  # all scores 0: first found, first picked
     # A known row's children (score > 0) come before any child of an unknown row (score 0).
     matrix, probs = _tables({1: [(2, 0.6), (3, 0.4)], 3: [(6, 0.9), (7, 0.1)]})
     paths, tokens = best_first_draft(matrix, probs, root=1, size=4)
     assert paths == [(0,), (1,), (1, 0), (1, 1)] and tokens == [2, 3, 6, 7]
 
 
-def test_picks_form_a_subtree_with_non_increasing_scores_and_bounded_depth() -> None:
+def test_picks_are_the_most_probable_paths_and_form_a_subtree() -> None:
     rng = np.random.default_rng(0)
-    vocab = 64
-    matrix = rng.integers(0, vocab, size=(vocab, K)).astype(np.int32)
-    probs = rng.dirichlet(np.ones(K) * 0.3, size=vocab).astype(np.float32)
-    paths, tokens = best_first_draft(matrix, probs, root=3, size=30, max_depth=4)
-    assert len(paths) == 30 and len(set(paths)) == 30
-    picked: set[tuple[int, ...]] = set()
-    last = 1.0
-    for path, tok in zip(paths, tokens, strict=True):
-        assert len(path) <= 4
-        assert len(path) == 1 or path[:-1] in picked
-        t, score = 3, 1.0
-        for r in path:
-            t, score = int(matrix[t, r]), score * float(probs[t, r])
-        assert tok == t
-        assert score <= last + 1e-6
-        picked.add(path)
-        last = score
+    vocab, k, depth = 64, 3, 4
+    matrix = rng.integers(0, vocab, size=(vocab, k)).astype(np.int32)
+    # Rows sorted best first, as the matrix update stores them (a softmax of sorted top-k).
+    probs = -np.sort(-rng.dirichlet(np.ones(k) * 0.3, size=vocab).astype(np.float32), axis=1)
+    scores: dict[tuple[int, ...], float] = {}
+    tokens_of: dict[tuple[int, ...], int] = {}
+    frontier: list[tuple[tuple[int, ...], int, float]] = [((), 3, 1.0)]
+    while frontier:  # brute force: every path up to `depth`, 3 + 9 + 27 + 81 of them
+        path, tok, score = frontier.pop()
+        for r in range(k):
+            child = (*path, r)
+            scores[child] = score * float(probs[tok, r])
+            tokens_of[child] = int(matrix[tok, r])
+            if len(child) < depth:
+                frontier.append((child, tokens_of[child], scores[child]))
+    best = sorted(scores, key=lambda p: -scores[p])[:30]
+    paths, tokens = best_first_draft(matrix, probs, root=3, size=30, max_depth=depth)
+    assert set(paths) == set(best)
+    assert tokens == [tokens_of[p] for p in paths]
+    assert all(len(p) == 1 or p[:-1] in paths[:i] for i, p in enumerate(paths))  # parents first
+    assert all(scores[a] >= scores[b] for a, b in itertools.pairwise(paths))
 
 
 def test_templates_are_cached_and_number_nodes_by_pick_order() -> None:
@@ -85,14 +91,14 @@ def test_pick_order_stats_size_the_tree() -> None:
     trees = DynamicTrees(K)
     tmpl = trees.tree([(0,), (0, 0), (1,)])
     for _ in range(50):  # the first two picks always accepted, the third never
-        stats.record(tmpl, [0, 1, 3])
+        stats.record(tmpl, [1, 3])  # nodes (0,) and (0, 0); node 2 is (1,)
     a = stats.expected_accepted()
     assert a[2] > 1.8 and a[3] - a[2] < 0.1
     assert np.all(np.diff(a) >= 0)
-    graft = trees.grafted([(0,)], 1)
+    graft = trees.grafted([(0,)], 1)  # (0,) and a chain node (1,)
     before = stats.trials.copy()
-    stats.record(graft.tmpl, [0, 2])  # drafts with a chain are left out
-    assert np.array_equal(stats.trials, before)
+    stats.record(graft.tmpl, [1, 2])  # both matched: the pick counts, the chain node not
+    assert stats.trials[1] == before[1] + 1 and stats.trials.sum() == before.sum() + 1
     sizer = TreeSizer(stats, 8, calibration_rounds=0, explore_every=0)
     for n in range(1, 12):
         sizer.cost.add(n, 0.02 + 0.001 * n)  # a step costs 20 ms plus 1 ms per token

@@ -222,6 +222,19 @@ def test_dynamic_tree_drafts_a_confident_chain(
     assert accepted[False] == 2
 
 
+def test_chains_count_as_far_as_they_match_even_when_the_tree_wins(tiny_model_dir: str) -> None:
+    dec = _decoder(_engine(tiny_model_dir))
+    assert dec.dynamic is not None
+    graft = dec.dynamic.grafted([(0,)], 2)  # one tree node (0,), then a 2-token chain
+    tokens = graft.tokens([10, 11], [11, 13])  # the tree and the chain both drafted 11
+    assert tokens == [10, 11, 11, 13]
+    dec.accepted(graft.tmpl, tokens, [11, 13, 40])
+    assert dec.chains.trials[1:3].tolist() == [1, 1]
+    assert dec.chains.hits[1:3].tolist() == [1, 1]  # both chain tokens would have been taken
+    dec.accepted(graft.tmpl, tokens, [11, 40])
+    assert dec.chains.hits[1:3].tolist() == [2, 1]
+
+
 def test_kv_after_acceptance_equals_sequential(
     tiny_model_dir: str, expected: list[list[int]]
 ) -> None:

@@ -52,7 +52,8 @@ CONFIGS: list[tuple[str, str, dict[str, Any], bool]] = [
     ("TR faithful cold", "token_recycling", OFFICIAL, True),
     ("TR faithful hot", "token_recycling", OFFICIAL, False),
     ("TR tree only hot", "token_recycling", {"prompt_lookup_tokens": 0}, False),
-    # Session 8's defaults: the static template's best nodes rather than a dynamic tree.
+    # The defaults with the static template's best nodes instead of a dynamic tree (the
+    # tree of sessions 1-8).
     ("TR static tree hot", "token_recycling", {"dynamic_tree": False}, False),
     ("TR calibrated cold", "token_recycling", {}, True),
     ("TR calibrated hot", "token_recycling", {}, False),

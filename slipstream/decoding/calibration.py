@@ -20,6 +20,16 @@ import numpy as np
 from slipstream.decoding.draft_tree import TreeTemplate
 
 
+def _count_matches(
+    trials: np.ndarray, hits: np.ndarray, tmpl: TreeTemplate, matched: list[int]
+) -> None:
+    """One trial for each node the draft's own tree drafted (indexed by source_index), one
+    hit for each of those in `matched`; grafted chain nodes (source -1) count in neither."""
+    src = tmpl.source_index
+    trials[[s for s in src[1:] if s >= 0]] += 1
+    hits[[src[n] for n in matched if src[n] >= 0]] += 1
+
+
 class AcceptanceStats:
     """Per-node acceptance rates of a full template, with a prior so that a cold start works."""
 
@@ -41,9 +51,7 @@ class AcceptanceStats:
         of them wins the tie, but both would have been accepted. Chain nodes (source -1)
         are left to ChainStats.
         """
-        src = tmpl.source_index
-        self.trials[[s for s in src[1:] if s >= 0]] += 1
-        self.hits[[src[n] for n in matched if src[n] >= 0]] += 1
+        _count_matches(self.trials, self.hits, tmpl, matched)
 
     def rates(self) -> np.ndarray:
         """[T] smoothed P(node accepted); never above its parent's, so top-s sets are subtrees."""
@@ -84,9 +92,7 @@ class PickOrderStats:
     def record(self, tmpl: TreeTemplate, matched: list[int]) -> None:
         """One verified dynamic tree (source_index = pick order, -1 for a grafted chain's
         nodes, which are left out); `matched` as in AcceptanceStats.record."""
-        src = tmpl.source_index
-        self.trials[[s for s in src[1:] if s >= 0]] += 1
-        self.hits[[src[n] for n in matched if src[n] >= 0]] += 1
+        _count_matches(self.trials, self.hits, tmpl, matched)
 
     def expected_accepted(self) -> np.ndarray:
         """[S + 1] A(s): expected accepted draft tokens with the first s picks.

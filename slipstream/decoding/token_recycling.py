@@ -365,7 +365,7 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         probs = payload.get("probs")
         if probs is not None and tuple(probs.shape) == tuple(self.probs.shape):
             self.probs.copy_(probs.float())
-        else:  # a matrix saved without probabilities: dynamic trees start as static ones
+        else:  # saved without probabilities: dynamic trees rank every candidate alike
             self.probs.zero_()
         logger.info("token_recycling: loaded matrix %s", path)
 

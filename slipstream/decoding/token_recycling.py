@@ -15,12 +15,17 @@ reset (hot start). Where we differ on purpose:
   current batch size (calibration.py);
 - `prompt_seed_rows` (default 128): prefill logits at prompt positions also seed M (the
   official code discards them; the smpanaro reimplementation seeds);
-- `prompt_lookup_tokens` (default 8): a prompt-lookup match (ngram.py) is grafted under the
-  root as one more branch. A small tree (what a 2-core CPU can afford) accepts ~1.4 tokens
-  per step; in loops and copied passages the lookup chain accepts ~4;
+- `prompt_lookup_tokens` (default 16): a prompt-lookup match (ngram.py, the longest
+  matching suffix, the chain no longer than the match) is drafted under the root as one
+  more branch, merged with the tree where both drafted the same tokens. A small tree (what
+  a 2-core CPU can afford) accepts ~1.4 tokens per step; in loops and copied passages the
+  lookup chain accepts ~4;
 - `dynamic_tree` (default on): M also keeps each candidate's probability when stored, and a
   step drafts the nodes with the highest path probability instead of the template's first
-  nodes (dynamic_tree.py); same node count, more accepted tokens;
+  nodes (dynamic_tree.py); same node count, more accepted tokens. Rows never written are
+  not expanded, so a cold matrix drafts fewer nodes rather than token 0;
+- `pair_rows` (default 256k, dynamic trees only): candidates are also kept per (previous
+  token, token) and answer before M's one-token rows (pair_rows.py);
 - M is int32 (half the official int64) and can be saved to and loaded from `matrix_path`.
 The official algorithm is
 {"adaptive": false, "prompt_seed_rows": 0, "prompt_lookup_tokens": 0, "dynamic_tree": false}.
@@ -53,7 +58,8 @@ from slipstream.decoding.draft_tree import (
     template,
 )
 from slipstream.decoding.dynamic_tree import DynamicTrees, best_first_draft
-from slipstream.decoding.ngram import check_lookup_bounds, find_draft
+from slipstream.decoding.ngram import check_lookup_bounds, find_longest_draft
+from slipstream.decoding.pair_rows import PairRows
 from slipstream.decoding.registry import DECODERS
 from slipstream.decoding.tree_verify import Draft, TreeSpecDecoder, matching_nodes
 from slipstream.engine.batch import Batch, ScheduledSeq
@@ -87,14 +93,22 @@ class TokenRecyclingOptions:
     # them hang under the root as one more branch (0 = the recycled tree alone). The tree
     # misses what the model copies from its context; a loop or a quoted passage is exactly
     # what prompt lookup finds. Lookup bounds as the ngram decoder's (vLLM's) defaults.
-    prompt_lookup_tokens: int = 8
-    prompt_lookup_min: int = 5
-    prompt_lookup_max: int = 5
+    # The longest suffix in [min, max] is matched and the chain is at most factor x its
+    # length (find_longest_draft): offline on 48 builtin prompts, 3..32 with 16 tokens and
+    # factor 1 gave 2.05 tokens per step against 1.98 with 5..5 and 8 tokens (vLLM's ngram
+    # bounds); the sizer still cuts the chain to what its measured acceptance pays for.
+    prompt_lookup_tokens: int = 16
+    prompt_lookup_min: int = 3
+    prompt_lookup_max: int = 32
+    prompt_lookup_factor: float = 1.0
     # Shape each step's tree by the stored candidates' probabilities (best first) rather than
     # the static template. 12 builtin prompts, 2 cores, float32 (outputs identical to
     # standard's, so the drafters see the same text): 1.78 vs 1.46 tokens per step, 1.22x vs
     # 1.15x standard's speed (see dynamic_tree.py).
     dynamic_tree: bool = True
+    # Dynamic trees also keep candidates keyed by the last two tokens (pair_rows.py), this
+    # many pairs in a ring (256k = 16 MB); 0 = one-token rows only.
+    pair_rows: int = 262144
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
@@ -106,6 +120,10 @@ class TokenRecyclingOptions:
         check_lookup_bounds(self.prompt_lookup_min, self.prompt_lookup_max)
         if self.prompt_seed_rows < 0:
             raise ValueError(f"prompt_seed_rows must be >= 0, got {self.prompt_seed_rows}")
+        if self.prompt_lookup_factor <= 0:
+            raise ValueError(f"prompt_lookup_factor must be > 0, got {self.prompt_lookup_factor}")
+        if self.pair_rows < 0:
+            raise ValueError(f"pair_rows must be >= 0, got {self.pair_rows}")
         if self.save_interval_s <= 0:
             raise ValueError(f"save_interval_s must be > 0, got {self.save_interval_s}")
 
@@ -133,6 +151,11 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         on_cpu = self.matrix.device.type == "cpu"
         self.host_matrix = self.matrix if on_cpu else torch.zeros_like(self.matrix, device="cpu")
         self.dynamic = DynamicTrees(options.top_k) if options.dynamic_tree else None
+        self.pairs = (
+            PairRows(options.pair_rows, options.top_k)
+            if options.dynamic_tree and options.pair_rows
+            else None
+        )
         if options.matrix_path and os.path.exists(options.matrix_path):
             self.load_matrix(options.matrix_path)
         self.acceptance: AcceptanceStats | PickOrderStats = (
@@ -172,8 +195,12 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         chain: list[int] = []
         if self.opts.prompt_lookup_tokens:
             o = self.opts
-            chain = find_draft(
-                seq.token_ids, o.prompt_lookup_min, o.prompt_lookup_max, o.prompt_lookup_tokens
+            chain = find_longest_draft(
+                seq.token_ids,
+                o.prompt_lookup_min,
+                o.prompt_lookup_max,
+                o.prompt_lookup_tokens,
+                o.prompt_lookup_factor,
             )
             self.chains.record_lookup(bool(chain))
             if chain and self.opts.adaptive and self.opts.tree_size is None:
@@ -228,23 +255,27 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
                 if chain:
                     self.totals["prompt_lookup_drafts"] += 1
                     graft = self.grafted(size, len(chain))
-                    drafts[j] = Draft(graft.tmpl, graft.tokens(toks, chain))
+                    drafts[j] = Draft(graft.tmpl, graft.tokens(toks, chain), tuple(chain))
                 else:
                     drafts[j] = Draft(tmpl, toks)
         return drafts
 
-    def _dynamic_draft(self, seq: Sequence, size: int, chain: list[int]) -> Draft:
-        """A best-first tree of `size` nodes from M and its probabilities, plus the chain."""
+    def _dynamic_draft(self, seq: Sequence, size: int, chain: list[int]) -> Draft | None:
+        """A best-first tree of at most `size` nodes from the recycled rows, with the chain
+        merged in; None where neither has a token (rows never written, no lookup match)."""
         assert self.dynamic is not None
-        root = seq.token_ids[-1]
-        paths, toks = best_first_draft(self.host_matrix.numpy(), self.probs.numpy(), root, size)
-        tmpl = self.dynamic.tree(paths)
-        tokens = DynamicTrees.node_tokens(tmpl, root, paths, toks)
+        ids = seq.token_ids
+        root, prev = ids[-1], (ids[-2] if len(ids) > 1 else -1)
+        matrix, probs = self.host_matrix.numpy(), self.probs.numpy()
+        paths, toks = best_first_draft(matrix, probs, root, size, pairs=self.pairs, prev=prev)
         if not chain:
-            return Draft(tmpl, tokens)
+            if not paths:
+                return None
+            tmpl = self.dynamic.tree(paths)
+            return Draft(tmpl, DynamicTrees.node_tokens(tmpl, root, paths, toks))
         self.totals["prompt_lookup_drafts"] += 1
-        graft = self.dynamic.grafted(paths, len(chain))
-        return Draft(graft.tmpl, graft.tokens(tokens, chain))
+        tmpl, tokens = self.dynamic.with_chain(root, paths, toks, chain)
+        return Draft(tmpl, tokens, tuple(chain))
 
     def build_inputs(self, batch: Batch) -> StepInputs:
         """The tree step's inputs, plus logits rows at prompt positions that seed M."""
@@ -292,20 +323,31 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
                 targets[ties] = values[ties].argmax(dim=-1)
         return targets
 
-    def accepted(self, tmpl: TreeTemplate, tokens: list[int], emitted: list[int]) -> None:
+    def accepted(self, draft: Draft, emitted: list[int]) -> None:
         """Acceptance statistics of tree nodes (they size and, for static trees, order the
-        tree) and of grafted chains (they size the chain), counted by token match."""
-        matched = matching_nodes(tmpl, tokens, emitted)
-        self.acceptance.record(tmpl, matched)
-        offered = sum(1 for src in tmpl.source_index if src < 0)
-        if offered:
-            depth = sum(1 for n in matched if tmpl.source_index[n] < 0)  # a chain: a prefix
-            self.chains.record_chain(offered, depth)
+        tree) and of prompt-lookup chains (they size the chain), counted by token match: a
+        chain counts as deep as it agrees with what was emitted, whether its tokens were fed
+        as its own nodes or shared with the tree's."""
+        matched = matching_nodes(draft.tmpl, draft.tokens, emitted)
+        self.acceptance.record(draft.tmpl, matched)
+        if draft.chain:
+            depth = 0
+            while depth < min(len(draft.chain), len(emitted)):
+                if draft.chain[depth] != emitted[depth]:
+                    break
+                depth += 1
+            self.chains.record_chain(len(draft.chain), depth)
 
     def observe(
-        self, fed_tokens: list[int], values: torch.Tensor, num_tokens: int, seconds: float
+        self,
+        fed_tokens: list[int],
+        prev_tokens: list[int],
+        values: torch.Tensor,
+        num_tokens: int,
+        seconds: float,
     ) -> None:
-        """M[fed token] = top-k of its logits, for every row (rejected branches included)."""
+        """M[fed token] = top-k of its logits, for every row (rejected branches included);
+        with pair rows also P[(previous token, fed token)]."""
         if fed_tokens:
             top_vals, top = self._topk if self._topk is not None else values.topk(self.opts.top_k)
             rows = torch.tensor(fed_tokens, dtype=torch.long, device=self.matrix.device)
@@ -316,9 +358,13 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
                 # softmax here (1.48 vs 1.47 tokens per step, 12 prompts, 6 nodes) without a
                 # logsumexp over the vocabulary (~0.3 ms for 9 rows on 2 cores).
                 host_rows = rows.cpu()
-                self.probs[host_rows, :width] = top_vals.float().softmax(dim=-1).cpu()
+                probs = top_vals.float().softmax(dim=-1).cpu()
+                self.probs[host_rows, :width] = probs
+                host_top = top.cpu().to(torch.int32)
                 if self.host_matrix is not self.matrix:
-                    self.host_matrix[host_rows, :width] = top.cpu().to(torch.int32)
+                    self.host_matrix[host_rows, :width] = host_top
+                if self.pairs is not None:
+                    self.pairs.write(prev_tokens, fed_tokens, host_top.numpy(), probs.numpy())
         self._topk = None
         self.sizer.end_step(num_tokens, seconds)
         if self.sizer.step % 64 == 0:
@@ -336,6 +382,8 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         self.matrix.zero_()
         self.host_matrix.zero_()
         self.probs.zero_()
+        if self.pairs is not None:
+            self.pairs.clear()
 
     # ---------------------------------------------------------------- persistence
     def save_matrix(self, path: str) -> None:
@@ -365,8 +413,10 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         probs = payload.get("probs")
         if probs is not None and tuple(probs.shape) == tuple(self.probs.shape):
             self.probs.copy_(probs.float())
-        else:  # saved without probabilities: dynamic trees rank every candidate alike
-            self.probs.zero_()
+        else:  # saved without probabilities: dynamic trees rank a written row's candidates
+            # alike (1/k each); rows never written stay 0, so the walk leaves them alone.
+            written = (matrix != 0).any(dim=1, keepdim=True).float()  # [vocab, 1]
+            self.probs.copy_(written.expand_as(self.probs) / self.probs.shape[1])
         logger.info("token_recycling: loaded matrix %s", path)
 
     def _save_at_exit(self) -> None:
@@ -382,4 +432,6 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         out["tree_size"] = float(self._last_size)
         out["calibrating"] = float(self.sizer.step < self.sizer.calibration_steps)
         out["matrix_rows_filled"] = float((self.matrix != 0).any(dim=1).sum())
+        if self.pairs is not None:
+            out["pair_rows_filled"] = float(len(self.pairs))
         return out

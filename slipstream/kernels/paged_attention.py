@@ -574,7 +574,7 @@ def paged_attention(
     plan: dict[str, Any] | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Public op: Triton on CUDA, the reference elsewhere (see kernels/_dispatch.py)."""
-    if use_triton(q):
+    if use_triton(q, plan):
         return paged_attention_triton(
             q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, tree_mask
         )

@@ -171,7 +171,7 @@ def store_kv(
     plan: dict[str, Any] | None = None,
 ) -> None:
     """Public op: Triton on CUDA, the reference elsewhere (see kernels/_dispatch.py)."""
-    if use_triton(k):
+    if use_triton(k, plan):
         store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
     else:
         store_kv_ref(k, v, k_cache, v_cache, slot_mapping, plan)

@@ -19,6 +19,7 @@ from slipstream.decoding.calibration import (
 )
 from slipstream.decoding.draft_tree import (
     TEMPLATE_2_2_2,
+    TreeTemplate,
     build_template,
     chain_template,
     fill_tree,
@@ -89,8 +90,7 @@ def test_graft_chain_hangs_given_tokens_under_the_root() -> None:
     tokens = g.tokens([10, 11, 12, 13], [40, 41, 42])
     assert tokens == [10, 11, 12, 40, 13, 41, 42]
     # the chain is a path of its own: accepting it takes the chain's nodes only
-    targets = torch.tensor([[40, 0, 0, 41, 0, 42, 7]])
-    assert accept_greedy(t, torch.tensor([tokens]), targets) == [[0, 3, 5, 6]]
+    assert accept_greedy(t, tokens, [40, 0, 0, 41, 0, 42, 7]) == [0, 3, 5, 6]
     # a root-only base (tree size 0) still takes a chain
     solo = graft_chain(subtree(template("2.2.2"), []), 2)
     assert solo.tmpl.parents == [-1, 0, 1] and solo.tokens([5], [6, 7]) == [5, 6, 7]
@@ -116,27 +116,48 @@ def test_acceptance_counts_every_matching_node_and_leaves_chains_to_chain_stats(
 def test_accept_greedy_full_partial_and_ties() -> None:
     # root 0 -> a(1), b(2); a -> c(3)
     t = build_template([[0], [1], [0, 0]], k=2)
-    tokens = torch.tensor(
-        [
-            [10, 11, 12, 13],  # argmax(root)=11 -> a, argmax(a)=13 -> c: full path
-            [10, 11, 12, 13],  # argmax(root)=12 -> b only
-            [10, 11, 12, 13],  # nothing matches
+    tokens = [10, 11, 12, 13]
+    assert accept_greedy(t, tokens, [11, 13, 0, 5]) == [0, 1, 3]  # 11 -> a, 13 -> c
+    assert accept_greedy(t, tokens, [12, 99, 7, 0]) == [0, 2]  # 12 -> b only
+    assert accept_greedy(t, tokens, [42, 0, 0, 0]) == [0]  # nothing matches
+    # duplicate siblings both match with equal length: the first in rank order wins
+    dup = [10, 11, 11, 13]
+    assert accept_greedy(t, dup, [11, 0, 0, 0]) == [0, 1]
+    # ... and a longer match below the second sibling wins over the first
+    t2 = build_template([[0], [1], [1, 0]], k=2)  # root -> a(1), b(2); b -> c(3)
+    assert accept_greedy(t2, dup, [11, 0, 13, 0]) == [0, 2, 3]
+
+
+def test_accept_greedy_is_the_longest_matching_path_on_random_trees() -> None:
+    rng = torch.Generator().manual_seed(0)
+    full = template("2.2.2")
+    for _ in range(200):
+        keep = sorted(torch.randperm(81, generator=rng)[:30].tolist())
+        closed = {n for n in keep if n}
+        for n in list(closed):  # close under parents
+            while full.parents[n] > 0:
+                n = full.parents[n]
+                closed.add(n)
+        t = subtree(full, sorted(closed))
+        tokens = torch.randint(0, 3, (t.num_tokens,), generator=rng).tolist()
+        targets = torch.randint(0, 3, (t.num_tokens,), generator=rng).tolist()
+        got = accept_greedy(t, tokens, targets)
+        ok = [
+            all(tokens[c] == targets[t.parents[c]] for c in _path(t, n)) for n in range(len(tokens))
         ]
-    )
-    targets = torch.tensor(
-        [
-            [11, 13, 0, 5],
-            [12, 99, 7, 0],
-            [42, 0, 0, 0],
-        ]
-    )
-    assert accept_greedy(t, tokens, targets) == [[0, 1, 3], [0, 2], [0]]
-    # duplicate siblings both match with equal length: the path to the lowest leaf index
-    # (node 2 before node 3) wins, deterministically
-    dup = torch.tensor([[10, 11, 11, 13]])
-    assert accept_greedy(t, dup, torch.tensor([[11, 0, 0, 0]])) == [[0, 2]]
-    # ... but a longer match below the first sibling still wins
-    assert accept_greedy(t, dup, torch.tensor([[11, 13, 0, 0]])) == [[0, 1, 3]]
+        longest = max(len(_path(t, n)) for n in range(len(tokens)) if ok[n])
+        assert len(got) == longest + 1 and got[0] == 0
+        pairs = itertools.pairwise(got)
+        assert all(t.parents[b] == a and tokens[b] == targets[a] for a, b in pairs)
+
+
+def _path(t: TreeTemplate, node: int) -> list[int]:
+    """Node indices from the root's child down to `node` (empty for the root)."""
+    out = []
+    while node > 0:
+        out.append(node)
+        node = t.parents[node]
+    return out[::-1]
 
 
 def test_acceptance_order_is_a_subtree() -> None:

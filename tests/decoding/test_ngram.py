@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
-from slipstream.decoding.ngram import NgramDecoder, find_draft
+import numpy as np
+
+from slipstream.decoding.ngram import NgramDecoder, find_draft, find_longest_draft
 from slipstream.engine.engine import LLMEngine
 from slipstream.engine.sampling_params import SamplingParams
 from slipstream.testing.engines import run_to_completion, tiny_engine_config
+
+
+def test_find_longest_draft_is_find_draft_cut_to_its_match_length() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(500):  # short random texts over 2-5 tokens repeat often
+        tokens = rng.integers(0, int(rng.integers(2, 6)), int(rng.integers(1, 60))).tolist()
+        lo = int(rng.integers(1, 5))
+        hi, k = int(rng.integers(lo, 12)), int(rng.integers(1, 10))
+        assert find_longest_draft(tokens, lo, hi, k, 1e9) == find_draft(tokens, lo, hi, k)
+    # [1, 2, 3] matched (3 tokens): at most 3 tokens of what followed with factor 1
+    assert find_longest_draft([1, 2, 3, 9, 1, 2, 3], 2, 8, 8, 1.0) == [9, 1, 2]
+    assert find_longest_draft([1, 2, 3, 9, 1, 2, 3], 2, 8, 8, 0.5) == [9]
+    assert find_longest_draft([1, 2, 3, 9, 1, 2, 3], 2, 2, 8, 1.0) == [9, 1]  # max_n caps
+    assert find_longest_draft([1, 2], 3, 8, 8, 1.0) == []
 
 
 def test_find_draft_matches_vllm_rules() -> None:

@@ -96,9 +96,18 @@ def test_tree_rejection_sampling_is_lossless(
     # TV distance of 3000 draws from a <= 12-token distribution: ~0.03 expected; 0.06 bound.
     assert _tv(first, p_root) < 0.06
     node, counts = max(second.items(), key=lambda kv: sum(kv[1].values()))
-    assert sum(counts.values()) > 500
+    draws = sum(counts.values())
+    assert draws > 200  # which child is accepted most depends on the recycled tree
     p_child = _probs(dec, seq, logits[node], [tokens[node]])
-    assert _tv(counts, p_child) < 0.08
+    assert _tv(counts, p_child) < 2 * _expected_tv(p_child, draws)
+
+
+def _expected_tv(probs: torch.Tensor, draws: int) -> float:
+    """E[TV] of `draws` samples from `probs`: each count's mean absolute error is
+    sqrt(2 p (1 - p) / (pi n)) (normal approximation); e.g. 12 equal tokens, 273 draws ->
+    0.08, 3000 draws -> 0.024."""
+    p = probs[probs > 0].double()
+    return float(0.5 * (2 * p * (1 - p) / (torch.pi * draws)).sqrt().sum())
 
 
 def test_grafted_chain_repeating_a_drafted_token_stays_lossless(

@@ -7,10 +7,12 @@ import itertools
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from slipstream.decoding.token_recycling import TokenRecyclingDecoder
+from slipstream.decoding.tree_verify import Draft
 from slipstream.engine.engine import LLMEngine
 from slipstream.engine.sampling_params import SamplingParams
 from slipstream.engine.sequence import Sequence
@@ -174,10 +176,14 @@ def test_matrix_update_rule(tiny_model_dir: str) -> None:
     for row, tok in enumerate((10, 20, 30)):
         logits[row, tok : tok + 8] = torch.arange(8, 0, -1).float()  # best first
     dec.greedy_targets(logits)
-    dec.observe([7, 8, 7], logits, num_tokens=3, seconds=0.01)
+    dec.observe([7, 8, 7], [3, 7, 8], logits, num_tokens=3, seconds=0.01)
     assert dec.matrix[8].tolist() == list(range(20, 28))
     assert dec.matrix[7].tolist() == list(range(30, 38))  # last writer wins
     assert dec.matrix[9].tolist() == [0] * 8
+    # Pair rows keep both 7s apart: (3, 7) and (8, 7) are different contexts.
+    assert dec.pairs is not None
+    assert dec.pairs.ids[dec.pairs.find(3, 7)].tolist() == list(range(10, 18))
+    assert dec.pairs.ids[dec.pairs.find(8, 7)].tolist() == list(range(30, 38))
 
 
 def test_matrix_update_stores_candidate_probabilities(tiny_model_dir: str) -> None:
@@ -187,13 +193,13 @@ def test_matrix_update_stores_candidate_probabilities(tiny_model_dir: str) -> No
     logits[0, 10:18] = torch.arange(8, 0, -1).float()
     logits[1, 20] = 5.0  # one clear candidate, seven at -30
     dec.greedy_targets(logits)
-    dec.observe([7, 8], logits, num_tokens=2, seconds=0.01)
+    dec.observe([7, 8], [-1, 7], logits, num_tokens=2, seconds=0.01)
     want = torch.arange(8, 0, -1).float().softmax(dim=0)
     torch.testing.assert_close(dec.probs[7], want)
     assert dec.probs[8, 0] > 0.999 and dec.matrix[8, 0] == 20
     static = _decoder(_engine(tiny_model_dir, dynamic_tree=False))
     static.greedy_targets(logits)
-    static.observe([7, 8], logits, num_tokens=2, seconds=0.01)
+    static.observe([7, 8], [-1, 7], logits, num_tokens=2, seconds=0.01)
     assert static.matrix[7].tolist() == list(range(10, 18))
     assert not static.probs.any()  # static trees do not use them
 
@@ -222,17 +228,43 @@ def test_dynamic_tree_drafts_a_confident_chain(
     assert accepted[False] == 2
 
 
-def test_chains_count_as_far_as_they_match_even_when_the_tree_wins(tiny_model_dir: str) -> None:
+def test_chains_count_as_far_as_they_match_even_when_shared_with_the_tree(
+    tiny_model_dir: str,
+) -> None:
     dec = _decoder(_engine(tiny_model_dir))
     assert dec.dynamic is not None
-    graft = dec.dynamic.grafted([(0,)], 2)  # one tree node (0,), then a 2-token chain
-    tokens = graft.tokens([10, 11], [11, 13])  # the tree and the chain both drafted 11
-    assert tokens == [10, 11, 11, 13]
-    dec.accepted(graft.tmpl, tokens, [11, 13, 40])
+    # One tree node 11 under root 10; the chain [11, 13] shares it and adds 13 below it.
+    tmpl, tokens = dec.dynamic.with_chain(10, [(0,)], [11], [11, 13])
+    assert tokens == [10, 11, 13] and tmpl.num_tokens == 3
+    draft = Draft(tmpl, tokens, (11, 13))
+    dec.accepted(draft, [11, 13, 40])
     assert dec.chains.trials[1:3].tolist() == [1, 1]
-    assert dec.chains.hits[1:3].tolist() == [1, 1]  # both chain tokens would have been taken
-    dec.accepted(graft.tmpl, tokens, [11, 40])
+    assert dec.chains.hits[1:3].tolist() == [1, 1]  # both chain tokens were taken
+    dec.accepted(draft, [11, 40])
     assert dec.chains.hits[1:3].tolist() == [2, 1]
+
+
+def test_pair_rows_learn_each_fed_tokens_context(tiny_model_dir: str) -> None:
+    eng = _engine(tiny_model_dir, tree_size=4)
+    dec = _decoder(eng)
+    assert dec.pairs is not None
+    prompt = PROMPTS[3]
+    eng.add_request("r", prompt, GREEDY)
+    eng.step()  # prefill: the prompt's rows seed (previous, token) pairs
+    assert all(dec.pairs.find(a, b) >= 0 for a, b in itertools.pairwise(prompt))
+    assert dec.pairs.find(-1, prompt[0]) == -1  # position 0 has no previous token
+    seq = next(iter(eng.seqs.values()))
+    while eng.has_unfinished_requests():
+        eng.step()
+    out = seq.output_token_ids
+    # Every emitted token was a step's root or an accepted node: its row was written with
+    # the token before it as the key.
+    for a, b in itertools.pairwise([prompt[-1], *out[:-1]]):
+        slot = dec.pairs.find(a, b)
+        assert slot >= 0, (a, b)
+        assert np.all(np.diff(dec.pairs.probs[slot]) <= 0)  # a top-k, best first
+    dec.reset_matrix()
+    assert len(dec.pairs) == 0
 
 
 def test_kv_after_acceptance_equals_sequential(
@@ -245,6 +277,7 @@ def test_kv_after_acceptance_equals_sequential(
     chain = prompt + want
     for a, b in itertools.pairwise(chain):
         dec.matrix[a, 0] = b
+        dec.probs[a, 0] = 1.0  # a written row (the walk leaves unwritten ones alone)
     std = LLMEngine(tiny_engine_config(tiny_model_dir, block_size=4))
     eng.add_request("tr", prompt, GREEDY)
     std.add_request("sd", prompt, GREEDY)
@@ -268,11 +301,9 @@ def test_hot_start_and_save_load(tiny_model_dir: str, tmp_path: Path) -> None:
     path = str(tmp_path / "m.pt")
     eng = _engine(tiny_model_dir, adaptive=False, matrix_path=path)
     run_to_completion(eng, PROMPTS[:1], GREEDY)
-    cold = eng.get_stats()
+    cold_steps = eng.get_stats()["num_steps"]
     run_to_completion(eng, PROMPTS[:1], GREEDY)
-    hot = eng.get_stats()
-    cold_steps = cold["spec_num_drafts"]
-    hot_steps = hot["spec_num_drafts"] - cold_steps
+    hot_steps = eng.get_stats()["num_steps"] - cold_steps
     assert hot_steps < cold_steps, "the matrix carried over: fewer steps the second time"
     dec = _decoder(eng)
     dec.save_matrix(path)
@@ -280,7 +311,13 @@ def test_hot_start_and_save_load(tiny_model_dir: str, tmp_path: Path) -> None:
     assert torch.equal(_decoder(loaded).matrix, dec.matrix)
     assert dec.probs.any() and torch.equal(_decoder(loaded).probs, dec.probs)
     run_to_completion(loaded, PROMPTS[:1], GREEDY)
-    assert loaded.get_stats()["spec_num_drafts"] < cold_steps  # starts hot
+    assert loaded.get_stats()["num_steps"] < cold_steps  # starts hot
+    legacy = tmp_path / "legacy.pt"  # a matrix saved without probabilities
+    torch.save({"matrix": dec.matrix.cpu(), "vocab_size": dec.ctx.vocab_size}, legacy)
+    old = _decoder(_engine(tiny_model_dir, matrix_path=str(legacy)))
+    written = (dec.matrix != 0).any(dim=1)
+    assert torch.all(old.probs[written] == 1 / 8)  # written rows: candidates ranked alike
+    assert not old.probs[~written].any()  # never-written rows stay unknown
     bad = tmp_path / "bad.pt"
     torch.save({"matrix": torch.zeros(3, 8, dtype=torch.int32)}, bad)
     with pytest.raises(ValueError, match="shape"):

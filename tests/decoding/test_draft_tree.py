@@ -254,3 +254,27 @@ def test_start_up_calibration_feeds_the_same_token_counts_at_any_batch(num_runni
     for got, want in zip(fed, targets, strict=True):
         # the largest token count <= the target that whole trees allow, never below B
         assert got <= max(want, num_running) and got > want - num_running
+
+
+def test_each_logits_row_knows_the_token_before_it() -> None:
+    from slipstream.decoding.base import SeqInputs, StepInputs
+    from slipstream.decoding.tree_verify import _fed_and_previous
+    from slipstream.engine.batch import Batch, ScheduledSeq
+    from slipstream.engine.sampling_params import SamplingParams
+    from slipstream.engine.sequence import Sequence
+
+    params = SamplingParams(max_tokens=4)
+    tree_seq = Sequence(0, "a", [5, 6, 7], params, 0.0)  # 5, 6 computed; 7 is the root
+    tree_seq.num_computed_tokens = 2
+    prefill = Sequence(1, "b", [20, 21, 22], params, 0.0)  # nothing computed yet
+    batch = Batch([ScheduledSeq(tree_seq, 1, 2), ScheduledSeq(prefill, 3)])
+    inputs = StepInputs(
+        [
+            # root 7, node 8 under the root, node 9 under 8
+            SeqInputs([7, 8, 9], [2, 3, 4], parents=[-1, 0, 1], logits_indices=[0, 1, 2]),
+            SeqInputs([20, 21, 22], [0, 1, 2], logits_indices=[0, 2]),  # two rows asked
+        ]
+    )
+    fed, prev = _fed_and_previous(batch, inputs)
+    assert fed == [7, 8, 9, 20, 22]
+    assert prev == [6, 7, 8, -1, 21]  # position 0 has no previous token

@@ -92,7 +92,7 @@ class TokenRecyclingOptions:
     # occurred earlier in the prompt or output, the (up to) this many tokens that followed
     # them hang under the root as one more branch (0 = the recycled tree alone). The tree
     # misses what the model copies from its context; a loop or a quoted passage is exactly
-    # what prompt lookup finds. Lookup bounds as the ngram decoder's (vLLM's) defaults.
+    # what prompt lookup finds.
     # The longest suffix in [min, max] is matched and the chain is at most factor x its
     # length (find_longest_draft): offline on 48 builtin prompts, 3..32 with 16 tokens and
     # factor 1 gave 2.05 tokens per step against 1.98 with 5..5 and 8 tokens (vLLM's ngram

@@ -45,22 +45,47 @@ def check_lookup_bounds(min_n: int, max_n: int) -> None:
         raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got {min_n}, {max_n}")
 
 
+def longest_suffix_match(
+    tokens: list[int] | np.ndarray, min_n: int, max_n: int
+) -> tuple[np.ndarray, int, int]:
+    """The earliest occurrence of the longest suffix of `tokens` (min_n..max_n tokens) that
+    also occurred earlier: (tokens as an array, where what followed it starts, its length);
+    length 0 where no suffix of min_n tokens occurred before.
+
+    The suffix is grown one token at a time from min_n among the occurrences still
+    matching, so a long max_n costs little (trying every n from max_n down compared every
+    window again for each n).
+    Example: tokens [1, 2, 3, 4, 2, 3], min_n 2, max_n 3 -> [4, 2, 3] never occurred before;
+    [2, 3] did, at index 1 -> what followed starts at 3, length 2.
+    """
+    arr = np.asarray(tokens, dtype=np.int64)
+    total = arr.shape[0]
+    if total - 1 < min_n:
+        return arr, 0, 0
+    # windows[i] = arr[i : i + min_n] for every start that ends before the suffix itself.
+    windows = np.lib.stride_tricks.sliding_window_view(arr[: total - 1], min_n)
+    starts = np.flatnonzero((windows == arr[total - min_n :]).all(axis=1))  # [hits]
+    if not starts.size:
+        return arr, 0, 0
+    n = min_n
+    while n < max_n and total - n - 1 >= 0:
+        # Occurrences that also match one token further back (starts stay ascending).
+        longer = starts[starts >= 1]
+        longer = longer[arr[longer - 1] == arr[total - n - 1]] - 1
+        if not longer.size:
+            break
+        starts, n = longer, n + 1
+    return arr, int(starts[0]) + n, n
+
+
 def find_draft(tokens: list[int] | np.ndarray, min_n: int, max_n: int, k: int) -> list[int]:
     """Up to k tokens that followed the earliest occurrence of the longest matching suffix.
 
     Example: tokens [1, 2, 3, 4, 2, 3], min_n 2, max_n 3, k 4 -> the suffix [4, 2, 3] never
     occurred before; [2, 3] did, at index 1, followed by [4, 2, 3] -> returns [4, 2, 3].
     """
-    arr = np.asarray(tokens, dtype=np.int64)
-    total = arr.shape[0]
-    for n in range(min(max_n, total - 1), min_n - 1, -1):
-        # windows[i] = arr[i : i + n] for every start that ends before the suffix itself.
-        windows = np.lib.stride_tricks.sliding_window_view(arr[: total - 1], n)  # [total - n, n]
-        hits = np.flatnonzero((windows == arr[total - n :]).all(axis=1))
-        if hits.size:
-            start = int(hits[0]) + n
-            return arr[start : start + k].tolist()
-    return []
+    arr, begin, n = longest_suffix_match(tokens, min_n, max_n)
+    return arr[begin : begin + k].tolist() if n else []
 
 
 def find_longest_draft(
@@ -73,31 +98,13 @@ def find_longest_draft(
     decoding bounds its drafts the same way (max_spec_factor, default 1.0). Offline, on 48
     builtin prompts (5 tree nodes plus the chain), lookup bounds 3..32 with 16 tokens and
     factor 1 gave 2.05 tokens per step where 5..5 with 8 tokens gave 1.98.
-
-    The suffix is grown one token at a time from min_n among the occurrences still
-    matching, so a long max_n costs little (find_draft tries every n from max_n down).
     Example: tokens [1, 2, 3, 9, 1, 2, 3], min_n 2, max_n 8, k 8, factor 1.0 -> [1, 2, 3]
     matched at index 0, followed by [9, 1, 2, 3] -> 3 tokens: [9, 1, 2].
     """
-    arr = np.asarray(tokens, dtype=np.int64)
-    total = arr.shape[0]
-    if total - 1 < min_n:
+    arr, begin, n = longest_suffix_match(tokens, min_n, max_n)
+    if not n:
         return []
-    windows = np.lib.stride_tricks.sliding_window_view(arr[: total - 1], min_n)
-    starts = np.flatnonzero((windows == arr[total - min_n :]).all(axis=1))  # [hits]
-    if not starts.size:
-        return []
-    n = min_n
-    while n < max_n and total - n - 1 >= 0:
-        # Occurrences that also match one token further back (starts stay ascending).
-        longer = starts[starts >= 1]
-        longer = longer[arr[longer - 1] == arr[total - n - 1]] - 1
-        if not longer.size:
-            break
-        starts, n = longer, n + 1
-    begin = int(starts[0]) + n
-    length = min(k, max(1, int(factor * n)))
-    return arr[begin : begin + length].tolist()
+    return arr[begin : begin + min(k, max(1, int(factor * n)))].tolist()
 
 
 @DECODERS.register("ngram")

@@ -10,13 +10,26 @@ from slipstream.engine.sampling_params import SamplingParams
 from slipstream.testing.engines import run_to_completion, tiny_engine_config
 
 
+def _draft_by_every_n(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
+    """The rule stated plainly: try every suffix length from max_n down, compare it with
+    every earlier window, take what followed the first hit."""
+    for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
+        suffix = tokens[len(tokens) - n :]
+        for i in range(len(tokens) - n):
+            if tokens[i : i + n] == suffix:
+                return tokens[i + n : i + n + k]
+    return []
+
+
 def test_find_longest_draft_is_find_draft_cut_to_its_match_length() -> None:
     rng = np.random.default_rng(0)
     for _ in range(500):  # short random texts over 2-5 tokens repeat often
         tokens = rng.integers(0, int(rng.integers(2, 6)), int(rng.integers(1, 60))).tolist()
         lo = int(rng.integers(1, 5))
         hi, k = int(rng.integers(lo, 12)), int(rng.integers(1, 10))
-        assert find_longest_draft(tokens, lo, hi, k, 1e9) == find_draft(tokens, lo, hi, k)
+        want = _draft_by_every_n(tokens, lo, hi, k)
+        assert find_draft(tokens, lo, hi, k) == want
+        assert find_longest_draft(tokens, lo, hi, k, 1e9) == want
     # [1, 2, 3] matched (3 tokens): at most 3 tokens of what followed with factor 1
     assert find_longest_draft([1, 2, 3, 9, 1, 2, 3], 2, 8, 8, 1.0) == [9, 1, 2]
     assert find_longest_draft([1, 2, 3, 9, 1, 2, 3], 2, 8, 8, 0.5) == [9]

@@ -57,9 +57,6 @@ class TreeTemplate:
     mask: torch.Tensor  # [T, T] bool: node i sees node j iff j is i or an ancestor of i
     # One entry per level >= 1: (start, end, parent node indices [n_l], ranks [n_l]).
     levels: list[tuple[int, int, torch.Tensor, torch.Tensor]]
-    # [num_leaves, max_depth + 1] node indices of each root-to-leaf path; padding = T (a
-    # sentinel column that never matches), so cumprod along a row stops at the leaf.
-    leaf_paths: torch.Tensor
     # [T] index of each node in the template it was cut from (itself for a full template).
     source_index: list[int]
 
@@ -128,13 +125,6 @@ def build_template(
                 torch.tensor([ranks[i] for i in idx], dtype=torch.long),
             )
         )
-    leaves = [i for i in range(n) if not children[i]]
-    leaf_paths = torch.full((len(leaves), max_depth + 1), n, dtype=torch.long)
-    for row, leaf in enumerate(leaves):
-        chain = [leaf]
-        while parents[chain[-1]] >= 0:
-            chain.append(parents[chain[-1]])
-        leaf_paths[row, : len(chain)] = torch.tensor(chain[::-1])
     return TreeTemplate(
         paths=tuple(all_paths),
         parents=parents,
@@ -143,7 +133,6 @@ def build_template(
         children=children,
         mask=mask,
         levels=levels,
-        leaf_paths=leaf_paths,
         source_index=[0, *[src_by_path[p] for p in nodes]],
     )
 

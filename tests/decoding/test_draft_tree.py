@@ -39,12 +39,12 @@ def test_official_template_shape() -> None:
     assert [list(p) for p in t.paths[1:]] == [list(p) for p in TEMPLATE_2_2_2]
     assert all(t.parents[i] < i for i in range(1, 81))
     assert torch.equal(t.mask, ancestor_mask(t.parents))
-    # every root-to-leaf path ends at a leaf and walks parent links
-    for row in t.leaf_paths.tolist():
-        nodes = [n for n in row if n < 81]
-        assert not t.children[nodes[-1]]
-        assert all(t.parents[b] == a for a, b in itertools.pairwise(nodes))
-    assert t.leaf_paths.shape[0] == sum(1 for c in t.children if not c)
+    # children are the inverse of parent links, in rank order
+    assert all(t.parents[c] == i for i, kids in enumerate(t.children) for c in kids)
+    assert sum(len(kids) for kids in t.children) == 80
+    assert all(
+        [t.ranks[c] for c in kids] == sorted(t.ranks[c] for c in kids) for kids in t.children
+    )
 
 
 def test_fill_from_hand_written_matrix() -> None:

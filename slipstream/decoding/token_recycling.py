@@ -64,6 +64,7 @@ from slipstream.decoding.registry import DECODERS
 from slipstream.decoding.tree_verify import Draft, TreeSpecDecoder, matching_nodes
 from slipstream.engine.batch import Batch, ScheduledSeq
 from slipstream.engine.sequence import Sequence
+from slipstream.engine.vocab_topk import vocab_argmax, vocab_topk
 
 logger = logging.getLogger(__name__)
 
@@ -314,13 +315,13 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         values.argmax (lowest index), the rule the standard sampler uses.
         """
         k = min(self.opts.top_k, values.shape[1])
-        top_vals, top_idx = values.topk(k, dim=-1)  # [R, k]
+        top_vals, top_idx = vocab_topk(values, k)  # [R, k]
         self._topk = (top_vals, top_idx)
         targets = top_idx[:, 0].clone()
         if k > 1:
             ties = (top_vals[:, 0] == top_vals[:, 1]).nonzero().squeeze(1)
             if ties.numel():
-                targets[ties] = values[ties].argmax(dim=-1)
+                targets[ties] = vocab_argmax(values[ties])
         return targets
 
     def accepted(self, draft: Draft, emitted: list[int]) -> None:
@@ -349,7 +350,9 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         """M[fed token] = top-k of its logits, for every row (rejected branches included);
         with pair rows also P[(previous token, fed token)]."""
         if fed_tokens:
-            top_vals, top = self._topk if self._topk is not None else values.topk(self.opts.top_k)
+            top_vals, top = (
+                self._topk if self._topk is not None else vocab_topk(values, self.opts.top_k)
+            )
             rows = torch.tensor(fed_tokens, dtype=torch.long, device=self.matrix.device)
             width = top.shape[1]
             self.matrix[rows, :width] = top.to(device=self.matrix.device, dtype=torch.int32)

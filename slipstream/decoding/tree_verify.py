@@ -35,6 +35,7 @@ from slipstream.engine.batch import Batch, ScheduledSeq
 from slipstream.engine.outputs import TokenLogprobs
 from slipstream.engine.sampler import Sampler, SamplingContext, _is_plain_greedy
 from slipstream.engine.sequence import Sequence
+from slipstream.engine.vocab_topk import vocab_argmax
 
 
 def accept_greedy(tmpl: TreeTemplate, tokens: list[int], targets: list[int]) -> list[int]:
@@ -178,7 +179,7 @@ class TreeSpecDecoder(Decoder):
 
     def greedy_targets(self, values: torch.Tensor) -> torch.Tensor:
         """[R, V] -> [R] argmax with the sampler's rule (ties: lowest index)."""
-        return values.argmax(dim=-1)
+        return vocab_argmax(values)
 
     def observe(
         self,

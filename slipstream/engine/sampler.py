@@ -24,6 +24,7 @@ import torch
 from slipstream.engine.outputs import Logprob, TokenLogprobs
 from slipstream.engine.sampling_params import SamplingParams
 from slipstream.engine.sequence import Sequence as Seq
+from slipstream.engine.vocab_topk import vocab_argmax
 
 # Exponential(1) draws can be exactly 0 in float32 (probability ~1e-45 per draw, but CUDA
 # kernels have produced them); dividing by 0 would make a zero-probability token win.
@@ -82,11 +83,11 @@ class Sampler:
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
         if all(_is_plain_greedy(c) for c in rows):
             # Hot path (greedy, batch 1 included): one argmax, one host sync.
-            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(rows))
+            return SamplerOutput(vocab_argmax(logits).tolist(), [None] * len(rows))
         processed, greedy = self._process(logits, rows)  # [R, V], [R] bool
         random_rows = [i for i, is_greedy in enumerate(greedy) if not is_greedy]
         if not random_rows:
-            token_ids = processed.argmax(dim=-1)  # [R]
+            token_ids = vocab_argmax(processed)  # [R]
         elif len(random_rows) == len(rows):
             probs = torch.softmax(processed, dim=-1)  # [R, V]
             token_ids = self._race(probs, [c.generator for c in rows])

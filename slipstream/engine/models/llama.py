@@ -20,6 +20,7 @@ from torch import nn
 from slipstream.engine.attention import AttentionBackend, AttentionMetadata, PagedAttentionBackend
 from slipstream.engine.models.config import ModelArchConfig, RopeScaling
 from slipstream.engine.models.registry import MODELS
+from slipstream.engine.vocab_topk import vocab_topk
 
 
 def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
@@ -273,7 +274,7 @@ def _refine_top_logits(
     tie against 'The'). The matmul accumulates in float32 anyway; only its output is
     rounded, so R x 8 float32 dot products restore the exact order where it matters.
     """
-    top = logits.topk(_REFINE_TOP, dim=-1).indices  # [R, 8]
+    top = vocab_topk(logits, _REFINE_TOP)[1]  # [R, 8]
     rows = weight[top].float()  # [R, 8, hidden]
     exact = torch.bmm(rows, hidden.float().unsqueeze(-1)).squeeze(-1)  # [R, 8]
     logits.scatter_(1, top, exact)

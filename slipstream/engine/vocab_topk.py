@@ -1,0 +1,73 @@
+"""Exact top-k and argmax over vocabulary-sized rows, in two passes instead of one sort.
+
+torch.topk over a [R, 49152] float32 row costs ~37 us a row on this 2-core CPU and argmax
+~25 us a row, while amax streams the row in ~2 us. So each row is cut into chunks of
+`_CHUNK` logits; the chunk maxima (one amax pass) say which chunks can hold the winners, and
+the exact top-k or argmax is taken over those chunks alone. Measured ([R, 49152] fp32,
+k 8): 38 vs 84 us at R = 1, 72 vs 361 us at R = 9, 118 vs 540 us at R = 17.
+
+Exact, not approximate: an element of a row's top k lies in one of the k chunks with the
+largest maxima (otherwise k chunks each hold a larger element). The argmax keeps torch's
+rule, the lowest index among equal maxima (and NaN counts as the largest, as in torch).
+Used on the CPU only; on CUDA torch's kernels are already fast.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Logits per chunk: 49152 / 128 = 384 chunk maxima per row; 64..512 measured within 15%.
+_CHUNK = 128
+
+
+def _worth_chunking(values: torch.Tensor, k: int) -> bool:
+    # Below ~16 chunks per candidate the second pass reads most of the row again.
+    return (
+        values.device.type == "cpu"
+        and values.dim() == 2
+        and values.stride(-1) == 1
+        and values.shape[1] >= 16 * k * _CHUNK
+    )
+
+
+def _candidates(values: torch.Tensor, chunks: torch.Tensor, full: int) -> torch.Tensor:
+    """[R, n] indices of the chosen full chunks' logits ([R, m] chunk ids), in ascending
+    order per chunk, then every logit past the last full chunk (a partial tail is always a
+    candidate: it is shorter than a chunk)."""
+    rows, vocab = values.shape
+    offsets = torch.arange(_CHUNK, device=values.device)
+    idx = (chunks.unsqueeze(-1) * _CHUNK + offsets).view(rows, -1)  # [R, m * _CHUNK]
+    if vocab > full * _CHUNK:
+        tail = torch.arange(full * _CHUNK, vocab, device=values.device).expand(rows, -1)
+        idx = torch.cat([idx, tail], dim=1)
+    return idx
+
+
+def _full_chunk_maxima(values: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """[R, V] -> ([R, V // _CHUNK] maxima of the whole chunks, their count)."""
+    rows, vocab = values.shape
+    full = vocab // _CHUNK
+    return values[:, : full * _CHUNK].view(rows, full, _CHUNK).amax(dim=-1), full
+
+
+def vocab_topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([R, k] values, [R, k] int64 indices) of each row's k largest, largest first: what
+    `values.topk(k, dim=-1)` returns (the order among equal values may differ, as topk
+    leaves it unspecified). values: [R, V]."""
+    if not _worth_chunking(values, k):
+        return values.topk(k, dim=-1)
+    maxima, full = _full_chunk_maxima(values)
+    idx = _candidates(values, maxima.topk(k, dim=-1).indices, full)  # [R, k * _CHUNK (+ tail)]
+    top_vals, pos = values.gather(1, idx).topk(k, dim=-1)
+    return top_vals, idx.gather(1, pos)
+
+
+def vocab_argmax(values: torch.Tensor) -> torch.Tensor:
+    """[R, V] -> [R] int64: `values.argmax(dim=-1)`, lowest index among equal maxima."""
+    if not _worth_chunking(values, 1):
+        return values.argmax(dim=-1)
+    maxima, full = _full_chunk_maxima(values)
+    # The first whole chunk holding the largest whole-chunk value, then the tail: the
+    # candidates are in ascending index order, so argmax's first occurrence is the row's.
+    idx = _candidates(values, maxima.argmax(dim=-1, keepdim=True), full)  # [R, _CHUNK (+ tail)]
+    return idx.gather(1, values.gather(1, idx).argmax(dim=-1, keepdim=True)).squeeze(1)

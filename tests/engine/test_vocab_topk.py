@@ -1,0 +1,70 @@
+"""vocab_topk / vocab_argmax: the two-pass chunked forms must answer exactly as torch does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slipstream.engine.vocab_topk import _CHUNK, vocab_argmax, vocab_topk
+
+# Whole chunks only (the default model's 49152), a partial tail chunk, a tail of one logit.
+VOCABS = [384 * _CHUNK, 250 * _CHUNK + 77, 300 * _CHUNK + 1]
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("k", [1, 8])
+def test_topk_equals_torch_on_random_rows(vocab: int, rows: int, k: int) -> None:
+    gen = torch.Generator().manual_seed(vocab + rows + k)
+    values = torch.randn(rows, vocab, generator=gen) * 4
+    got_vals, got_idx = vocab_topk(values, k)
+    want_vals, want_idx = values.topk(k, dim=-1)
+    assert torch.equal(got_vals, want_vals)
+    assert torch.equal(got_idx, want_idx)  # distinct values: the order is defined
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+def test_topk_finds_winners_in_one_chunk_and_in_the_tail(vocab: int) -> None:
+    values = torch.full((2, vocab), -5.0)
+    # Row 0: all eight winners packed into one chunk (the others hold none).
+    values[0, 7 * _CHUNK : 7 * _CHUNK + 8] = torch.arange(8.0)
+    # Row 1: the winners at the very end of the row (in the tail where there is one).
+    values[1, vocab - 8 :] = torch.arange(8.0) + 10
+    got_vals, got_idx = vocab_topk(values, 8)
+    want_vals, want_idx = values.topk(8, dim=-1)
+    assert torch.equal(got_vals, want_vals)
+    assert torch.equal(got_idx, want_idx)
+    assert len(set(got_idx[1].tolist())) == 8  # no index counted twice
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+def test_topk_with_ties_returns_the_same_values_and_distinct_indices(vocab: int) -> None:
+    gen = torch.Generator().manual_seed(3)
+    values = torch.randint(0, 4, (3, vocab), generator=gen).float()  # many ties
+    got_vals, got_idx = vocab_topk(values, 8)
+    assert torch.equal(got_vals, values.topk(8, dim=-1).values)
+    for r in range(3):
+        assert len(set(got_idx[r].tolist())) == 8
+        assert torch.equal(values[r, got_idx[r]], got_vals[r])
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+def test_argmax_equals_torch_including_ties_and_nan(vocab: int) -> None:
+    gen = torch.Generator().manual_seed(vocab)
+    values = torch.randn(6, vocab, generator=gen)
+    values[1, [5 * _CHUNK + 3, 2 * _CHUNK + 9, vocab - 1]] = 50.0  # tie: lowest index wins
+    values[2, vocab - 1] = 60.0  # the maximum at the last logit
+    values[3, [vocab - 1, 40]] = 70.0  # tie between the tail and an early chunk
+    values[4, 3 * _CHUNK + 1] = float("nan")  # torch counts NaN as the maximum
+    values[5] = 1.0  # all equal: index 0
+    assert torch.equal(vocab_argmax(values), values.argmax(dim=-1))
+
+
+def test_small_or_strided_inputs_fall_back_to_torch() -> None:
+    gen = torch.Generator().manual_seed(0)
+    small = torch.randn(3, 1000, generator=gen)  # under 16 chunks per candidate
+    assert torch.equal(vocab_topk(small, 8)[1], small.topk(8, dim=-1).indices)
+    assert torch.equal(vocab_argmax(small), small.argmax(dim=-1))
+    wide = torch.randn(40000, 3, generator=gen).t()  # [3, 40000], last-dim stride 3
+    assert torch.equal(vocab_topk(wide, 2)[1], wide.topk(2, dim=-1).indices)
+    assert torch.equal(vocab_argmax(wide), wide.argmax(dim=-1))

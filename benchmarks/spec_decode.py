@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -121,6 +123,11 @@ class VllmWorker:
     threads may spin for a moment, so every timed request (ours too) waits 0.2 s first.
     One process per k: vLLM's metrics registry keeps only the last engine built in a
     process, so a second engine's speculation counters would read the first's.
+
+    An idle vLLM engine still polls: one worker's process tree used ~2 CPU seconds in 20 s
+    of idleness (~10% of a core; 2 cores here), and three of them stay resident. So each
+    worker runs in its own process group, stopped (SIGSTOP) outside its own requests and
+    continued (SIGCONT) for them: no config is timed beside another's idle polling.
     """
 
     def __init__(self, args: argparse.Namespace, k: int) -> None:
@@ -128,8 +135,19 @@ class VllmWorker:
         if cmd is None:
             raise SystemExit("--vllm with --interleave needs .venv-vllm (make vllm)")
         print(f"$ {' '.join(cmd)}", flush=True)
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True
+        )
         self._read("READY")
+        self.pause()
+
+    def pause(self) -> None:
+        """Stop the worker's whole process tree (engine core and model worker included)."""
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Continue it (before a request, and before closing)."""
+        os.killpg(self.proc.pid, signal.SIGCONT)
 
     def _read(self, marker: str) -> str:
         """The rest of the first stdout line starting with marker; vLLM's logs pass through."""
@@ -152,6 +170,7 @@ class VllmWorker:
     def close(self) -> None:
         """End the worker (stdin closed: its loop returns); its last logs pass through."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.resume()
         self.proc.stdin.close()
         sys.stderr.write(self.proc.stdout.read())
         self.proc.wait(timeout=120)
@@ -227,7 +246,10 @@ def run_workload(
                 time.sleep(0.2)  # see VllmWorker
             if decoder == "vllm":
                 assert workers and prompt_ids is not None
+                workers[label].resume()
+                time.sleep(0.2)  # its threads wake before the clock starts
                 run_vllm_prompt(workers[label], p, prompt_ids[i], penalty, results[label])
+                workers[label].pause()
             else:
                 run_prompt(llms[label], p, args.max_tokens, penalty, cold, results[label])
     return results

@@ -4,7 +4,8 @@ torch.topk over a [R, 49152] float32 row costs ~37 us a row on this 2-core CPU a
 ~25 us a row, while amax streams the row in ~2 us. So each row is cut into chunks of
 `_CHUNK` logits; the chunk maxima (one amax pass) say which chunks can hold the winners, and
 the exact top-k or argmax is taken over those chunks alone. Measured ([R, 49152] fp32,
-k 8): 38 vs 84 us at R = 1, 72 vs 361 us at R = 9, 118 vs 540 us at R = 17.
+k 8; benchmarks/step_breakdown.py): top-k 35 vs 110 us at R = 1, 110 vs 337 us at R = 9,
+150 vs 663 us at R = 17; argmax 54 vs 276 us at R = 9 (no gain at R = 1).
 
 Exact, not approximate: an element of a row's top k lies in one of the k chunks with the
 largest maxima (otherwise k chunks each hold a larger element). The argmax keeps torch's

@@ -454,29 +454,34 @@ def main() -> None:
     everything: dict[str, Any] = {}
     workers: dict[str, VllmWorker] = {}
     prompt_ids: list[list[int]] | None = None
-    if args.vllm and args.interleave:
-        workers = {label: VllmWorker(args, int(o["k"])) for label, _, o, _ in VLLM_CONFIGS}
-        prompt_ids = chat_token_ids(args, prompts)
-    for title, penalty in workloads:
-        results: dict[str, dict[str, dict[str, float]]] = {}
-        reference: list[list[int]] | None = None
-        raw = run_workload(args, configs, prompts, penalty, workers, prompt_ids)
-        for label in raw:
-            res = raw[label]
-            if reference is None:
-                reference = res["outputs"]
-            same = sum(a == b for a, b in zip(res["outputs"], reference, strict=True))
-            results[label] = summarise(res)
-            results[label]["overall"]["identical_outputs"] = same / len(prompts)
-            print(f"  {label}: {results[label]['overall']} ({same}/{len(prompts)} outputs "
-                  "identical to the first config)", flush=True)  # fmt: skip
-        print_table(title, results)
-        everything[title] = results
-    print("\nPaper figures (different model and hardware: compare drafters with each other):")
-    for k, v in PAPER.items():
-        print(f"  {k}: {v}")
-    for worker in workers.values():
-        worker.close()
+    # A worker is stopped (SIGSTOP) between its requests and would never see its stdin
+    # close if this process died: close every one started, continued, on every way out.
+    try:
+        if args.vllm and args.interleave:
+            for label, _, o, _ in VLLM_CONFIGS:
+                workers[label] = VllmWorker(args, int(o["k"]))
+            prompt_ids = chat_token_ids(args, prompts)
+        for title, penalty in workloads:
+            results: dict[str, dict[str, dict[str, float]]] = {}
+            reference: list[list[int]] | None = None
+            raw = run_workload(args, configs, prompts, penalty, workers, prompt_ids)
+            for label in raw:
+                res = raw[label]
+                if reference is None:
+                    reference = res["outputs"]
+                same = sum(a == b for a, b in zip(res["outputs"], reference, strict=True))
+                results[label] = summarise(res)
+                results[label]["overall"]["identical_outputs"] = same / len(prompts)
+                print(f"  {label}: {results[label]['overall']} ({same}/{len(prompts)} outputs "
+                      "identical to the first config)", flush=True)  # fmt: skip
+            print_table(title, results)
+            everything[title] = results
+        print("\nPaper figures (different model and hardware: compare drafters with each other):")
+        for k, v in PAPER.items():
+            print(f"  {k}: {v}")
+    finally:
+        for worker in workers.values():
+            worker.close()
     if args.vllm and not workers:
         everything["vllm"] = run_vllm(args, prompts)
     if args.json:

@@ -9,7 +9,8 @@ Then the vocabulary top-k and argmax that every step runs, torch against vocab_t
     .venv/bin/python benchmarks/step_breakdown.py                  # default model, bf16
     .venv/bin/python benchmarks/step_breakdown.py --context 1000 --fed 1,5,9,17
 
-Parts are timed with wrappers (perf_counter around each call), which add ~1 us a call.
+Parts are timed with wrappers (perf_counter around each call), which add ~1 us a call;
+the norms and SiLU through llama.py's `F`, replaced for the whole process, so run it alone.
 """
 
 from __future__ import annotations

@@ -48,15 +48,17 @@ def timed(part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def instrument(model: Any) -> None:
-    """Wrap each layer's projections and attention backend, and llama's rms_norm and silu."""
+    """Wrap each layer's projections (both paths), attention backend, llama's rms_norm, silu."""
     for layer in model.layers:
         layer.linear = timed("projections", layer.linear)
+        layer.linear_one_row = timed("projections", layer.linear_one_row)
     for backend in model.attn_backends:
         backend.forward = timed("attention", backend.forward)
     llama.F = types.SimpleNamespace(  # type: ignore[assignment]
         rms_norm=timed("rms_norm", F.rms_norm),
         silu=timed("silu", F.silu),
         embedding=F.embedding,
+        linear=F.linear,
     )
 
 

@@ -1,15 +1,19 @@
-"""oneDNN-packed bf16 weights give bit-identical logits; top logits are exact in bf16."""
+"""oneDNN-packed bf16 weights: multi-row steps bit-identical to plain weights, one-row steps
+through ATen's GEMV; top logits are exact in bf16."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 
+import slipstream.engine.models.llama as llama
 from slipstream.engine.models import load_model
 from slipstream.testing.tiny_model import make_tiny_model_dir
-from tests.engine.test_models import run_two_steps
+from tests.engine.test_models import BLOCK_SIZE, NUM_BLOCKS, make_meta, run_two_steps
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
@@ -19,8 +23,74 @@ def test_packed_bf16_weights_are_bit_identical(tmp_path: Path) -> None:
     packed, _ = load_model(str(folder), torch.bfloat16, torch.device("cpu"))
     assert packed.pack_for_cpu()  # type: ignore[attr-defined]
     assert packed.layers[0].linear is not plain.layers[0].linear  # type: ignore[attr-defined]
+    # Both steps feed several rows (a 19-token prefill, then 6 tokens), so the packed path.
     for a, b in zip(run_two_steps(plain, config), run_two_steps(packed, config), strict=True):
         assert torch.equal(a, b)
+
+
+def decode_one_token(model: Any, config: Any, prompt: list[int]) -> list[torch.Tensor]:
+    """Prefill `prompt`, then feed its last token again as a one-row step: both steps' logits."""
+    shape = (NUM_BLOCKS, BLOCK_SIZE, config.num_key_value_heads, config.head_dim)
+    caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(config.num_hidden_layers)]
+    table = [[7, 3, 11, 5]]
+    outs = []
+    for ctx, ids in ((0, prompt), (len(prompt), prompt[-1:])):
+        pos = torch.arange(ctx, ctx + len(ids))
+        with torch.inference_mode():
+            hidden = model(torch.tensor(ids), pos, caches, make_meta([ctx], [len(ids)], table))
+            outs.append(model.compute_logits(hidden))
+    return outs
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.parametrize("tied", [False, True])
+def test_one_row_steps_take_the_one_row_path(tmp_path: Path, tied: bool) -> None:
+    folder = make_tiny_model_dir(tmp_path / "m", tie_word_embeddings=tied)
+    plain, config = load_model(str(folder), torch.bfloat16, torch.device("cpu"))
+    packed, _ = load_model(str(folder), torch.bfloat16, torch.device("cpu"))
+    assert packed.pack_for_cpu()  # type: ignore[attr-defined]
+    calls: list[tuple[str, int]] = []
+
+    def counted(path: str, fn: Any) -> Any:
+        def wrapper(x: torch.Tensor, weight: torch.Tensor, bias: Any) -> torch.Tensor:
+            calls.append((path, x.shape[0]))
+            return fn(x, weight, bias)
+
+        return wrapper
+
+    for layer in packed.layers:  # type: ignore[attr-defined]
+        layer.linear = counted("packed", layer.linear)
+        layer.linear_one_row = counted("one_row", layer.linear_one_row)
+    prompt = [5, 17, 300, 42, 9, 77, 1]
+    got_prefill, got_step = decode_one_token(packed, config, prompt)
+    products = 4 * config.num_hidden_layers  # qkv, o, gate_up, down per layer
+    assert calls == [("packed", 7)] * products + [("one_row", 1)] * products
+    want_prefill, want_step = decode_one_token(plain, config, prompt)
+    assert torch.equal(got_prefill, want_prefill)
+    # ATen's GEMV and oneDNN may round the last bf16 bit differently.
+    torch.testing.assert_close(got_step, want_step, atol=0.1, rtol=0.02)
+    assert torch.equal(got_step.argmax(-1), want_step.argmax(-1))
+
+
+def test_one_row_linear_runs_with_onednn_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[bool] = []
+
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: Any) -> torch.Tensor:
+        seen.append(torch.backends.mkldnn.enabled)
+        return torch.nn.functional.linear(x, weight, bias)
+
+    monkeypatch.setattr(llama, "F", SimpleNamespace(linear=linear))
+    x, weight = torch.randn(1, 6, dtype=torch.bfloat16), torch.randn(4, 6, dtype=torch.bfloat16)
+    out = llama.one_row_linear(x, weight, None)
+    assert seen == [False]
+    assert torch.backends.mkldnn.enabled
+    torch.testing.assert_close(out.float(), x.float() @ weight.float().T, atol=0.05, rtol=0.02)
+
+
+def test_one_row_linear_restores_onednn_after_an_error() -> None:
+    with pytest.raises(RuntimeError):
+        llama.one_row_linear(torch.ones(1, 3), torch.ones(4, 5), None)  # shapes disagree
+    assert torch.backends.mkldnn.enabled
 
 
 def test_float32_is_not_packed(tmp_path: Path) -> None:

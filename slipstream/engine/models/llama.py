@@ -96,15 +96,21 @@ class LlamaDecoderLayer(nn.Module):
         self.gate_up_bias = _optional(c.mlp_bias, (2 * inter,), dtype, device)
         self.down_weight = _param((hidden, inter), dtype, device)
         self.down_bias = _optional(c.mlp_bias, (hidden,), dtype, device)
+        # Steps of 2+ rows use `linear` over `packed` (oneDNN-packed qkv, o, gate_up, down)
+        # when pack_weights ran; one-row steps always use `linear_one_row` over the
+        # parameters (see pack_for_cpu for why the paths differ).
         self.linear: LinearFn = F.linear
+        self.linear_one_row: LinearFn = F.linear
+        self.packed: tuple[torch.Tensor, ...] | None = None
 
     def pack_weights(self) -> None:
-        """Swap the four projection weights for oneDNN-packed copies (see pack_for_cpu)."""
-        for name in ("qkv_weight", "o_weight", "gate_up_weight", "down_weight"):
-            weight = self._parameters.pop(name)
-            assert weight is not None
-            setattr(self, name, torch.ops.mkldnn._reorder_linear_weight(weight.data, 1))
+        """Add oneDNN-packed copies of the four projection weights (see pack_for_cpu)."""
+        self.packed = tuple(
+            torch.ops.mkldnn._reorder_linear_weight(getattr(self, name).data, 1)
+            for name in ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
+        )
         self.linear = _packed_linear
+        self.linear_one_row = one_row_linear
 
     def forward(
         self,
@@ -126,8 +132,14 @@ class LlamaDecoderLayer(nn.Module):
         """
         n = h.shape[0]
         x = F.rms_norm(h, self.hidden_shape, self.input_norm, self.eps).to(self.dtype)
-        linear = self.linear
-        qkv = linear(x, self.qkv_weight, self.qkv_bias)  # [T, (H + 2 * KV) * D]
+        weights: tuple[torch.Tensor, ...]
+        if n == 1 or self.packed is None:
+            linear = self.linear_one_row if n == 1 else self.linear
+            weights = (self.qkv_weight, self.o_weight, self.gate_up_weight, self.down_weight)
+        else:
+            linear, weights = self.linear, self.packed
+        qkv_w, o_w, gate_up_w, down_w = weights
+        qkv = linear(x, qkv_w, self.qkv_bias)  # [T, (H + 2 * KV) * D]
         qk, v = qkv.split(self.qk_v_split, dim=-1)
         qk = qk.view(n, -1, self.head_dim)  # [T, H + KV, D]
         rot = qk.roll(self.head_dim // 2, dims=-1)
@@ -138,12 +150,12 @@ class LlamaDecoderLayer(nn.Module):
         out = backend.forward(
             q, k, v.view(n, -1, self.head_dim), k_cache, v_cache, meta, self.scale
         )  # [T, H, D]
-        h = h + linear(out.reshape(n, -1), self.o_weight, self.o_bias)
+        h = h + linear(out.reshape(n, -1), o_w, self.o_bias)
         x = F.rms_norm(h, self.hidden_shape, self.post_norm, self.eps).to(self.dtype)
-        gate_up = linear(x, self.gate_up_weight, self.gate_up_bias)  # [T, 2 * inter]
+        gate_up = linear(x, gate_up_w, self.gate_up_bias)  # [T, 2 * inter]
         gate, up = gate_up.split(self.inter, dim=-1)
         act = F.silu(gate).mul_(up)  # [T, inter]
-        return h + linear(act, self.down_weight, self.down_bias)
+        return h + linear(act, down_w, self.down_bias)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -184,6 +196,12 @@ class LlamaForCausalLM(nn.Module):
         F.linear 168-178 us, packed 74-77 us, bit-identical output; at 256 rows still ~5%
         faster. The LM head [49152, 576] drops from 6.6 ms to 3.9 ms. float32 is left alone
         (packed fp32 differs in rounding and is slower at 8 rows).
+
+        One-row steps (batch-1 decode) skip the packed copies: one_row_linear's GEMV beats
+        them there, and from 2 rows on packed oneDNN wins (one_row_linear's path takes 227
+        us at 2 rows and 933 us at 9 where packed takes 167 and 199). The plain weights stay
+        for that path and for the state dict: the packed copies add ~210 MB for the default
+        model.
         """
         ref = self.embed_tokens
         if ref.device.type != "cpu" or ref.dtype != torch.bfloat16:
@@ -222,7 +240,9 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [R, vocab] float32
         """LM head over the rows the caller picked ([R, hidden])."""
         weight = self.embed_tokens if self.lm_head is None else self.lm_head
-        if self.lm_head_packed is not None:
+        if self.lm_head_packed is not None and hidden.shape[0] == 1:
+            logits = one_row_linear(hidden, weight, None).float()
+        elif self.lm_head_packed is not None:
             logits = _packed_linear(hidden, self.lm_head_packed, None).float()
         else:
             logits = F.linear(hidden, weight).float()
@@ -255,6 +275,29 @@ def _packed_linear(
 ) -> torch.Tensor:
     """x @ weight.T + bias with a weight pre-packed by torch.ops.mkldnn._reorder_linear_weight."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def one_row_linear(
+    x: torch.Tensor,  # [1, in]
+    weight: torch.Tensor,  # [out, in], plain layout
+    bias: torch.Tensor | None,
+) -> torch.Tensor:  # [1, out]
+    """x @ weight.T + bias through ATen's own GEMV, with oneDNN switched off for the call.
+
+    A one-row bf16 product is a matrix-vector product and memory-bound. ATen's GEMV runs it
+    at 131 us for [1, 576] x [576, 3072] where packed oneDNN takes 158 us; inside the model
+    (121 products a step, other ops in between) the whole decode step went from 25.5 to
+    19.1 ms at 300 tokens of context (2 cores, interleaved in one process). Both paths
+    accumulate in float32, in different orders, so results may differ in the last bf16
+    bit. The switch is process-wide: a product another thread runs meanwhile only takes
+    the slower path, its result is the same.
+    """
+    previous = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        return F.linear(x, weight, bias)
+    finally:
+        torch._C._set_mkldnn_enabled(previous)
 
 
 # Leading candidates recomputed in float32 per row (see _refine_top_logits).

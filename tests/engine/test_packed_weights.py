@@ -3,6 +3,7 @@ through ATen's GEMV; top logits are exact in bf16."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -110,3 +111,15 @@ def test_bf16_top_logits_are_recomputed_exactly(tmp_path: Path) -> None:
     top = logits.topk(8, dim=-1).indices
     torch.testing.assert_close(logits.gather(1, top), exact.gather(1, top), atol=1e-4, rtol=1e-5)
     assert torch.equal(logits.argmax(-1), exact.argmax(-1))
+
+
+def test_one_row_linear_from_many_threads_leaves_onednn_on() -> None:
+    x, weight = torch.randn(1, 64, dtype=torch.bfloat16), torch.randn(96, 64, dtype=torch.bfloat16)
+    want = llama.one_row_linear(x, weight, None)
+
+    def run(_: int) -> bool:
+        return all(torch.equal(llama.one_row_linear(x, weight, None), want) for _ in range(200))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert all(pool.map(run, range(4)))
+    assert torch.backends.mkldnn.enabled

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Callable, Mapping
 
 import torch
@@ -289,15 +290,21 @@ def one_row_linear(
     (121 products a step, other ops in between) the whole decode step went from 25.5 to
     19.1 ms at 300 tokens of context (2 cores, interleaved in one process). Both paths
     accumulate in float32, in different orders, so results may differ in the last bf16
-    bit. The switch is process-wide: a product another thread runs meanwhile only takes
-    the slower path, its result is the same.
+    bit. The switch is process-wide, so calls hold a lock: two threads interleaving their
+    save-and-restore could otherwise leave oneDNN off for good (then a 9-row product takes
+    933 us instead of 199). A bf16 product another thread runs meanwhile outside this
+    function may take ATen's path too: slower, rounded as here.
     """
-    previous = torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(False)
-    try:
-        return F.linear(x, weight, bias)
-    finally:
-        torch._C._set_mkldnn_enabled(previous)
+    with _MKLDNN_SWITCH:
+        previous = torch._C._get_mkldnn_enabled()
+        torch._C._set_mkldnn_enabled(False)
+        try:
+            return F.linear(x, weight, bias)
+        finally:
+            torch._C._set_mkldnn_enabled(previous)
+
+
+_MKLDNN_SWITCH = threading.Lock()
 
 
 # Leading candidates recomputed in float32 per row (see _refine_top_logits).

@@ -241,12 +241,12 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [R, vocab] float32
         """LM head over the rows the caller picked ([R, hidden])."""
         weight = self.embed_tokens if self.lm_head is None else self.lm_head
-        if self.lm_head_packed is not None and hidden.shape[0] == 1:
-            logits = one_row_linear(hidden, weight, None).float()
-        elif self.lm_head_packed is not None:
-            logits = _packed_linear(hidden, self.lm_head_packed, None).float()
-        else:
+        if self.lm_head_packed is None:
             logits = F.linear(hidden, weight).float()
+        elif hidden.shape[0] == 1:  # the same split as the layers' projections
+            logits = one_row_linear(hidden, weight, None).float()
+        else:
+            logits = _packed_linear(hidden, self.lm_head_packed, None).float()
         if weight.dtype in (torch.bfloat16, torch.float16) and logits.numel():
             _refine_top_logits(logits, hidden, weight)
         return logits
@@ -278,6 +278,10 @@ def _packed_linear(
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+# Held while one_row_linear has oneDNN switched off (the switch is process-wide).
+_MKLDNN_SWITCH = threading.Lock()
+
+
 def one_row_linear(
     x: torch.Tensor,  # [1, in]
     weight: torch.Tensor,  # [out, in], plain layout
@@ -302,9 +306,6 @@ def one_row_linear(
             return F.linear(x, weight, bias)
         finally:
             torch._C._set_mkldnn_enabled(previous)
-
-
-_MKLDNN_SWITCH = threading.Lock()
 
 
 # Leading candidates recomputed in float32 per row (see _refine_top_logits).

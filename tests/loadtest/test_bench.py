@@ -98,9 +98,14 @@ def test_requests_leave_at_their_scheduled_poisson_times() -> None:
     assert [r.scheduled for r in result.records] == expected
     lateness = sorted(r.start - r.scheduled for r in result.records)
     assert lateness[0] >= 0 and lateness[15] < 0.02  # median; a CPU stall may delay a few
-    # The server saw the same rate: the span of its arrival times matches the schedule's.
-    seen = [t - state.arrivals[0] for t in state.arrivals]
-    assert len(seen) == 30 and seen[-1] == pytest.approx(expected[-1], abs=0.1)
+    # The server saw the same schedule. Arrivals are compared after aligning them on their
+    # median offset, and most (not all) must sit within 50 ms: one CI run saw a 100 ms stall
+    # on the last request, which failed the earlier check on the span first-to-last alone.
+    assert len(state.arrivals) == 30
+    offsets = sorted(t - s for t, s in zip(sorted(state.arrivals), expected, strict=True))
+    median_offset = offsets[15]
+    on_time = [abs(o - median_offset) < 0.05 for o in offsets]
+    assert sum(on_time) >= 25, offsets
     assert result.summary["request_rate"] == 30.0
     assert "spec_decode_acceptance_rate" in result.summary  # the vllm: prefix is read too
 

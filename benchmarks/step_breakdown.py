@@ -52,6 +52,7 @@ def instrument(model: Any) -> None:
     for layer in model.layers:
         layer.linear = timed("projections", layer.linear)
         layer.linear_one_row = timed("projections", layer.linear_one_row)
+        layer.linear_skinny = timed("projections", layer.linear_skinny)
     for backend in model.attn_backends:
         backend.forward = timed("attention", backend.forward)
     llama.F = types.SimpleNamespace(  # type: ignore[assignment]

@@ -65,6 +65,7 @@ def load_engine_model(config: ModelConfig) -> LoadedModel:
     from slipstream.engine.models.default_model import resolve_model_path
     from slipstream.engine.models.loader import load_model
     from slipstream.engine.tokenizer import eos_token_ids, load_tokenizer
+    from slipstream.kernels.cpu.skinny_linear import skinny_unavailable_reason
 
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
@@ -72,8 +73,12 @@ def load_engine_model(config: ModelConfig) -> LoadedModel:
     torch.manual_seed(config.seed)
     model, arch = load_model(path, dtype, device)
     pack = getattr(model, "pack_for_cpu", None)
-    if pack is not None and pack():
-        logger.info("bf16 projection weights pre-packed for oneDNN")
+    packed_for = pack() if pack is not None else None
+    if packed_for == "skinny_linear":
+        logger.info("bf16 weights packed for skinny_linear (the C++ AVX512-BF16 kernel)")
+    elif packed_for == "onednn":
+        reason = skinny_unavailable_reason()
+        logger.info("bf16 weights pre-packed for oneDNN (skinny_linear unavailable: %s)", reason)
     tokenizer = load_tokenizer(path)
     gen_config = os.path.join(path, "generation_config.json") if os.path.isdir(path) else None
     eos = eos_token_ids(

@@ -1,5 +1,6 @@
-"""oneDNN-packed bf16 weights: multi-row steps bit-identical to plain weights, one-row steps
-through ATen's GEMV; top logits are exact in bf16."""
+"""The fallback CPU path, where skinny_linear is unavailable (turned off here): oneDNN-packed
+bf16 weights, multi-row steps bit-identical to plain weights, one-row steps through ATen's
+GEMV; top logits are exact in bf16. tests/engine/test_skinny_path.py covers the default."""
 
 from __future__ import annotations
 
@@ -17,12 +18,17 @@ from slipstream.testing.tiny_model import make_tiny_model_dir
 from tests.engine.test_models import BLOCK_SIZE, NUM_BLOCKS, make_meta, run_two_steps
 
 
+@pytest.fixture(autouse=True)
+def _without_skinny_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLIPSTREAM_CPU_KERNELS", "0")
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
 def test_packed_bf16_weights_are_bit_identical(tmp_path: Path) -> None:
     folder = make_tiny_model_dir(tmp_path / "m", tie_word_embeddings=False)
     plain, config = load_model(str(folder), torch.bfloat16, torch.device("cpu"))
     packed, _ = load_model(str(folder), torch.bfloat16, torch.device("cpu"))
-    assert packed.pack_for_cpu()  # type: ignore[attr-defined]
+    assert packed.pack_for_cpu() == "onednn"  # type: ignore[attr-defined]
     assert packed.layers[0].linear is not plain.layers[0].linear  # type: ignore[attr-defined]
     # Both steps feed several rows (a 19-token prefill, then 6 tokens), so the packed path.
     for a, b in zip(run_two_steps(plain, config), run_two_steps(packed, config), strict=True):
@@ -49,7 +55,7 @@ def test_one_row_steps_take_the_one_row_path(tmp_path: Path, tied: bool) -> None
     folder = make_tiny_model_dir(tmp_path / "m", tie_word_embeddings=tied)
     plain, config = load_model(str(folder), torch.bfloat16, torch.device("cpu"))
     packed, _ = load_model(str(folder), torch.bfloat16, torch.device("cpu"))
-    assert packed.pack_for_cpu()  # type: ignore[attr-defined]
+    assert packed.pack_for_cpu() == "onednn"  # type: ignore[attr-defined]
     calls: list[tuple[str, int]] = []
 
     def counted(path: str, fn: Any) -> Any:

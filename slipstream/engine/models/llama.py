@@ -22,6 +22,12 @@ from slipstream.engine.attention import AttentionBackend, AttentionMetadata, Pag
 from slipstream.engine.models.config import ModelArchConfig, RopeScaling
 from slipstream.engine.models.registry import MODELS
 from slipstream.engine.vocab_topk import vocab_topk
+from slipstream.kernels.cpu.skinny_linear import (
+    can_pack,
+    pack_skinny_weight,
+    skinny_linear,
+    skinny_unavailable_reason,
+)
 
 
 def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
@@ -97,21 +103,30 @@ class LlamaDecoderLayer(nn.Module):
         self.gate_up_bias = _optional(c.mlp_bias, (2 * inter,), dtype, device)
         self.down_weight = _param((hidden, inter), dtype, device)
         self.down_bias = _optional(c.mlp_bias, (hidden,), dtype, device)
-        # Steps of 2+ rows use `linear` over `packed` (oneDNN-packed qkv, o, gate_up, down)
-        # when pack_weights ran; one-row steps always use `linear_one_row` over the
-        # parameters (see pack_for_cpu for why the paths differ).
+        # Which product runs a step's projections (see pack_for_cpu for why they differ):
+        # - `linear_skinny` over `skinny` (skinny_linear.cpp's layout) when pack_skinny ran;
+        # - else `linear` over `packed` (oneDNN-packed) for 2+ rows when pack_weights ran;
+        # - else `linear_one_row` (one row) or `linear` over the parameters.
         self.linear: LinearFn = F.linear
         self.linear_one_row: LinearFn = F.linear
+        self.linear_skinny: LinearFn = skinny_linear
         self.packed: tuple[torch.Tensor, ...] | None = None
+        self.skinny: tuple[torch.Tensor, ...] | None = None
+
+    def projection_weights(self) -> tuple[torch.Tensor, ...]:
+        return (self.qkv_weight, self.o_weight, self.gate_up_weight, self.down_weight)
 
     def pack_weights(self) -> None:
         """Add oneDNN-packed copies of the four projection weights (see pack_for_cpu)."""
         self.packed = tuple(
-            torch.ops.mkldnn._reorder_linear_weight(getattr(self, name).data, 1)
-            for name in ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
+            torch.ops.mkldnn._reorder_linear_weight(w.data, 1) for w in self.projection_weights()
         )
         self.linear = _packed_linear
         self.linear_one_row = one_row_linear
+
+    def pack_skinny(self) -> None:
+        """Add skinny_linear-packed copies of the four projection weights."""
+        self.skinny = tuple(pack_skinny_weight(w.data) for w in self.projection_weights())
 
     def forward(
         self,
@@ -134,9 +149,11 @@ class LlamaDecoderLayer(nn.Module):
         n = h.shape[0]
         x = F.rms_norm(h, self.hidden_shape, self.input_norm, self.eps).to(self.dtype)
         weights: tuple[torch.Tensor, ...]
-        if n == 1 or self.packed is None:
+        if self.skinny is not None:
+            linear, weights = self.linear_skinny, self.skinny
+        elif n == 1 or self.packed is None:
             linear = self.linear_one_row if n == 1 else self.linear
-            weights = (self.qkv_weight, self.o_weight, self.gate_up_weight, self.down_weight)
+            weights = self.projection_weights()
         else:
             linear, weights = self.linear, self.packed
         qkv_w, o_w, gate_up_w, down_w = weights
@@ -189,9 +206,18 @@ class LlamaForCausalLM(nn.Module):
             PagedAttentionBackend() for _ in range(c.num_hidden_layers)
         ]
         self.lm_head_packed: torch.Tensor | None = None
+        self.lm_head_skinny: torch.Tensor | None = None
 
-    def pack_for_cpu(self) -> bool:
-        """Pre-pack bf16 projection weights in oneDNN's blocked layout; True if done.
+    def pack_for_cpu(self) -> str | None:
+        """Pre-pack bf16 weights for the CPU kernels that run them: which ("skinny_linear"
+        or "onednn"), or None when nothing was packed (float32, GPU, turned off).
+
+        With skinny_linear available (a C++ compiler and an AVX512-BF16 CPU), every product
+        runs it, LM head included: the 120 projections of a step take 7.6 ms at 1 row and
+        9.4 at 9, where the paths below take 8.5 and 12.3, and it stays ahead of packed
+        oneDNN up to 2048 rows (2 cores; BENCHMARKS.md, session 13). A row's logits no
+        longer depend on how many rows share the step. Its copies replace oneDNN's, so the
+        memory cost stays one extra copy. Without it, oneDNN's packing:
 
         Measured on this 2-core AVX512-BF16 CPU (one thread, [1, 576] x [576, 3072]): plain
         F.linear 168-178 us, packed 74-77 us, bit-identical output; at 256 rows still ~5%
@@ -206,16 +232,22 @@ class LlamaForCausalLM(nn.Module):
         """
         ref = self.embed_tokens
         if ref.device.type != "cpu" or ref.dtype != torch.bfloat16:
-            return False
+            return None
         if os.environ.get("SLIPSTREAM_PACK_WEIGHTS", "1") == "0":
-            return False
+            return None
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        weights = [w for layer in self.layers for w in layer.projection_weights()]  # type: ignore[operator]
+        if skinny_unavailable_reason() is None and all(can_pack(w) for w in [*weights, head]):
+            for layer in self.layers:
+                layer.pack_skinny()  # type: ignore[operator]
+            self.lm_head_skinny = pack_skinny_weight(head.data)
+            return "skinny_linear"
         if not torch.backends.mkldnn.is_available():
-            return False
+            return None
         for layer in self.layers:
             layer.pack_weights()  # type: ignore[operator]
-        head = self.embed_tokens if self.lm_head is None else self.lm_head
         self.lm_head_packed = torch.ops.mkldnn._reorder_linear_weight(head.data, 1)
-        return True
+        return "onednn"
 
     def set_attention_backend(self, layer_idx: int, backend: AttentionBackend) -> None:
         """Replace one layer's attention backend (sparse-attention decoders use this)."""
@@ -241,6 +273,9 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [R, vocab] float32
         """LM head over the rows the caller picked ([R, hidden])."""
         weight = self.embed_tokens if self.lm_head is None else self.lm_head
+        if self.lm_head_skinny is not None:
+            # float32 accumulators written unrounded: no bf16 ties to refine.
+            return skinny_linear(hidden, self.lm_head_skinny, None, torch.float32)
         if self.lm_head_packed is None:
             logits = F.linear(hidden, weight).float()
         elif hidden.shape[0] == 1:  # the same split as the layers' projections

@@ -1,0 +1,142 @@
+// y[M, N] = x[M, K] @ w[N, K]^T (+ bias) in bf16 for few rows M, on AVX512-BF16 CPUs.
+//
+// Why: a decode step feeds 1 row per sequence, a speculative step 2-17. oneDNN's packed
+// GEMM is flat from 1 to ~9 rows but slow at 1; ATen's GEMV is quicker at 1 row but grows
+// ~100 us per added row. This kernel streams each weight once for all rows, so a step's
+// cost stays at the weight read until the FMAs catch up. The 120 projections of a step of
+// the default model (weights streamed from DRAM, 2 cores), ms at 1 / 9 / 16 / 32 / 256 /
+// 2048 rows: this kernel 7.6 / 9.4 / 12.3 / 21.0 / 134 / 1066, packed oneDNN 12.0 / 12.3 /
+// 15.7 / 25.2 / 149 / 1131.
+//
+// Weight layout (pack_skinny_weight in skinny_linear.py): [N/16, K/2, 16, 2] bf16, i.e.
+// block b, pair p holds w[16b + i, 2p + j] at (i, j): one 64-byte load gives 16 outputs x
+// 2 inputs, which VDPBF16PS multiplies by a broadcast x pair and adds into 16 fp32 lanes.
+// Each output accumulates its K/2 pair products in the same order whatever M is, so a
+// row's result does not depend on which other rows share the call (batch invariance).
+//
+// Tiling: a tile is R rows x NB 16-wide blocks (R <= 6, NB <= 4: 24 accumulators of 32
+// zmm registers). Per k-pair it loads NB weight vectors and broadcasts R x pairs for R * NB
+// FMAs. Threads split the N blocks evenly; each walks its blocks 4 at a time and, per
+// group, every row chunk, so a group's weights (K * 128 bytes, 74 KB at K = 576) come
+// from DRAM once and from L2 for the further chunks.
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include <cstdint>
+
+namespace {
+
+constexpr int kBlock = 16;       // fp32 lanes in a zmm accumulator: outputs per block
+constexpr int kMaxGroup = 4;     // blocks per tile
+constexpr int kMaxTileRows = 6;  // rows per tile
+
+inline __m512 bf16x16_to_fp32(const uint16_t* src) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+struct Problem {
+  const uint32_t* x;     // [M, K/2] bf16 pairs
+  const uint32_t* w;     // [N/16, K/2, 16] bf16 pairs
+  const uint16_t* bias;  // [N] bf16 or null
+  void* y;               // [M, N] bf16 or fp32
+  int64_t kp;            // K/2
+  int64_t n;             // N (row stride of y)
+};
+
+template <int R, int NB, bool F32>
+void tile(const Problem& pr, int64_t row0, int64_t block0) {
+  __m512 acc[R][NB];
+  for (int j = 0; j < NB; ++j) {
+    const __m512 init =
+        pr.bias ? bf16x16_to_fp32(pr.bias + (block0 + j) * kBlock) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) acc[r][j] = init;
+  }
+  const int64_t kp = pr.kp;
+  const uint32_t* wj[NB];
+  for (int j = 0; j < NB; ++j) wj[j] = pr.w + (block0 + j) * kp * kBlock;
+  const uint32_t* x = pr.x + row0 * kp;
+  for (int64_t p = 0; p < kp; ++p) {
+    __m512bh wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(wj[j] + p * kBlock);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * kp + p]));
+      for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], xb, wv[j]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < NB; ++j) {
+      const int64_t offset = (row0 + r) * pr.n + (block0 + j) * kBlock;
+      if constexpr (F32) {
+        _mm512_storeu_ps(static_cast<float*>(pr.y) + offset, acc[r][j]);
+      } else {
+        // Round to nearest even, as torch rounds float32 to bfloat16.
+        const __m256bh out = _mm512_cvtneps_pbh(acc[r][j]);
+        _mm256_storeu_si256(
+            reinterpret_cast<__m256i*>(static_cast<uint16_t*>(pr.y) + offset), (__m256i)out);
+      }
+    }
+  }
+}
+
+using TileFn = void (*)(const Problem&, int64_t, int64_t);
+
+template <bool F32, int R>
+constexpr TileFn tile_for(int nb) {
+  return nb == 4 ? tile<R, 4, F32> : nb == 3 ? tile<R, 3, F32> : nb == 2 ? tile<R, 2, F32>
+                                                                          : tile<R, 1, F32>;
+}
+
+template <bool F32>
+TileFn pick_tile(int rows, int nb) {
+  switch (rows) {
+    case 1: return tile_for<F32, 1>(nb);
+    case 2: return tile_for<F32, 2>(nb);
+    case 3: return tile_for<F32, 3>(nb);
+    case 4: return tile_for<F32, 4>(nb);
+    case 5: return tile_for<F32, 5>(nb);
+    default: return tile_for<F32, 6>(nb);
+  }
+}
+
+template <bool F32>
+void run(const Problem& pr, int64_t m, int num_threads) {
+  const int64_t num_blocks = pr.n / kBlock;
+  // Row chunks of near-equal size (9 rows -> 5 + 4, not 6 + 3): the smallest chunk sets
+  // how many FMAs each weight load feeds.
+  const int64_t num_chunks = (m + kMaxTileRows - 1) / kMaxTileRows;
+  if (num_threads > num_blocks) num_threads = static_cast<int>(num_blocks);
+#pragma omp parallel num_threads(num_threads)
+  {
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t first = num_blocks * t / nt, last = num_blocks * (t + 1) / nt;
+    for (int64_t b = first; b < last; b += kMaxGroup) {
+      const int nb = static_cast<int>(last - b < kMaxGroup ? last - b : kMaxGroup);
+      int64_t row0 = 0;
+      for (int64_t c = 0; c < num_chunks; ++c) {
+        const int64_t rows = (m - row0) / (num_chunks - c);
+        pick_tile<F32>(static_cast<int>(rows), nb)(pr, row0, b);
+        row0 += rows;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// Returns 0, or 1 when K is odd or N is not a multiple of 16 (the caller checks these).
+extern "C" int slipstream_skinny_linear(const void* x, int64_t m, int64_t k, const void* w,
+                                        int64_t n, const void* bias, void* y, int out_f32,
+                                        int num_threads) {
+  if (k % 2 != 0 || n % kBlock != 0 || m < 0) return 1;
+  if (m == 0 || n == 0) return 0;
+  const Problem pr{static_cast<const uint32_t*>(x), static_cast<const uint32_t*>(w),
+                   static_cast<const uint16_t*>(bias), y, k / 2, n};
+  if (out_f32) {
+    run<true>(pr, m, num_threads);
+  } else {
+    run<false>(pr, m, num_threads);
+  }
+  return 0;
+}

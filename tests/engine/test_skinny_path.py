@@ -1,0 +1,115 @@
+"""The default bf16 CPU path: every product through skinny_linear, logits batch-invariant."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from slipstream.engine.models import load_model
+from slipstream.kernels.cpu.skinny_linear import skinny_linear_ref, skinny_unavailable_reason
+from slipstream.testing.tiny_model import make_tiny_model_dir
+from tests.engine.test_models import BLOCK_SIZE, NUM_BLOCKS, make_meta, run_two_steps
+
+pytestmark = pytest.mark.skipif(
+    skinny_unavailable_reason() is not None, reason=f"{skinny_unavailable_reason()}"
+)
+CPU = torch.device("cpu")
+
+
+def _models(tmp_path: Path, tied: bool = False) -> tuple[Any, Any, Any]:
+    folder = make_tiny_model_dir(tmp_path / "m", tie_word_embeddings=tied)
+    plain, config = load_model(str(folder), torch.bfloat16, CPU)
+    skinny, _ = load_model(str(folder), torch.bfloat16, CPU)
+    assert skinny.pack_for_cpu() == "skinny_linear"  # type: ignore[attr-defined]
+    return plain, skinny, config
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_every_product_takes_skinny_linear(tmp_path: Path, tied: bool) -> None:
+    plain, skinny, config = _models(tmp_path, tied)
+    calls: list[int] = []
+    for layer in skinny.layers:
+        inner = layer.linear_skinny
+
+        def counted(x: torch.Tensor, w: torch.Tensor, b: Any, inner: Any = inner) -> torch.Tensor:
+            calls.append(x.shape[0])
+            return inner(x, w, b)
+
+        layer.linear_skinny = counted
+    got = run_two_steps(skinny, config)
+    products = 4 * config.num_hidden_layers
+    # Both steps feed all sequences' tokens at once (prefill rows, then continuation rows).
+    assert len(calls) == 2 * products and len(set(calls[:products])) == 1
+    want = run_two_steps(plain, config)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == torch.float32
+        # float32 accumulation in another order, and no bf16 rounding of the logits.
+        torch.testing.assert_close(a, b, atol=0.1, rtol=0.02)
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+
+
+def test_lm_head_logits_are_the_kernels_float32(tmp_path: Path) -> None:
+    _, skinny, config = _models(tmp_path)
+    hidden = torch.randn(5, config.hidden_size).to(torch.bfloat16)
+    head = skinny.lm_head if skinny.lm_head is not None else skinny.embed_tokens
+    want = skinny_linear_ref(hidden, head.data, None, torch.float32)
+    assert torch.equal(skinny.compute_logits(hidden), want)
+
+
+def _step_logits(
+    model: Any, config: Any, prompt: list[int], fed: list[list[int]]
+) -> list[torch.Tensor]:
+    """Prefill `prompt` once per entry of `fed` (fresh cache), then feed that entry's
+    tokens as one step after it: the step's logits, one tensor per entry."""
+    shape = (NUM_BLOCKS, BLOCK_SIZE, config.num_key_value_heads, config.head_dim)
+    outs = []
+    for tokens in fed:
+        caches = [
+            (torch.zeros(shape, dtype=torch.bfloat16), torch.zeros(shape, dtype=torch.bfloat16))
+            for _ in range(config.num_hidden_layers)
+        ]
+        table = [[7, 3, 11, 5]]
+        for ctx, ids in ((0, prompt), (len(prompt), tokens)):
+            pos = torch.arange(ctx, ctx + len(ids))
+            with torch.inference_mode():
+                hidden = model(torch.tensor(ids), pos, caches, make_meta([ctx], [len(ids)], table))
+                logits = model.compute_logits(hidden)
+        outs.append(logits)
+    return outs
+
+
+def test_a_verified_token_gets_the_logits_of_one_row_decoding(tmp_path: Path) -> None:
+    # What speculative decoding relies on: the root row of a 6-token draft step computes
+    # the same bits as decoding that token alone, so greedy output matches in bf16 too.
+    _, skinny, config = _models(tmp_path)
+    prompt = [5, 17, 300, 42, 9, 77, 1, 64, 12]
+    alone, drafted = _step_logits(skinny, config, prompt, [[33], [33, 8, 91, 4, 250, 6]])
+    assert torch.equal(alone[0], drafted[0])
+    # The third drafted row equals decoding the first three tokens as one step's last row.
+    short = _step_logits(skinny, config, prompt, [[33, 8, 91]])[0]
+    assert torch.equal(short[2], drafted[2])
+
+
+def test_a_sequence_gets_the_same_logits_alone_or_in_a_batch(tmp_path: Path) -> None:
+    _, skinny, config = _models(tmp_path)
+    shape = (NUM_BLOCKS, BLOCK_SIZE, config.num_key_value_heads, config.head_dim)
+
+    def prefill(prompts: list[list[int]]) -> torch.Tensor:
+        caches = [
+            (torch.zeros(shape, dtype=torch.bfloat16), torch.zeros(shape, dtype=torch.bfloat16))
+            for _ in range(config.num_hidden_layers)
+        ]
+        tables = [[1, 2, 3, 4], [9, 10, 11, 12], [20, 21, 22, 23]][: len(prompts)]
+        ids = torch.tensor([t for p in prompts for t in p])
+        pos = torch.tensor([i for p in prompts for i in range(len(p))])
+        meta = make_meta([0] * len(prompts), [len(p) for p in prompts], tables)
+        with torch.inference_mode():
+            return skinny.compute_logits(skinny(ids, pos, caches, meta))
+
+    a, b, c = [3, 14, 15, 92, 65], [35, 89, 79, 32, 38, 46, 26], [43, 38]
+    alone = prefill([a])
+    batched = prefill([b, a, c])
+    assert torch.equal(batched[len(b) : len(b) + len(a)], alone)

@@ -13,6 +13,7 @@ This one op covers prefill, chunked prefill, decode (n_q = 1) and tree verificat
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -20,7 +21,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from slipstream.kernels._dispatch import triton_interpreting, use_triton
+from slipstream.kernels._dispatch import kernel_backend, triton_interpreting, use_triton
+from slipstream.kernels.cpu.paged_decode_attention import (
+    decode_attention_applies,
+    paged_decode_attention,
+)
 
 # The padded batch path computes B * max_q * max_len scores; above this multiple of the
 # real work a per-sequence loop wins (one 4096-key sequence among 31 of 128 keys pads 16x).
@@ -573,11 +578,35 @@ def paged_attention(
     tree_mask: torch.Tensor | None = None,  # [num_tokens, max_query_len] bool
     plan: dict[str, Any] | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """Public op: Triton on CUDA, the reference elsewhere (see kernels/_dispatch.py)."""
+    """Public op: Triton on CUDA; on CPU the C++ kernel for bf16 steps of few rows per
+    sequence (decode, tree verification), else the reference (see kernels/_dispatch.py)."""
     if use_triton(q, plan):
         return paged_attention_triton(
             q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, tree_mask
         )
+    if _use_cpu_kernel(q, k_cache, query_start_loc, plan):
+        return paged_decode_attention(
+            q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, tree_mask, plan
+        )
     return paged_attention_ref(
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, tree_mask, plan
     )
+
+
+def _use_cpu_kernel(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    plan: dict[str, Any] | None,
+) -> bool:
+    """Whether this step runs paged_decode_attention; decided once a step with `plan`."""
+    if plan is not None and "pa_cpu_kernel" in plan:
+        return bool(plan["pa_cpu_kernel"])
+    use = False
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and kernel_backend() == "auto":
+        starts = query_start_loc.tolist()
+        longest = max((e - s for s, e in itertools.pairwise(starts)), default=0)
+        use = decode_attention_applies(q, k_cache, longest)
+    if plan is not None:
+        plan["pa_cpu_kernel"] = use
+    return use

@@ -9,9 +9,9 @@ libgomp.so.1, and the dynamic loader reuses a loaded library of the same soname,
 kernels share torch's thread pool instead of starting a second one that would spin against
 it on the same cores.
 
-The cache key hashes the source, the flags and the compiler's version, so an edited kernel
-or another compiler builds anew; SLIPSTREAM_KERNEL_CACHE moves the cache (default
-~/.cache/slipstream/kernels, or $XDG_CACHE_HOME/slipstream/kernels).
+The cache key hashes the source, the headers beside it, the flags and the compiler's
+version, so an edited kernel or another compiler builds anew. SLIPSTREAM_KERNEL_CACHE moves
+the cache (default ~/.cache/slipstream/kernels, or $XDG_CACHE_HOME/slipstream/kernels).
 """
 
 from __future__ import annotations
@@ -69,8 +69,10 @@ def build_library(source: Path, flags: tuple[str, ...], needs_cpu: tuple[str, ..
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=False
     ).stdout
+    # The headers beside the source count too: the kernels include them.
+    headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]
     key = hashlib.sha256(
-        "\0".join([source.read_text(), *flags, compiler, version]).encode()
+        "\0".join([source.read_text(), *headers, *flags, compiler, version]).encode()
     ).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
     if not target.exists():

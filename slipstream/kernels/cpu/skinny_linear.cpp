@@ -18,23 +18,24 @@
 // zmm registers). Per k-pair it loads NB weight vectors and broadcasts R x pairs for R * NB
 // FMAs. Threads split the N blocks evenly; each walks its blocks 4 at a time and, per
 // group, every row chunk, so a group's weights (K * 128 bytes, 74 KB at K = 576) come
-// from DRAM once and from L2 for the further chunks.
+// from DRAM once and from L2 for the further chunks, while the last chunk prefetches the
+// next group.
 
 #include <immintrin.h>
 #include <omp.h>
 
 #include <cstdint>
 
+#include "avx512_bf16.h"
+
 namespace {
+
+using slipstream_cpu::load_bf16x16;
+using slipstream_cpu::store_bf16x16;
 
 constexpr int kBlock = 16;       // fp32 lanes in a zmm accumulator: outputs per block
 constexpr int kMaxGroup = 4;     // blocks per tile
 constexpr int kMaxTileRows = 6;  // rows per tile
-
-inline __m512 bf16x16_to_fp32(const uint16_t* src) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
 
 struct Problem {
   const uint32_t* x;     // [M, K/2] bf16 pairs
@@ -45,12 +46,14 @@ struct Problem {
   int64_t n;             // N (row stride of y)
 };
 
+// next: the weights of the thread's next group, prefetched into L2 while this tile runs, or
+// null (none left, or a row chunk that is not the last: one prefetch per weight line).
 template <int R, int NB, bool F32>
-void tile(const Problem& pr, int64_t row0, int64_t block0) {
+void tile(const Problem& pr, int64_t row0, int64_t block0, const uint32_t* next) {
   __m512 acc[R][NB];
   for (int j = 0; j < NB; ++j) {
     const __m512 init =
-        pr.bias ? bf16x16_to_fp32(pr.bias + (block0 + j) * kBlock) : _mm512_setzero_ps();
+        pr.bias ? load_bf16x16(pr.bias + (block0 + j) * kBlock) : _mm512_setzero_ps();
     for (int r = 0; r < R; ++r) acc[r][j] = init;
   }
   const int64_t kp = pr.kp;
@@ -60,6 +63,11 @@ void tile(const Problem& pr, int64_t row0, int64_t block0) {
   for (int64_t p = 0; p < kp; ++p) {
     __m512bh wv[NB];
     for (int j = 0; j < NB; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(wj[j] + p * kBlock);
+    if (next != nullptr) {
+      for (int j = 0; j < NB; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(next + (j * kp + p) * kBlock), _MM_HINT_T1);
+      }
+    }
     for (int r = 0; r < R; ++r) {
       const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * kp + p]));
       for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], xb, wv[j]);
@@ -71,16 +79,13 @@ void tile(const Problem& pr, int64_t row0, int64_t block0) {
       if constexpr (F32) {
         _mm512_storeu_ps(static_cast<float*>(pr.y) + offset, acc[r][j]);
       } else {
-        // Round to nearest even, as torch rounds float32 to bfloat16.
-        const __m256bh out = _mm512_cvtneps_pbh(acc[r][j]);
-        _mm256_storeu_si256(
-            reinterpret_cast<__m256i*>(static_cast<uint16_t*>(pr.y) + offset), (__m256i)out);
+        store_bf16x16(static_cast<uint16_t*>(pr.y) + offset, acc[r][j]);
       }
     }
   }
 }
 
-using TileFn = void (*)(const Problem&, int64_t, int64_t);
+using TileFn = void (*)(const Problem&, int64_t, int64_t, const uint32_t*);
 
 template <bool F32, int R>
 constexpr TileFn tile_for(int nb) {
@@ -113,10 +118,14 @@ void run(const Problem& pr, int64_t m, int num_threads) {
     const int64_t first = num_blocks * t / nt, last = num_blocks * (t + 1) / nt;
     for (int64_t b = first; b < last; b += kMaxGroup) {
       const int nb = static_cast<int>(last - b < kMaxGroup ? last - b : kMaxGroup);
+      // The last row chunk streams the next group's weights in while it computes: without
+      // this, a chunk that reads from L2 leaves DRAM idle (9 rows, 120 projections: 12.0
+      // -> 10.2 ms).
+      const uint32_t* next = b + kMaxGroup < last ? pr.w + (b + kMaxGroup) * pr.kp * kBlock : nullptr;
       int64_t row0 = 0;
       for (int64_t c = 0; c < num_chunks; ++c) {
         const int64_t rows = (m - row0) / (num_chunks - c);
-        pick_tile<F32>(static_cast<int>(rows), nb)(pr, row0, b);
+        pick_tile<F32>(static_cast<int>(rows), nb)(pr, row0, b, c == num_chunks - 1 ? next : nullptr);
         row0 += rows;
       }
     }

@@ -1,0 +1,327 @@
+// Paged attention for steps that feed few tokens per sequence (decode, tree verification),
+// bf16 cache and queries, float32 arithmetic, on AVX512-BF16 CPUs.
+//
+// Why: the PyTorch reference gathers each sequence's pages and calls SDPA, ~87 us a layer
+// for one decode row at 300 keys and ~230 us for a 9-row tree step (2 cores), nearly all
+// of it per-call overhead: the arithmetic is ~0.1 MFLOP. Here one pass reads the keys in
+// place through the block table.
+//
+// Semantics match slipstream/kernels/paged_attention.py: sequence b's query i (of n_q) sees
+// every cached key j < ctx = seq_len - n_q, and new key ctx + j' when j' <= i (causal) or
+// tree_mask[token, j'] (tree).
+//
+// Work: a sequence's keys are cut into chunks of kChunk positions on a fixed grid; an item
+// is (sequence, kv head, chunk) and computes, for every query vector that reads that kv
+// head (the sequence's rows x the `group` heads), a partial softmax over the chunk: its
+// max, its sum, and its weighted sum of values. Items spread over threads (dynamic), then
+// each (token, head) output merges its chunks in order (flash-decoding). Scores come 16
+// keys at a time (VDPBF16PS into 16 accumulators, one transposing reduction), padding short
+// tiles with zeros, so every key's score takes the same instructions wherever it sits.
+// Nothing depends on other sequences or on the thread count: a row gets the same bits alone
+// or in any batch, and a tree step's root row the same bits as decoding that token alone
+// (hidden keys add exact zeros).
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "avx512_bf16.h"
+
+namespace {
+
+using slipstream_cpu::load_bf16x16;
+using slipstream_cpu::store_bf16x16;
+
+struct Args {
+  const uint16_t* q;         // [T, H, D] bf16, unit stride within a head
+  int64_t q_token_stride;    // elements
+  int64_t q_head_stride;     // elements
+  const uint16_t* k_cache;   // [num_blocks, block_size, KV, D] bf16
+  const uint16_t* v_cache;   // [num_blocks, block_size, KV, D] bf16
+  const int32_t* block_tables;  // [S, block_table_stride]
+  int64_t block_table_stride;
+  const int32_t* query_start;   // [S + 1]
+  const int32_t* seq_lens;      // [S]
+  const uint8_t* tree_mask;     // [T, tree_mask_stride] bool, or null (causal)
+  int64_t tree_mask_stride;
+  uint16_t* out;  // [T, H, D] bf16, contiguous
+  int64_t num_heads, num_kv_heads, head_dim, block_size;
+  float scale;
+};
+
+// r[i] = sum of a[i]'s 16 lanes, for 16 vectors at once (45 shuffles and adds).
+inline __m512 sum_lanes_of_16(const __m512* a) {
+  __m512 t[8], u[4], v[2];
+  for (int i = 0; i < 8; ++i) {
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
+                         _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d x = _mm512_castps_pd(t[2 * i]), y = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i) {
+    v[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
+  }
+  return _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x88),
+                       _mm512_shuffle_f32x4(v[0], v[1], 0xDD));
+}
+
+// exp(x) for x <= 0 (Cephes' polynomial, ~1 ulp); x below -87.3 gives ~1e-38, not 0.
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+constexpr int64_t kChunk = 128;  // keys per item: 300 keys -> 3 chunks per kv head
+constexpr float kNegInf = -__builtin_inff();
+
+// Per-sequence layout of the work, shared by both phases.
+struct SeqPlan {
+  int64_t first_token, num_q, seq_len, ctx, num_chunks, partial_base;
+};
+
+template <int D>
+struct Kernel {
+  static constexpr int kPairs = D / 32;   // zmm of bf16 pairs in a head vector
+  static constexpr int kChunks = D / 16;  // zmm of float32 in a head vector
+  static constexpr int kPartial = D + 2;  // floats per partial: max, sum, weighted values
+  static constexpr int kGroupPV = 24 / kChunks;  // query vectors per value pass (24 zmm)
+
+  const Args& a;
+  const std::vector<SeqPlan>& seqs;
+  float* partials;
+  int64_t group;
+
+  const uint16_t* row_of(const uint16_t* cache, const SeqPlan& sp, int64_t seq, int64_t pos,
+                         int64_t kv_head) const {
+    const int64_t block = a.block_tables[seq * a.block_table_stride + pos / a.block_size];
+    const int64_t slot = block * a.block_size + pos % a.block_size;
+    (void)sp;
+    return cache + (slot * a.num_kv_heads + kv_head) * D;
+  }
+
+  bool visible(const SeqPlan& sp, int64_t row, int64_t pos) const {
+    if (pos < sp.ctx) return true;
+    const int64_t j = pos - sp.ctx;
+    if (a.tree_mask == nullptr) return j <= row;
+    return a.tree_mask[(sp.first_token + row) * a.tree_mask_stride + j] != 0;
+  }
+
+  // One (sequence, kv head, chunk): partials of every query vector on that kv head.
+  void item(int64_t seq, int64_t kv_head, int64_t chunk, float* scores) const {
+    const SeqPlan& sp = seqs[seq];
+    const int64_t pos0 = chunk * kChunk;
+    const int64_t n = std::min(kChunk, sp.seq_len - pos0);
+    const int64_t num_vec = sp.num_q * group;
+    const __m512 scale = _mm512_set1_ps(a.scale);
+    // scores[v][0 .. n): scaled q.k; hidden keys -inf.
+    for (int64_t t0 = 0; t0 < n; t0 += 16) {
+      const int64_t kt = std::min<int64_t>(16, n - t0);
+      const uint16_t* keys[16];
+      for (int64_t i = 0; i < kt; ++i) keys[i] = row_of(a.k_cache, sp, seq, pos0 + t0 + i, kv_head);
+      for (int64_t v = 0; v < num_vec; ++v) {
+        const int64_t row = v / group, head = kv_head * group + v % group;
+        const uint16_t* qh =
+            a.q + (sp.first_token + row) * a.q_token_stride + head * a.q_head_stride;
+        __m512bh qv[kPairs];
+        for (int c = 0; c < kPairs; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(qh + 32 * c);
+        __m512 acc[16];
+        for (int64_t i = 0; i < 16; ++i) {
+          __m512 dot = _mm512_setzero_ps();
+          if (i < kt) {
+            for (int c = 0; c < kPairs; ++c) {
+              dot = _mm512_dpbf16_ps(dot, qv[c], (__m512bh)_mm512_loadu_si512(keys[i] + 32 * c));
+            }
+          }
+          acc[i] = dot;
+        }
+        _mm512_storeu_ps(scores + v * kChunk + t0, _mm512_mul_ps(sum_lanes_of_16(acc), scale));
+      }
+    }
+    for (int64_t v = 0; v < num_vec; ++v) {
+      const int64_t row = v / group;
+      float* sv = scores + v * kChunk;
+      for (int64_t pos = std::max(pos0, sp.ctx); pos < pos0 + n; ++pos) {
+        if (!visible(sp, row, pos)) sv[pos - pos0] = kNegInf;
+      }
+    }
+    // Partial softmax per query vector, then its weighted values, kGroupPV vectors a pass.
+    for (int64_t v0 = 0; v0 < num_vec; v0 += kGroupPV) {
+      const int64_t nv = std::min<int64_t>(kGroupPV, num_vec - v0);
+      for (int64_t v = v0; v < v0 + nv; ++v) {
+        float* sv = scores + v * kChunk;
+        __m512 mv16 = _mm512_set1_ps(kNegInf);
+        for (int64_t j = 0; j < n; j += 16) {
+          const __mmask16 live = j + 16 <= n ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+          mv16 = _mm512_mask_max_ps(mv16, live, mv16, _mm512_maskz_loadu_ps(live, sv + j));
+        }
+        const float m = _mm512_reduce_max_ps(mv16);
+        float* out = partials + partial_offset(sp, kv_head, chunk, v);
+        out[0] = m;
+        if (m == kNegInf) {  // every key of the chunk hidden from this row
+          for (int64_t j = 0; j < n; ++j) sv[j] = 0.0f;
+          continue;
+        }
+        const __m512 mv = _mm512_set1_ps(m);
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n; j += 16) {
+          const __mmask16 live = j + 16 <= n ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+          const __m512 x = _mm512_maskz_loadu_ps(live, sv + j);
+          const __mmask16 shown = _mm512_mask_cmp_ps_mask(live, x, _mm512_set1_ps(kNegInf),
+                                                          _CMP_NEQ_OQ);
+          const __m512 e = _mm512_maskz_mov_ps(shown, exp_nonpositive(_mm512_sub_ps(x, mv)));
+          _mm512_mask_storeu_ps(sv + j, live, e);
+          total = _mm512_add_ps(total, e);
+        }
+        out[1] = _mm512_reduce_add_ps(total);
+      }
+      __m512 acc[kGroupPV][kChunks];
+      for (int64_t v = 0; v < nv; ++v) {
+        for (int c = 0; c < kChunks; ++c) acc[v][c] = _mm512_setzero_ps();
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        const uint16_t* val = row_of(a.v_cache, sp, seq, pos0 + j, kv_head);
+        __m512 vf[kChunks];
+        for (int c = 0; c < kChunks; ++c) vf[c] = load_bf16x16(val + 16 * c);
+        for (int64_t v = 0; v < nv; ++v) {
+          const __m512 p = _mm512_set1_ps(scores[(v0 + v) * kChunk + j]);
+          for (int c = 0; c < kChunks; ++c) acc[v][c] = _mm512_fmadd_ps(p, vf[c], acc[v][c]);
+        }
+      }
+      for (int64_t v = 0; v < nv; ++v) {
+        float* out = partials + partial_offset(sp, kv_head, chunk, v0 + v) + 2;
+        for (int c = 0; c < kChunks; ++c) _mm512_storeu_ps(out + 16 * c, acc[v][c]);
+      }
+    }
+  }
+
+  int64_t partial_offset(const SeqPlan& sp, int64_t kv_head, int64_t chunk, int64_t v) const {
+    const int64_t num_vec = sp.num_q * group;
+    return sp.partial_base + ((kv_head * sp.num_chunks + chunk) * num_vec + v) * kPartial;
+  }
+
+  // Output of (token, head): its chunks' partials merged in chunk order.
+  void merge(int64_t seq, int64_t token, int64_t head) const {
+    const SeqPlan& sp = seqs[seq];
+    const int64_t kv_head = head / group;
+    const int64_t v = (token - sp.first_token) * group + head % group;
+    float m = kNegInf;
+    for (int64_t c = 0; c < sp.num_chunks; ++c) {
+      const float mc = partials[partial_offset(sp, kv_head, c, v)];
+      m = mc > m ? mc : m;
+    }
+    __m512 acc[kChunks];
+    for (int c = 0; c < kChunks; ++c) acc[c] = _mm512_setzero_ps();
+    float total = 0.0f;
+    for (int64_t c = 0; c < sp.num_chunks; ++c) {
+      const float* part = partials + partial_offset(sp, kv_head, c, v);
+      if (part[0] == kNegInf) continue;
+      const __m512 w = exp_nonpositive(_mm512_set1_ps(part[0] - m));
+      total += _mm512_cvtss_f32(w) * part[1];
+      for (int i = 0; i < kChunks; ++i) {
+        acc[i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(part + 2 + 16 * i), acc[i]);
+      }
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / total);
+    uint16_t* out = a.out + (token * a.num_heads + head) * D;
+    for (int i = 0; i < kChunks; ++i) store_bf16x16(out + 16 * i, _mm512_mul_ps(acc[i], inv));
+  }
+};
+
+template <int D>
+void run(const Args& a, int64_t num_seqs, int num_threads) {
+  const int64_t group = a.num_heads / a.num_kv_heads;
+  std::vector<SeqPlan> seqs(num_seqs);
+  std::vector<int64_t> item_seq, item_rest;  // (seq) and (kv head * chunks + chunk)
+  std::vector<int32_t> seq_of_token(a.query_start[num_seqs]);
+  int64_t partial_floats = 0, max_vec = 0;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    SeqPlan& sp = seqs[s];
+    sp.first_token = a.query_start[s];
+    sp.num_q = a.query_start[s + 1] - sp.first_token;
+    sp.seq_len = a.seq_lens[s];
+    sp.ctx = sp.seq_len - sp.num_q;
+    sp.num_chunks = sp.num_q > 0 ? (sp.seq_len + kChunk - 1) / kChunk : 0;
+    sp.partial_base = partial_floats;
+    partial_floats += a.num_kv_heads * sp.num_chunks * sp.num_q * group * Kernel<D>::kPartial;
+    max_vec = std::max(max_vec, sp.num_q * group);
+    for (int64_t t = sp.first_token; t < sp.first_token + sp.num_q; ++t) seq_of_token[t] = s;
+    for (int64_t r = 0; r < a.num_kv_heads * sp.num_chunks; ++r) {
+      item_seq.push_back(s);
+      item_rest.push_back(r);
+    }
+  }
+  const int64_t num_items = static_cast<int64_t>(item_seq.size());
+  if (num_items == 0) return;
+  std::vector<float> partials(partial_floats);
+  const Kernel<D> k{a, seqs, partials.data(), group};
+  const int64_t num_outputs = a.query_start[num_seqs] * a.num_heads;
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<float> scores(max_vec * kChunk);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < num_items; ++i) {
+      const SeqPlan& sp = seqs[item_seq[i]];
+      k.item(item_seq[i], item_rest[i] / sp.num_chunks, item_rest[i] % sp.num_chunks,
+             scores.data());
+    }
+#pragma omp for schedule(static)
+    for (int64_t o = 0; o < num_outputs; ++o) {
+      const int64_t token = o / a.num_heads;
+      k.merge(seq_of_token[token], token, o % a.num_heads);
+    }
+  }
+}
+
+}  // namespace
+
+// Returns 0, or 1 for a head size other than 64 or 128 (the caller checks).
+extern "C" int slipstream_paged_decode_attention(
+    const void* q, int64_t q_token_stride, int64_t q_head_stride, const void* k_cache,
+    const void* v_cache, const int32_t* block_tables, int64_t block_table_stride,
+    const int32_t* query_start, const int32_t* seq_lens, int64_t num_seqs,
+    const uint8_t* tree_mask, int64_t tree_mask_stride, void* out, int64_t num_heads,
+    int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale,
+    int num_threads) {
+  const Args a{static_cast<const uint16_t*>(q),
+               q_token_stride,
+               q_head_stride,
+               static_cast<const uint16_t*>(k_cache),
+               static_cast<const uint16_t*>(v_cache),
+               block_tables,
+               block_table_stride,
+               query_start,
+               seq_lens,
+               tree_mask,
+               tree_mask_stride,
+               static_cast<uint16_t*>(out),
+               num_heads,
+               num_kv_heads,
+               head_dim,
+               block_size,
+               scale};
+  if (head_dim == 64) {
+    run<64>(a, num_seqs, num_threads);
+  } else if (head_dim == 128) {
+    run<128>(a, num_seqs, num_threads);
+  } else {
+    return 1;
+  }
+  return 0;
+}

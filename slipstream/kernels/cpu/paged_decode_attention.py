@@ -1,0 +1,156 @@
+"""Paged attention for few query rows per sequence on AVX512-BF16 CPUs (the .cpp beside).
+
+Same semantics as slipstream/kernels/paged_attention.py (causal or tree mask among a
+step's new tokens, every cached key visible), for bf16 queries and caches with head size
+64 or 128. Decode and tree-verification steps take it; steps with a prefill of more than
+MAX_QUERY_ROWS tokens in one sequence keep the SDPA reference, whose blocked kernel wins on
+long query runs (this one computes each query row on its own, O(rows x keys)).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slipstream.kernels.cpu.build import KernelUnavailable, build_library
+
+MAX_QUERY_ROWS = 64
+HEAD_DIMS = (64, 128)
+_SOURCE = Path(__file__).with_name("paged_decode_attention.cpp")
+_FLAGS = (
+    "-O3",
+    "-std=c++17",
+    "-fopenmp",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512dq",
+    "-mavx512bf16",
+    "-mfma",
+)
+_LOCK = threading.Lock()
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+
+
+@functools.cache
+def _load() -> ctypes.CDLL | str:
+    """The built library, or why there is none (cached either way: one build attempt)."""
+    try:
+        lib = build_library(_SOURCE, _FLAGS, needs_cpu=("avx512f", "avx512_bf16"))
+    except KernelUnavailable as e:
+        return str(e)
+    fn = lib.slipstream_paged_decode_attention
+    # q, q strides, k/v caches, block tables + stride, query starts, seq lens, num seqs,
+    # tree mask + stride, out, heads, kv heads, head dim, block size, scale, threads.
+    fn.argtypes = [_P, _I64, _I64, _P, _P, _P, _I64, _P, _P, _I64, _P, _I64, _P]
+    fn.argtypes += [_I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return lib
+
+
+def decode_attention_unavailable_reason() -> str | None:
+    """None when the engine should use the kernel, else why not."""
+    if os.environ.get("SLIPSTREAM_CPU_KERNELS", "1") == "0":
+        return "turned off by SLIPSTREAM_CPU_KERNELS=0"
+    with _LOCK:
+        lib = _load()
+    return lib if isinstance(lib, str) else None
+
+
+def decode_attention_applies(q: torch.Tensor, k_cache: torch.Tensor, max_query_len: int) -> bool:
+    """Whether a step's attention can run here: bf16 on CPU, a supported head size, few
+    query rows per sequence, and the kernel built."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype == torch.bfloat16
+        and k_cache.dtype == torch.bfloat16
+        and q.shape[-1] in HEAD_DIMS
+        and max_query_len <= MAX_QUERY_ROWS
+        and decode_attention_unavailable_reason() is None
+    )
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim] bf16, unit stride in a head
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim] bf16
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim] bf16
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32
+    scale: float,
+    tree_mask: torch.Tensor | None = None,  # [num_tokens, max_query_len] bool
+    plan: dict[str, Any] | None = None,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim] bf16
+    """Attention of each new token over its sequence's paged keys (see the module doc).
+
+    `plan` (a step's AttentionMetadata.scratch) keeps the step's converted metadata for
+    every layer: converting and checking it took ~8 us a call, 30 calls a step.
+    """
+    lib = _load()
+    if isinstance(lib, str):
+        raise RuntimeError(f"paged_decode_attention is unavailable: {lib}")
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    if q.dtype != torch.bfloat16 or k_cache.dtype != torch.bfloat16 or q.stride(-1) != 1:
+        raise ValueError("q and the caches must be bf16, q with unit stride within a head")
+    if head_dim not in HEAD_DIMS or num_heads % num_kv_heads:
+        raise ValueError(f"head_dim must be one of {HEAD_DIMS} and heads a multiple of kv heads")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the caches must be contiguous")
+    meta = None if plan is None else plan.get("pda_meta")
+    if meta is None:
+        meta = _step_metadata(block_tables, query_start_loc, seq_lens, tree_mask)
+        if plan is not None:
+            plan["pda_meta"] = meta
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=torch.bfloat16)
+    status = lib.slipstream_paged_decode_attention(
+        q.data_ptr(),
+        q.stride(0),
+        q.stride(1),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        *meta.args,
+        out.data_ptr(),
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        k_cache.shape[1],
+        scale,
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise RuntimeError(f"slipstream_paged_decode_attention returned {status}")
+    return out
+
+
+@dataclass(frozen=True)
+class _StepMetadata:
+    tensors: tuple[torch.Tensor, ...]  # kept alive while `args` points into them
+    args: tuple[int | None, ...]  # block tables + stride, starts, lens, count, mask + stride
+
+
+def _step_metadata(
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    tree_mask: torch.Tensor | None,
+) -> _StepMetadata:
+    tables = block_tables.to(torch.int32).contiguous()
+    starts = query_start_loc.to(torch.int32).contiguous()
+    lens = seq_lens.to(torch.int32).contiguous()
+    tensors = [tables, starts, lens]
+    mask_ptr, mask_stride = None, 0
+    if tree_mask is not None:
+        mask = tree_mask.to(torch.bool).contiguous().view(torch.uint8)
+        tensors.append(mask)
+        mask_ptr, mask_stride = mask.data_ptr(), mask.stride(0)
+    args = (tables.data_ptr(), tables.stride(0), starts.data_ptr(), lens.data_ptr())
+    return _StepMetadata(tuple(tensors), (*args, lens.shape[0], mask_ptr, mask_stride))

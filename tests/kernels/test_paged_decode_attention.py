@@ -1,0 +1,133 @@
+"""paged_decode_attention.cpp against float64 attention and the SDPA reference; batch
+invariance; when paged_attention dispatches to it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slipstream.kernels import paged_attention as pa
+from slipstream.kernels.cpu.paged_decode_attention import (
+    MAX_QUERY_ROWS,
+    decode_attention_unavailable_reason,
+    paged_decode_attention,
+)
+from slipstream.kernels.paged_attention import paged_attention, paged_attention_ref
+from tests.kernels.test_paged_attention import (
+    ALL_CASES,
+    SCALE,
+    _case,
+    build_batch,
+    naive_attention,
+    random_batch,
+)
+from tests.kernels.tolerances import TOL, assert_close_verbose
+
+pytestmark = pytest.mark.skipif(
+    decode_attention_unavailable_reason() is not None,
+    reason=f"{decode_attention_unavailable_reason()}",
+)
+BF16 = torch.bfloat16
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("heads", [(6, 2), (3, 3), (8, 1)])
+@pytest.mark.parametrize("name", ALL_CASES)
+def test_matches_float64_attention(name: str, heads: tuple[int, int], head_dim: int) -> None:
+    num_q, seq_lens, tree = _case(name)
+    batch = random_batch(num_q, seq_lens, *heads, head_dim=head_dim, dtype=BF16, tree=tree)
+    out = batch.run(paged_decode_attention)
+    assert out.dtype == BF16 and out.shape == batch.q.shape
+    assert_close_verbose(out, naive_attention(batch), **TOL[BF16])
+
+
+@pytest.mark.parametrize("seq_len", [1, 15, 16, 17, 48, 300, 1100])
+def test_long_and_boundary_contexts(seq_len: int) -> None:
+    # 16-key tiles, their tail, several pages; block_size 16 and 5 (tiles span pages).
+    for block_size in (16, 5):
+        batch = random_batch([1], [seq_len], 9, 3, 64, block_size, dtype=BF16)
+        assert_close_verbose(batch.run(paged_decode_attention), naive_attention(batch), **TOL[BF16])
+
+
+def test_large_scores_do_not_overflow() -> None:
+    batch = random_batch([3], [40], 2, 1, 64, dtype=BF16, tree=True)
+    batch.q.mul_(30)  # scores in the hundreds: exp must be taken after subtracting the max
+    out = batch.run(paged_decode_attention)
+    assert torch.isfinite(out).all()
+    assert_close_verbose(out, naive_attention(batch), **TOL[BF16])
+
+
+def test_strided_queries_as_the_model_passes_them() -> None:
+    # The model's q is a view into q|k rows: token stride (H + KV) * D, head stride D.
+    batch = random_batch([2, 1], [20, 9], 6, 2, 64, dtype=BF16)
+    wide = torch.randn(batch.q.shape[0], 8, 64).to(BF16)
+    wide[:, :6] = batch.q
+    q = wide[:, :6]
+    assert not q.is_contiguous()
+    args = (q, *batch.args()[1:])
+    assert torch.equal(paged_decode_attention(*args, SCALE), batch.run(paged_decode_attention))
+
+
+def test_a_sequence_gets_the_same_bits_alone_or_in_a_batch() -> None:
+    gen = torch.Generator().manual_seed(0)
+    qs = [torch.randn(n, 6, 64, generator=gen).to(BF16) for n in (1, 5, 3)]
+    keys = [torch.randn(n, 2, 64, generator=gen).to(BF16) for n in (40, 77, 9)]
+    values = [torch.randn(n, 2, 64, generator=gen).to(BF16) for n in (40, 77, 9)]
+    trees = [[-1], [-1, 0, 0, 1, 2], [-1, 0, 1]]
+    together = build_batch(qs, keys, values, 16, trees).run(paged_decode_attention)
+    alone = build_batch(qs[1:2], keys[1:2], values[1:2], 16, trees[1:2])
+    assert torch.equal(together[1:6], alone.run(paged_decode_attention))
+
+
+def test_dispatch_takes_the_kernel_for_few_rows_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+
+    def counted(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return paged_decode_attention(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pa, "paged_decode_attention", counted)
+    few = random_batch([1, 4], [30, 12], 6, 2, 64, dtype=BF16, tree=True)
+    many = random_batch([MAX_QUERY_ROWS + 1], [MAX_QUERY_ROWS + 1], 6, 2, 64, dtype=BF16)
+    odd_head = random_batch([1], [30], 6, 2, 32, dtype=BF16)
+    fp32 = random_batch([1], [30], 6, 2, 64)
+    assert_close_verbose(few.run(paged_attention), few.run(paged_attention_ref), **TOL[BF16])
+    assert len(calls) == 1
+    for batch in (many, odd_head, fp32):
+        batch.run(paged_attention)
+    assert len(calls) == 1  # the reference ran those
+    monkeypatch.setenv("SLIPSTREAM_KERNELS", "torch")
+    few.run(paged_attention)
+    monkeypatch.setenv("SLIPSTREAM_KERNELS", "auto")
+    monkeypatch.setenv("SLIPSTREAM_CPU_KERNELS", "0")
+    few.run(paged_attention)
+    assert len(calls) == 1
+    # With a step plan the choice is made once and reused by every layer.
+    monkeypatch.delenv("SLIPSTREAM_CPU_KERNELS")
+    plan: dict[str, object] = {}
+    few.run(lambda *a: paged_attention(*a, plan))
+    few.run(lambda *a: paged_attention(*a, plan))
+    assert len(calls) == 3 and plan["pa_cpu_kernel"] is True
+
+
+def test_bad_arguments_raise() -> None:
+    batch = random_batch([1], [20], 6, 2, 64, dtype=BF16)
+    with pytest.raises(ValueError, match="head_dim"):
+        paged_decode_attention(batch.q[..., :32], *batch.args()[1:], SCALE)
+    with pytest.raises(ValueError, match="bf16"):
+        paged_decode_attention(batch.q.float(), *batch.args()[1:], SCALE)
+
+
+def test_a_step_plan_is_reused_by_later_layers() -> None:
+    first = random_batch([2, 1], [20, 9], 6, 2, 64, dtype=BF16, tree=True)
+    second = random_batch([2, 1], [20, 9], 6, 2, 64, dtype=BF16, tree=True)
+    second.block_tables, second.tree_mask = first.block_tables, first.tree_mask
+    second.k_cache, second.v_cache = (
+        torch.randn_like(first.k_cache),
+        torch.randn_like(first.v_cache),
+    )
+    plan: dict[str, object] = {}
+    paged_decode_attention(*first.args(), SCALE, first.tree_mask, plan)
+    reused = paged_decode_attention(*second.args(), SCALE, second.tree_mask, plan)
+    assert torch.equal(reused, paged_decode_attention(*second.args(), SCALE, second.tree_mask))
+    assert "pda_meta" in plan

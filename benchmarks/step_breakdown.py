@@ -2,9 +2,10 @@
 
 A speculative step feeds the root plus its draft (a chain here, attended through a tree
 mask as token recycling's steps are) at a given context length. Per step: the four
-projections of every layer, attention (KV store + paged attention), RMS norms, SiLU, the
-rest of the layers (RoPE, casts, residual adds), and the LM head with its bf16 refinement.
-Then the vocabulary top-k and argmax that every step runs, torch against vocab_topk.py.
+projections of every layer, attention (KV store + paged attention), the RMS norms with
+their residual adds and bf16 casts, SiLU, the rest of the layers (RoPE, splits, views),
+and the LM head (with its bf16 refinement where the logits come out in bf16). Then the
+vocabulary top-k and argmax that every step runs, torch against vocab_topk.py.
 
     .venv/bin/python benchmarks/step_breakdown.py                  # default model, bf16
     .venv/bin/python benchmarks/step_breakdown.py --context 1000 --fed 1,5,9,17
@@ -55,8 +56,10 @@ def instrument(model: Any) -> None:
         layer.linear_skinny = timed("projections", layer.linear_skinny)
     for backend in model.attn_backends:
         backend.forward = timed("attention", backend.forward)
+    # The norms with their residual adds and bf16 casts (C++ or PyTorch).
+    for module in (*model.layers, model):
+        module.add_norm = timed("rms_norm", module.add_norm)
     llama.F = types.SimpleNamespace(  # type: ignore[assignment]
-        rms_norm=timed("rms_norm", F.rms_norm),
         silu=timed("silu", F.silu),
         embedding=F.embedding,
         linear=F.linear,

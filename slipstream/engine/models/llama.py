@@ -22,6 +22,11 @@ from slipstream.engine.attention import AttentionBackend, AttentionMetadata, Pag
 from slipstream.engine.models.config import ModelArchConfig, RopeScaling
 from slipstream.engine.models.registry import MODELS
 from slipstream.engine.vocab_topk import vocab_topk
+from slipstream.kernels.cpu.rms_norm import (
+    add_rms_norm_bf16,
+    add_rms_norm_ref,
+    fused_norm_applies,
+)
 from slipstream.kernels.cpu.skinny_linear import (
     can_pack,
     pack_skinny_weight,
@@ -112,6 +117,8 @@ class LlamaDecoderLayer(nn.Module):
         self.linear_skinny: LinearFn = skinny_linear
         self.packed: tuple[torch.Tensor, ...] | None = None
         self.skinny: tuple[torch.Tensor, ...] | None = None
+        # Residual add + norm + cast: the C++ kernel when pack_skinny says so.
+        self.add_norm: NormFn = add_rms_norm_ref
 
     def projection_weights(self) -> tuple[torch.Tensor, ...]:
         return (self.qkv_weight, self.o_weight, self.gate_up_weight, self.down_weight)
@@ -124,21 +131,28 @@ class LlamaDecoderLayer(nn.Module):
         self.linear = _packed_linear
         self.linear_one_row = one_row_linear
 
-    def pack_skinny(self) -> None:
-        """Add skinny_linear-packed copies of the four projection weights."""
+    def pack_skinny(self, fused_norm: bool) -> None:
+        """Add skinny_linear-packed copies of the four projection weights; with fused_norm,
+        the norms run add_rms_norm_bf16 (C++) too."""
         self.skinny = tuple(pack_skinny_weight(w.data) for w in self.projection_weights())
+        if fused_norm:
+            self.add_norm = add_rms_norm_bf16
 
     def forward(
         self,
-        h: torch.Tensor,  # [T, hidden] float32 residual stream; not modified
+        h: torch.Tensor,  # [T, hidden] float32 residual stream, updated in place
+        delta: torch.Tensor | None,  # [T, hidden] the previous layer's MLP output, or None
         cos: torch.Tensor,  # [T, 1, head_dim]
         sin: torch.Tensor,  # [T, 1, head_dim], first half negated
         k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
         v_cache: torch.Tensor,
         backend: AttentionBackend,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:  # [T, hidden]
-        """One transformer block.
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # h [T, hidden], this layer's MLP output
+        """One transformer block: h += delta, attention, MLP; returns (h, MLP output).
+
+        The MLP output is handed back unadded so the next layer's norm (or the final one)
+        adds it in the same pass (add_rms_norm); h then holds every earlier update.
 
         The residual stream and the norms run in float32 even in a bf16 model; only the
         matmuls and attention use bf16. Summing 60 bf16 residual updates lost enough that
@@ -147,7 +161,7 @@ class LlamaDecoderLayer(nn.Module):
         casts of a [T, hidden] row per layer.
         """
         n = h.shape[0]
-        x = F.rms_norm(h, self.hidden_shape, self.input_norm, self.eps).to(self.dtype)
+        x = self.add_norm(h, delta, self.input_norm, self.eps, self.dtype)
         weights: tuple[torch.Tensor, ...]
         if self.skinny is not None:
             linear, weights = self.linear_skinny, self.skinny
@@ -168,12 +182,12 @@ class LlamaDecoderLayer(nn.Module):
         out = backend.forward(
             q, k, v.view(n, -1, self.head_dim), k_cache, v_cache, meta, self.scale
         )  # [T, H, D]
-        h = h + linear(out.reshape(n, -1), o_w, self.o_bias)
-        x = F.rms_norm(h, self.hidden_shape, self.post_norm, self.eps).to(self.dtype)
+        attn = linear(out.reshape(n, -1), o_w, self.o_bias)
+        x = self.add_norm(h, attn, self.post_norm, self.eps, self.dtype)
         gate_up = linear(x, gate_up_w, self.gate_up_bias)  # [T, 2 * inter]
         gate, up = gate_up.split(self.inter, dim=-1)
         act = F.silu(gate).mul_(up)  # [T, inter]
-        return h + linear(act, down_w, self.down_bias)
+        return h, linear(act, down_w, self.down_bias)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -207,6 +221,7 @@ class LlamaForCausalLM(nn.Module):
         ]
         self.lm_head_packed: torch.Tensor | None = None
         self.lm_head_skinny: torch.Tensor | None = None
+        self.add_norm: NormFn = add_rms_norm_ref  # the final norm (see the layers')
 
     def pack_for_cpu(self) -> str | None:
         """Pre-pack bf16 weights for the CPU kernels that run them: which ("skinny_linear"
@@ -238,8 +253,11 @@ class LlamaForCausalLM(nn.Module):
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         weights = [w for layer in self.layers for w in layer.projection_weights()]  # type: ignore[operator]
         if skinny_unavailable_reason() is None and all(can_pack(w) for w in [*weights, head]):
+            fused_norm = fused_norm_applies(self.config.hidden_size)
             for layer in self.layers:
-                layer.pack_skinny()  # type: ignore[operator]
+                layer.pack_skinny(fused_norm)  # type: ignore[operator]
+            if fused_norm:
+                self.add_norm = add_rms_norm_bf16
             self.lm_head_skinny = pack_skinny_weight(head.data)
             return "skinny_linear"
         if not torch.backends.mkldnn.is_available():
@@ -261,14 +279,15 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden]
         """Final-normed hidden states of every fed token; K/V are written into kv_caches."""
-        h = F.embedding(input_ids, self.embed_tokens).float()  # [T, hidden] float32
+        h = F.embedding(input_ids, self.embed_tokens).float()  # [T, hidden] float32, ours
         cos, sin = self.cos_sin[positions].unbind(1)  # [T, 1, head_dim] each
+        delta: torch.Tensor | None = None
         for layer, backend, (k_cache, v_cache) in zip(
             self.layers, self.attn_backends, kv_caches, strict=True
         ):
-            h = layer.forward(h, cos, sin, k_cache, v_cache, backend, meta)
-        h = F.rms_norm(h, self.hidden_shape, self.norm, self.config.rms_norm_eps)
-        return h.to(self.dtype)
+            h, delta = layer.forward(h, delta, cos, sin, k_cache, v_cache, backend, meta)
+        eps = self.config.rms_norm_eps
+        return self.add_norm(h, delta, self.norm, eps, self.dtype)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [R, vocab] float32
         """LM head over the rows the caller picked ([R, hidden])."""
@@ -304,6 +323,10 @@ class LlamaForCausalLM(nn.Module):
 
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# (h, delta, weight, eps, out_dtype) -> normed rows; h += delta in place.
+NormFn = Callable[
+    [torch.Tensor, torch.Tensor | None, torch.Tensor, float, torch.dtype], torch.Tensor
+]
 
 
 def _packed_linear(

@@ -17,11 +17,13 @@ the cache (default ~/.cache/slipstream/kernels, or $XDG_CACHE_HOME/slipstream/ke
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 
@@ -91,3 +93,44 @@ def build_library(source: Path, flags: tuple[str, ...], needs_cpu: tuple[str, ..
         return ctypes.CDLL(str(target))
     except OSError as e:
         raise KernelUnavailable(f"cannot load {target}: {e}") from e
+
+
+# The CPU kernels' instruction sets: AVX512 with the bf16 dot product (VDPBF16PS).
+AVX512_BF16_FLAGS = (
+    "-O3",
+    "-std=c++17",
+    "-fopenmp",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512dq",
+    "-mavx512bf16",
+    "-mfma",
+)
+_BUILD_LOCK = threading.Lock()
+
+
+def cpu_kernels_turned_off() -> str | None:
+    """Why the engine must not use the C++ kernels (SLIPSTREAM_CPU_KERNELS=0), or None."""
+    if os.environ.get("SLIPSTREAM_CPU_KERNELS", "1") == "0":
+        return "turned off by SLIPSTREAM_CPU_KERNELS=0"
+    return None
+
+
+@functools.cache
+def _load_avx512_bf16(source_name: str) -> ctypes.CDLL | str:
+    try:
+        return build_library(
+            Path(__file__).with_name(source_name),
+            AVX512_BF16_FLAGS,
+            needs_cpu=("avx512f", "avx512_bf16"),
+        )
+    except KernelUnavailable as e:
+        return str(e)
+
+
+def load_avx512_bf16_kernel(source_name: str) -> ctypes.CDLL | str:
+    """The library built from this folder's `source_name`, or why there is none (no
+    compiler, no AVX512-BF16). One build attempt a process, whatever the outcome."""
+    with _BUILD_LOCK:
+        return _load_avx512_bf16(source_name)

@@ -11,42 +11,27 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from slipstream.kernels.cpu.build import KernelUnavailable, build_library
+from slipstream.kernels.cpu.build import cpu_kernels_turned_off, load_avx512_bf16_kernel
 
 MAX_QUERY_ROWS = 64
 HEAD_DIMS = (64, 128)
 _SOURCE = Path(__file__).with_name("paged_decode_attention.cpp")
-_FLAGS = (
-    "-O3",
-    "-std=c++17",
-    "-fopenmp",
-    "-mavx512f",
-    "-mavx512bw",
-    "-mavx512vl",
-    "-mavx512dq",
-    "-mavx512bf16",
-    "-mfma",
-)
-_LOCK = threading.Lock()
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 
 
 @functools.cache
 def _load() -> ctypes.CDLL | str:
-    """The built library, or why there is none (cached either way: one build attempt)."""
-    try:
-        lib = build_library(_SOURCE, _FLAGS, needs_cpu=("avx512f", "avx512_bf16"))
-    except KernelUnavailable as e:
-        return str(e)
+    """The built library with its function's signature set, or why there is none."""
+    lib = load_avx512_bf16_kernel(_SOURCE.name)
+    if isinstance(lib, str):
+        return lib
     fn = lib.slipstream_paged_decode_attention
     # q, q strides, k/v caches, block tables + stride, query starts, seq lens, num seqs,
     # tree mask + stride, out, heads, kv heads, head dim, block size, scale, threads.
@@ -58,10 +43,10 @@ def _load() -> ctypes.CDLL | str:
 
 def decode_attention_unavailable_reason() -> str | None:
     """None when the engine should use the kernel, else why not."""
-    if os.environ.get("SLIPSTREAM_CPU_KERNELS", "1") == "0":
-        return "turned off by SLIPSTREAM_CPU_KERNELS=0"
-    with _LOCK:
-        lib = _load()
+    off = cpu_kernels_turned_off()
+    if off is not None:
+        return off
+    lib = _load()
     return lib if isinstance(lib, str) else None
 
 

@@ -131,3 +131,24 @@ def test_a_step_plan_is_reused_by_later_layers() -> None:
     reused = paged_decode_attention(*second.args(), SCALE, second.tree_mask, plan)
     assert torch.equal(reused, paged_decode_attention(*second.args(), SCALE, second.tree_mask))
     assert "pda_meta" in plan
+
+
+def test_a_tree_node_gets_the_bits_of_decoding_it_alone() -> None:
+    # Verification computes what decoding would: node i's output equals a one-row decode of
+    # that token with the context and its ancestors cached at consecutive positions. 140
+    # cached keys: the rows' keys cross a 128-key chunk at different points.
+    gen = torch.Generator().manual_seed(5)
+    parents = [-1, 0, 0, 1, 1, 2, 5, 3, 7, 0]
+    n, ctx = len(parents), 140
+    q = torch.randn(n, 6, 64, generator=gen).to(BF16)
+    k = torch.randn(ctx + n, 2, 64, generator=gen).to(BF16)
+    v = torch.randn(ctx + n, 2, 64, generator=gen).to(BF16)
+    tree = build_batch([q], [k], [v], 16, [parents]).run(paged_decode_attention)
+    for node in range(n):
+        path = [node]
+        while parents[path[-1]] >= 0:
+            path.append(parents[path[-1]])
+        path.reverse()
+        idx = torch.tensor([*range(ctx), *(ctx + i for i in path)])
+        alone = build_batch([q[node : node + 1]], [k[idx]], [v[idx]], 16)
+        assert torch.equal(tree[node], alone.run(paged_decode_attention)[0]), node

@@ -17,9 +17,10 @@
 // each (token, head) output merges its chunks in order (flash-decoding). Scores come 16
 // keys at a time (VDPBF16PS into 16 accumulators, one transposing reduction), padding short
 // tiles with zeros, so every key's score takes the same instructions wherever it sits.
-// Nothing depends on other sequences or on the thread count: a row gets the same bits alone
-// or in any batch, and a tree step's root row the same bits as decoding that token alone
-// (hidden keys add exact zeros).
+// Each row reads its keys in the order it would have them if decoded alone after its
+// ancestors (the cached keys, then the new keys it sees), and chunks cut that order. So
+// nothing depends on other rows, other sequences or the thread count: a row gets the same
+// bits alone, in any batch, and as any node of a draft tree as when it is decoded alone.
 #include <immintrin.h>
 #include <omp.h>
 
@@ -105,40 +106,66 @@ struct Kernel {
 
   const Args& a;
   const std::vector<SeqPlan>& seqs;
+  // Per token: the new keys it sees, as indices among its sequence's new tokens, ascending
+  // (row-major, max_q per token), and how many.
+  const std::vector<int32_t>& seen;
+  const std::vector<int32_t>& num_seen;
+  int64_t max_q;
   float* partials;
   int64_t group;
 
-  const uint16_t* row_of(const uint16_t* cache, const SeqPlan& sp, int64_t seq, int64_t pos,
-                         int64_t kv_head) const {
+  // Cache row of actual key position `pos` of sequence `seq`, kv head `kv_head`.
+  const uint16_t* row_of(const uint16_t* cache, int64_t seq, int64_t pos, int64_t kv_head) const {
     const int64_t block = a.block_tables[seq * a.block_table_stride + pos / a.block_size];
     const int64_t slot = block * a.block_size + pos % a.block_size;
-    (void)sp;
     return cache + (slot * a.num_kv_heads + kv_head) * D;
   }
 
-  bool visible(const SeqPlan& sp, int64_t row, int64_t pos) const {
-    if (pos < sp.ctx) return true;
-    const int64_t j = pos - sp.ctx;
-    if (a.tree_mask == nullptr) return j <= row;
-    return a.tree_mask[(sp.first_token + row) * a.tree_mask_stride + j] != 0;
+  // A row reads its keys in virtual order: the ctx cached keys, then the new keys it sees.
+  // Actual position of virtual position p for `token`.
+  int64_t actual(const SeqPlan& sp, int64_t token, int64_t p) const {
+    return p < sp.ctx ? p : sp.ctx + seen[token * max_q + (p - sp.ctx)];
   }
 
-  // One (sequence, kv head, chunk): partials of every query vector on that kv head.
+  int64_t virtual_len(const SeqPlan& sp, int64_t token) const {
+    return sp.ctx + num_seen[token];
+  }
+
+  // One (sequence, kv head, chunk of virtual positions): partials of every query vector on
+  // that kv head. A row's virtual positions are the positions its keys would have had if
+  // it were decoded alone after its ancestors, so chunks, 16-lane sums and the order of
+  // the value sum match that decode exactly.
   void item(int64_t seq, int64_t kv_head, int64_t chunk, float* scores) const {
     const SeqPlan& sp = seqs[seq];
     const int64_t pos0 = chunk * kChunk;
-    const int64_t n = std::min(kChunk, sp.seq_len - pos0);
     const int64_t num_vec = sp.num_q * group;
+    // Keys of this chunk before ctx are the same cached keys for every row.
+    const int64_t shared = std::clamp<int64_t>(sp.ctx - pos0, 0, kChunk);
     const __m512 scale = _mm512_set1_ps(a.scale);
-    // scores[v][0 .. n): scaled q.k; hidden keys -inf.
-    for (int64_t t0 = 0; t0 < n; t0 += 16) {
-      const int64_t kt = std::min<int64_t>(16, n - t0);
+    int64_t longest = 0;
+    for (int64_t r = 0; r < sp.num_q; ++r) {
+      longest = std::max(longest, virtual_len(sp, sp.first_token + r) - pos0);
+    }
+    longest = std::min(longest, kChunk);
+    // scores[v][0 .. n_v): scaled q.k over the row's keys in this chunk.
+    for (int64_t t0 = 0; t0 < longest; t0 += 16) {
       const uint16_t* keys[16];
-      for (int64_t i = 0; i < kt; ++i) keys[i] = row_of(a.k_cache, sp, seq, pos0 + t0 + i, kv_head);
+      const bool tile_shared = t0 + 16 <= shared;
+      if (tile_shared) {
+        for (int i = 0; i < 16; ++i) keys[i] = row_of(a.k_cache, seq, pos0 + t0 + i, kv_head);
+      }
       for (int64_t v = 0; v < num_vec; ++v) {
-        const int64_t row = v / group, head = kv_head * group + v % group;
-        const uint16_t* qh =
-            a.q + (sp.first_token + row) * a.q_token_stride + head * a.q_head_stride;
+        const int64_t token = sp.first_token + v / group;
+        const int64_t n_v = std::min(kChunk, virtual_len(sp, token) - pos0);
+        if (t0 >= n_v) continue;
+        const int64_t kt = std::min<int64_t>(16, n_v - t0);
+        if (!tile_shared) {
+          for (int64_t i = 0; i < kt; ++i) {
+            keys[i] = row_of(a.k_cache, seq, actual(sp, token, pos0 + t0 + i), kv_head);
+          }
+        }
+        const int64_t head = kv_head * group + v % group;
+        const uint16_t* qh = a.q + token * a.q_token_stride + head * a.q_head_stride;
         __m512bh qv[kPairs];
         for (int c = 0; c < kPairs; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(qh + 32 * c);
         __m512 acc[16];
@@ -154,38 +181,34 @@ struct Kernel {
         _mm512_storeu_ps(scores + v * kChunk + t0, _mm512_mul_ps(sum_lanes_of_16(acc), scale));
       }
     }
-    for (int64_t v = 0; v < num_vec; ++v) {
-      const int64_t row = v / group;
-      float* sv = scores + v * kChunk;
-      for (int64_t pos = std::max(pos0, sp.ctx); pos < pos0 + n; ++pos) {
-        if (!visible(sp, row, pos)) sv[pos - pos0] = kNegInf;
-      }
-    }
     // Partial softmax per query vector, then its weighted values, kGroupPV vectors a pass.
     for (int64_t v0 = 0; v0 < num_vec; v0 += kGroupPV) {
       const int64_t nv = std::min<int64_t>(kGroupPV, num_vec - v0);
+      int64_t n_of[kGroupPV];
       for (int64_t v = v0; v < v0 + nv; ++v) {
+        const int64_t token = sp.first_token + v / group;
+        const int64_t n = std::clamp<int64_t>(virtual_len(sp, token) - pos0, 0, kChunk);
+        n_of[v - v0] = n;
         float* sv = scores + v * kChunk;
+        float* out = partials + partial_offset(sp, kv_head, chunk, v);
+        if (n == 0) {  // the row's keys end before this chunk
+          out[0] = kNegInf;
+          out[1] = 0.0f;
+          continue;
+        }
         __m512 mv16 = _mm512_set1_ps(kNegInf);
         for (int64_t j = 0; j < n; j += 16) {
           const __mmask16 live = j + 16 <= n ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
           mv16 = _mm512_mask_max_ps(mv16, live, mv16, _mm512_maskz_loadu_ps(live, sv + j));
         }
         const float m = _mm512_reduce_max_ps(mv16);
-        float* out = partials + partial_offset(sp, kv_head, chunk, v);
         out[0] = m;
-        if (m == kNegInf) {  // every key of the chunk hidden from this row
-          for (int64_t j = 0; j < n; ++j) sv[j] = 0.0f;
-          continue;
-        }
         const __m512 mv = _mm512_set1_ps(m);
         __m512 total = _mm512_setzero_ps();
         for (int64_t j = 0; j < n; j += 16) {
           const __mmask16 live = j + 16 <= n ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
           const __m512 x = _mm512_maskz_loadu_ps(live, sv + j);
-          const __mmask16 shown = _mm512_mask_cmp_ps_mask(live, x, _mm512_set1_ps(kNegInf),
-                                                          _CMP_NEQ_OQ);
-          const __m512 e = _mm512_maskz_mov_ps(shown, exp_nonpositive(_mm512_sub_ps(x, mv)));
+          const __m512 e = _mm512_maskz_mov_ps(live, exp_nonpositive(_mm512_sub_ps(x, mv)));
           _mm512_mask_storeu_ps(sv + j, live, e);
           total = _mm512_add_ps(total, e);
         }
@@ -195,13 +218,25 @@ struct Kernel {
       for (int64_t v = 0; v < nv; ++v) {
         for (int c = 0; c < kChunks; ++c) acc[v][c] = _mm512_setzero_ps();
       }
-      for (int64_t j = 0; j < n; ++j) {
-        const uint16_t* val = row_of(a.v_cache, sp, seq, pos0 + j, kv_head);
+      // Cached keys: one value load for the whole group (every row has all of them).
+      for (int64_t j = 0; j < shared; ++j) {
+        const uint16_t* val = row_of(a.v_cache, seq, pos0 + j, kv_head);
         __m512 vf[kChunks];
         for (int c = 0; c < kChunks; ++c) vf[c] = load_bf16x16(val + 16 * c);
         for (int64_t v = 0; v < nv; ++v) {
           const __m512 p = _mm512_set1_ps(scores[(v0 + v) * kChunk + j]);
           for (int c = 0; c < kChunks; ++c) acc[v][c] = _mm512_fmadd_ps(p, vf[c], acc[v][c]);
+        }
+      }
+      // New keys: each row its own, in its virtual order.
+      for (int64_t v = 0; v < nv; ++v) {
+        const int64_t token = sp.first_token + (v0 + v) / group;
+        for (int64_t j = shared; j < n_of[v]; ++j) {
+          const uint16_t* val = row_of(a.v_cache, seq, actual(sp, token, pos0 + j), kv_head);
+          const __m512 p = _mm512_set1_ps(scores[(v0 + v) * kChunk + j]);
+          for (int c = 0; c < kChunks; ++c) {
+            acc[v][c] = _mm512_fmadd_ps(p, load_bf16x16(val + 16 * c), acc[v][c]);
+          }
         }
       }
       for (int64_t v = 0; v < nv; ++v) {
@@ -231,7 +266,7 @@ struct Kernel {
     float total = 0.0f;
     for (int64_t c = 0; c < sp.num_chunks; ++c) {
       const float* part = partials + partial_offset(sp, kv_head, c, v);
-      if (part[0] == kNegInf) continue;
+      if (part[0] == kNegInf) continue;  // a chunk past the row's keys
       const __m512 w = exp_nonpositive(_mm512_set1_ps(part[0] - m));
       total += _mm512_cvtss_f32(w) * part[1];
       for (int i = 0; i < kChunks; ++i) {
@@ -247,9 +282,16 @@ struct Kernel {
 template <int D>
 void run(const Args& a, int64_t num_seqs, int num_threads) {
   const int64_t group = a.num_heads / a.num_kv_heads;
+  const int64_t num_tokens = a.query_start[num_seqs];
+  int64_t max_q = 1;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    max_q = std::max<int64_t>(max_q, a.query_start[s + 1] - a.query_start[s]);
+  }
+  // Which new keys each token sees (causal: 0..i; tree: its mask row).
+  std::vector<int32_t> seen(num_tokens * max_q), num_seen(num_tokens);
+  std::vector<int32_t> seq_of_token(num_tokens);
   std::vector<SeqPlan> seqs(num_seqs);
   std::vector<int64_t> item_seq, item_rest;  // (seq) and (kv head * chunks + chunk)
-  std::vector<int32_t> seq_of_token(a.query_start[num_seqs]);
   int64_t partial_floats = 0, max_vec = 0;
   for (int64_t s = 0; s < num_seqs; ++s) {
     SeqPlan& sp = seqs[s];
@@ -257,11 +299,22 @@ void run(const Args& a, int64_t num_seqs, int num_threads) {
     sp.num_q = a.query_start[s + 1] - sp.first_token;
     sp.seq_len = a.seq_lens[s];
     sp.ctx = sp.seq_len - sp.num_q;
-    sp.num_chunks = sp.num_q > 0 ? (sp.seq_len + kChunk - 1) / kChunk : 0;
+    int64_t longest = 0;
+    for (int64_t i = 0; i < sp.num_q; ++i) {
+      const int64_t t = sp.first_token + i;
+      seq_of_token[t] = static_cast<int32_t>(s);
+      int32_t n = 0;
+      for (int64_t j = 0; j < sp.num_q; ++j) {
+        const bool sees = a.tree_mask == nullptr ? j <= i : a.tree_mask[t * a.tree_mask_stride + j] != 0;
+        if (sees) seen[t * max_q + n++] = static_cast<int32_t>(j);
+      }
+      num_seen[t] = n;
+      longest = std::max<int64_t>(longest, sp.ctx + n);
+    }
+    sp.num_chunks = (longest + kChunk - 1) / kChunk;
     sp.partial_base = partial_floats;
     partial_floats += a.num_kv_heads * sp.num_chunks * sp.num_q * group * Kernel<D>::kPartial;
     max_vec = std::max(max_vec, sp.num_q * group);
-    for (int64_t t = sp.first_token; t < sp.first_token + sp.num_q; ++t) seq_of_token[t] = s;
     for (int64_t r = 0; r < a.num_kv_heads * sp.num_chunks; ++r) {
       item_seq.push_back(s);
       item_rest.push_back(r);
@@ -270,8 +323,8 @@ void run(const Args& a, int64_t num_seqs, int num_threads) {
   const int64_t num_items = static_cast<int64_t>(item_seq.size());
   if (num_items == 0) return;
   std::vector<float> partials(partial_floats);
-  const Kernel<D> k{a, seqs, partials.data(), group};
-  const int64_t num_outputs = a.query_start[num_seqs] * a.num_heads;
+  const Kernel<D> k{a, seqs, seen, num_seen, max_q, partials.data(), group};
+  const int64_t num_outputs = num_tokens * a.num_heads;
 #pragma omp parallel num_threads(num_threads)
   {
     std::vector<float> scores(max_vec * kChunk);

@@ -228,11 +228,12 @@ class LlamaForCausalLM(nn.Module):
         or "onednn"), or None when nothing was packed (float32, GPU, turned off).
 
         With skinny_linear available (a C++ compiler and an AVX512-BF16 CPU), every product
-        runs it, LM head included: the 120 projections of a step take 7.6 ms at 1 row and
-        9.4 at 9, where the paths below take 8.5 and 12.3, and it stays ahead of packed
-        oneDNN up to 2048 rows (2 cores; BENCHMARKS.md, session 13). A row's logits no
-        longer depend on how many rows share the step. Its copies replace oneDNN's, so the
-        memory cost stays one extra copy. Without it, oneDNN's packing:
+        runs it, LM head included. The 120 projections of a step (benchmarks/
+        cpu_kernels_cpp.py, two runs, 2 cores): 7.3-8.4 ms at 1 row and 9.6-10.5 at 9, where
+        packed oneDNN takes 15-17 and 14-20 and ATen's GEMV 10-15 at 1 row; at 256 rows
+        139-144 vs 147-159. A row's logits no longer depend on how many rows share the step.
+        Its copies replace oneDNN's, so the memory cost stays one extra copy. Without it,
+        oneDNN's packing:
 
         Measured on this 2-core AVX512-BF16 CPU (one thread, [1, 576] x [576, 3072]): plain
         F.linear 168-178 us, packed 74-77 us, bit-identical output; at 256 rows still ~5%

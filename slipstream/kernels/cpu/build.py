@@ -24,7 +24,9 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 class KernelUnavailable(RuntimeError):
@@ -129,8 +131,41 @@ def _load_avx512_bf16(source_name: str) -> ctypes.CDLL | str:
         return str(e)
 
 
-def load_avx512_bf16_kernel(source_name: str) -> ctypes.CDLL | str:
-    """The library built from this folder's `source_name`, or why there is none (no
-    compiler, no AVX512-BF16). One build attempt a process, whatever the outcome."""
-    with _BUILD_LOCK:
-        return _load_avx512_bf16(source_name)
+class CppFunction:
+    """One C function of a kernel in this folder, built (AVX512_BF16_FLAGS) and given its
+    ctypes signature on first use; one build attempt a process, whatever the outcome.
+
+    `get()` is the hot path (a C++ call per layer): after the first call it is an attribute
+    read. The functions return an int status, 0 for success.
+    """
+
+    def __init__(self, source_name: str, symbol: str, argtypes: list[Any]) -> None:
+        self.source_name, self.symbol, self.argtypes = source_name, symbol, argtypes
+        self._fn: Callable[..., int] | None = None
+
+    def _load(self) -> Callable[..., int] | str:
+        with _BUILD_LOCK:
+            lib = _load_avx512_bf16(self.source_name)
+        if isinstance(lib, str):
+            return lib
+        fn = getattr(lib, self.symbol)
+        fn.argtypes = self.argtypes
+        fn.restype = ctypes.c_int
+        self._fn = fn
+        return fn
+
+    def get(self) -> Callable[..., int]:
+        """The function; RuntimeError saying why when it cannot be built here."""
+        fn = self._fn if self._fn is not None else self._load()
+        if isinstance(fn, str):
+            raise RuntimeError(f"{self.symbol} is unavailable: {fn}")
+        return fn
+
+    def unavailable_reason(self) -> str | None:
+        """None when the engine should use the kernel, else why not: no compiler, no
+        AVX512-BF16, or SLIPSTREAM_CPU_KERNELS=0 (the engine then runs PyTorch)."""
+        off = cpu_kernels_turned_off()
+        if off is not None:
+            return off
+        fn = self._fn if self._fn is not None else self._load()
+        return fn if isinstance(fn, str) else None

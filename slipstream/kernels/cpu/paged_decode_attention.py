@@ -10,14 +10,12 @@ long query runs (this one computes each query row on its own, O(rows x keys)).
 from __future__ import annotations
 
 import ctypes
-import functools
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from slipstream.kernels.cpu.build import cpu_kernels_turned_off, load_avx512_bf16_kernel
+from slipstream.kernels.cpu.build import CppFunction
 
 # Rows per sequence up to which the engine takes this kernel: the official 80-node tree plus
 # a prompt-lookup branch fits, so every verification step stays batch-invariant. Measured
@@ -26,33 +24,21 @@ from slipstream.kernels.cpu.build import cpu_kernels_turned_off, load_avx512_bf1
 # prefill from scratch 630 vs 514 us (SDPA's causal kernel wins there, by little).
 MAX_QUERY_ROWS = 128
 HEAD_DIMS = (64, 128)
-_SOURCE = Path(__file__).with_name("paged_decode_attention.cpp")
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
-
-
-@functools.cache
-def _load() -> ctypes.CDLL | str:
-    """The built library with its function's signature set, or why there is none."""
-    lib = load_avx512_bf16_kernel(_SOURCE.name)
-    if isinstance(lib, str):
-        return lib
-    fn = lib.slipstream_paged_decode_attention
-    # q, q strides, k/v caches, block tables + stride, query starts, seq lens, num seqs,
-    # tree mask + stride, out, heads, kv heads, head dim, block size, scale, threads.
-    fn.argtypes = [_P, _I64, _I64, _P, _P, _P, _I64, _P, _P, _I64, _P, _I64, _P]
-    fn.argtypes += [_I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return lib
+# q, q strides, k/v caches, block tables + stride, query starts, seq lens, num seqs, tree
+# mask + stride, out, heads, kv heads, head dim, block size, scale, threads.
+_ATTEND = CppFunction(
+    "paged_decode_attention.cpp",
+    "slipstream_paged_decode_attention",
+    [_P, _I64, _I64, _P, _P, _P, _I64, _P, _P, _I64, _P, _I64, _P]
+    + [_I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int],
+)
 
 
 def decode_attention_unavailable_reason() -> str | None:
     """None when the engine should use the kernel, else why not."""
-    off = cpu_kernels_turned_off()
-    if off is not None:
-        return off
-    lib = _load()
-    return lib if isinstance(lib, str) else None
+    return _ATTEND.unavailable_reason()
 
 
 def decode_attention_applies(q: torch.Tensor, k_cache: torch.Tensor, max_query_len: int) -> bool:
@@ -84,9 +70,7 @@ def paged_decode_attention(
     `plan` (a step's AttentionMetadata.scratch) keeps the step's converted metadata for
     every layer: converting and checking it took ~8 us a call, 30 calls a step.
     """
-    lib = _load()
-    if isinstance(lib, str):
-        raise RuntimeError(f"paged_decode_attention is unavailable: {lib}")
+    fn = _ATTEND.get()
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     if q.dtype != torch.bfloat16 or k_cache.dtype != torch.bfloat16 or q.stride(-1) != 1:
@@ -101,7 +85,7 @@ def paged_decode_attention(
         if plan is not None:
             plan["pda_meta"] = meta
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=torch.bfloat16)
-    status = lib.slipstream_paged_decode_attention(
+    status = fn(
         q.data_ptr(),
         q.stride(0),
         q.stride(1),

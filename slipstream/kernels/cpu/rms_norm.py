@@ -9,37 +9,23 @@ of 16 (fused_norm_applies); otherwise the model runs add_rms_norm_ref.
 from __future__ import annotations
 
 import ctypes
-import functools
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from slipstream.kernels.cpu.build import cpu_kernels_turned_off, load_avx512_bf16_kernel
+from slipstream.kernels.cpu.build import CppFunction
 
-_SOURCE = Path(__file__).with_name("rms_norm.cpp")
-
-
-@functools.cache
-def _load() -> ctypes.CDLL | str:
-    """The built library with its function's signature set, or why there is none."""
-    lib = load_avx512_bf16_kernel(_SOURCE.name)
-    if isinstance(lib, str):
-        return lib
-    fn = lib.slipstream_add_rms_norm
-    # h, delta or NULL, weight, out, rows, hidden, eps, threads
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return lib
+# h, delta or NULL, weight, out, rows, hidden, eps, threads
+_NORM = CppFunction(
+    "rms_norm.cpp",
+    "slipstream_add_rms_norm",
+    [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int],
+)
 
 
 def rms_norm_unavailable_reason() -> str | None:
-    """None when add_rms_norm runs the C++ kernel for eligible inputs, else why not."""
-    off = cpu_kernels_turned_off()
-    if off is not None:
-        return off
-    lib = _load()
-    return lib if isinstance(lib, str) else None
+    """None when add_rms_norm_bf16 can run here, else why not."""
+    return _NORM.unavailable_reason()
 
 
 def add_rms_norm_ref(
@@ -73,11 +59,9 @@ def add_rms_norm_bf16(
     pack_for_cpu: its residual stream is a fresh contiguous float32 tensor and skinny_linear
     returns contiguous bf16): checking them here cost ~5 us a call, 61 calls a step.
     """
-    lib = _load()
-    if isinstance(lib, str):
-        raise RuntimeError(f"add_rms_norm_bf16 is unavailable: {lib}")
+    fn = _NORM.get()
     out = torch.empty_like(h, dtype=torch.bfloat16)  # 1.2 us; empty(h.shape) takes 2.7
-    lib.slipstream_add_rms_norm(
+    fn(
         h.data_ptr(),
         None if delta is None else delta.data_ptr(),
         weight.data_ptr(),

@@ -4,9 +4,9 @@
 // GEMM is flat from 1 to ~9 rows but slow at 1; ATen's GEMV is quicker at 1 row but grows
 // ~100 us per added row. This kernel streams each weight once for all rows, so a step's
 // cost stays at the weight read until the FMAs catch up. The 120 projections of a step of
-// the default model (weights streamed from DRAM, 2 cores), ms at 1 / 9 / 16 / 32 / 256 /
-// 2048 rows: this kernel 7.6 / 9.4 / 12.3 / 21.0 / 134 / 1066, packed oneDNN 12.0 / 12.3 /
-// 15.7 / 25.2 / 149 / 1131.
+// the default model (weights streamed from DRAM, 2 cores; benchmarks/cpu_kernels_cpp.py),
+// ms at 1 / 9 / 32 / 256 rows: this kernel 7.3 / 9.6 / 21.5 / 139, packed oneDNN 15.1 /
+// 14.4 / 31.3 / 159 (a noisy VM: a second run was 5-40% slower for both).
 //
 // Weight layout (pack_skinny_weight in skinny_linear.py): [N/16, K/2, 16, 2] bf16, i.e.
 // block b, pair p holds w[16b + i, 2p + j] at (i, j): one 64-byte load gives 16 outputs x

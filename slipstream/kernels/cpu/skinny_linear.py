@@ -16,25 +16,18 @@ float32, so each add rounds once, like the reference's adds).
 from __future__ import annotations
 
 import ctypes
-import functools
-from pathlib import Path
 
 import torch
 
-from slipstream.kernels.cpu.build import cpu_kernels_turned_off, load_avx512_bf16_kernel
+from slipstream.kernels.cpu.build import CppFunction
 
 _BLOCK = 16  # outputs per kernel block: N must be a multiple
-_SOURCE = Path(__file__).with_name("skinny_linear.cpp")
 
 
-@functools.cache
-def _load() -> ctypes.CDLL | str:
-    """The built library with its function's signature set, or why there is none."""
-    lib = load_avx512_bf16_kernel(_SOURCE.name)
-    if isinstance(lib, str):
-        return lib
-    fn = lib.slipstream_skinny_linear
-    fn.argtypes = [
+_SKINNY = CppFunction(
+    "skinny_linear.cpp",
+    "slipstream_skinny_linear",
+    [
         ctypes.c_void_p,  # x
         ctypes.c_int64,  # M
         ctypes.c_int64,  # K
@@ -44,19 +37,14 @@ def _load() -> ctypes.CDLL | str:
         ctypes.c_void_p,  # y
         ctypes.c_int,  # float32 output
         ctypes.c_int,  # threads
-    ]
-    fn.restype = ctypes.c_int
-    return lib
+    ],
+)
 
 
 def skinny_unavailable_reason() -> str | None:
     """None when the engine should use the kernel, else why not (no compiler, no
     AVX512-BF16, turned off by SLIPSTREAM_CPU_KERNELS=0)."""
-    off = cpu_kernels_turned_off()
-    if off is not None:
-        return off
-    lib = _load()
-    return lib if isinstance(lib, str) else None
+    return _SKINNY.unavailable_reason()
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -94,9 +82,7 @@ def skinny_linear(
     Checks only what would make the kernel read out of bounds (121 calls a decode step;
     each microsecond here is ~0.8% of a step): `packed` must come from pack_skinny_weight.
     """
-    lib = _load()
-    if isinstance(lib, str):
-        raise RuntimeError(f"skinny_linear is unavailable: {lib}")
+    fn = _SKINNY.get()
     n, k = packed.shape[0] * _BLOCK, packed.shape[1] * 2
     if x.dim() != 2 or x.shape[1] != k or x.dtype != torch.bfloat16:
         raise ValueError(f"x must be [M, {k}] bf16, got {tuple(x.shape)} {x.dtype}")
@@ -109,7 +95,7 @@ def skinny_linear(
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
     y = torch.empty(x.shape[0], n, dtype=out_dtype)
-    status = lib.slipstream_skinny_linear(
+    status = fn(
         x.data_ptr(),
         x.shape[0],
         k,

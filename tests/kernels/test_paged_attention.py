@@ -4,6 +4,7 @@ and the Triton kernel (interpreter on CPU) vs the reference."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -132,6 +133,26 @@ def random_batch(
     return build_batch(qs, keys, values, block_size, trees)
 
 
+def other_layer(first: PagedBatch, *args: Any, **kwargs: Any) -> PagedBatch:
+    """A batch for another layer of `first`'s step: random_batch(*args, **kwargs) for new q,
+    with first's block tables and tree mask and fresh random caches."""
+    second = random_batch(*args, **kwargs)
+    second.block_tables, second.tree_mask = first.block_tables, first.tree_mask
+    second.k_cache, second.v_cache = (
+        torch.randn_like(first.k_cache),
+        torch.randn_like(first.v_cache),
+    )
+    return second
+
+
+def path_to(parents: list[int], node: int) -> list[int]:
+    """The tree nodes from the root down to `node` (parents[i] = -1 for a root)."""
+    path = [node]
+    while parents[path[-1]] >= 0:
+        path.append(parents[path[-1]])
+    return path[::-1]
+
+
 def naive_attention(batch: PagedBatch) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Float64 attention from contiguous K/V, head by head, spelled out from the docstring."""
     out = torch.zeros(batch.q.shape, dtype=torch.float64)
@@ -219,12 +240,7 @@ def test_plan_shared_across_layers_gives_the_same_output(
     monkeypatch.setattr(pa, "_MAX_PAD_RATIO", float("inf"))  # force the cached padded path
     num_q, seq_lens, tree = _case(name)
     first = random_batch(num_q, seq_lens, tree=tree)
-    second = random_batch(num_q, seq_lens, tree=tree)
-    second.block_tables, second.tree_mask = first.block_tables, first.tree_mask
-    second.k_cache, second.v_cache = (
-        torch.randn_like(first.k_cache),
-        torch.randn_like(first.v_cache),
-    )
+    second = other_layer(first, num_q, seq_lens, tree=tree)
     plan: dict[str, object] = {}
     paged_attention_ref(*first.args(), SCALE, first.tree_mask, plan)
     reused = paged_attention_ref(*second.args(), SCALE, second.tree_mask, plan)
@@ -279,10 +295,7 @@ def test_tree_paths_equal_causal_chains(op: str, device: str) -> None:
     tree_out = tree.run(fn)
     leaves = [i for i in range(n) if i not in parents]
     for leaf in leaves:
-        path = [leaf]
-        while parents[path[-1]] >= 0:
-            path.append(parents[path[-1]])
-        path.reverse()
+        path = path_to(parents, leaf)
         idx = torch.tensor([*range(ctx), *(ctx + i for i in path)], device=device)
         chain = build_batch([q[path]], [k[idx]], [v[idx]], block_size=4)
         assert_close_verbose(tree_out[path], chain.run(fn), **TOL[torch.float32])

@@ -19,6 +19,8 @@ from tests.kernels.test_paged_attention import (
     _case,
     build_batch,
     naive_attention,
+    other_layer,
+    path_to,
     random_batch,
 )
 from tests.kernels.tolerances import TOL, assert_close_verbose
@@ -120,12 +122,7 @@ def test_bad_arguments_raise() -> None:
 
 def test_a_step_plan_is_reused_by_later_layers() -> None:
     first = random_batch([2, 1], [20, 9], 6, 2, 64, dtype=BF16, tree=True)
-    second = random_batch([2, 1], [20, 9], 6, 2, 64, dtype=BF16, tree=True)
-    second.block_tables, second.tree_mask = first.block_tables, first.tree_mask
-    second.k_cache, second.v_cache = (
-        torch.randn_like(first.k_cache),
-        torch.randn_like(first.v_cache),
-    )
+    second = other_layer(first, [2, 1], [20, 9], 6, 2, 64, dtype=BF16, tree=True)
     plan: dict[str, object] = {}
     paged_decode_attention(*first.args(), SCALE, first.tree_mask, plan)
     reused = paged_decode_attention(*second.args(), SCALE, second.tree_mask, plan)
@@ -145,10 +142,7 @@ def test_a_tree_node_gets_the_bits_of_decoding_it_alone() -> None:
     v = torch.randn(ctx + n, 2, 64, generator=gen).to(BF16)
     tree = build_batch([q], [k], [v], 16, [parents]).run(paged_decode_attention)
     for node in range(n):
-        path = [node]
-        while parents[path[-1]] >= 0:
-            path.append(parents[path[-1]])
-        path.reverse()
+        path = path_to(parents, node)
         idx = torch.tensor([*range(ctx), *(ctx + i for i in path)])
         alone = build_batch([q[node : node + 1]], [k[idx]], [v[idx]], 16)
         assert torch.equal(tree[node], alone.run(paged_decode_attention)[0]), node

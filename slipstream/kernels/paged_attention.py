@@ -101,10 +101,7 @@ def paged_attention_ref(
     """
     if plan is None:
         plan = {}
-    if "pa_starts" not in plan:
-        plan["pa_starts"] = query_start_loc.tolist()
-        plan["pa_lens"] = seq_lens.tolist()
-    starts, lens = plan["pa_starts"], plan["pa_lens"]
+    starts, lens = _host_lists(plan, query_start_loc, seq_lens)
     seqs = [b for b in range(len(lens)) if starts[b + 1] > starts[b]]
     if len(seqs) == 1 and q.shape[0] == starts[seqs[0] + 1] - starts[seqs[0]]:
         # Batch-1 decode and single prefills: no output copy, no padding.
@@ -129,6 +126,16 @@ def paged_attention_ref(
             q[s:e], k_cache, v_cache, block_tables[b], lens[b], scale, tm, mask_cache
         )
     return out
+
+
+def _host_lists(
+    plan: dict[str, Any], query_start_loc: torch.Tensor, seq_lens: torch.Tensor
+) -> tuple[list[int], list[int]]:
+    """The step's query starts and sequence lengths as lists, read once into `plan`."""
+    if "pa_starts" not in plan:
+        plan["pa_starts"] = query_start_loc.tolist()
+        plan["pa_lens"] = seq_lens.tolist()
+    return plan["pa_starts"], plan["pa_lens"]
 
 
 def _chunks(seqs: list[int], starts: list[int], lens: list[int]) -> list[list[int]]:
@@ -584,7 +591,7 @@ def paged_attention(
         return paged_attention_triton(
             q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, tree_mask
         )
-    if _use_cpu_kernel(q, k_cache, query_start_loc, plan):
+    if _use_cpu_kernel(q, k_cache, query_start_loc, seq_lens, plan):
         return paged_decode_attention(
             q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, tree_mask, plan
         )
@@ -597,16 +604,18 @@ def _use_cpu_kernel(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
     plan: dict[str, Any] | None,
 ) -> bool:
     """Whether this step runs paged_decode_attention; decided once a step with `plan`."""
-    if plan is not None and "pa_cpu_kernel" in plan:
-        return bool(plan["pa_cpu_kernel"])
-    use = False
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and kernel_backend() == "auto":
-        starts = query_start_loc.tolist()
-        longest = max((e - s for s, e in itertools.pairwise(starts)), default=0)
-        use = decode_attention_applies(q, k_cache, longest)
-    if plan is not None:
+    if plan is None:
+        plan = {}
+    if "pa_cpu_kernel" not in plan:
+        use = False
+        # The device and dtype first: on CUDA, reading query_start_loc would sync.
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and kernel_backend() == "auto":
+            starts, _ = _host_lists(plan, query_start_loc, seq_lens)
+            longest = max((e - s for s, e in itertools.pairwise(starts)), default=0)
+            use = decode_attention_applies(q, k_cache, longest)
         plan["pa_cpu_kernel"] = use
-    return use
+    return bool(plan["pa_cpu_kernel"])

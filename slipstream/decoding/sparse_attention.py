@@ -265,7 +265,7 @@ class SparseAttentionBackend:
         scale: float,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         """Attention output for this step's tokens."""
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping, meta.scratch)
         shared = self.shared
         plan = shared.plan(meta)
         selector = shared.selector
@@ -281,6 +281,7 @@ class SparseAttentionBackend:
                 meta.seq_lens,
                 scale,
                 meta.tree_mask,
+                meta.scratch,
             )
         q_sp = q if sp.rows is None else q.index_select(0, sp.rows)
         chunks = selector.select(self.layer_idx, q_sp, k_cache, plan)  # [n, H, S]
@@ -314,6 +315,7 @@ class SparseAttentionBackend:
                 d.seq_lens,
                 scale,
                 d.tree_mask,
+                plan.extra.setdefault("dense_attention", {}),
             )
             out.index_copy_(0, d.rows, out_d)
         return out

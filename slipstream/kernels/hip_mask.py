@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from slipstream.kernels._dispatch import use_triton
+from slipstream.kernels.cpu.hip_mask import hip_mask_search, hip_search_unavailable_reason
 
 # (child_start, child_end) [B, H, 2K] relative to region_start -> scores [B, H, 2K] fp32
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -311,7 +312,16 @@ def hip_mask(
     num_select: int,  # K = k / b_k key blocks kept
     block_k: int,  # b_k, tokens per key block
 ) -> torch.Tensor:  # [num_seqs, num_kv_heads, num_select] int64, -1 = none
-    """Public op: Triton on CUDA, the reference elsewhere (see kernels/_dispatch.py)."""
+    """Public op: Triton on CUDA; on CPU the C++ search where it builds, else the reference
+    (see kernels/_dispatch.py)."""
+    if not use_triton(q) and q.device.type == "cpu" and hip_search_unavailable_reason() is None:
+        if num_select < 1 or block_k < 1:
+            raise ValueError(f"num_select and block_k must be >= 1, got {num_select}, {block_k}")
+        _check_args(q, k_cache, block_tables, query_start_loc, region_start, region_end)
+        qg = _grouped_queries(q, query_start_loc, k_cache.shape[2])  # [B, H, R, D]
+        return hip_mask_search(
+            qg, k_cache, block_tables, region_start, region_end, num_select, block_k
+        )
     op = hip_mask_triton if use_triton(q) else hip_mask_ref
     return op(
         q, k_cache, block_tables, query_start_loc, region_start, region_end, num_select, block_k

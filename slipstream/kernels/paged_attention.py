@@ -591,7 +591,7 @@ def paged_attention(
         return paged_attention_triton(
             q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, tree_mask
         )
-    if _use_cpu_kernel(q, k_cache, query_start_loc, seq_lens, plan):
+    if use_cpu_decode_kernel(q, k_cache, query_start_loc, seq_lens, plan):
         return paged_decode_attention(
             q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, tree_mask, plan
         )
@@ -600,7 +600,7 @@ def paged_attention(
     )
 
 
-def _use_cpu_kernel(
+def use_cpu_decode_kernel(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     query_start_loc: torch.Tensor,

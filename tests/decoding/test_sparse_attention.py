@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from slipstream.decoding.sparse_attention import SparseAttentionDecoder, SparseA
 from slipstream.engine.attention import AttentionMetadata
 from slipstream.engine.engine import LLMEngine
 from slipstream.engine.sampling_params import SamplingParams
+from slipstream.kernels.cpu.paged_decode_attention import decode_attention_unavailable_reason
 from slipstream.testing.engines import run_to_completion, tiny_engine_config
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -507,3 +509,59 @@ def test_composition_rejects_conflicts_and_bad_options() -> None:
         decoder_options(DecoderSpec("token_recycling+sparse_attention", {"top_k": 3}))
     with pytest.raises(ValueError, match="twice"):
         decoder_options(DecoderSpec("sparse_attention+sparse_attention", {}))
+
+
+@pytest.fixture(scope="module")
+def bf16_head64_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny model whose heads are 64 wide, so bf16 steps take the C++ attention."""
+    from slipstream.testing.tiny_model import make_tiny_model_dir
+
+    folder = tmp_path_factory.mktemp("tiny-head64")
+    return str(make_tiny_model_dir(folder, hidden_size=128, num_attention_heads=2))
+
+
+def _bf16_engine(model_dir: str, decoder: str, options: dict[str, Any] | None = None) -> Any:
+    cfg = tiny_engine_config(
+        model_dir, decoder=decoder, decoder_options=options, block_size=4, num_blocks=512
+    )
+    model = dataclasses.replace(cfg.model, dtype="bfloat16")
+    return LLMEngine(dataclasses.replace(cfg, model=model))
+
+
+@pytest.mark.skipif(
+    decode_attention_unavailable_reason() is not None,
+    reason=f"{decode_attention_unavailable_reason()}",
+)
+@pytest.mark.parametrize("method", ["hip", "block_topk"])
+def test_bf16_sparse_steps_run_the_cpp_kernel(
+    bf16_head64_dir: str, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16 on an AVX512-BF16 CPU: pruned steps go through the C++ attention with their
+    chunk lists; with a budget covering the context the tokens are standard's, bit for bit
+    (the kernel reads the listed keys in position order, as dense decoding does)."""
+    import slipstream.kernels.sparse_paged_attention as spa
+
+    sparse_calls: list[int] = []
+    real = spa.paged_decode_attention
+
+    def counting(*args: Any, **kwargs: Any) -> torch.Tensor:
+        sparse_calls.append(int(args[-2].shape[-1]))  # chunks per row
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(spa, "paged_decode_attention", counting)
+    want = _tokens(_bf16_engine(bf16_head64_dir, "standard"))
+    covering = _bf16_engine(
+        bf16_head64_dir,
+        "sparse_attention",
+        {"method": method, "top_k": 4096, "dense_layers": 0},
+    )
+    sel = covering.decoder.shared.selector
+    sel.prunes = lambda ctx: True  # take the sparse path although nothing is left out
+    assert _tokens(covering) == want
+    assert sparse_calls, "the sparse layers did not reach the C++ kernel"
+    sparse_calls.clear()
+    pruned = _bf16_engine(bf16_head64_dir, "sparse_attention", {"method": method, **SMALL})
+    out = _tokens(pruned)
+    assert all(len(t) == GREEDY.max_tokens for t in out)
+    assert pruned.get_stats()["decoder"]["sparse_kv_read_fraction"] < 0.5
+    assert sparse_calls

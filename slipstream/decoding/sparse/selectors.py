@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from slipstream.decoding.sparse.plan import StepPlan, SubBatch
 from slipstream.engine.attention import AttentionMetadata
+from slipstream.kernels.cpu.page_topk import select_top_pages
 from slipstream.kernels.hip_mask import hip_mask
 from slipstream.kernels.page_summaries import page_key_bounds, page_mean_keys
 
@@ -300,6 +301,8 @@ class _TopkStep:
     scored: torch.Tensor | None = None  # [R * P] physical pages scored, P = num_scored
     num_scored: int = 0  # pages scored per refreshing sequence: max region end
     top_k: int = 0  # pages selected per refreshing sequence (the largest, with budget_fraction)
+    region_ends: list[int] = field(default_factory=list)  # per refreshing sequence
+    top_ks: list[int] = field(default_factory=list)  # per refreshing sequence
     per_seq_top_k: torch.Tensor | None = None  # [R] when the sequences' budgets differ
     # rerank: ([R, P] int64 first k_cache row of each scored page, [1, H, 1, block_size]
     # int64 row offset of slot s of head h), built by the first layer that reranks
@@ -382,12 +385,14 @@ class BlockTopkSelector(Selector):
         step.rows, _, step.tables = _subset(sp, refresh)
         step.num_q = [sp.num_q[i] for i in refresh]
         ends = [self.seqs[sp.seq_ids[i]].region_end for i in refresh]
+        step.region_ends = ends
         step.num_scored = max(ends)
         region_end = torch.tensor(ends, dtype=torch.long, device=dev).view(-1, 1)
         pos = torch.arange(step.num_scored, device=dev).view(1, -1)
         step.ineligible = ((pos < g.sink_chunks) | (pos >= region_end)).unsqueeze(1)
         step.scored = step.tables[:, : step.num_scored].reshape(-1)
         ks = [g.top_k_at(sp.ctx[i]) for i in refresh]
+        step.top_ks = ks
         step.top_k = max(ks)
         if min(ks) != step.top_k:
             step.per_seq_top_k = torch.tensor(ks, dtype=torch.long, device=dev)
@@ -442,16 +447,12 @@ class BlockTopkSelector(Selector):
     def _page_scores(
         self,
         layer: int,
-        qm: torch.Tensor,  # [n, H, G, D] fp32 (G = 1 when the group's queries were averaged)
+        qm: torch.Tensor,  # [n, H, G, W] fp32 scoring queries (see _choose)
         tables: torch.Tensor,  # [n * P] physical pages to score
     ) -> torch.Tensor:  # [n, H, G, P] fp32
         """Each query's score for each page: mean logit, or Quest's bound on the best one."""
         n, heads = qm.shape[0], qm.shape[1]
         p = tables.shape[0] // max(1, n)
-        if self.page_scoring == "bounds":
-            # sum_d max(q_d low_d, q_d high_d) = q+ . high + q- . low: positive query
-            # channels pair with the highest key value, negative ones with the lowest.
-            qm = torch.cat([qm.clamp(min=0), qm.clamp(max=0)], -1)  # [n, H, G, 2 D]
         summary = self.summaries[layer]
         width = summary.shape[-1]  # D or 2 D
         rows = summary.index_select(1, tables).view(heads, n, p, width)  # [H, n, P, W]
@@ -518,34 +519,41 @@ class BlockTopkSelector(Selector):
             )
             qh = torch.zeros(n, *qh.shape[1:], device=q.device).index_add_(0, seg, qh)
             qh = qh / torch.tensor(step.num_q, device=q.device, dtype=qh.dtype).view(-1, 1, 1, 1)
-        # qh: [n, H, G, D]; Kinetics scores with the group's mean query
+        # qh: [n, H, G, D]; Kinetics scores with the group's mean query (G = 1 then)
         qm = qh.mean(2, keepdim=True) if self.group_pooling == "mean" else qh
+        if self.page_scoring == "bounds":
+            # sum_d max(q_d low_d, q_d high_d) = q+ . high + q- . low: positive query
+            # channels pair with the highest key value, negative ones with the lowest.
+            qm = torch.cat([qm.clamp(min=0), qm.clamp(max=0)], -1)  # [n, H, G, 2 D]
         p = step.num_scored
-        scores = self._page_scores(layer, qm, step.scored).amax(2)  # [n, H, P]
-        scores = scores.masked_fill(step.ineligible, float("-inf"))
         k = step.top_k
         shortlist = min(self.rerank_factor * k, p)
-        if shortlist > k:  # else every scored page is kept anyway
-            short = torch.topk(scores, shortlist, dim=-1)
-            if step.key_rows is None:  # once per step: every layer shares the tables
-                block_size = k_cache.shape[1]
-                slot = torch.arange(block_size, device=q.device).view(1, 1, 1, -1)
-                head = torch.arange(heads, device=q.device).view(1, -1, 1, 1)
-                step.key_rows = (
-                    step.tables[:, :p].long() * (block_size * heads),
-                    slot * heads + head,
-                )
-            exact = self._best_key_logits(qh, k_cache, *step.key_rows, short.indices)
-            assert self.scored_keys is not None
-            self.scored_keys += n * short.indices.shape[-1] * self.geometry.chunk
-            exact = exact.masked_fill(short.values == float("-inf"), float("-inf"))
-            top = torch.topk(exact, k, dim=-1)
-            chosen = torch.where(
-                top.values > float("-inf"), short.indices.gather(-1, top.indices), -1
+        if shortlist <= k:  # no rerank (or every scored page is kept anyway)
+            return select_top_pages(
+                qm,
+                self.summaries[layer],
+                step.tables,
+                step.region_ends,
+                self.geometry.sink_chunks,
+                step.top_ks,
             )
-        else:
-            top = torch.topk(scores, min(k, p), dim=-1)
-            chosen = torch.where(top.values > float("-inf"), top.indices, -1)
+        scores = self._page_scores(layer, qm, step.scored).amax(2)  # [n, H, P]
+        scores = scores.masked_fill(step.ineligible, float("-inf"))
+        short = torch.topk(scores, shortlist, dim=-1)
+        if step.key_rows is None:  # once per step: every layer shares the tables
+            block_size = k_cache.shape[1]
+            slot = torch.arange(block_size, device=q.device).view(1, 1, 1, -1)
+            head = torch.arange(heads, device=q.device).view(1, -1, 1, 1)
+            step.key_rows = (
+                step.tables[:, :p].long() * (block_size * heads),
+                slot * heads + head,
+            )
+        exact = self._best_key_logits(qh, k_cache, *step.key_rows, short.indices)
+        assert self.scored_keys is not None
+        self.scored_keys += n * short.indices.shape[-1] * self.geometry.chunk
+        exact = exact.masked_fill(short.values == float("-inf"), float("-inf"))
+        top = torch.topk(exact, k, dim=-1)
+        chosen = torch.where(top.values > float("-inf"), short.indices.gather(-1, top.indices), -1)
         if step.per_seq_top_k is not None:  # budget_fraction: fewer pages for shorter contexts
             rank = torch.arange(chosen.shape[-1], device=chosen.device).view(1, 1, -1)
             chosen = chosen.masked_fill(rank >= step.per_seq_top_k.view(-1, 1, 1), -1)

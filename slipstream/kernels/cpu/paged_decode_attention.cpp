@@ -8,7 +8,11 @@
 //
 // Semantics match slipstream/kernels/paged_attention.py: sequence b's query i (of n_q) sees
 // every cached key j < ctx = seq_len - n_q, and new key ctx + j' when j' <= i (causal) or
-// tree_mask[token, j'] (tree).
+// tree_mask[token, j'] (tree). With `chunks` (block-sparse, as
+// slipstream/kernels/sparse_paged_attention.py) the cached keys a query of KV head g sees are
+// only those in the chunks listed for (b, g): positions [c * chunk_size, (c + 1) *
+// chunk_size) below ctx, -1 entries padding. They are read in ascending position order, so
+// listing every chunk gives the dense result bit for bit.
 //
 // Work: a sequence's keys are cut into chunks of kChunk positions on a fixed grid; an item
 // is (sequence, kv head, chunk) and computes, for every query vector that reads that kv
@@ -50,6 +54,8 @@ struct Args {
   uint16_t* out;  // [T, H, D] bf16, contiguous
   int64_t num_heads, num_kv_heads, head_dim, block_size;
   float scale;
+  const int64_t* chunks;  // [S, KV, max_chunks] chunk ids, -1 = padding; null = dense
+  int64_t chunks_seq_stride, chunks_head_stride, max_chunks, chunk_size;
 };
 
 // r[i] = sum of a[i]'s 16 lanes, for 16 vectors at once (45 shuffles and adds).
@@ -113,6 +119,21 @@ struct Kernel {
   int64_t max_q;
   float* partials;
   int64_t group;
+  // Block-sparse only (empty when dense): per (sequence, kv head), the cached key positions
+  // it reads, ascending, at cached_pos[cached_base[s * KV + g] ...], cached_len[...] of them.
+  const std::vector<int32_t>& cached_pos;
+  const std::vector<int64_t>& cached_base;
+  const std::vector<int64_t>& cached_len;
+
+  // Cached keys that kv head `kv_head` of sequence `seq` reads (all ctx when dense).
+  int64_t cached_keys(const SeqPlan& sp, int64_t seq, int64_t kv_head) const {
+    return a.chunks == nullptr ? sp.ctx : cached_len[seq * a.num_kv_heads + kv_head];
+  }
+
+  // Actual position of the p-th cached key that (seq, kv_head) reads.
+  int64_t cached_actual(int64_t seq, int64_t kv_head, int64_t p) const {
+    return a.chunks == nullptr ? p : cached_pos[cached_base[seq * a.num_kv_heads + kv_head] + p];
+  }
 
   // Cache row of actual key position `pos` of sequence `seq`, kv head `kv_head`.
   const uint16_t* row_of(const uint16_t* cache, int64_t seq, int64_t pos, int64_t kv_head) const {
@@ -121,15 +142,15 @@ struct Kernel {
     return cache + (slot * a.num_kv_heads + kv_head) * D;
   }
 
-  // A row reads its keys in virtual order: the ctx cached keys, then the new keys it sees.
-  // Actual position of virtual position p for `token`.
-  int64_t actual(const SeqPlan& sp, int64_t token, int64_t p) const {
-    return p < sp.ctx ? p : sp.ctx + seen[token * max_q + (p - sp.ctx)];
+  // A row reads its keys in virtual order: the `cached` cached keys it reads, then the new
+  // keys it sees. Actual position of virtual position p for `token`.
+  int64_t actual(const SeqPlan& sp, int64_t seq, int64_t kv_head, int64_t cached, int64_t token,
+                 int64_t p) const {
+    return p < cached ? cached_actual(seq, kv_head, p)
+                      : sp.ctx + seen[token * max_q + (p - cached)];
   }
 
-  int64_t virtual_len(const SeqPlan& sp, int64_t token) const {
-    return sp.ctx + num_seen[token];
-  }
+  int64_t virtual_len(int64_t cached, int64_t token) const { return cached + num_seen[token]; }
 
   // One (sequence, kv head, chunk of virtual positions): partials of every query vector on
   // that kv head. A row's virtual positions are the positions its keys would have had if
@@ -139,12 +160,13 @@ struct Kernel {
     const SeqPlan& sp = seqs[seq];
     const int64_t pos0 = chunk * kChunk;
     const int64_t num_vec = sp.num_q * group;
-    // Keys of this chunk before ctx are the same cached keys for every row.
-    const int64_t shared = std::clamp<int64_t>(sp.ctx - pos0, 0, kChunk);
+    const int64_t cached = cached_keys(sp, seq, kv_head);
+    // Keys of this chunk among the cached ones are the same keys for every row.
+    const int64_t shared = std::clamp<int64_t>(cached - pos0, 0, kChunk);
     const __m512 scale = _mm512_set1_ps(a.scale);
     int64_t longest = 0;
     for (int64_t r = 0; r < sp.num_q; ++r) {
-      longest = std::max(longest, virtual_len(sp, sp.first_token + r) - pos0);
+      longest = std::max(longest, virtual_len(cached, sp.first_token + r) - pos0);
     }
     longest = std::min(longest, kChunk);
     // scores[v][0 .. n_v): scaled q.k over the row's keys in this chunk.
@@ -152,16 +174,19 @@ struct Kernel {
       const uint16_t* keys[16];
       const bool tile_shared = t0 + 16 <= shared;
       if (tile_shared) {
-        for (int i = 0; i < 16; ++i) keys[i] = row_of(a.k_cache, seq, pos0 + t0 + i, kv_head);
+        for (int i = 0; i < 16; ++i) {
+          keys[i] = row_of(a.k_cache, seq, cached_actual(seq, kv_head, pos0 + t0 + i), kv_head);
+        }
       }
       for (int64_t v = 0; v < num_vec; ++v) {
         const int64_t token = sp.first_token + v / group;
-        const int64_t n_v = std::min(kChunk, virtual_len(sp, token) - pos0);
+        const int64_t n_v = std::min(kChunk, virtual_len(cached, token) - pos0);
         if (t0 >= n_v) continue;
         const int64_t kt = std::min<int64_t>(16, n_v - t0);
         if (!tile_shared) {
           for (int64_t i = 0; i < kt; ++i) {
-            keys[i] = row_of(a.k_cache, seq, actual(sp, token, pos0 + t0 + i), kv_head);
+            const int64_t pos = actual(sp, seq, kv_head, cached, token, pos0 + t0 + i);
+            keys[i] = row_of(a.k_cache, seq, pos, kv_head);
           }
         }
         const int64_t head = kv_head * group + v % group;
@@ -187,7 +212,7 @@ struct Kernel {
       int64_t n_of[kGroupPV];
       for (int64_t v = v0; v < v0 + nv; ++v) {
         const int64_t token = sp.first_token + v / group;
-        const int64_t n = std::clamp<int64_t>(virtual_len(sp, token) - pos0, 0, kChunk);
+        const int64_t n = std::clamp<int64_t>(virtual_len(cached, token) - pos0, 0, kChunk);
         n_of[v - v0] = n;
         float* sv = scores + v * kChunk;
         float* out = partials + partial_offset(sp, kv_head, chunk, v);
@@ -220,7 +245,7 @@ struct Kernel {
       }
       // Cached keys: one value load for the whole group (every row has all of them).
       for (int64_t j = 0; j < shared; ++j) {
-        const uint16_t* val = row_of(a.v_cache, seq, pos0 + j, kv_head);
+        const uint16_t* val = row_of(a.v_cache, seq, cached_actual(seq, kv_head, pos0 + j), kv_head);
         __m512 vf[kChunks];
         for (int c = 0; c < kChunks; ++c) vf[c] = load_bf16x16(val + 16 * c);
         for (int64_t v = 0; v < nv; ++v) {
@@ -232,7 +257,8 @@ struct Kernel {
       for (int64_t v = 0; v < nv; ++v) {
         const int64_t token = sp.first_token + (v0 + v) / group;
         for (int64_t j = shared; j < n_of[v]; ++j) {
-          const uint16_t* val = row_of(a.v_cache, seq, actual(sp, token, pos0 + j), kv_head);
+          const int64_t pos = actual(sp, seq, kv_head, cached, token, pos0 + j);
+          const uint16_t* val = row_of(a.v_cache, seq, pos, kv_head);
           const __m512 p = _mm512_set1_ps(scores[(v0 + v) * kChunk + j]);
           for (int c = 0; c < kChunks; ++c) {
             acc[v][c] = _mm512_fmadd_ps(p, load_bf16x16(val + 16 * c), acc[v][c]);
@@ -292,6 +318,8 @@ void run(const Args& a, int64_t num_seqs, int num_threads) {
   std::vector<int32_t> seq_of_token(num_tokens);
   std::vector<SeqPlan> seqs(num_seqs);
   std::vector<int64_t> item_seq, item_rest;  // (seq) and (kv head * chunks + chunk)
+  std::vector<int32_t> cached_pos;
+  std::vector<int64_t> cached_base, cached_len;
   int64_t partial_floats = 0, max_vec = 0;
   for (int64_t s = 0; s < num_seqs; ++s) {
     SeqPlan& sp = seqs[s];
@@ -299,6 +327,26 @@ void run(const Args& a, int64_t num_seqs, int num_threads) {
     sp.num_q = a.query_start[s + 1] - sp.first_token;
     sp.seq_len = a.seq_lens[s];
     sp.ctx = sp.seq_len - sp.num_q;
+    int64_t most_cached = sp.ctx;
+    if (a.chunks != nullptr) {
+      most_cached = 0;
+      std::vector<int64_t> ids;
+      for (int64_t g = 0; g < a.num_kv_heads; ++g) {
+        const int64_t* row = a.chunks + s * a.chunks_seq_stride + g * a.chunks_head_stride;
+        ids.assign(row, row + a.max_chunks);
+        std::sort(ids.begin(), ids.end());
+        cached_base.push_back(static_cast<int64_t>(cached_pos.size()));
+        for (const int64_t c : ids) {
+          if (c < 0) continue;
+          const int64_t end = std::min((c + 1) * a.chunk_size, sp.ctx);
+          for (int64_t p = c * a.chunk_size; p < end; ++p) {
+            cached_pos.push_back(static_cast<int32_t>(p));
+          }
+        }
+        cached_len.push_back(static_cast<int64_t>(cached_pos.size()) - cached_base.back());
+        most_cached = std::max(most_cached, cached_len.back());
+      }
+    }
     int64_t longest = 0;
     for (int64_t i = 0; i < sp.num_q; ++i) {
       const int64_t t = sp.first_token + i;
@@ -309,7 +357,7 @@ void run(const Args& a, int64_t num_seqs, int num_threads) {
         if (sees) seen[t * max_q + n++] = static_cast<int32_t>(j);
       }
       num_seen[t] = n;
-      longest = std::max<int64_t>(longest, sp.ctx + n);
+      longest = std::max<int64_t>(longest, most_cached + n);
     }
     sp.num_chunks = (longest + kChunk - 1) / kChunk;
     sp.partial_base = partial_floats;
@@ -323,7 +371,8 @@ void run(const Args& a, int64_t num_seqs, int num_threads) {
   const int64_t num_items = static_cast<int64_t>(item_seq.size());
   if (num_items == 0) return;
   std::vector<float> partials(partial_floats);
-  const Kernel<D> k{a, seqs, seen, num_seen, max_q, partials.data(), group};
+  const Kernel<D> k{a,     seqs,       seen,        num_seen,  max_q, partials.data(),
+                    group, cached_pos, cached_base, cached_len};
   const int64_t num_outputs = num_tokens * a.num_heads;
 #pragma omp parallel num_threads(num_threads)
   {
@@ -350,8 +399,9 @@ extern "C" int slipstream_paged_decode_attention(
     const void* v_cache, const int32_t* block_tables, int64_t block_table_stride,
     const int32_t* query_start, const int32_t* seq_lens, int64_t num_seqs,
     const uint8_t* tree_mask, int64_t tree_mask_stride, void* out, int64_t num_heads,
-    int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale,
-    int num_threads) {
+    int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, int num_threads,
+    const int64_t* chunks, int64_t chunks_seq_stride, int64_t chunks_head_stride,
+    int64_t max_chunks, int64_t chunk_size) {
   const Args a{static_cast<const uint16_t*>(q),
                q_token_stride,
                q_head_stride,
@@ -368,7 +418,12 @@ extern "C" int slipstream_paged_decode_attention(
                num_kv_heads,
                head_dim,
                block_size,
-               scale};
+               scale,
+               chunks,
+               chunks_seq_stride,
+               chunks_head_stride,
+               max_chunks,
+               chunk_size};
   if (head_dim == 64) {
     run<64>(a, num_seqs, num_threads);
   } else if (head_dim == 128) {

@@ -2,9 +2,11 @@
 
 Same semantics as slipstream/kernels/paged_attention.py (causal or tree mask among a
 step's new tokens, every cached key visible), for bf16 queries and caches with head size
-64 or 128. Decode and tree-verification steps take it; steps with a prefill of more than
-MAX_QUERY_ROWS tokens in one sequence keep the SDPA reference, whose blocked kernel wins on
-long query runs (this one computes each query row on its own, O(rows x keys)).
+64 or 128; with `chunks`, those of slipstream/kernels/sparse_paged_attention.py (each KV
+head reads only its selected chunks of the cached keys). Decode and tree-verification
+steps take it; steps with a prefill of more than MAX_QUERY_ROWS tokens in one sequence keep
+the SDPA reference, whose blocked kernel wins on long query runs (this one computes each
+query row on its own, O(rows x keys)).
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ HEAD_DIMS = (64, 128)
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 # q, q strides, k/v caches, block tables + stride, query starts, seq lens, num seqs, tree
-# mask + stride, out, heads, kv heads, head dim, block size, scale, threads.
+# mask + stride, out, heads, kv heads, head dim, block size, scale, threads, then the
+# block-sparse chunks (null when dense) + seq stride + head stride + count + chunk size.
 _ATTEND = CppFunction(
     "paged_decode_attention.cpp",
     "slipstream_paged_decode_attention",
     [_P, _I64, _I64, _P, _P, _P, _I64, _P, _P, _I64, _P, _I64, _P]
-    + [_I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int],
+    + [_I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int]
+    + [_P, _I64, _I64, _I64, _I64],
 )
 
 
@@ -64,11 +68,15 @@ def paged_decode_attention(
     scale: float,
     tree_mask: torch.Tensor | None = None,  # [num_tokens, max_query_len] bool
     plan: dict[str, Any] | None = None,
+    chunks: torch.Tensor | None = None,  # [num_seqs, num_kv_heads, max_chunks] int, -1 = pad
+    chunk_size: int = 0,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim] bf16
     """Attention of each new token over its sequence's paged keys (see the module doc).
 
     `plan` (a step's AttentionMetadata.scratch) keeps the step's converted metadata for
     every layer: converting and checking it took ~8 us a call, 30 calls a step.
+    `chunks` (block-sparse): the chunks of `chunk_size` cached positions each KV head reads;
+    distinct per row, in any order.
     """
     fn = _ATTEND.get()
     num_tokens, num_heads, head_dim = q.shape
@@ -84,6 +92,19 @@ def paged_decode_attention(
         meta = _step_metadata(block_tables, query_start_loc, seq_lens, tree_mask)
         if plan is not None:
             plan["pda_meta"] = meta
+    sparse: tuple[int | None, ...] = (None, 0, 0, 0, 0)
+    if chunks is not None:
+        if chunks.shape[:2] != (seq_lens.shape[0], num_kv_heads) or chunks.dim() != 3:
+            raise ValueError(
+                f"chunks {tuple(chunks.shape)} must be [{seq_lens.shape[0]}, {num_kv_heads}, *]"
+            )
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        chunks = chunks.to(torch.int64)
+        if chunks.shape[2] and chunks.stride(2) != 1:
+            chunks = chunks.contiguous()
+        strides = (chunks.stride(0), chunks.stride(1))
+        sparse = (chunks.data_ptr(), *strides, chunks.shape[2], chunk_size)
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=torch.bfloat16)
     status = fn(
         q.data_ptr(),
@@ -99,6 +120,7 @@ def paged_decode_attention(
         k_cache.shape[1],
         scale,
         torch.get_num_threads(),
+        *sparse,
     )
     if status != 0:
         raise RuntimeError(f"slipstream_paged_decode_attention returned {status}")

@@ -1,0 +1,103 @@
+"""page_topk.cpp (block top-k page selection) against its PyTorch reference and a plain
+per-page loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slipstream.kernels.cpu.page_topk import (
+    page_topk,
+    page_topk_ref,
+    page_topk_unavailable_reason,
+    select_top_pages,
+)
+
+needs_kernel = pytest.mark.skipif(
+    page_topk_unavailable_reason() is not None, reason=f"{page_topk_unavailable_reason()}"
+)
+
+
+def _inputs(
+    num_seqs: int, heads: int, group: int, width: int, num_blocks: int = 64, pages: int = 40
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q = torch.randn(num_seqs, heads, group, width)
+    summary = torch.randn(heads, num_blocks, width)
+    tables = torch.stack([torch.randperm(num_blocks)[:pages] for _ in range(num_seqs)]).int()
+    return q, summary, tables
+
+
+def _plain(
+    q: torch.Tensor,
+    summary: torch.Tensor,
+    tables: torch.Tensor,
+    region_end: list[int],
+    sink: int,
+    top_k: list[int],
+) -> list[list[list[int]]]:
+    """Score page by page in float64, sort, keep the best top_k[r]."""
+    out = []
+    for r in range(q.shape[0]):
+        per_head = []
+        for h in range(q.shape[1]):
+            scores = []
+            for p in range(sink, region_end[r]):
+                row = summary[h, int(tables[r, p])].double()
+                scores.append((max(float(q[r, h, g].double() @ row) for g in range(q.shape[2])), p))
+            scores.sort(key=lambda x: (-x[0], x[1]))
+            per_head.append([p for _, p in scores[: top_k[r]]])
+        out.append(per_head)
+    return out
+
+
+def _as_lists(chosen: torch.Tensor) -> list[list[list[int]]]:
+    return [[[p for p in row if p >= 0] for row in per_head] for per_head in chosen.tolist()]
+
+
+@needs_kernel
+@pytest.mark.parametrize("group, width", [(1, 64), (3, 64), (1, 128), (2, 40)])
+def test_kernel_matches_plain_selection_and_reference(group: int, width: int) -> None:
+    q, summary, tables = _inputs(3, 2, group, width)
+    ends, ks = [40, 25, 3], [8, 8, 8]  # the last sequence has fewer candidates than k
+    got = page_topk(q, summary, tables, ends, 2, ks)
+    assert got.shape == (3, 2, 8) and got.dtype == torch.long
+    assert _as_lists(got) == _plain(q, summary, tables, ends, 2, ks)
+    assert (got[2, :, 1:] == -1).all()  # one candidate (page 2), then padding
+    assert torch.equal(got, page_topk_ref(q, summary, tables, ends, 2, ks))
+
+
+@needs_kernel
+def test_per_sequence_budgets_pad_the_shorter_rows() -> None:
+    q, summary, tables = _inputs(2, 3, 1, 64)
+    ends, ks = [40, 40], [10, 4]  # budget_fraction gives shorter contexts fewer pages
+    got = page_topk(q, summary, tables, ends, 1, ks)
+    assert got.shape == (2, 3, 10)
+    assert (got[1, :, 4:] == -1).all() and (got[1, :, :4] >= 1).all()
+    assert _as_lists(got) == _plain(q, summary, tables, ends, 1, ks)
+    assert torch.equal(got, page_topk_ref(q, summary, tables, ends, 1, ks))
+
+
+def test_reference_finds_the_planted_pages() -> None:
+    # Crafted: the query matches pages 7 and 19 of sequence 0 far better than any other.
+    q, summary, tables = _inputs(1, 1, 1, 64)
+    summary.mul_(0.01)
+    for p in (7, 19):
+        summary[0, int(tables[0, p])] = q[0, 0, 0] * (p / 10)
+    chosen = select_top_pages(q, summary, tables, [30], 4, [2])
+    assert chosen.tolist() == [[[19, 7]]]
+    assert page_topk_ref(q, summary, tables, [30], 4, [2]).tolist() == [[[19, 7]]]
+
+
+@needs_kernel
+def test_bad_arguments_raise() -> None:
+    q, summary, tables = _inputs(1, 2, 1, 64)
+    with pytest.raises(ValueError, match="summary"):
+        page_topk(q, summary[:1], tables, [10], 0, [4])
+    with pytest.raises(ValueError, match="region_end"):
+        page_topk(q, summary, tables, [41], 0, [4])
+    with pytest.raises(ValueError, match="one entry per sequence"):
+        page_topk(q, summary, tables, [10, 10], 0, [4])
+    bad = tables.clone()
+    bad[0, 3] = 1000
+    with pytest.raises(ValueError, match="outside the page summaries"):
+        page_topk(q, summary, bad, [10], 0, [4])

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from slipstream.kernels.cpu.page_topk import (
+    Rerank,
     page_topk,
     page_topk_ref,
     page_topk_unavailable_reason,
@@ -101,3 +102,50 @@ def test_bad_arguments_raise() -> None:
     bad[0, 3] = 1000
     with pytest.raises(ValueError, match="outside the page summaries"):
         page_topk(q, summary, bad, [10], 0, [4])
+
+
+def _plain_rerank(
+    qh: torch.Tensor,  # [R, H, G, D]
+    k_cache: torch.Tensor,  # [blocks, block_size, H, D]
+    tables: torch.Tensor,
+    shortlists: list[list[list[int]]],  # [R][H] pages shortlisted by the page score
+    top_k: list[int],
+) -> list[list[list[int]]]:
+    """Each shortlisted page's best exact logit in float64 (q rounded to bf16, as the cache)."""
+    out = []
+    for r, per_head in enumerate(shortlists):
+        rows = []
+        for h, pages in enumerate(per_head):
+            q = qh[r, h].to(k_cache.dtype).double()  # [G, D]
+            best = []
+            for p in pages:
+                keys = k_cache[int(tables[r, p]), :, h].double()  # [block_size, D]
+                best.append((float((keys @ q.T).max()), p))
+            best.sort(key=lambda x: (-x[0], x[1]))
+            rows.append([p for _, p in best[: top_k[r]]])
+        out.append(rows)
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("block_size", [16, 12])
+def test_rerank_keeps_the_shortlisted_pages_with_the_best_key(block_size: int) -> None:
+    torch.manual_seed(3)
+    heads, group, dim = 2, 3, 64
+    q, summary, tables = _inputs(2, heads, 1, dim)
+    qh = torch.randn(2, heads, group, dim)
+    k_cache = torch.randn(64, block_size, heads, dim).bfloat16()
+    ends, ks, shortlist = [40, 30], [4, 4], 12
+    rerank = Rerank(qh, k_cache, shortlist)
+    got = page_topk(q, summary, tables, ends, 1, ks, rerank)
+    short = _plain(q, summary, tables, ends, 1, [shortlist, shortlist])
+    assert _as_lists(got) == _plain_rerank(qh, k_cache, tables, short, ks)
+    ref = page_topk_ref(q, summary, tables, ends, 1, ks, rerank)
+    assert [sorted(h) for r in _as_lists(ref) for h in r] == [
+        sorted(h) for r in _as_lists(got) for h in r
+    ]
+    # Dispatch: a float32 cache or an odd head size takes the reference.
+    assert torch.equal(
+        select_top_pages(q, summary, tables, ends, 1, ks, Rerank(qh, k_cache.float(), shortlist)),
+        page_topk_ref(q, summary, tables, ends, 1, ks, Rerank(qh, k_cache.float(), shortlist)),
+    )

@@ -11,6 +11,11 @@
 // q . summary[h, tables[r, p], :]; pages sink_pages <= p < region_end[r] are eligible; the
 // top_k[r] best (highest score first, the lower page first on ties) go to out[r, h, :], the
 // rest of the row is -1.
+//
+// Rerank (k_cache given): the page score only shortlists the `shortlist` best pages; those
+// are ranked again by their best exact key logit, max over the page's slots and the G_e
+// query heads qh[r, h, :, :] (cast to bf16, as the reference casts them to the cache's
+// dtype) of q . k, and the top_k[r] best of the shortlist are kept.
 #include <immintrin.h>
 #include <omp.h>
 
@@ -19,7 +24,11 @@
 #include <utility>
 #include <vector>
 
+#include "avx512_bf16.h"
+
 namespace {
+
+using slipstream_cpu::sum_lanes_of_16;
 
 float dot(const float* a, const float* b, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
@@ -35,6 +44,42 @@ float dot(const float* a, const float* b, int64_t n) {
   return _mm512_reduce_add_ps(acc);
 }
 
+struct Rerank {
+  const float* qh;  // [R, H, G_e, D] fp32 query heads
+  int64_t group;    // G_e
+  const uint16_t* k_cache;  // [num_blocks, block_size, H, D] bf16
+  int64_t block_size, head_dim, shortlist;
+};
+
+// Best q . k over the slots of physical page `block` and the query heads (bf16 pairs).
+float best_key_logit(const Rerank& rr, int64_t num_kv_heads, int64_t h, int64_t block,
+                     const std::vector<__m512bh>& qb) {
+  const int64_t pairs = rr.head_dim / 32;
+  float best = -__builtin_inff();
+  for (int64_t t0 = 0; t0 < rr.block_size; t0 += 16) {
+    const int64_t kt = std::min<int64_t>(16, rr.block_size - t0);
+    for (int64_t g = 0; g < rr.group; ++g) {
+      __m512 acc[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        __m512 dot = _mm512_setzero_ps();
+        if (i < kt) {
+          const uint16_t* key =
+              rr.k_cache + ((block * rr.block_size + t0 + i) * num_kv_heads + h) * rr.head_dim;
+          for (int64_t c = 0; c < pairs; ++c) {
+            dot = _mm512_dpbf16_ps(dot, qb[g * pairs + c],
+                                   (__m512bh)_mm512_loadu_si512(key + 32 * c));
+          }
+        }
+        acc[i] = dot;
+      }
+      const __mmask16 live = kt == 16 ? 0xFFFF : (__mmask16)((1u << kt) - 1);
+      const __m512 sums = sum_lanes_of_16(acc);
+      best = std::max(best, _mm512_mask_reduce_max_ps(live, sums));
+    }
+  }
+  return best;
+}
+
 }  // namespace
 
 // Returns 0, or 1 when a table entry is outside the summaries (the caller passes valid ones).
@@ -43,7 +88,11 @@ extern "C" int slipstream_page_topk(const float* q, int64_t num_seqs, int64_t nu
                                     int64_t num_blocks, const int32_t* tables,
                                     int64_t table_stride, const int64_t* region_end,
                                     int64_t sink_pages, const int64_t* top_k, int64_t k_max,
-                                    int64_t* out, int num_threads) {
+                                    int64_t* out, int num_threads, const float* qh,
+                                    int64_t qh_group, const void* k_cache, int64_t block_size,
+                                    int64_t head_dim, int64_t shortlist) {
+  const Rerank rr{qh, qh_group, static_cast<const uint16_t*>(k_cache), block_size, head_dim,
+                  shortlist};
   int bad = 0;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) reduction(| : bad)
   for (int64_t item = 0; item < num_seqs * num_kv_heads; ++item) {
@@ -66,10 +115,30 @@ extern "C" int slipstream_page_topk(const float* q, int64_t num_seqs, int64_t nu
       for (int64_t g = 1; g < group; ++g) best = std::max(best, dot(qh + g * width, row, width));
       scored.emplace_back(best, p);
     }
-    const int64_t k = std::min<int64_t>({top_k[r], k_max, static_cast<int64_t>(scored.size())});
     const auto better = [](const std::pair<float, int64_t>& x, const std::pair<float, int64_t>& y) {
       return x.first > y.first || (x.first == y.first && x.second < y.second);
     };
+    if (rr.k_cache != nullptr) {
+      // Shortlist by page score, then score the shortlist by its best exact key logit.
+      const int64_t n_short = std::min<int64_t>(rr.shortlist, scored.size());
+      std::partial_sort(scored.begin(), scored.begin() + n_short, scored.end(), better);
+      scored.resize(n_short);
+      const int64_t pairs = rr.head_dim / 32;
+      std::vector<__m512bh> qb(rr.group * pairs);
+      const float* qe = rr.qh + item * rr.group * rr.head_dim;
+      for (int64_t g = 0; g < rr.group; ++g) {
+        for (int64_t c = 0; c < pairs; ++c) {
+          const float* src = qe + g * rr.head_dim + 32 * c;
+          // cvtne2ps_pbh(hi, lo): lanes 0-15 from lo, 16-31 from hi.
+          qb[g * pairs + c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src));
+        }
+      }
+      for (auto& entry : scored) {
+        const int64_t block = tables[r * table_stride + entry.second];
+        entry.first = best_key_logit(rr, num_kv_heads, h, block, qb);
+      }
+    }
+    const int64_t k = std::min<int64_t>({top_k[r], k_max, static_cast<int64_t>(scored.size())});
     std::partial_sort(scored.begin(), scored.begin() + k, scored.end(), better);
     for (int64_t i = 0; i < k; ++i) dst[i] = scored[i].second;
   }

@@ -6,11 +6,16 @@ max | min keys, with the query split into positive | negative parts) dotted with
 sequence's pooled query, the best over the query vectors given per KV head (one when the
 group's queries were averaged). Pages below `sink_pages` (always read anyway) and from
 `region_end` on (the local window, always read) are not candidates.
+
+With a Rerank, the page score only shortlists `shortlist` pages, which are ranked again by
+their best exact key logit (any slot, any query head of the group): page summaries dilute
+the one key a copy step needs (a digit among 16 tokens).
 """
 
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 
 import torch
 
@@ -18,17 +23,52 @@ from slipstream.kernels.cpu.build import CppFunction
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 # q, seqs, kv heads, group, width, summary, blocks, tables + stride, region ends, sink pages,
-# top-k, k max, out, threads
+# top-k, k max, out, threads; rerank: query heads, their group, k cache (or NULL), block
+# size, head dim, shortlist
 _TOPK = CppFunction(
     "page_topk.cpp",
     "slipstream_page_topk",
-    [_P, _I64, _I64, _I64, _I64, _P, _I64, _P, _I64, _P, _I64, _P, _I64, _P, ctypes.c_int],
+    [_P, _I64, _I64, _I64, _I64, _P, _I64, _P, _I64, _P, _I64, _P, _I64, _P, ctypes.c_int]
+    + [_P, _I64, _P, _I64, _I64, _I64],
 )
+
+
+@dataclass(frozen=True)
+class Rerank:
+    """The second, exact stage of the selection."""
+
+    qh: torch.Tensor  # [R, H, G, D] fp32: every query head of each KV head's group
+    k_cache: torch.Tensor  # [num_blocks, block_size, H, D]
+    shortlist: int  # pages the page score keeps for reranking (> the pages selected)
 
 
 def page_topk_unavailable_reason() -> str | None:
     """None when page_topk can run here, else why not."""
     return _TOPK.unavailable_reason()
+
+
+def best_key_logits(
+    qh: torch.Tensor,  # [n, H, G, D] fp32, every query head of each group
+    k_cache: torch.Tensor,  # [num_blocks, block_size, H, D]
+    tables: torch.Tensor,  # [n, >= P] block tables
+    pages: torch.Tensor,  # [n, H, C] int64 logical pages (< P; a shortlist per KV head)
+) -> torch.Tensor:  # [n, H, C] fp32
+    """Each listed page's highest q . k over its keys and the group's query heads."""
+    n, heads, c = pages.shape
+    block_size, head_dim = k_cache.shape[1], k_cache.shape[3]
+    # Rows of k_cache viewed as [num_blocks * block_size * H, D]: one contiguous D-vector
+    # per (page, slot, head). A flat index_select + bmm runs ~1.8x faster on CPU than
+    # advanced indexing + einsum (376 pages x 16 slots x 3 heads: 0.30 vs 0.57 ms).
+    page_rows = tables.long() * (block_size * heads)  # [n, *] first row of each page
+    first = page_rows.gather(1, pages.view(n, -1)).view(n, heads, c, 1)
+    slot = torch.arange(block_size, device=qh.device).view(1, 1, 1, -1)
+    head = torch.arange(heads, device=qh.device).view(1, -1, 1, 1)
+    keys = k_cache.view(-1, head_dim).index_select(0, (first + slot * heads + head).view(-1))
+    keys = keys.view(n * heads, c * block_size, head_dim)
+    group = qh.shape[2]
+    query = qh.to(keys.dtype).reshape(n * heads, group, head_dim).transpose(1, 2)
+    logits = torch.bmm(keys, query)  # [n * H, C * block_size, G]
+    return logits.view(n, heads, c, block_size * group).amax(-1).float()
 
 
 def page_topk_ref(
@@ -38,8 +78,10 @@ def page_topk_ref(
     region_end: list[int],  # per sequence: logical pages from here on are not candidates
     sink_pages: int,
     top_k: list[int],  # pages kept per sequence
+    rerank: Rerank | None = None,
 ) -> torch.Tensor:  # [R, H, max(top_k)] int64 logical pages, best first, -1 padded
-    """One gather of the scored pages' summaries, one batched product, a masked top-k."""
+    """One gather of the scored pages' summaries, one batched product, a masked top-k
+    (then, with `rerank`, the shortlist's exact key logits and a second top-k)."""
     num_seqs, heads, width = q.shape[0], q.shape[1], q.shape[3]
     num_scored = max(region_end, default=0)
     k_max = max(top_k, default=0)
@@ -54,8 +96,16 @@ def page_topk_ref(
     ends = torch.tensor(region_end, device=dev).view(-1, 1, 1)
     ineligible = (pos < sink_pages) | (pos >= ends)
     scores = scores.masked_fill(ineligible, float("-inf"))
-    top = torch.topk(scores, min(k_max, num_scored), dim=-1)
-    chosen = torch.where(top.values > float("-inf"), top.indices, -1)
+    if rerank is not None:
+        short = torch.topk(scores, min(rerank.shortlist, num_scored), dim=-1)
+        exact = best_key_logits(rerank.qh, rerank.k_cache, tables, short.indices)
+        exact = exact.masked_fill(short.values == float("-inf"), float("-inf"))
+        top = torch.topk(exact, min(k_max, exact.shape[-1]), dim=-1)
+        indices = short.indices.gather(-1, top.indices)
+    else:
+        top = torch.topk(scores, min(k_max, num_scored), dim=-1)
+        indices = top.indices
+    chosen = torch.where(top.values > float("-inf"), indices, -1)
     if min(top_k) != k_max:  # budget_fraction: fewer pages for shorter contexts
         rank = torch.arange(chosen.shape[-1], device=dev).view(1, 1, -1)
         chosen = chosen.masked_fill(rank >= torch.tensor(top_k, device=dev).view(-1, 1, 1), -1)
@@ -72,6 +122,7 @@ def page_topk(
     region_end: list[int],
     sink_pages: int,
     top_k: list[int],
+    rerank: Rerank | None = None,  # its k_cache bf16 and contiguous, head size % 32 == 0
 ) -> torch.Tensor:  # [R, H, max(top_k)] int64
     """page_topk_ref's selection through the C++ kernel (CPU tensors). Ties go to the lower
     page here; torch.topk's order among equal scores is unspecified."""
@@ -95,6 +146,15 @@ def page_topk(
     ks = torch.tensor(top_k, dtype=torch.int64)
     k_max = max(top_k, default=0)
     out = torch.empty(num_seqs, heads, k_max, dtype=torch.long)
+    second: tuple[int | None, ...] = (None, 0, None, 0, 0, 0)
+    if rerank is not None:
+        kc, qh = rerank.k_cache, rerank.qh.float().contiguous()
+        if kc.dtype != torch.bfloat16 or not kc.is_contiguous() or kc.shape[3] % 32:
+            raise ValueError("rerank needs a contiguous bf16 k_cache with a head size % 32 == 0")
+        if qh.shape[:2] != (num_seqs, heads) or qh.shape[3] != kc.shape[3] or kc.shape[2] != heads:
+            raise ValueError(f"rerank queries {tuple(qh.shape)} do not fit the cache {kc.shape}")
+        second = (qh.data_ptr(), qh.shape[2], kc.data_ptr(), kc.shape[1], kc.shape[3])
+        second = (*second, rerank.shortlist)
     status = fn(
         q.data_ptr(),
         num_seqs,
@@ -111,6 +171,7 @@ def page_topk(
         k_max,
         out.data_ptr(),
         torch.get_num_threads(),
+        *second,
     )
     if status != 0:
         raise ValueError("a block table entry lies outside the page summaries")
@@ -124,8 +185,14 @@ def select_top_pages(
     region_end: list[int],
     sink_pages: int,
     top_k: list[int],
+    rerank: Rerank | None = None,
 ) -> torch.Tensor:  # [R, H, max(top_k)] int64
-    """The C++ kernel for CPU tensors where it runs, else the reference (CUDA included)."""
-    if q.device.type == "cpu" and page_topk_unavailable_reason() is None:
-        return page_topk(q, summary, tables, region_end, sink_pages, top_k)
-    return page_topk_ref(q, summary, tables, region_end, sink_pages, top_k)
+    """The C++ kernel for CPU tensors where it runs (a rerank over a bf16 cache with head
+    size % 32 == 0), else the reference (CUDA included)."""
+    kernel = q.device.type == "cpu" and page_topk_unavailable_reason() is None
+    if rerank is not None:
+        kc = rerank.k_cache
+        kernel = kernel and kc.dtype == torch.bfloat16 and kc.shape[3] % 32 == 0
+    if kernel:
+        return page_topk(q, summary, tables, region_end, sink_pages, top_k, rerank)
+    return page_topk_ref(q, summary, tables, region_end, sink_pages, top_k, rerank)

@@ -37,6 +37,7 @@
 namespace {
 
 using slipstream_cpu::load_bf16x16;
+using slipstream_cpu::sum_lanes_of_16;
 using slipstream_cpu::store_bf16x16;
 
 struct Args {
@@ -57,26 +58,6 @@ struct Args {
   const int64_t* chunks;  // [S, KV, max_chunks] chunk ids, -1 = padding; null = dense
   int64_t chunks_seq_stride, chunks_head_stride, max_chunks, chunk_size;
 };
-
-// r[i] = sum of a[i]'s 16 lanes, for 16 vectors at once (45 shuffles and adds).
-inline __m512 sum_lanes_of_16(const __m512* a) {
-  __m512 t[8], u[4], v[2];
-  for (int i = 0; i < 8; ++i) {
-    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
-                         _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
-  }
-  for (int i = 0; i < 4; ++i) {
-    const __m512d x = _mm512_castps_pd(t[2 * i]), y = _mm512_castps_pd(t[2 * i + 1]);
-    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
-                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-  }
-  for (int i = 0; i < 2; ++i) {
-    v[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
-  }
-  return _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x88),
-                       _mm512_shuffle_f32x4(v[0], v[1], 0xDD));
-}
 
 // exp(x) for x <= 0 (Cephes' polynomial, ~1 ulp); x below -87.3 gives ~1e-38, not 0.
 inline __m512 exp_nonpositive(__m512 x) {

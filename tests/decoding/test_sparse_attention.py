@@ -150,13 +150,19 @@ def _select_pages(
     return _select_batch(sel, k_cache, table, [seq_len], q)[0]
 
 
+@pytest.mark.parametrize("kernels", ["on", "off"])
 @pytest.mark.parametrize("page_scoring", ["mean", "bounds"])
 @pytest.mark.parametrize("group_pooling", ["mean", "max"])
-def test_block_topk_selection_equals_dense_top_k(group_pooling: str, page_scoring: str) -> None:
+def test_block_topk_selection_equals_dense_top_k(
+    group_pooling: str, page_scoring: str, kernels: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Kinetics' score: mean over the page's keys and the GQA group of the logits ("max":
     the best head of the group instead); by linearity the decoder computes it from page
     mean keys. Quest's ("bounds"): sum over channels of max(q * min key, q * max key).
-    Compare with scores computed from the full keys."""
+    Compare with scores computed from the full keys, through the C++ selection (where it
+    builds) and PyTorch's (SLIPSTREAM_CPU_KERNELS=0)."""
+    if kernels == "off":
+        monkeypatch.setenv("SLIPSTREAM_CPU_KERNELS", "0")
     ctx = _ctx(num_blocks=40, block_size=4, kv_heads=2, head_dim=8)
     sel = _selector(
         ctx,
@@ -251,17 +257,20 @@ def test_key_bounds_find_the_page_with_one_matching_key() -> None:
     assert found == {"mean": False, "bounds": True}
 
 
-def test_rerank_keeps_the_shortlisted_pages_with_the_best_key() -> None:
+@pytest.mark.parametrize("dtype, dim", [(torch.float32, 16), (torch.bfloat16, 64)])
+def test_rerank_keeps_the_shortlisted_pages_with_the_best_key(dtype: torch.dtype, dim: int) -> None:
     """rerank_factor: page means shortlist F * top_k pages, the best single key logit (any
     query head of the group) picks top_k of them. Distractor pages whose every key leans a
-    little towards q beat the needle page on the mean; its one strong key wins the rerank."""
+    little towards q beat the needle page on the mean; its one strong key wins the rerank.
+    A bf16 cache with 64-wide heads takes the C++ rerank, float32 PyTorch's."""
     torch.manual_seed(1)
-    ctx = _ctx(num_blocks=40, block_size=16, kv_heads=1, head_dim=16)
-    q = torch.randn(1, 2, 16)  # two query heads share the KV head
-    k_cache = 0.3 * torch.randn(40, 16, 1, 16)
+    ctx = _ctx(num_blocks=40, block_size=16, kv_heads=1, head_dim=dim)
+    q = torch.randn(1, 2, dim)  # two query heads share the KV head
+    k_cache = 0.3 * torch.randn(40, 16, 1, dim)
     k_cache[10:14, :, 0] += 0.3 * q[0, 1]  # distractors: high mean, no standout key
     needle_page = 25
     k_cache[needle_page, 7, 0] = 2.0 * q[0, 1]  # only query head 1 matches it
+    k_cache = k_cache.to(dtype)
     table = torch.arange(40, dtype=torch.int32).view(1, -1)
     picked = {}
     for factor in (0, 4):
@@ -278,10 +287,11 @@ def test_rerank_keeps_the_shortlisted_pages_with_the_best_key() -> None:
         picked[factor] = set(_select_pages(sel, k_cache, table, 40 * 16, q)[0, :2].tolist())
     # Without reranking: the two best page means (the distractors). With it: the best
     # single key among the 8 best means, which is the needle's, plus the next best.
-    means = k_cache[1:37, :, 0].mean(1) @ q[0].T  # [36 eligible pages, 2 heads]
+    keys = k_cache.float()
+    means = keys[1:37, :, 0].mean(1) @ q[0].T  # [36 eligible pages, 2 heads]
     shortlist = (means.amax(1).topk(8).indices + 1).tolist()
     assert needle_page in shortlist and picked[0] <= {10, 11, 12, 13}
-    best_key = torch.einsum("psd,gd->psg", k_cache[shortlist, :, 0], q[0]).flatten(1).amax(1)
+    best_key = torch.einsum("psd,gd->psg", keys[shortlist, :, 0], q[0]).flatten(1).amax(1)
     want = {shortlist[i] for i in best_key.topk(2).indices.tolist()}
     assert needle_page in want and picked[4] == want
 

@@ -159,7 +159,9 @@ def choose_chain_length(
     """Longest-paying chain length l <= max_len, given each sequence drafts tree_size nodes.
 
     Only a fraction f of the sequences carries a chain, so a step feeds about
-    B (1 + s) + f B l tokens and emits B (1 + A_tree(s)) + f B A_chain(l).
+    B (1 + s) + f B l tokens and emits B (1 + A_tree(s)) + f B A_chain(l). (No min_gain
+    here: gain and cost both scale with f, so a margin on the average would drop chains
+    that pay well whenever a match exists, just because matches are rare.)
     """
     f = chain.graft_fraction()
     a_chain = chain.expected_accepted()
@@ -172,18 +174,27 @@ def choose_chain_length(
 
 
 def _fastest(
-    max_n: int, cost: CostModel, fed: Callable[[int], float], emitted: Callable[[int], float]
+    max_n: int,
+    cost: CostModel,
+    fed: Callable[[int], float],
+    emitted: Callable[[int], float],
+    min_gain: float = 0.0,
 ) -> tuple[int, float]:
     """The n in 0..max_n maximising emitted(n) / t(fed(n)) (ties: the smaller n), with that
-    rate; (max_n, 0.0) before any cost has been measured."""
-    best, best_rate = max_n, -1.0
+    rate; 0 unless that rate beats n = 0's by at least min_gain (a fraction); (max_n, 0.0)
+    before any cost has been measured."""
+    best, best_rate, rate_0 = max_n, -1.0, 0.0
     for n in range(max_n + 1):
         t = cost.predict(fed(n))
         if t is None:
             return max_n, 0.0
         rate = emitted(n) / t
+        if n == 0:
+            rate_0 = rate
         if rate > best_rate * (1 + 1e-9):
             best, best_rate = n, rate
+    if best and best_rate < rate_0 * (1 + min_gain):
+        return 0, rate_0
     return best, best_rate
 
 
@@ -240,9 +251,10 @@ class CostModel:
 
 
 def choose_size(
-    num_seqs: int, expected: np.ndarray, cost: CostModel, max_size: int
+    num_seqs: int, expected: np.ndarray, cost: CostModel, max_size: int, min_gain: float = 0.0
 ) -> tuple[int, float]:
-    """The draft size s <= max_size maximising num_seqs (1 + A(s)) / t(num_seqs (1 + s)).
+    """The draft size s <= max_size maximising num_seqs (1 + A(s)) / t(num_seqs (1 + s)),
+    or 0 where no size predicts min_gain (a fraction) over not drafting.
 
     expected: [>= max_size + 1] A(s). Returns (s, predicted tokens/s); s = max_size if no
     cost has been measured yet.
@@ -252,6 +264,7 @@ def choose_size(
         cost,
         fed=lambda s: num_seqs * (1 + s),
         emitted=lambda s: num_seqs * (1.0 + float(expected[s])),
+        min_gain=min_gain,
     )
 
 
@@ -269,8 +282,10 @@ class TreeSizer:
         max_size: int,
         calibration_rounds: int = 2,
         explore_every: int = 16,
+        min_gain: float = 0.0,
     ) -> None:
         self.stats = stats
+        self.min_gain = min_gain
         self.cost = CostModel()
         self.max_size = max_size
         self.cycle = [min(s, max_size) for s in self.CYCLE]
@@ -288,7 +303,7 @@ class TreeSizer:
             return self.max_size
         if num_running not in self._cache:
             self._cache[num_running] = choose_size(
-                num_running, self._expected, self.cost, self.max_size
+                num_running, self._expected, self.cost, self.max_size, self.min_gain
             )[0]
         return self._cache[num_running]
 

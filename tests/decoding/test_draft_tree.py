@@ -198,6 +198,24 @@ def test_calibration_picks_smaller_tree_when_cost_is_steeper() -> None:
     assert busy == 0
 
 
+def test_drafting_needs_the_minimum_predicted_gain() -> None:
+    # One node accepted 20% of the time: (1 + 0.2) / t(2) against 1 / t(1), with t(n) =
+    # 10 ms + 1 ms x n, predicts 1.2 / 12 vs 1 / 11 tokens per ms: a 10% gain.
+    expected = np.array([0.0, 0.2])
+    cost = _linear_cost(0.010, 0.001)
+    assert choose_size(1, expected, cost, 1)[0] == 1
+    assert choose_size(1, expected, cost, 1, min_gain=0.05)[0] == 1
+    size, rate = choose_size(1, expected, cost, 1, min_gain=0.15)
+    assert size == 0 and abs(rate - 1 / 0.011) < 1e-6
+    # The sizer passes its margin on.
+    sizer = TreeSizer(AcceptanceStats(template("2.2.2")), 80, calibration_rounds=0)
+    sizer.cost = _linear_cost(0.020, 0.0003)
+    loose = sizer.best_size(1)
+    sizer = TreeSizer(AcceptanceStats(template("2.2.2")), 80, calibration_rounds=0, min_gain=10.0)
+    sizer.cost = _linear_cost(0.020, 0.0003)
+    assert loose > 0 and sizer.best_size(1) == 0
+
+
 def test_chain_statistics_and_cost_aware_chain_length() -> None:
     chains = ChainStats(8)
     for _ in range(200):

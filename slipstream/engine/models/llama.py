@@ -22,6 +22,13 @@ from slipstream.engine.attention import AttentionBackend, AttentionMetadata, Pag
 from slipstream.engine.models.config import ModelArchConfig, RopeScaling
 from slipstream.engine.models.registry import MODELS
 from slipstream.engine.vocab_topk import vocab_topk
+from slipstream.kernels.cpu.layer_ops import (
+    layer_ops_unavailable_reason,
+    rope_bf16,
+    rope_ref,
+    silu_mul_bf16,
+    silu_mul_ref,
+)
 from slipstream.kernels.cpu.rms_norm import (
     add_rms_norm_bf16,
     add_rms_norm_ref,
@@ -119,6 +126,9 @@ class LlamaDecoderLayer(nn.Module):
         self.skinny: tuple[torch.Tensor, ...] | None = None
         # Residual add + norm + cast: the C++ kernel when pack_skinny says so.
         self.add_norm: NormFn = add_rms_norm_ref
+        # RoPE of q and k, and SiLU(gate) * up: C++ (layer_ops.cpp) when pack_skinny says so.
+        self.rope: RopeFn = rope_ref
+        self.silu_mul: SiluMulFn = silu_mul_ref
 
     def projection_weights(self) -> tuple[torch.Tensor, ...]:
         return (self.qkv_weight, self.o_weight, self.gate_up_weight, self.down_weight)
@@ -131,12 +141,19 @@ class LlamaDecoderLayer(nn.Module):
         self.linear = _packed_linear
         self.linear_one_row = one_row_linear
 
-    def pack_skinny(self, fused_norm: bool) -> None:
+    def pack_skinny(self, fused_norm: bool, layer_ops: bool = False) -> None:
         """Add skinny_linear-packed copies of the four projection weights; with fused_norm,
-        the norms run add_rms_norm_bf16 (C++) too."""
+        the norms run add_rms_norm_bf16 (C++) too, and with layer_ops RoPE and SiLU * up."""
         self.skinny = tuple(pack_skinny_weight(w.data) for w in self.projection_weights())
         if fused_norm:
             self.add_norm = add_rms_norm_bf16
+        if layer_ops:
+            self.rope, self.silu_mul = rope_bf16, silu_mul_bf16
+
+    def layer_ops_fit(self) -> bool:
+        """Whether rope_bf16 and silu_mul_bf16 take this layer's shapes (bf16 weights; the
+        rope table is in the weights' dtype)."""
+        return self.dtype == torch.bfloat16 and self.head_dim % 32 == 0 and self.inter % 16 == 0
 
     def forward(
         self,
@@ -172,10 +189,9 @@ class LlamaDecoderLayer(nn.Module):
             linear, weights = self.linear, self.packed
         qkv_w, o_w, gate_up_w, down_w = weights
         qkv = linear(x, qkv_w, self.qkv_bias)  # [T, (H + 2 * KV) * D]
-        qk, v = qkv.split(self.qk_v_split, dim=-1)
-        qk = qk.view(n, -1, self.head_dim)  # [T, H + KV, D]
-        rot = qk.roll(self.head_dim // 2, dims=-1)
-        rot.mul_(sin).addcmul_(qk, cos)  # RoPE: x * cos + rotate_half(x) * sin
+        v = qkv[:, self.qk_v_split[0] :]
+        # RoPE: x * cos + rotate_half(x) * sin, [T, H + KV, D]
+        rot = self.rope(qkv, self.num_heads + self.num_kv_heads, self.head_dim, cos, sin)
         # q, k, v are views: unit stride within a head, head stride head_dim, token stride
         # (H + KV) * D for q/k and (H + 2 * KV) * D for v.
         q, k = rot.split(self.q_k_split, dim=1)
@@ -185,8 +201,7 @@ class LlamaDecoderLayer(nn.Module):
         attn = linear(out.reshape(n, -1), o_w, self.o_bias)
         x = self.add_norm(h, attn, self.post_norm, self.eps, self.dtype)
         gate_up = linear(x, gate_up_w, self.gate_up_bias)  # [T, 2 * inter]
-        gate, up = gate_up.split(self.inter, dim=-1)
-        act = F.silu(gate).mul_(up)  # [T, inter]
+        act = self.silu_mul(gate_up, self.inter)  # [T, inter]
         return h, linear(act, down_w, self.down_bias)
 
 
@@ -255,8 +270,12 @@ class LlamaForCausalLM(nn.Module):
         weights = [w for layer in self.layers for w in layer.projection_weights()]  # type: ignore[operator]
         if skinny_unavailable_reason() is None and all(can_pack(w) for w in [*weights, head]):
             fused_norm = fused_norm_applies(self.config.hidden_size)
+            layer_ops = layer_ops_unavailable_reason() is None and all(
+                layer.layer_ops_fit()  # type: ignore[operator]
+                for layer in self.layers
+            )
             for layer in self.layers:
-                layer.pack_skinny(fused_norm)  # type: ignore[operator]
+                layer.pack_skinny(fused_norm, layer_ops)  # type: ignore[operator]
             if fused_norm:
                 self.add_norm = add_rms_norm_bf16
             self.lm_head_skinny = pack_skinny_weight(head.data)
@@ -328,6 +347,10 @@ LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Ten
 NormFn = Callable[
     [torch.Tensor, torch.Tensor | None, torch.Tensor, float, torch.dtype], torch.Tensor
 ]
+# (qkv, rotating heads, head_dim, cos, sin) -> [T, heads, head_dim] rotated q | k.
+RopeFn = Callable[[torch.Tensor, int, int, torch.Tensor, torch.Tensor], torch.Tensor]
+# (gate_up, intermediate size) -> SiLU(gate) * up.
+SiluMulFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 def _packed_linear(

@@ -1,6 +1,6 @@
 """The C++ CPU kernels (slipstream/kernels/cpu/) against what the engine runs without them.
 
-Three parts, each timed interleaved (every candidate once per round, median over rounds,
+Four parts, each timed interleaved (every candidate once per round, median over rounds,
 wall time: the kernels use both cores):
 - projections: the 120 projections of one decode step of the default model (30 layers of
   q|k|v, o, gate|up, down; random bf16 weights, 212 MB, so they stream from DRAM as in the
@@ -9,7 +9,9 @@ wall time: the kernels use both cores):
 - attention: paged_decode_attention vs the SDPA reference (paged_attention_ref with a step
   plan), one sequence, 9 heads over 3 KV heads, head_dim 64, pages of 16 (kernels_cpu.py's
   batch: shuffled pages, a binary draft tree for several rows);
-- norms: add_rms_norm_bf16 vs add_rms_norm_ref on [rows, 576].
+- norms: add_rms_norm_bf16 vs add_rms_norm_ref on [rows, 576];
+- layer_ops: RoPE of q|k, the K/V store and SiLU(gate) * up (layer_ops.cpp) vs the PyTorch
+  ops the layer runs without them, at the default model's shapes.
 
     .venv/bin/python benchmarks/cpu_kernels_cpp.py                # all parts
     .venv/bin/python benchmarks/cpu_kernels_cpp.py --parts projections --rows 1,9,2048
@@ -29,6 +31,13 @@ import torch.nn.functional as F
 from kernels_cpu import make_batch  # benchmarks/: a paged batch at the default model's shape
 
 from slipstream.engine.models.llama import _packed_linear, one_row_linear
+from slipstream.kernels.cpu.layer_ops import (
+    rope_bf16,
+    rope_ref,
+    silu_mul_bf16,
+    silu_mul_ref,
+    store_kv_cpu,
+)
 from slipstream.kernels.cpu.paged_decode_attention import (
     decode_attention_unavailable_reason,
     paged_decode_attention,
@@ -40,6 +49,7 @@ from slipstream.kernels.cpu.skinny_linear import (
     skinny_unavailable_reason,
 )
 from slipstream.kernels.paged_attention import paged_attention_ref
+from slipstream.kernels.store_kv import store_kv_ref
 
 HIDDEN, INTER, LAYERS = 576, 1536, 30
 # (out, in) of q|k|v (9 + 2 x 3 heads of 64), o, gate|up, down: SmolLM2-135M.
@@ -139,11 +149,56 @@ def norms(rows_list: list[int], rounds: int) -> None:
         print(f"| {rows} | {ms['cpp'] * 10:.1f} | {ms['ref'] * 10:.1f} |", flush=True)
 
 
+def layer_ops(rows_list: list[int], rounds: int) -> None:
+    print("\nper-layer small ops, us per call (median): C++ / PyTorch")
+    print("| rows | RoPE (q and k) | K/V store | SiLU(gate) * up |")
+    print("| --- | --- | --- | --- |")
+    for rows in rows_list:
+        us = _layer_ops_us(rows, rounds)
+        print(
+            f"| {rows} | {us['rope_c']:.1f} / {us['rope_t']:.1f} | {us['store_c']:.1f} /"
+            f" {us['store_t']:.1f} | {us['silu_c']:.1f} / {us['silu_t']:.1f} |",
+            flush=True,
+        )
+
+
+def _layer_ops_us(rows: int, rounds: int) -> dict[str, float]:
+    """us per call of each layer op, C++ (_c) and PyTorch (_t), at the default model's shapes."""
+    heads, kv_heads, dim = 9, 3, 64
+    k_cache = torch.zeros(4096, 16, kv_heads, dim, dtype=torch.bfloat16)
+    v_cache = torch.zeros_like(k_cache)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim).to(torch.bfloat16)
+    cos, sin = torch.randn(rows, 2, 1, dim).to(torch.bfloat16).unbind(1)
+    k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(rows, kv_heads, dim)
+    v = qkv[:, (heads + kv_heads) * dim :].view(rows, kv_heads, dim)
+    slots = torch.randperm(4096 * 16)[:rows]
+    gate_up = torch.randn(rows, 2 * INTER).to(torch.bfloat16)
+    plan: dict[str, object] = {}
+    candidates: dict[str, Callable[[], object]] = {
+        "rope_c": lambda: rope_bf16(qkv, heads + kv_heads, dim, cos, sin),
+        "rope_t": lambda: rope_ref(qkv, heads + kv_heads, dim, cos, sin),
+        "store_c": lambda: store_kv_cpu(k, v, k_cache, v_cache, slots),
+        "store_t": lambda: store_kv_ref(k, v, k_cache, v_cache, slots, plan),
+        "silu_c": lambda: silu_mul_bf16(gate_up, INTER),
+        "silu_t": lambda: silu_mul_ref(gate_up, INTER),
+    }
+
+    def hundred(fn: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(100):
+                fn()
+
+        return run
+
+    ms = interleaved_ms({name: hundred(fn) for name, fn in candidates.items()}, rounds)
+    return {name: t * 10 for name, t in ms.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--parts", default="projections,attention,norms")
+    ap.add_argument("--parts", default="projections,attention,norms,layer_ops")
     ap.add_argument("--rows", default="1,2,5,9,12,16,32,256")
     ap.add_argument("--rounds", type=int, default=15)
     args = ap.parse_args()
@@ -160,6 +215,8 @@ def main() -> None:
         )
     if "norms" in parts:
         norms([1, 9], args.rounds)
+    if "layer_ops" in parts:
+        layer_ops([1, 9], args.rounds)
 
 
 if __name__ == "__main__":

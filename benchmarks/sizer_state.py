@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Any
 
 from slipstream import LLM
 from slipstream.engine.sampling_params import SamplingParams
@@ -44,7 +45,8 @@ def main() -> None:
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     stats = llm.get_stats()
     print(f"{tokens / seconds:.1f} tok/s, {tokens} tokens in {stats['num_steps']} steps")
-    sizer = llm.engine.decoder.sizer
+    decoder: Any = llm.engine.decoder  # TokenRecyclingDecoder
+    sizer = decoder.sizer
     points = [(round(n, 1), round(t * 1e3, 2)) for n, t in sizer.cost.points()]
     print("step cost (tokens fed, ms):", points)
     expected = sizer.stats.expected_accepted()

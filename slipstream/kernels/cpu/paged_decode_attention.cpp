@@ -36,6 +36,7 @@
 
 namespace {
 
+using slipstream_cpu::exp_ps;
 using slipstream_cpu::load_bf16x16;
 using slipstream_cpu::sum_lanes_of_16;
 using slipstream_cpu::store_bf16x16;
@@ -58,23 +59,6 @@ struct Args {
   const int64_t* chunks;  // [S, KV, max_chunks] chunk ids, -1 = padding; null = dense
   int64_t chunks_seq_stride, chunks_head_stride, max_chunks, chunk_size;
 };
-
-// exp(x) for x <= 0 (Cephes' polynomial, ~1 ulp); x below -87.3 gives ~1e-38, not 0.
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
 
 constexpr int64_t kChunk = 128;  // keys per item: 300 keys -> 3 chunks per kv head
 constexpr float kNegInf = -__builtin_inff();
@@ -214,7 +198,7 @@ struct Kernel {
         for (int64_t j = 0; j < n; j += 16) {
           const __mmask16 live = j + 16 <= n ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
           const __m512 x = _mm512_maskz_loadu_ps(live, sv + j);
-          const __m512 e = _mm512_maskz_mov_ps(live, exp_nonpositive(_mm512_sub_ps(x, mv)));
+          const __m512 e = _mm512_maskz_mov_ps(live, exp_ps(_mm512_sub_ps(x, mv)));
           _mm512_mask_storeu_ps(sv + j, live, e);
           total = _mm512_add_ps(total, e);
         }
@@ -274,7 +258,7 @@ struct Kernel {
     for (int64_t c = 0; c < sp.num_chunks; ++c) {
       const float* part = partials + partial_offset(sp, kv_head, c, v);
       if (part[0] == kNegInf) continue;  // a chunk past the row's keys
-      const __m512 w = exp_nonpositive(_mm512_set1_ps(part[0] - m));
+      const __m512 w = exp_ps(_mm512_set1_ps(part[0] - m));
       total += _mm512_cvtss_f32(w) * part[1];
       for (int i = 0; i < kChunks; ++i) {
         acc[i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(part + 2 + 16 * i), acc[i]);

@@ -314,7 +314,8 @@ def hip_mask(
 ) -> torch.Tensor:  # [num_seqs, num_kv_heads, num_select] int64, -1 = none
     """Public op: Triton on CUDA; on CPU the C++ search where it builds, else the reference
     (see kernels/_dispatch.py)."""
-    if not use_triton(q) and q.device.type == "cpu" and hip_search_unavailable_reason() is None:
+    cpu_kernel = q.device.type == "cpu" and k_cache.dtype in (torch.bfloat16, torch.float32)
+    if not use_triton(q) and cpu_kernel and hip_search_unavailable_reason() is None:
         if num_select < 1 or block_k < 1:
             raise ValueError(f"num_select and block_k must be >= 1, got {num_select}, {block_k}")
         _check_args(q, k_cache, block_tables, query_start_loc, region_start, region_end)

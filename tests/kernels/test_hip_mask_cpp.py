@@ -75,3 +75,9 @@ def test_cpu_dispatch_takes_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
         hm.hip_mask(*args, torch.tensor([0]), torch.tensor([25]), 0, 2)
     with pytest.raises(ValueError, match="region_start"):
         hm.hip_mask(*args, torch.tensor([0, 1]), torch.tensor([25]), 4, 2)
+    # float16 caches keep the reference
+    half = (batch["q"].half(), batch["k_cache"].half(), *args[2:])
+    got = hm.hip_mask(*half, torch.tensor([0]), torch.tensor([25]), 4, 2)
+    assert calls == [1] and torch.equal(
+        got, hm.hip_mask_ref(*half, torch.tensor([0]), torch.tensor([25]), 4, 2)
+    )

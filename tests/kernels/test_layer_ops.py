@@ -79,6 +79,8 @@ def test_store_kv_copies_the_rows_the_reference_copies(dtype: torch.dtype) -> No
     store_kv_ref(k, v, caches[2], caches[3], slots)
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
     assert caches[0].view(-1, kv_heads, dim)[17].equal(k[0])
+    with pytest.raises(IndexError, match="past the cache"):
+        sk.store_kv(k, v, caches[0], caches[1], torch.tensor([0, 1, 2, 3, 64]))
 
 
 def test_store_kv_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:

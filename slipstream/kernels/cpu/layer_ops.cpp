@@ -57,11 +57,15 @@ extern "C" int slipstream_rope(const uint16_t* qkv, int64_t qkv_stride, int64_t 
 }
 
 // k_cache/v_cache [slot, head, :] = k/v [t, head, :] for every t whose slot is >= 0.
+// Returns 1, writing nothing, when a slot is past the cache's num_slots.
 extern "C" int slipstream_store_kv(const void* k, int64_t k_token_stride, int64_t k_head_stride,
                                    const void* v, int64_t v_token_stride, int64_t v_head_stride,
                                    void* k_cache, void* v_cache, const int64_t* slots,
                                    int64_t num_tokens, int64_t num_kv_heads, int64_t head_dim,
-                                   int64_t elem_bytes) {
+                                   int64_t elem_bytes, int64_t num_slots) {
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    if (slots[t] >= num_slots) return 1;
+  }
   const int64_t row = head_dim * elem_bytes;
   auto* kc = static_cast<char*>(k_cache);
   auto* vc = static_cast<char*>(v_cache);

@@ -21,11 +21,12 @@ _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _ROPE = CppFunction(
     "layer_ops.cpp", "slipstream_rope", [_P, _I64, _I64, _I64, _I64, _P, _P, _I64, _P]
 )
-# k, strides, v, strides, caches, slots, tokens, kv heads, head dim, element bytes
+# k, strides, v, strides, caches, slots, tokens, kv heads, head dim, element bytes, slots
+# in the cache
 _STORE = CppFunction(
     "layer_ops.cpp",
     "slipstream_store_kv",
-    [_P, _I64, _I64, _P, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _I64],
+    [_P, _I64, _I64, _P, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I64],
 )
 # gate_up, tokens, intermediate size, out, threads
 _SILU_MUL = CppFunction("layer_ops.cpp", "slipstream_silu_mul", [_P, _I64, _I64, _P, ctypes.c_int])
@@ -80,7 +81,7 @@ def store_kv_cpu(
     slot_mapping: torch.Tensor,  # [T] int64, contiguous; -1 = skip
 ) -> None:
     """store_kv_ref's scatter, one row copy per (token, head)."""
-    _STORE.get()(
+    status = _STORE.get()(
         k.data_ptr(),
         k.stride(0),
         k.stride(1),
@@ -94,7 +95,10 @@ def store_kv_cpu(
         k.shape[1],
         k.shape[2],
         k.element_size(),
+        k_cache.shape[0] * k_cache.shape[1],
     )
+    if status != 0:
+        raise IndexError(f"a slot of {slot_mapping.tolist()} is past the cache's slots")
 
 
 def store_kv_cpu_applies(

@@ -95,3 +95,11 @@ def test_store_kv_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     sk.store_kv(k, k, kc, vc, torch.tensor([4, 5], dtype=torch.int32))  # int32 slots: reference
     assert calls == [1]
     assert kc.view(-1, 2, 64)[2].equal(k[0]) and kc.view(-1, 2, 64)[5].equal(k[1])
+
+
+def test_unsupported_sizes_raise() -> None:
+    cos, sin = _cos_sin([3], 48)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        rope_bf16(torch.zeros(1, 4 * 48, dtype=BF16), 3, 48, cos, sin)
+    with pytest.raises(ValueError, match="% 16"):
+        silu_mul_bf16(torch.zeros(1, 2 * 40, dtype=BF16), 40)

@@ -59,7 +59,7 @@ def rope_bf16(
 ) -> torch.Tensor:  # [T, heads, D] bf16
     """rope_ref through the C++ kernel."""
     out = torch.empty(qkv.shape[0], heads, head_dim, dtype=torch.bfloat16)
-    _ROPE.get()(
+    status = _ROPE.get()(
         qkv.data_ptr(),
         qkv.stride(0),
         qkv.shape[0],
@@ -70,6 +70,8 @@ def rope_bf16(
         cos.stride(0),
         out.data_ptr(),
     )
+    if status != 0:
+        raise ValueError(f"rope_bf16 needs a head size that is a multiple of 32, got {head_dim}")
     return out
 
 
@@ -131,7 +133,9 @@ def silu_mul_ref(gate_up: torch.Tensor, inter: int) -> torch.Tensor:  # [T, inte
 def silu_mul_bf16(gate_up: torch.Tensor, inter: int) -> torch.Tensor:  # [T, inter] bf16
     """silu_mul_ref through the C++ kernel (gate_up contiguous bf16, inter % 16 == 0)."""
     out = torch.empty(gate_up.shape[0], inter, dtype=torch.bfloat16)
-    _SILU_MUL.get()(
+    status = _SILU_MUL.get()(
         gate_up.data_ptr(), gate_up.shape[0], inter, out.data_ptr(), torch.get_num_threads()
     )
+    if status != 0:
+        raise ValueError(f"silu_mul_bf16 needs an intermediate size % 16 == 0, got {inter}")
     return out

@@ -98,8 +98,7 @@ class LlamaDecoderLayer(nn.Module):
         )
         self.eps = c.rms_norm_eps
         self.scale = c.head_dim**-0.5
-        self.hidden_shape = (hidden,)
-        self.qk_v_split = [c.q_size + c.kv_size, c.kv_size]
+        self.qk_size = c.q_size + c.kv_size  # qkv's first columns: q | k; v follows
         self.q_k_split = [c.num_attention_heads, c.num_key_value_heads]
         self.inter = inter
         qkv = c.q_size + 2 * c.kv_size
@@ -189,7 +188,7 @@ class LlamaDecoderLayer(nn.Module):
             linear, weights = self.linear, self.packed
         qkv_w, o_w, gate_up_w, down_w = weights
         qkv = linear(x, qkv_w, self.qkv_bias)  # [T, (H + 2 * KV) * D]
-        v = qkv[:, self.qk_v_split[0] :]
+        v = qkv[:, self.qk_size :]
         # RoPE: x * cos + rotate_half(x) * sin, [T, H + KV, D]
         rot = self.rope(qkv, self.num_heads + self.num_kv_heads, self.head_dim, cos, sin)
         # q, k, v are views: unit stride within a head, head stride head_dim, token stride
@@ -218,7 +217,6 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.hidden_shape = (c.hidden_size,)
         self.embed_tokens = _param((c.vocab_size, c.hidden_size), dtype, device)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(c, dtype, device) for _ in range(c.num_hidden_layers)

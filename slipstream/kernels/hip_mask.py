@@ -214,9 +214,8 @@ def hip_mask_triton(
     block_k: int,  # b_k, tokens per key block
 ) -> torch.Tensor:  # [num_seqs, num_kv_heads, num_select] int64, -1 = none
     """Triton launcher: checks the arguments; each round's scores come from one kernel."""
-    _check_args(q, k_cache, block_tables, query_start_loc, region_start, region_end)
-    if num_select < 1 or block_k < 1:
-        raise ValueError(f"num_select and block_k must be >= 1, got {num_select}, {block_k}")
+    args = (q, k_cache, block_tables, query_start_loc, region_start, region_end)
+    _check_args(*args, num_select, block_k)
     block_size, num_kv_heads, head_dim = k_cache.shape[1:]
     qg = _grouped_queries(q, query_start_loc, num_kv_heads).contiguous()  # [B, H, R, D]
     num_seqs, _, num_rows, _ = qg.shape
@@ -267,6 +266,8 @@ def _check_args(
     query_start_loc: torch.Tensor,
     region_start: torch.Tensor,
     region_end: torch.Tensor,
+    num_select: int,
+    block_k: int,
 ) -> None:
     """Raise ValueError naming the first argument whose shape, stride or dtype is wrong."""
     if q.dim() != 3 or k_cache.dim() != 4:
@@ -300,6 +301,8 @@ def _check_args(
     devices = {t.device for t in tensors}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if num_select < 1 or block_k < 1:
+        raise ValueError(f"num_select and block_k must be >= 1, got {num_select}, {block_k}")
 
 
 def hip_mask(
@@ -314,11 +317,16 @@ def hip_mask(
 ) -> torch.Tensor:  # [num_seqs, num_kv_heads, num_select] int64, -1 = none
     """Public op: Triton on CUDA; on CPU the C++ search where it builds, else the reference
     (see kernels/_dispatch.py)."""
-    cpu_kernel = q.device.type == "cpu" and k_cache.dtype in (torch.bfloat16, torch.float32)
+    # hip_mask_search's cache layouts: bf16 or fp32, contiguous (the engine's caches are).
+    cpu_kernel = (
+        q.device.type == "cpu"
+        and k_cache.dtype in (torch.bfloat16, torch.float32)
+        and k_cache.is_contiguous()
+    )
     if not use_triton(q) and cpu_kernel and hip_search_unavailable_reason() is None:
-        if num_select < 1 or block_k < 1:
-            raise ValueError(f"num_select and block_k must be >= 1, got {num_select}, {block_k}")
-        _check_args(q, k_cache, block_tables, query_start_loc, region_start, region_end)
+        _check_args(
+            q, k_cache, block_tables, query_start_loc, region_start, region_end, num_select, block_k
+        )
         qg = _grouped_queries(q, query_start_loc, k_cache.shape[2])  # [B, H, R, D]
         return hip_mask_search(
             qg, k_cache, block_tables, region_start, region_end, num_select, block_k

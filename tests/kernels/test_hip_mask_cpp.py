@@ -75,9 +75,12 @@ def test_cpu_dispatch_takes_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
         hm.hip_mask(*args, torch.tensor([0]), torch.tensor([25]), 0, 2)
     with pytest.raises(ValueError, match="region_start"):
         hm.hip_mask(*args, torch.tensor([0, 1]), torch.tensor([25]), 4, 2)
-    # float16 caches keep the reference
-    half = (batch["q"].half(), batch["k_cache"].half(), *args[2:])
-    got = hm.hip_mask(*half, torch.tensor([0]), torch.tensor([25]), 4, 2)
-    assert calls == [1] and torch.equal(
-        got, hm.hip_mask_ref(*half, torch.tensor([0]), torch.tensor([25]), 4, 2)
-    )
+    # float16 caches, and caches that are not contiguous, keep the reference
+    strided = batch["k_cache"].repeat(1, 1, 1, 2)[..., : batch["k_cache"].shape[-1]]
+    assert not strided.is_contiguous() and strided.stride(-1) == 1
+    for other in ((batch["q"].half(), batch["k_cache"].half()), (batch["q"], strided)):
+        kept = (*other, *args[2:])
+        got = hm.hip_mask(*kept, torch.tensor([0]), torch.tensor([25]), 4, 2)
+        assert calls == [1] and torch.equal(
+            got, hm.hip_mask_ref(*kept, torch.tensor([0]), torch.tensor([25]), 4, 2)
+        )

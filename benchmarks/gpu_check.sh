@@ -15,6 +15,8 @@
 #                  model): standard, ngram and token recycling (faithful tree cold and hot,
 #                  calibrated hot), interleaved, batch 1, 2 prompts per builtin category
 #                  (issue #5's GPU target: >= 1.8x standard on the faithful tree)
+#   spec_decode_fp32, spec_decode_unseen: the same in float32 (6 builtin prompts), and in bf16
+#                  on 12 of benchmarks/data/unseen_prompts.jsonl (not in the default list)
 #   sparse_kernel  benchmarks/sparse_attention.py --parts kernel: block top-k and HiP decode
 #                  attention vs dense SDPA (flash) at 32k and 128k on random data (issue #7)
 # The device image has torch, triton and pytest; slipstream runs from the checkout. The
@@ -56,6 +58,17 @@ for s in "${steps[@]}"; do
             --max-tokens 256 --per-category 2 --no-penalty-workload \
             --configs "standard,ngram k=8,TR faithful cold,TR faithful hot,TR calibrated hot" \
             --json "$OUT/spec_decode.json" ;;
+    spec_decode_fp32)  # float32: do greedy answers equal standard's without bf16 rounding?
+        step spec_decode_fp32 150 "$PY" benchmarks/spec_decode.py "${model_args[@]}" --interleave \
+            --dtype float32 --max-tokens 256 --per-category 1 --no-penalty-workload \
+            --configs "standard,TR faithful cold,TR faithful hot" \
+            --json "$OUT/spec_decode_fp32.json" ;;
+    spec_decode_unseen)  # the faithful tree on prompts never tuned on
+        step spec_decode_unseen 180 "$PY" benchmarks/spec_decode.py "${model_args[@]}" \
+            --interleave --prompts benchmarks/data/unseen_prompts.jsonl --max-tokens 256 \
+            --per-category 2 --no-penalty-workload \
+            --configs "standard,TR faithful cold,TR faithful hot" \
+            --json "$OUT/spec_decode_unseen.json" ;;
     sparse_kernel)
         step sparse_kernel 150 "$PY" benchmarks/sparse_attention.py --parts kernel \
             --kernel-contexts 32768,131072 --kernel-batch 4 --out "$OUT/sparse_kernel.json" ;;

@@ -180,13 +180,17 @@ def _hip_score_kernel(
     ce_n = tl.load(child_end_ptr + row_off + c_n, mask=c_n < num_children, other=0)
     centre_n = base + cs_n + (ce_n - cs_n) // 2
     key_ok = (ce_n > cs_n) & (within < BLOCK_K)
-    pos = centre_n * BLOCK_K + within
-    page = tl.load(block_tables_ptr + seq * stride_bt_seq + pos // PAGE_SIZE, mask=key_ok, other=0)
+    # Keys outside a child read position 0 (always in the cache) instead of being masked:
+    # the masked loads failed Triton 3.6's layout pass on an H200 ('mask type matches ptr
+    # type'); their scores are -inf below either way.
+    pos = tl.where(key_ok, centre_n * BLOCK_K + within, 0)
+    page = tl.load(block_tables_ptr + seq * stride_bt_seq + pos // PAGE_SIZE)
     d = tl.arange(0, HEAD_DIM_P)
     d_ok = d < HEAD_DIM
     k_off = page.to(tl.int64) * stride_k_block + (pos % PAGE_SIZE) * stride_k_slot
     k_off += kv_head * stride_k_head
-    k = tl.load(k_cache_ptr + k_off[:, None] + d[None, :], mask=key_ok[:, None] & d_ok[None, :])
+    k = tl.load(k_cache_ptr + k_off[:, None] + tl.where(d_ok, d, 0)[None, :])
+    k = tl.where(d_ok[None, :], k, 0.0)
     r = tl.arange(0, ROWS_P)
     r_ok = r < num_rows
     q_off = seq * stride_q_seq + kv_head * stride_q_head + r[:, None] * stride_q_row + d[None, :]

@@ -196,7 +196,8 @@ def _attend_one(
     if num_q == 1 and tree_mask is None:
         # Decode: every key is visible, so no mask; each op here costs ~1-2 us at 128 keys.
         qg = q.view(1, num_kv_heads, group, head_dim)
-        return F.scaled_dot_product_attention(qg, k, v, scale=scale).view(q.shape)
+        # reshape: on CUDA the output of the fused kernels need not be contiguous.
+        return F.scaled_dot_product_attention(qg, k, v, scale=scale).reshape(q.shape)
     if tree_mask is None and ctx == 0 and num_q > 1:
         # Plain prefill: is_causal with GQA is ~10% faster than an explicit mask (128 tokens).
         o = F.scaled_dot_product_attention(

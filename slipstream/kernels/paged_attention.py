@@ -218,7 +218,7 @@ def _attend_one(
         if cache is not None:
             cache["mask"] = mask
     o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
-    return o.view(num_kv_heads, num_q, group, head_dim).transpose(0, 1).reshape(q.shape)
+    return o.reshape(num_kv_heads, num_q, group, head_dim).transpose(0, 1).reshape(q.shape)
 
 
 def _new_token_mask(
@@ -264,7 +264,7 @@ def _attend_padded(
     qg = q[tok].view(num_seqs, max_q, num_kv_heads, group, head_dim).permute(0, 2, 1, 3, 4)
     qg = qg.reshape(num_seqs, num_kv_heads, max_q * group, head_dim)
     o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
-    o = o.view(num_seqs, num_kv_heads, max_q, group, head_dim).permute(0, 2, 1, 3, 4)
+    o = o.reshape(num_seqs, num_kv_heads, max_q, group, head_dim).permute(0, 2, 1, 3, 4)
     o = o.reshape(num_seqs, max_q, num_heads, head_dim)
     out[tok[valid]] = o[valid]
 

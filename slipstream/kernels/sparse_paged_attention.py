@@ -117,11 +117,11 @@ def sparse_paged_attention_ref(
         -1,
     )
     o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
-    o = o.view(nb, num_kv_heads, max_q, group, head_dim).permute(0, 2, 1, 3, 4)
+    o = o.reshape(nb, num_kv_heads, max_q, group, head_dim).permute(0, 2, 1, 3, 4)
     o = o.reshape(nb, max_q, num_heads, head_dim)
     if max_q == 1:
         if all_seqs and q.shape[0] == nb:
-            return o.view(q.shape)
+            return o.reshape(q.shape)
         out[tok[:, 0]] = o[:, 0]
         return out
     keep = j < num_q  # [B, max_q]
@@ -224,9 +224,9 @@ def _decode(
         qg, k.to(q.dtype), v.to(q.dtype), attn_mask=valid.unsqueeze(2), scale=scale
     )
     if every_row:
-        return o.view(q.shape)
+        return o.reshape(q.shape)
     out = torch.empty_like(q)
-    out[maps.q_rows] = o.view(nb, num_heads, head_dim)
+    out[maps.q_rows] = o.reshape(nb, num_heads, head_dim)
     return out
 
 

@@ -26,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from slipstream.config import DecoderSpec, ModelConfig
+from slipstream.config import DecoderSpec, Device, ModelConfig
 from slipstream.engine.engine import LLMEngine
 from slipstream.engine.sampling_params import SamplingParams
 from slipstream.testing.engines import run_to_completion, tiny_engine_config
@@ -61,7 +61,7 @@ def _prompts(n: int, vocab: int, seed: int) -> list[list[int]]:
 
 def _run(
     model_dir: str,
-    device: str,
+    device: Device,
     decoder: str,
     options: dict[str, Any],
     prompts: list[list[int]],
@@ -86,7 +86,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--out", default=None, help="write the results here (JSON)")

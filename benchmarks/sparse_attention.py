@@ -343,7 +343,10 @@ def _kernel_row(ctx: int, batch: int) -> dict[str, Any]:
 
     from slipstream.kernels.hip_mask import hip_mask
     from slipstream.kernels.paged_attention import paged_attention_triton
-    from slipstream.kernels.sparse_paged_attention import sparse_paged_attention
+    from slipstream.kernels.sparse_paged_attention import (
+        sparse_paged_attention,
+        sparse_paged_attention_triton,
+    )
 
     dev, dt = torch.device("cuda"), torch.bfloat16
     heads, kv_heads, dim, page = 32, 8, 128, 16
@@ -378,6 +381,25 @@ def _kernel_row(ctx: int, batch: int) -> dict[str, Any]:
         )
 
     block_topk = triton.testing.do_bench(topk_step)
+    top = (
+        torch.topk(
+            torch.einsum("bhd,bphd->bhp", q.view(batch, kv_heads, -1, dim).float().mean(2), means)[
+                :, :, 1 : pages - 4
+            ],
+            64,
+            dim=-1,
+        ).indices
+        + 1
+    )
+    topk_chunks = torch.cat([top, fixed], -1)  # fmt: skip
+
+    def topk_attend(splits: int | None) -> float:
+        return triton.testing.do_bench(
+            lambda: sparse_paged_attention_triton(
+                q, k_cache, v_cache, tables, qsl, lens, topk_chunks, page, dim**-0.5, None, splits
+            )
+        )
+
     # HiP (k=512 in b_k=2 blocks, 256-token window), mask reused 8 steps: attention + 1/8
     # of a search.
     blocks = (torch.arange(256, device=dev) * 3).expand(batch, kv_heads, 256)
@@ -392,17 +414,43 @@ def _kernel_row(ctx: int, batch: int) -> dict[str, Any]:
     end = torch.full((batch,), ctx // 2 - 128, device=dev)
     search = triton.testing.do_bench(lambda: hip_mask(q, k_cache, tables, qsl, start, end, 256, 2))
     hip = hip_attn + search / 8
+    # GPU time alone: each op replayed from a CUDA graph, so the host's launch overhead
+    # (the selection's ~0.3 ms in session 15) drops out of both sides.
+    graphed = {
+        "dense_sdpa": lambda: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True),
+        "block_topk": topk_step,
+        "hip_attention": lambda: sparse_paged_attention(
+            q, k_cache, v_cache, tables, qsl, lens, hip_chunks, 2, dim**-0.5
+        ),
+    }
+    graph_ms: dict[str, float | None] = {}
+    for name, fn in graphed.items():
+        try:
+            graph_ms[name] = triton.testing.do_bench_cudagraph(fn)
+        except Exception as exc:  # a capture failure is reported, not fatal
+            print(f"{name}: no CUDA graph ({type(exc).__name__}: {exc})", flush=True)
+            graph_ms[name] = None
+    g_dense, g_topk, g_hip = (
+        graph_ms["dense_sdpa"],
+        graph_ms["block_topk"],
+        graph_ms["hip_attention"],
+    )
     return {
         "context": ctx,
         "batch": batch,
         "dense_sdpa_ms": dense,
         "dense_paged_triton_ms": dense_paged,
         "block_topk_ms": block_topk,
+        "block_topk_attention_only_ms": topk_attend(None),
+        "block_topk_attention_only_one_split_ms": topk_attend(1),
         "hip_attention_ms": hip_attn,
         "hip_search_ms": search,
         "hip_ms_refresh8": hip,
         "speedup_block_topk_vs_sdpa": dense / block_topk,
         "speedup_hip_vs_sdpa": dense / hip,
+        "cudagraph_ms": graph_ms,
+        "cudagraph_speedup_block_topk_vs_sdpa": g_dense / g_topk if g_dense and g_topk else None,
+        "cudagraph_speedup_hip_attention_vs_sdpa": g_dense / g_hip if g_dense and g_hip else None,
     }
 
 

@@ -109,7 +109,7 @@ def _naive(
     return out
 
 
-def _call(op, batch: dict[str, torch.Tensor], chunks: torch.Tensor, chunk: int, tree=None):  # type: ignore[no-untyped-def]
+def _call(op, batch: dict[str, torch.Tensor], chunks: torch.Tensor, chunk: int, tree=None, **kw):  # type: ignore[no-untyped-def]
     return op(
         batch["q"],
         batch["k_cache"],
@@ -121,6 +121,7 @@ def _call(op, batch: dict[str, torch.Tensor], chunks: torch.Tensor, chunk: int, 
         chunk,
         SCALE,
         tree,
+        **kw,
     )
 
 
@@ -215,15 +216,32 @@ def test_all_chunks_selected_equals_paged_attention(
 
 @pytest.mark.parametrize("lens, num_q, is_tree", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_splits", [None, 3])
 def test_triton_matches_reference(
-    lens: list[int], num_q: list[int], is_tree: bool, dtype: torch.dtype
+    lens: list[int], num_q: list[int], is_tree: bool, dtype: torch.dtype, num_splits: int | None
 ) -> None:
+    """num_splits=3: the chunk list is shared out over three programs per (seq, KV head)
+    (some with no keys at all at these sizes) and merged by the combine kernel."""
     batch = _batch(lens, num_q, heads=6, kv_heads=2, dtype=dtype)
     chunks = _random_chunks(lens, num_q, 2, 2).int()
     tree = _tree(num_q) if is_tree else None
     ref = _call(sparse_paged_attention_ref, batch, chunks, 2, tree)
-    got = _call(sparse_paged_attention_triton, batch, chunks, 2, tree)
+    got = _call(sparse_paged_attention_triton, batch, chunks, 2, tree, num_splits=num_splits)
     assert_close_verbose(got, ref, **TOL[dtype])
+
+
+def test_triton_splits_cover_long_chunk_lists() -> None:
+    """Splits of several key tiles each (16 keys a tile here), an uneven last share, and a
+    sequence whose list is mostly padding: 1, 2, 5 and 7 splits all give the reference."""
+    lens, num_q = [300, 41], [1, 1]
+    batch = _batch(lens, num_q, heads=4, kv_heads=2, block_size=8)
+    chunks = _random_chunks(lens, num_q, 2, 3).int()
+    ref = _call(sparse_paged_attention_ref, batch, chunks, 3)
+    for splits in (1, 2, 5, 7):
+        got = _call(sparse_paged_attention_triton, batch, chunks, 3, num_splits=splits)
+        assert_close_verbose(got, ref, **TOL[torch.float32])
+    with pytest.raises(ValueError, match="num_splits"):
+        _call(sparse_paged_attention_triton, batch, chunks, 3, num_splits=0)
 
 
 def test_triton_rejects_bad_chunks() -> None:
@@ -487,8 +505,9 @@ def test_sparse_attention_triton_matches_reference_on_gpu(
     chunks = _random_chunks(lens, num_q, 2, 2).int().cuda()
     tree = _tree(num_q).cuda() if is_tree else None
     ref = _call(sparse_paged_attention_ref, batch, chunks, 2, tree)
-    got = _call(sparse_paged_attention_triton, batch, chunks, 2, tree)
-    assert_close_verbose(got, ref, **TOL[dtype])
+    for splits in (None, 1, 4):  # None: the launcher's own choice for the card
+        got = _call(sparse_paged_attention_triton, batch, chunks, 2, tree, num_splits=splits)
+        assert_close_verbose(got, ref, **TOL[dtype])
 
 
 @pytest.mark.gpu

@@ -116,6 +116,12 @@ def main() -> None:
             "case": name,
             "max_abs_err": err,
             "triton_ms": triton.testing.do_bench(run_triton),
+            # Before session 15's key splits: one program per (seq, KV head, q block).
+            "triton_one_split_ms": triton.testing.do_bench(
+                lambda call=call, scale=scale: paged_attention_triton(
+                    *call[:6], scale, call[6], num_splits=1
+                )
+            ),
             "torch_ref_ms": triton.testing.do_bench(run_ref),
             "sdpa_dense_ms": None
             if tree

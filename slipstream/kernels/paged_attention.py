@@ -341,6 +341,8 @@ def _paged_attention_kernel(
     query_start_loc_ptr,  # [num_seqs + 1]
     seq_lens_ptr,  # [num_seqs]
     tree_mask_ptr,  # [num_tokens, max_query_len] uint8 (unused when not IS_TREE)
+    part_acc_ptr,  # [num_tokens, num_heads, NUM_SPLITS, HEAD_DIM_P] fp32 (NUM_SPLITS > 1)
+    part_ml_ptr,  # [num_tokens, num_heads, NUM_SPLITS, 2] fp32: running max (log2), sum
     scale_log2,  # softmax scale * log2(e): exp2 is cheaper than exp
     stride_q_tok,
     stride_q_head,
@@ -364,11 +366,15 @@ def _paged_attention_kernel(
     IS_TREE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 (tf32 would miss 1e-5), else "tf32"
     UPCAST: tl.constexpr,  # run the dots in fp32 (the interpreter's bf16 tl.dot is wrong)
+    NUM_SPLITS: tl.constexpr,  # programs sharing one (seq, kv_head, q_block)'s keys
 ):
-    """Program (seq, kv_head, q_block): BLOCK_Q tokens x GROUP heads against all visible keys."""
+    """Program (seq, kv_head, q_block * NUM_SPLITS + split): BLOCK_Q tokens x GROUP heads
+    against the split's share of the visible keys (all of them when NUM_SPLITS = 1; else
+    the partials go to combine_splits, as flash-decoding does)."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
-    q_block = tl.program_id(2)
+    q_block = tl.program_id(2) // NUM_SPLITS
+    split = tl.program_id(2) % NUM_SPLITS
     q_start = tl.load(query_start_loc_ptr + seq).to(tl.int64)
     num_q = tl.load(query_start_loc_ptr + seq + 1).to(tl.int64) - q_start
     if q_block * BLOCK_Q < num_q:
@@ -394,7 +400,8 @@ def _paged_attention_kernel(
         kv_end = seq_len
         if not IS_TREE:
             kv_end = tl.minimum(seq_len, ctx + (q_block + 1) * BLOCK_Q)
-        for n0 in range(0, kv_end, BLOCK_N):
+        share = tl.cdiv(tl.cdiv(kv_end, BLOCK_N), NUM_SPLITS) * BLOCK_N
+        for n0 in range(split * share, tl.minimum(kv_end, (split + 1) * share), BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
             pos_ok = pos < kv_end
             bt_off = seq * stride_bt_seq + pos // PAGE_SIZE
@@ -429,10 +436,123 @@ def _paged_attention_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
 
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        o_off = (q_start + tok)[:, None] * stride_o_tok + head[:, None] * stride_o_head
-        o_mask = row_ok[:, None] & d_ok[None, :]
-        tl.store(out_ptr + o_off + d[None, :], out.to(out_ptr.dtype.element_ty), mask=o_mask)
+        if NUM_SPLITS == 1:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            o_off = (q_start + tok)[:, None] * stride_o_tok + head[:, None] * stride_o_head
+            o_mask = row_ok[:, None] & d_ok[None, :]
+            tl.store(out_ptr + o_off + d[None, :], out.to(out_ptr.dtype.element_ty), mask=o_mask)
+        else:
+            store_split_partial(
+                part_acc_ptr, part_ml_ptr, acc, m_i, l_i, q_start + tok, head, row_ok, d,
+                GROUP * tl.num_programs(1), split, NUM_SPLITS, HEAD_DIM_P,
+            )  # fmt: skip
+
+
+@triton.jit
+def store_split_partial(
+    part_acc_ptr,
+    part_ml_ptr,
+    acc,  # [BLOCK_M, HEAD_DIM_P] fp32, unnormalised
+    m_i,  # [BLOCK_M] running max (log2 domain)
+    l_i,  # [BLOCK_M] running sum
+    token,  # [BLOCK_M] int64 row of q
+    head,  # [BLOCK_M]
+    row_ok,  # [BLOCK_M]
+    d,  # [HEAD_DIM_P] arange
+    num_heads,
+    split,
+    NUM_SPLITS: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
+):
+    """One split's partial softmax: row (token, head) holds NUM_SPLITS contiguous entries."""
+    part = (token * num_heads + head) * NUM_SPLITS + split
+    tl.store(part_acc_ptr + part[:, None] * HEAD_DIM_P + d[None, :], acc, mask=row_ok[:, None])
+    tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)
+    tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    part_acc_ptr,  # [num_tokens * num_heads, NUM_SPLITS, HEAD_DIM_P] fp32
+    part_ml_ptr,  # [num_tokens * num_heads, NUM_SPLITS, 2] fp32
+    out_ptr,  # [num_tokens, num_heads, head_dim]
+    num_heads,
+    stride_o_tok,
+    stride_o_head,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_P: tl.constexpr,  # power of two >= NUM_SPLITS
+):
+    """Program (token * num_heads + head): merge the splits' partial softmaxes."""
+    row = tl.program_id(0).to(tl.int64)
+    sp = tl.arange(0, SPLITS_P)
+    sp_ok = sp < NUM_SPLITS
+    d = tl.arange(0, HEAD_DIM_P)
+    m = tl.load(part_ml_ptr + (row * NUM_SPLITS + sp) * 2, mask=sp_ok, other=float("-inf"))
+    ls = tl.load(part_ml_ptr + (row * NUM_SPLITS + sp) * 2 + 1, mask=sp_ok, other=0.0)
+    acc_off = (row * NUM_SPLITS + sp)[:, None] * HEAD_DIM_P + d[None, :]
+    acc = tl.load(part_acc_ptr + acc_off, mask=sp_ok[:, None], other=0.0)
+    m_max = tl.max(m, 0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_safe))  # [SPLITS_P]
+    total = tl.sum(w * ls, 0)
+    out = tl.sum(w[:, None] * acc, 0) / tl.where(total > 0, total, 1.0)
+    tok = row // num_heads
+    head = row % num_heads
+    o_off = tok * stride_o_tok + head * stride_o_head + d
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def auto_splits(q: torch.Tensor, programs: int, key_tiles: int) -> int:
+    """Splits so that ~2 programs run per SM, each with >= 2 key tiles; 1 off CUDA.
+
+    H200, batch 4, 8 KV heads, ~1100 selected keys (17 tiles of 64): 32 programs alone
+    took 0.085 ms for ~18 MB of K/V (session 15), a few microseconds of bandwidth."""
+    if not q.is_cuda:
+        return 1
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    wanted = triton.cdiv(2 * _SM_COUNT[index], max(1, programs))
+    return max(1, min(wanted, key_tiles // 2, 32))
+
+
+def split_partials(
+    q: torch.Tensor, num_splits: int, head_dim_p: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scratch for the splits' partials (q itself as an unused placeholder when 1)."""
+    if num_splits == 1:
+        return q, q
+    num_tokens, num_heads = q.shape[0], q.shape[1]
+    part_acc = q.new_empty((num_tokens, num_heads, num_splits, head_dim_p), dtype=torch.float32)
+    part_ml = q.new_empty((num_tokens, num_heads, num_splits, 2), dtype=torch.float32)
+    return part_acc, part_ml
+
+
+def combine_splits(
+    part_acc: torch.Tensor,  # [num_tokens, num_heads, num_splits, head_dim_p] fp32
+    part_ml: torch.Tensor,  # [num_tokens, num_heads, num_splits, 2] fp32
+    out: torch.Tensor,  # [num_tokens, num_heads, head_dim], written
+    head_dim: int,
+) -> None:
+    """Merge the splits' partial softmaxes into out: one program per (token, head)."""
+    num_tokens, num_heads, num_splits, head_dim_p = part_acc.shape
+    _combine_splits_kernel[(num_tokens * num_heads,)](
+        part_acc,
+        part_ml,
+        out,
+        num_heads,
+        out.stride(0),
+        out.stride(1),
+        HEAD_DIM=head_dim,
+        HEAD_DIM_P=head_dim_p,
+        NUM_SPLITS=num_splits,
+        SPLITS_P=triton.next_power_of_2(num_splits),
+    )
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -448,11 +568,16 @@ def paged_attention_triton(
     seq_lens: torch.Tensor,  # [num_seqs] int32
     scale: float,
     tree_mask: torch.Tensor | None = None,  # [num_tokens, max_query_len] bool
+    num_splits: int | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """Triton launcher: checks the arguments, then one program per (seq, kv head, q block)."""
+    """Triton launcher: checks the arguments, then num_splits programs per (seq, kv head,
+    q block) over the keys, merged by combine_splits when more than one. num_splits=None:
+    auto_splits' choice (1 in the interpreter)."""
     check_paged_attention_args(
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, tree_mask
     )
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     num_seqs = seq_lens.shape[0]
@@ -468,11 +593,20 @@ def paged_attention_triton(
     # masked when n_q = 1); longer runs use 64-row tiles.
     rows = 16 if max_query_len * group_p <= 16 else 64
     block_q = max(1, rows // group_p)
-    grid = (num_seqs, num_kv_heads, triton.cdiv(max_query_len, block_q))
+    block_n = 64 if q.is_cuda else 16  # small tiles keep the CPU interpreter quick
+    q_blocks = triton.cdiv(max_query_len, block_q)
+    # The longest sequence bounds the key tiles without a sync: the block table's width.
+    key_tiles = triton.cdiv(block_tables.shape[1] * block_size, block_n)
+    if num_splits is None:
+        num_splits = auto_splits(q, num_seqs * num_kv_heads * q_blocks, key_tiles)
+    num_splits = max(1, min(num_splits, key_tiles))
+    grid = (num_seqs, num_kv_heads, q_blocks * num_splits)
     tm = tree_mask.view(torch.uint8) if tree_mask is not None else q  # q: unused placeholder
     # NOTE: Triton 3.9's interpreter returns garbage (~1e10) from tl.dot on bf16 operands;
     # fp32 dots of bf16 values are exact products, so only the summation order differs.
     upcast = triton_interpreting() and q.dtype == torch.bfloat16
+    head_dim_p = max(16, triton.next_power_of_2(head_dim))
+    part_acc, part_ml = split_partials(q, num_splits, head_dim_p)
     _paged_attention_kernel[grid](
         q,
         k_cache,
@@ -482,6 +616,8 @@ def paged_attention_triton(
         query_start_loc,
         seq_lens,
         tm,
+        part_acc,
+        part_ml,
         scale * 1.4426950408889634,  # log2(e)
         q.stride(0),
         q.stride(1),
@@ -497,15 +633,18 @@ def paged_attention_triton(
         tm.stride(0) if tree_mask is not None else 0,
         PAGE_SIZE=block_size,
         HEAD_DIM=head_dim,
-        HEAD_DIM_P=max(16, triton.next_power_of_2(head_dim)),
+        HEAD_DIM_P=head_dim_p,
         GROUP=group,
         GROUP_P=group_p,
         BLOCK_Q=block_q,
-        BLOCK_N=64 if q.is_cuda else 16,  # small tiles keep the CPU interpreter quick
+        BLOCK_N=block_n,
         IS_TREE=tree_mask is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32",
         UPCAST=upcast,
+        NUM_SPLITS=num_splits,
     )
+    if num_splits > 1:
+        combine_splits(part_acc, part_ml, out, head_dim)
     return out
 
 

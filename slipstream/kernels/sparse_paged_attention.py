@@ -27,7 +27,14 @@ import triton.language as tl
 
 from slipstream.kernels._dispatch import triton_interpreting, use_triton
 from slipstream.kernels.cpu.paged_decode_attention import paged_decode_attention
-from slipstream.kernels.paged_attention import check_paged_attention_args, use_cpu_decode_kernel
+from slipstream.kernels.paged_attention import (
+    auto_splits,
+    check_paged_attention_args,
+    combine_splits,
+    split_partials,
+    store_split_partial,
+    use_cpu_decode_kernel,
+)
 
 # ----------------------------------------------------------------------------- reference
 
@@ -279,7 +286,7 @@ def _sparse_paged_attention_kernel(
     cached chunks, then (last split only) the new tokens.
 
     With NUM_SPLITS > 1 each program leaves its unnormalised partial (running max, sum,
-    weighted values) for _combine_splits_kernel: at batch 4 x 8 KV heads a decode step is
+    weighted values) for combine_splits: at batch 4 x 8 KV heads a decode step is
     otherwise 32 programs on a 132-SM H200, each walking ~1100 keys alone."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -377,45 +384,10 @@ def _sparse_paged_attention_kernel(
             o_mask = row_ok[:, None] & d_ok[None, :]
             tl.store(out_ptr + o_off + d[None, :], out.to(out_ptr.dtype.element_ty), mask=o_mask)
         else:
-            # Partials are contiguous: row (token, head) holds NUM_SPLITS entries.
-            part = ((q_start + tok) * (GROUP * tl.num_programs(1)) + head) * NUM_SPLITS + split
-            acc_off = part[:, None] * HEAD_DIM_P + d[None, :]
-            tl.store(part_acc_ptr + acc_off, acc, mask=row_ok[:, None])
-            tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)
-            tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
-
-
-@triton.jit
-def _combine_splits_kernel(
-    part_acc_ptr,  # [num_tokens * num_heads, NUM_SPLITS, HEAD_DIM_P] fp32
-    part_ml_ptr,  # [num_tokens * num_heads, NUM_SPLITS, 2] fp32
-    out_ptr,  # [num_tokens, num_heads, head_dim]
-    num_heads,
-    stride_o_tok,
-    stride_o_head,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_P: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    SPLITS_P: tl.constexpr,  # power of two >= NUM_SPLITS
-):
-    """Program (token * num_heads + head): merge the splits' partial softmaxes."""
-    row = tl.program_id(0).to(tl.int64)
-    sp = tl.arange(0, SPLITS_P)
-    sp_ok = sp < NUM_SPLITS
-    d = tl.arange(0, HEAD_DIM_P)
-    m = tl.load(part_ml_ptr + (row * NUM_SPLITS + sp) * 2, mask=sp_ok, other=float("-inf"))
-    ls = tl.load(part_ml_ptr + (row * NUM_SPLITS + sp) * 2 + 1, mask=sp_ok, other=0.0)
-    acc_off = (row * NUM_SPLITS + sp)[:, None] * HEAD_DIM_P + d[None, :]
-    acc = tl.load(part_acc_ptr + acc_off, mask=sp_ok[:, None], other=0.0)
-    m_max = tl.max(m, 0)
-    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_safe))  # [SPLITS_P]
-    total = tl.sum(w * ls, 0)
-    out = tl.sum(w[:, None] * acc, 0) / tl.where(total > 0, total, 1.0)
-    tok = row // num_heads
-    head = row % num_heads
-    o_off = tok * stride_o_tok + head * stride_o_head + d
-    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+            store_split_partial(
+                part_acc_ptr, part_ml_ptr, acc, m_i, l_i, q_start + tok, head, row_ok, d,
+                GROUP * tl.num_programs(1), split, NUM_SPLITS, HEAD_DIM_P,
+            )  # fmt: skip
 
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -436,7 +408,7 @@ def sparse_paged_attention_triton(
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Triton launcher: checks the arguments, then num_splits programs per (seq, kv head,
     q block), merged by a second kernel when more than one. num_splits=None: enough to give
-    every SM two programs on CUDA (see _auto_splits), 1 in the interpreter."""
+    every SM two programs on CUDA (see auto_splits), 1 in the interpreter."""
     _check_args(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, chunks, tree_mask)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -458,17 +430,13 @@ def sparse_paged_attention_triton(
     q_blocks = triton.cdiv(max_query_len, block_q)
     key_tiles = triton.cdiv(chunks.shape[2] * chunk_size, block_n)
     if num_splits is None:
-        num_splits = _auto_splits(q, num_seqs * num_kv_heads * q_blocks, key_tiles)
+        num_splits = auto_splits(q, num_seqs * num_kv_heads * q_blocks, key_tiles)
     num_splits = max(1, min(num_splits, key_tiles))
     grid = (num_seqs, num_kv_heads, q_blocks * num_splits)
     tm = tree_mask.view(torch.uint8) if tree_mask is not None else q  # q: unused placeholder
     upcast = triton_interpreting() and q.dtype == torch.bfloat16
     head_dim_p = max(16, triton.next_power_of_2(head_dim))
-    if num_splits > 1:
-        part_acc = q.new_empty((num_tokens, num_heads, num_splits, head_dim_p), dtype=torch.float32)
-        part_ml = q.new_empty((num_tokens, num_heads, num_splits, 2), dtype=torch.float32)
-    else:
-        part_acc = part_ml = q  # unused placeholders
+    part_acc, part_ml = split_partials(q, num_splits, head_dim_p)
     _sparse_paged_attention_kernel[grid](
         q,
         k_cache,
@@ -511,36 +479,8 @@ def sparse_paged_attention_triton(
         NUM_SPLITS=num_splits,
     )
     if num_splits > 1:
-        _combine_splits_kernel[(num_tokens * num_heads,)](
-            part_acc,
-            part_ml,
-            out,
-            num_heads,
-            out.stride(0),
-            out.stride(1),
-            HEAD_DIM=head_dim,
-            HEAD_DIM_P=head_dim_p,
-            NUM_SPLITS=num_splits,
-            SPLITS_P=triton.next_power_of_2(num_splits),
-        )
+        combine_splits(part_acc, part_ml, out, head_dim)
     return out
-
-
-_SM_COUNT: dict[int, int] = {}
-
-
-def _auto_splits(q: torch.Tensor, programs: int, key_tiles: int) -> int:
-    """Splits so that ~2 programs run per SM, each with >= 2 key tiles; 1 off CUDA.
-
-    H200, batch 4, 8 KV heads, ~1100 selected keys (17 tiles of 64): 32 programs alone
-    took 0.085 ms for ~18 MB of K/V (session 15), a few microseconds of bandwidth."""
-    if not q.is_cuda:
-        return 1
-    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    wanted = triton.cdiv(2 * _SM_COUNT[index], max(1, programs))
-    return max(1, min(wanted, key_tiles // 2, 32))
 
 
 def _check_args(

@@ -88,7 +88,8 @@ def _launch_all() -> None:
             qsl = torch.tensor([0, num_q[0], sum(num_q)], dtype=torch.int32)
             lens = torch.tensor([300, 200], dtype=torch.int32)
             mask = torch.ones(sum(num_q), max(num_q), dtype=torch.bool) if tree else None
-            paged_attention_triton(q, k_cache, v_cache, tables, qsl, lens, 0.1, mask)
+            for splits in (1, 4):
+                paged_attention_triton(q, k_cache, v_cache, tables, qsl, lens, 0.1, mask, splits)
             if mask is not None:
                 tree_attention_triton(q, k_cache, v_cache, tables, qsl, lens, 0.1, mask)
             chunks = torch.arange(40, dtype=torch.int32).expand(2, kv_heads, 40).contiguous()

@@ -97,9 +97,11 @@ def _launch_all() -> None:
                 sparse_paged_attention_triton(
                     q, k_cache, v_cache, tables, qsl, lens, chunks, 2, 0.1, mask, splits
                 )
-            hip_mask_triton(
-                q, k_cache, tables, qsl, torch.tensor([0, 0]), torch.tensor([100, 60]), 16, 2
-            )
+            for num_select in (16, 256):  # 256: the benchmark's k = 512 tokens in 2-token blocks
+                hip_mask_triton(
+                    q, k_cache, tables, qsl, torch.tensor([0, 0]), torch.tensor([250, 60]),
+                    num_select, 2,
+                )  # fmt: skip
         store_kv_triton(
             torch.zeros(5, kv_heads, dim, dtype=dtype),
             torch.zeros(5, kv_heads, dim, dtype=dtype),

@@ -17,7 +17,7 @@ KERNELS = {
     "_tree_attention_kernel",
     "_sparse_paged_attention_kernel",
     "_combine_splits_kernel",
-    "_hip_score_kernel",
+    "_hip_search_kernel",
     "_store_kv_kernel",
     "_page_summary_kernel",
 }

@@ -368,6 +368,36 @@ def test_hip_mask_triton_matches_reference(num_q: list[int], dtype: torch.dtype)
     assert torch.equal(hip_mask_triton(*args), hip_mask_ref(*args))
 
 
+@pytest.mark.parametrize(
+    "num_select, block_k, starts, ends",
+    [
+        (1, 2, [0, 3], [40, 20]),  # one node: log2(40) rounds down to a single block
+        (5, 3, [2, 0], [33, 30]),  # block_k not a power of two
+        (16, 1, [0, 5], [37, 9]),  # K above one region's size: returned whole, -1 padded
+        (8, 2, [30, 0], [10, 0]),  # empty regions (start >= end): all -1
+    ],
+)
+def test_hip_search_kernel_matches_reference(
+    num_select: int, block_k: int, starts: list[int], ends: list[int]
+) -> None:
+    """The one-launch search against the host loop, over node counts that are not powers
+    of two, odd block sizes, small and empty regions, and a 3-token query block."""
+    batch = _batch([100, 95], [3, 1], heads=6, kv_heads=2, block_size=8)
+    args = (
+        batch["q"],
+        batch["k_cache"],
+        batch["block_tables"],
+        batch["query_start_loc"],
+        torch.tensor(starts),
+        torch.tensor(ends),
+        num_select,
+        block_k,
+    )
+    want = hip_mask_ref(*args)
+    assert torch.equal(hip_mask_triton(*args), want)
+    assert want.shape == (2, 2, num_select)
+
+
 # ----------------------------------------------------------------------------- page means
 
 

@@ -341,6 +341,7 @@ def _kernel_row(ctx: int, batch: int) -> dict[str, Any]:
     import torch.nn.functional as F
     import triton.testing
 
+    from slipstream.kernels.cpu.page_topk import select_top_pages
     from slipstream.kernels.hip_mask import hip_mask
     from slipstream.kernels.paged_attention import paged_attention_triton
     from slipstream.kernels.sparse_paged_attention import (
@@ -367,36 +368,31 @@ def _kernel_row(ctx: int, batch: int) -> dict[str, Any]:
     dense_paged = triton.testing.do_bench(
         lambda: paged_attention_triton(q, k_cache, v_cache, tables, qsl, lens, dim**-0.5)
     )
-    # Block top-k: 64 pages (Kinetics' benchmark budget) + sink page + 4 window pages.
-    means = k_cache.float().mean(1).view(batch, pages, kv_heads, dim)
+    # Block top-k: 64 pages (Kinetics' benchmark budget) + sink page + 4 window pages,
+    # chosen as the engine does (select_top_pages: one Triton launch for the page scores on
+    # CUDA, then torch.topk) from head-major mean keys and the group-mean query.
+    summary = k_cache.float().mean(1).transpose(0, 1).contiguous()  # [H, blocks, D]
     fixed = torch.tensor([0, *range(pages - 4, pages)], device=dev).expand(batch, kv_heads, 5)
+    ends, ks = [pages - 4] * batch, [64] * batch
+
+    def topk_chunks() -> torch.Tensor:
+        pooled = q.view(batch, kv_heads, -1, dim).float().mean(2, keepdim=True)  # [B, H, 1, D]
+        top = select_top_pages(pooled, summary, tables, ends, 1, ks)
+        return torch.cat([top, fixed], -1)
 
     def topk_step() -> torch.Tensor:
-        qm = q.view(batch, kv_heads, -1, dim).float().mean(2)
-        s = torch.einsum("bhd,bphd->bhp", qm, means)
-        top = torch.topk(s[:, :, 1 : pages - 4], 64, dim=-1).indices + 1
-        chunks = torch.cat([top, fixed], -1)
         return sparse_paged_attention(
-            q, k_cache, v_cache, tables, qsl, lens, chunks, page, dim**-0.5
+            q, k_cache, v_cache, tables, qsl, lens, topk_chunks(), page, dim**-0.5
         )
 
     block_topk = triton.testing.do_bench(topk_step)
-    top = (
-        torch.topk(
-            torch.einsum("bhd,bphd->bhp", q.view(batch, kv_heads, -1, dim).float().mean(2), means)[
-                :, :, 1 : pages - 4
-            ],
-            64,
-            dim=-1,
-        ).indices
-        + 1
-    )
-    topk_chunks = torch.cat([top, fixed], -1)  # fmt: skip
+    block_topk_select = triton.testing.do_bench(topk_chunks)
+    chosen = topk_chunks()
 
     def topk_attend(splits: int | None) -> float:
         return triton.testing.do_bench(
             lambda: sparse_paged_attention_triton(
-                q, k_cache, v_cache, tables, qsl, lens, topk_chunks, page, dim**-0.5, None, splits
+                q, k_cache, v_cache, tables, qsl, lens, chosen, page, dim**-0.5, None, splits
             )
         )
 
@@ -441,6 +437,7 @@ def _kernel_row(ctx: int, batch: int) -> dict[str, Any]:
         "dense_sdpa_ms": dense,
         "dense_paged_triton_ms": dense_paged,
         "block_topk_ms": block_topk,
+        "block_topk_select_only_ms": block_topk_select,
         "block_topk_attention_only_ms": topk_attend(None),
         "block_topk_attention_only_one_split_ms": topk_attend(1),
         "hip_attention_ms": hip_attn,

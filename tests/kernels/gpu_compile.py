@@ -72,6 +72,7 @@ def _compile_only() -> None:
 def _launch_all() -> None:
     """Every launcher at the shapes the engine and the benchmarks use (bf16 and fp32)."""
     from slipstream.kernels.hip_mask import hip_mask_triton
+    from slipstream.kernels.page_scores import page_scores_triton
     from slipstream.kernels.page_summaries import page_key_bounds_triton, page_mean_keys_triton
     from slipstream.kernels.paged_attention import paged_attention_triton
     from slipstream.kernels.sparse_paged_attention import sparse_paged_attention_triton
@@ -115,6 +116,10 @@ def _launch_all() -> None:
         )
         summary = torch.zeros(64, kv_heads, dim, dtype=dtype)
         page_mean_keys_triton(k_cache, summary, pages, counts)
+        if dtype == torch.float32:  # page scores take fp32 summaries only
+            pooled = torch.zeros(2, kv_heads, 1, dim)
+            head_major = summary.transpose(0, 1).contiguous()
+            page_scores_triton(pooled, head_major, tables, [30, 12], 1)
         page_key_bounds_triton(k_cache, summary, summary.clone(), pages, counts)
 
 

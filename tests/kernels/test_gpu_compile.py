@@ -20,6 +20,7 @@ KERNELS = {
     "_hip_search_kernel",
     "_store_kv_kernel",
     "_page_summary_kernel",
+    "_page_scores_kernel",
 }
 
 

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
+from slipstream.kernels._dispatch import use_triton
 from slipstream.kernels.cpu.build import CppFunction
+from slipstream.kernels.page_scores import page_scores_ref, page_scores_triton
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 # q, seqs, kv heads, group, width, summary, blocks, tables + stride, region ends, sink pages,
@@ -80,22 +82,17 @@ def page_topk_ref(
     top_k: list[int],  # pages kept per sequence
     rerank: Rerank | None = None,
 ) -> torch.Tensor:  # [R, H, max(top_k)] int64 logical pages, best first, -1 padded
-    """One gather of the scored pages' summaries, one batched product, a masked top-k
-    (then, with `rerank`, the shortlist's exact key logits and a second top-k)."""
-    num_seqs, heads, width = q.shape[0], q.shape[1], q.shape[3]
+    """The page scores (one Triton launch on CUDA, else a gather and a batched product),
+    a masked top-k (then, with `rerank`, the shortlist's exact key logits and a second
+    top-k)."""
+    num_seqs, heads = q.shape[0], q.shape[1]
     num_scored = max(region_end, default=0)
     k_max = max(top_k, default=0)
     if num_scored == 0 or k_max == 0:
         return torch.full((num_seqs, heads, k_max), -1, dtype=torch.long, device=q.device)
-    scored = tables[:, :num_scored].reshape(-1).long()
-    rows = summary.index_select(1, scored).view(heads, num_seqs, num_scored, width)
-    scores = torch.matmul(q.transpose(0, 1), rows.transpose(2, 3))  # [H, R, G, P]
-    scores = scores.amax(2).transpose(0, 1)  # [R, H, P]
+    score_op = page_scores_triton if use_triton(q) else page_scores_ref
+    scores = score_op(q, summary, tables, region_end, sink_pages)  # [R, H, P]
     dev = q.device
-    pos = torch.arange(num_scored, device=dev).view(1, 1, -1)
-    ends = torch.tensor(region_end, device=dev).view(-1, 1, 1)
-    ineligible = (pos < sink_pages) | (pos >= ends)
-    scores = scores.masked_fill(ineligible, float("-inf"))
     if rerank is not None:
         short = torch.topk(scores, min(rerank.shortlist, num_scored), dim=-1)
         exact = best_key_logits(rerank.qh, rerank.k_cache, tables, short.indices)
@@ -188,7 +185,7 @@ def select_top_pages(
     rerank: Rerank | None = None,
 ) -> torch.Tensor:  # [R, H, max(top_k)] int64
     """The C++ kernel for CPU tensors where it runs (a rerank over a bf16 cache with head
-    size % 32 == 0), else the reference (CUDA included)."""
+    size % 32 == 0), else page_topk_ref (on CUDA its scores come from one Triton launch)."""
     kernel = q.device.type == "cpu" and page_topk_unavailable_reason() is None
     if rerank is not None:
         kc = rerank.k_cache

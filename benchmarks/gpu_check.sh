@@ -20,8 +20,9 @@
 #   sparse_kernel  benchmarks/sparse_attention.py --parts kernel: block top-k and HiP decode
 #                  attention vs dense SDPA (flash) at 32k and 128k on random data (issue #7)
 # The device image has torch, triton and pytest; slipstream runs from the checkout. The
-# default model's GGUF (98 MB) is larger than what one call carries (64 MiB): BENCHMARKS.md
-# ("GPU") gives the two-call recipe that assembles it there and sets MODEL.
+# default model's GGUF (98 MB) is larger than what one call carries (64 MiB):
+# benchmarks/gpu_model.sh splits it here and puts it together there over two calls, and
+# sets MODEL for the spec_decode steps.
 # At most 8 files come back from $OUT: any two steps write at most 7.
 set -u
 OUT=${OUT:-/tmp/gpu_check}

@@ -436,22 +436,18 @@ def _paged_attention_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
 
-        if NUM_SPLITS == 1:
-            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-            o_off = (q_start + tok)[:, None] * stride_o_tok + head[:, None] * stride_o_head
-            o_mask = row_ok[:, None] & d_ok[None, :]
-            tl.store(out_ptr + o_off + d[None, :], out.to(out_ptr.dtype.element_ty), mask=o_mask)
-        else:
-            store_split_partial(
-                part_acc_ptr, part_ml_ptr, acc, m_i, l_i, q_start + tok, head, row_ok, d,
-                GROUP * tl.num_programs(1), split, NUM_SPLITS, HEAD_DIM_P,
-            )  # fmt: skip
+        store_rows(
+            out_ptr, part_acc_ptr, part_ml_ptr, acc, m_i, l_i, q_start + tok, head, row_ok, d,
+            d_ok, stride_o_tok, stride_o_head, GROUP * tl.num_programs(1), split, NUM_SPLITS,
+            HEAD_DIM_P,
+        )  # fmt: skip
 
 
 @triton.jit
-def store_split_partial(
-    part_acc_ptr,
-    part_ml_ptr,
+def store_rows(
+    out_ptr,  # [num_tokens, num_heads, head_dim]
+    part_acc_ptr,  # [num_tokens, num_heads, NUM_SPLITS, HEAD_DIM_P] fp32 (NUM_SPLITS > 1)
+    part_ml_ptr,  # [num_tokens, num_heads, NUM_SPLITS, 2] fp32
     acc,  # [BLOCK_M, HEAD_DIM_P] fp32, unnormalised
     m_i,  # [BLOCK_M] running max (log2 domain)
     l_i,  # [BLOCK_M] running sum
@@ -459,16 +455,27 @@ def store_split_partial(
     head,  # [BLOCK_M]
     row_ok,  # [BLOCK_M]
     d,  # [HEAD_DIM_P] arange
+    d_ok,  # [HEAD_DIM_P]
+    stride_o_tok,
+    stride_o_head,
     num_heads,
     split,
     NUM_SPLITS: tl.constexpr,
     HEAD_DIM_P: tl.constexpr,
 ):
-    """One split's partial softmax: row (token, head) holds NUM_SPLITS contiguous entries."""
-    part = (token * num_heads + head) * NUM_SPLITS + split
-    tl.store(part_acc_ptr + part[:, None] * HEAD_DIM_P + d[None, :], acc, mask=row_ok[:, None])
-    tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)
-    tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
+    """The rows' normalised output; or, split, this split's partial softmax for
+    combine_splits (row (token, head) holds NUM_SPLITS contiguous entries)."""
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        o_off = token[:, None] * stride_o_tok + head[:, None] * stride_o_head + d[None, :]
+        o_mask = row_ok[:, None] & d_ok[None, :]
+        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        part = (token * num_heads + head) * NUM_SPLITS + split
+        acc_off = part[:, None] * HEAD_DIM_P + d[None, :]
+        tl.store(part_acc_ptr + acc_off, acc, mask=row_ok[:, None])
+        tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)
+        tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
 
 
 @triton.jit

@@ -32,7 +32,7 @@ from slipstream.kernels.paged_attention import (
     check_paged_attention_args,
     combine_splits,
     split_partials,
-    store_split_partial,
+    store_rows,
     use_cpu_decode_kernel,
 )
 
@@ -378,16 +378,11 @@ def _sparse_paged_attention_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
 
-        if NUM_SPLITS == 1:
-            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-            o_off = (q_start + tok)[:, None] * stride_o_tok + head[:, None] * stride_o_head
-            o_mask = row_ok[:, None] & d_ok[None, :]
-            tl.store(out_ptr + o_off + d[None, :], out.to(out_ptr.dtype.element_ty), mask=o_mask)
-        else:
-            store_split_partial(
-                part_acc_ptr, part_ml_ptr, acc, m_i, l_i, q_start + tok, head, row_ok, d,
-                GROUP * tl.num_programs(1), split, NUM_SPLITS, HEAD_DIM_P,
-            )  # fmt: skip
+        store_rows(
+            out_ptr, part_acc_ptr, part_ml_ptr, acc, m_i, l_i, q_start + tok, head, row_ok, d,
+            d_ok, stride_o_tok, stride_o_head, GROUP * tl.num_programs(1), split, NUM_SPLITS,
+            HEAD_DIM_P,
+        )  # fmt: skip
 
 
 _INDEX_DTYPES = (torch.int32, torch.int64)

@@ -14,6 +14,7 @@ This one op covers prefill, chunked prefill, decode (n_q = 1) and tree verificat
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -585,36 +586,18 @@ def paged_attention_triton(
     )
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    num_tokens, num_heads, head_dim = q.shape
+    num_tokens, head_dim = q.shape[0], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     num_seqs = seq_lens.shape[0]
     out = torch.empty_like(q)
     if num_tokens == 0 or num_seqs == 0:
         return out
-    group = num_heads // num_kv_heads
-    group_p = triton.next_power_of_2(group)
-    # The longest query run, without a device sync: the tree mask's width, else num_tokens
-    # (programs past a sequence's end exit at once).
-    max_query_len = num_tokens if tree_mask is None else min(num_tokens, tree_mask.shape[1])
-    # tl.dot needs >= 16 rows: decode packs 16 // group_p tokens' worth of rows (mostly
-    # masked when n_q = 1); longer runs use 64-row tiles.
-    rows = 16 if max_query_len * group_p <= 16 else 64
-    block_q = max(1, rows // group_p)
-    block_n = 64 if q.is_cuda else 16  # small tiles keep the CPU interpreter quick
-    q_blocks = triton.cdiv(max_query_len, block_q)
-    # The longest sequence bounds the key tiles without a sync: the block table's width.
-    key_tiles = triton.cdiv(block_tables.shape[1] * block_size, block_n)
-    if num_splits is None:
-        num_splits = auto_splits(q, num_seqs * num_kv_heads * q_blocks, key_tiles)
-    num_splits = max(1, min(num_splits, key_tiles))
-    grid = (num_seqs, num_kv_heads, q_blocks * num_splits)
-    tm = tree_mask.view(torch.uint8) if tree_mask is not None else q  # q: unused placeholder
-    # NOTE: Triton 3.9's interpreter returns garbage (~1e10) from tl.dot on bf16 operands;
-    # fp32 dots of bf16 values are exact products, so only the summation order differs.
-    upcast = triton_interpreting() and q.dtype == torch.bfloat16
-    head_dim_p = max(16, triton.next_power_of_2(head_dim))
-    part_acc, part_ml = split_partials(q, num_splits, head_dim_p)
-    _paged_attention_kernel[grid](
+    # The longest sequence bounds the keys without a sync: the block table's width.
+    lp = plan_launch(
+        q, tree_mask, num_kv_heads, num_seqs, block_tables.shape[1] * block_size, num_splits
+    )
+    tm = lp.tree_mask
+    _paged_attention_kernel[lp.grid](
         q,
         k_cache,
         v_cache,
@@ -623,8 +606,8 @@ def paged_attention_triton(
         query_start_loc,
         seq_lens,
         tm,
-        part_acc,
-        part_ml,
+        lp.part_acc,
+        lp.part_ml,
         scale * 1.4426950408889634,  # log2(e)
         q.stride(0),
         q.stride(1),
@@ -640,19 +623,73 @@ def paged_attention_triton(
         tm.stride(0) if tree_mask is not None else 0,
         PAGE_SIZE=block_size,
         HEAD_DIM=head_dim,
-        HEAD_DIM_P=head_dim_p,
-        GROUP=group,
-        GROUP_P=group_p,
-        BLOCK_Q=block_q,
-        BLOCK_N=block_n,
-        IS_TREE=tree_mask is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32",
-        UPCAST=upcast,
-        NUM_SPLITS=num_splits,
+        **lp.kernel_constants,
     )
-    if num_splits > 1:
-        combine_splits(part_acc, part_ml, out, head_dim)
+    if lp.num_splits > 1:
+        combine_splits(lp.part_acc, lp.part_ml, out, head_dim)
     return out
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Tiles, grid and split scratch of one paged (or sparse paged) attention launch."""
+
+    grid: tuple[int, int, int]
+    tree_mask: torch.Tensor  # uint8 view of the tree mask, or q as an unused placeholder
+    num_splits: int
+    part_acc: torch.Tensor  # split partials (q as a placeholder when num_splits == 1)
+    part_ml: torch.Tensor
+    kernel_constants: dict[str, Any]  # the constexprs both kernels take alike
+
+
+def plan_launch(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim], num_tokens > 0
+    tree_mask: torch.Tensor | None,
+    num_kv_heads: int,
+    num_seqs: int,
+    max_keys: int,  # bound on the keys one (seq, kv head) walks, known without a sync
+    num_splits: int | None,
+) -> LaunchPlan:
+    """Row tiles, key tiles, the split count (auto_splits' unless given) and its scratch."""
+    num_tokens, num_heads, head_dim = q.shape
+    group = num_heads // num_kv_heads
+    group_p = triton.next_power_of_2(group)
+    # The longest query run, without a device sync: the tree mask's width, else num_tokens
+    # (programs past a sequence's end exit at once).
+    max_query_len = num_tokens if tree_mask is None else min(num_tokens, tree_mask.shape[1])
+    # tl.dot needs >= 16 rows: decode packs 16 // group_p tokens' worth of rows (mostly
+    # masked when n_q = 1); longer runs use 64-row tiles.
+    rows = 16 if max_query_len * group_p <= 16 else 64
+    block_q = max(1, rows // group_p)
+    block_n = 64 if q.is_cuda else 16  # small tiles keep the CPU interpreter quick
+    q_blocks = triton.cdiv(max_query_len, block_q)
+    key_tiles = triton.cdiv(max_keys, block_n)
+    if num_splits is None:
+        num_splits = auto_splits(q, num_seqs * num_kv_heads * q_blocks, key_tiles)
+    num_splits = max(1, min(num_splits, key_tiles))
+    # NOTE: Triton 3.9's interpreter returns garbage (~1e10) from tl.dot on bf16 operands;
+    # fp32 dots of bf16 values are exact products, so only the summation order differs.
+    upcast = triton_interpreting() and q.dtype == torch.bfloat16
+    head_dim_p = max(16, triton.next_power_of_2(head_dim))
+    part_acc, part_ml = split_partials(q, num_splits, head_dim_p)
+    return LaunchPlan(
+        grid=(num_seqs, num_kv_heads, q_blocks * num_splits),
+        tree_mask=tree_mask.view(torch.uint8) if tree_mask is not None else q,
+        num_splits=num_splits,
+        part_acc=part_acc,
+        part_ml=part_ml,
+        kernel_constants={
+            "HEAD_DIM_P": head_dim_p,
+            "GROUP": group,
+            "GROUP_P": group_p,
+            "BLOCK_Q": block_q,
+            "BLOCK_N": block_n,
+            "IS_TREE": tree_mask is not None,
+            "DOT_PRECISION": "ieee" if q.dtype == torch.float32 or upcast else "tf32",
+            "UPCAST": upcast,
+            "NUM_SPLITS": num_splits,
+        },
+    )
 
 
 def check_paged_attention_args(

@@ -25,13 +25,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from slipstream.kernels._dispatch import triton_interpreting, use_triton
+from slipstream.kernels._dispatch import use_triton
 from slipstream.kernels.cpu.paged_decode_attention import paged_decode_attention
 from slipstream.kernels.paged_attention import (
-    auto_splits,
     check_paged_attention_args,
     combine_splits,
-    split_partials,
+    plan_launch,
     store_rows,
     use_cpu_decode_kernel,
 )
@@ -409,30 +408,16 @@ def sparse_paged_attention_triton(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    num_tokens, num_heads, head_dim = q.shape
+    num_tokens, head_dim = q.shape[0], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     num_seqs = seq_lens.shape[0]
     out = torch.empty_like(q)
     if num_tokens == 0 or num_seqs == 0:
         return out
-    group = num_heads // num_kv_heads
-    group_p = triton.next_power_of_2(group)
-    max_query_len = num_tokens if tree_mask is None else min(num_tokens, tree_mask.shape[1])
-    # tl.dot needs >= 16 rows: decode packs 16 // group_p tokens' worth of rows.
-    rows = 16 if max_query_len * group_p <= 16 else 64
-    block_q = max(1, rows // group_p)
-    block_n = 64 if q.is_cuda else 16  # small tiles keep the CPU interpreter quick
-    q_blocks = triton.cdiv(max_query_len, block_q)
-    key_tiles = triton.cdiv(chunks.shape[2] * chunk_size, block_n)
-    if num_splits is None:
-        num_splits = auto_splits(q, num_seqs * num_kv_heads * q_blocks, key_tiles)
-    num_splits = max(1, min(num_splits, key_tiles))
-    grid = (num_seqs, num_kv_heads, q_blocks * num_splits)
-    tm = tree_mask.view(torch.uint8) if tree_mask is not None else q  # q: unused placeholder
-    upcast = triton_interpreting() and q.dtype == torch.bfloat16
-    head_dim_p = max(16, triton.next_power_of_2(head_dim))
-    part_acc, part_ml = split_partials(q, num_splits, head_dim_p)
-    _sparse_paged_attention_kernel[grid](
+    max_keys = chunks.shape[2] * chunk_size
+    lp = plan_launch(q, tree_mask, num_kv_heads, num_seqs, max_keys, num_splits)
+    tm = lp.tree_mask
+    _sparse_paged_attention_kernel[lp.grid](
         q,
         k_cache,
         v_cache,
@@ -442,8 +427,8 @@ def sparse_paged_attention_triton(
         seq_lens,
         chunks,
         tm,
-        part_acc,
-        part_ml,
+        lp.part_acc,
+        lp.part_ml,
         scale * 1.4426950408889634,  # log2(e)
         chunks.shape[2],
         q.stride(0),
@@ -463,18 +448,10 @@ def sparse_paged_attention_triton(
         PAGE_SIZE=block_size,
         CHUNK=chunk_size,
         HEAD_DIM=head_dim,
-        HEAD_DIM_P=head_dim_p,
-        GROUP=group,
-        GROUP_P=group_p,
-        BLOCK_Q=block_q,
-        BLOCK_N=block_n,
-        IS_TREE=tree_mask is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32",
-        UPCAST=upcast,
-        NUM_SPLITS=num_splits,
+        **lp.kernel_constants,
     )
-    if num_splits > 1:
-        combine_splits(part_acc, part_ml, out, head_dim)
+    if lp.num_splits > 1:
+        combine_splits(lp.part_acc, lp.part_ml, out, head_dim)
     return out
 
 

@@ -8,7 +8,7 @@ import torch
 
 from slipstream.kernels import hip_mask as hm
 from slipstream.kernels.cpu.hip_mask import hip_search_unavailable_reason
-from tests.kernels.test_sparse_kernels import _batch, _block_scores, _search_plain
+from tests.kernels.test_sparse_kernels import _batch, _block_scores, _hip_args, _search_plain
 
 pytestmark = pytest.mark.skipif(
     hip_search_unavailable_reason() is not None, reason=f"{hip_search_unavailable_reason()}"
@@ -23,16 +23,7 @@ def test_matches_plain_search_and_reference(
     lens = [130, 95]
     batch = _batch(lens, num_q, heads=4, kv_heads=2, head_dim=head_dim, block_size=8, dtype=dtype)
     start, end = torch.tensor([2, 1]), torch.tensor([40, 29])
-    args = (
-        batch["q"],
-        batch["k_cache"],
-        batch["block_tables"],
-        batch["query_start_loc"],
-        start,
-        end,
-        5,
-        block_k,
-    )
+    args = _hip_args(batch, start, end, 5, block_k)
     got = hm.hip_mask(*args)  # the C++ search on this CPU
     assert torch.equal(got, hm.hip_mask_ref(*args))
     for b in range(2):
@@ -44,16 +35,7 @@ def test_matches_plain_search_and_reference(
 
 def test_small_and_empty_regions() -> None:
     batch = _batch([40, 40], [1, 1], block_size=8)
-    got = hm.hip_mask(
-        batch["q"],
-        batch["k_cache"],
-        batch["block_tables"],
-        batch["query_start_loc"],
-        torch.tensor([3, 9]),
-        torch.tensor([7, 9]),
-        6,
-        2,
-    )
+    got = hm.hip_mask(*_hip_args(batch, torch.tensor([3, 9]), torch.tensor([7, 9]), 6, 2))
     assert got[0, 0].tolist() == [3, 4, 5, 6, -1, -1]  # 4 blocks <= 6: returned whole
     assert got[1, 1].tolist() == [-1] * 6  # nothing to search
 

@@ -269,6 +269,18 @@ def _block_scores(batch: dict[str, torch.Tensor], b: int, block_k: int) -> torch
     return logits[:, :usable].view(kv_heads, -1, block_k).amax(-1)
 
 
+def _hip_args(
+    batch: dict[str, torch.Tensor],
+    start: torch.Tensor,
+    end: torch.Tensor,
+    num_select: int,
+    block_k: int,
+) -> tuple[torch.Tensor | int, ...]:
+    """The HiP search ops' arguments over a _batch: queries, cache, tables, the region."""
+    names = ("q", "k_cache", "block_tables", "query_start_loc")
+    return (*(batch[n] for n in names), start, end, num_select, block_k)
+
+
 def _search_plain(scores: list[float], start: int, end: int, k: int) -> list[int]:
     """HiP's branch-and-prune in plain Python over precomputed key-block scores."""
     size = end - start
@@ -293,16 +305,7 @@ def test_hip_mask_matches_plain_search(num_q: list[int]) -> None:
     batch = _batch(lens, num_q, heads=4, kv_heads=2, block_size=8)
     start = torch.tensor([2, 1])
     end = torch.tensor([30, 25])
-    got = hip_mask_ref(
-        batch["q"],
-        batch["k_cache"],
-        batch["block_tables"],
-        batch["query_start_loc"],
-        start,
-        end,
-        5,
-        2,
-    )
+    got = hip_mask_ref(*_hip_args(batch, start, end, 5, 2))
     for b in range(2):
         scores = _block_scores(batch, b, 2)
         for h in range(2):
@@ -312,16 +315,7 @@ def test_hip_mask_matches_plain_search(num_q: list[int]) -> None:
 
 def test_hip_mask_small_region_is_returned_whole() -> None:
     batch = _batch([40], [1], block_size=8)
-    got = hip_mask_ref(
-        batch["q"],
-        batch["k_cache"],
-        batch["block_tables"],
-        batch["query_start_loc"],
-        torch.tensor([3]),
-        torch.tensor([7]),
-        6,
-        2,
-    )
+    got = hip_mask_ref(*_hip_args(batch, torch.tensor([3]), torch.tensor([7]), 6, 2))
     assert got[0, 0].tolist() == [3, 4, 5, 6, -1, -1]
 
 
@@ -355,16 +349,7 @@ def test_hip_mask_finds_dense_top_k_on_local_peaks() -> None:
 def test_hip_mask_triton_matches_reference(num_q: list[int], dtype: torch.dtype) -> None:
     lens = [90, 61]
     batch = _batch(lens, num_q, heads=6, kv_heads=2, block_size=8, dtype=dtype)
-    args = (
-        batch["q"],
-        batch["k_cache"],
-        batch["block_tables"],
-        batch["query_start_loc"],
-        torch.tensor([2, 0]),
-        torch.tensor([40, 28]),
-        6,
-        2,
-    )
+    args = _hip_args(batch, torch.tensor([2, 0]), torch.tensor([40, 28]), 6, 2)
     assert torch.equal(hip_mask_triton(*args), hip_mask_ref(*args))
 
 
@@ -383,16 +368,7 @@ def test_hip_search_kernel_matches_reference(
     """The one-launch search against the host loop, over node counts that are not powers
     of two, odd block sizes, small and empty regions, and a 3-token query block."""
     batch = _batch([100, 95], [3, 1], heads=6, kv_heads=2, block_size=8)
-    args = (
-        batch["q"],
-        batch["k_cache"],
-        batch["block_tables"],
-        batch["query_start_loc"],
-        torch.tensor(starts),
-        torch.tensor(ends),
-        num_select,
-        block_k,
-    )
+    args = _hip_args(batch, torch.tensor(starts), torch.tensor(ends), num_select, block_k)
     want = hip_mask_ref(*args)
     assert torch.equal(hip_mask_triton(*args), want)
     assert want.shape == (2, 2, num_select)
@@ -546,15 +522,8 @@ def test_hip_mask_triton_matches_reference_on_gpu(num_q: list[int]) -> None:
     """64 of ~1000 key blocks per KV head, as the decoder asks at 2k context (float32 keys, so
     that the two sides' logits differ by rounding alone and random scores do not tie)."""
     batch = _to_cuda(_batch([2100, 1500], num_q, 8, 2, 128, 16))
-    args = (
-        batch["q"],
-        batch["k_cache"],
-        batch["block_tables"],
-        batch["query_start_loc"],
-        torch.tensor([4, 0], device="cuda"),
-        torch.tensor([1000, 700], device="cuda"),
-        64,
-        2,
+    args = _hip_args(
+        batch, torch.tensor([4, 0], device="cuda"), torch.tensor([1000, 700], device="cuda"), 64, 2
     )
     assert torch.equal(hip_mask_triton(*args), hip_mask_ref(*args))
 

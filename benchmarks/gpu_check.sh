@@ -47,6 +47,13 @@ step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.log, record rc a
 
 model_args=()
 if [ -n "${MODEL:-}" ]; then model_args=(--model "$MODEL"); fi
+spec() {  # spec NAME SECONDS ARGS...: spec_decode.py, batch 1, 256 tokens, interleaved
+    local name=$1 limit=$2
+    shift 2
+    step "$name" "$limit" "$PY" benchmarks/spec_decode.py "${model_args[@]}" --interleave \
+        --max-tokens 256 --no-penalty-workload --json "$OUT/$name.json" "$@"
+}
+faithful="standard,TR faithful cold,TR faithful hot"
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(smoke pytest_gpu kernels_gpu spec_decode sparse_kernel)
 for s in "${steps[@]}"; do
@@ -55,21 +62,13 @@ for s in "${steps[@]}"; do
     pytest_gpu) step pytest_gpu 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/kernels ;;
     kernels_gpu) step kernels_gpu 100 "$PY" benchmarks/kernels_gpu.py --out "$OUT/kernels_gpu.json" ;;
     spec_decode)
-        step spec_decode 220 "$PY" benchmarks/spec_decode.py "${model_args[@]}" --interleave \
-            --max-tokens 256 --per-category 2 --no-penalty-workload \
-            --configs "standard,ngram k=8,TR faithful cold,TR faithful hot,TR calibrated hot" \
-            --json "$OUT/spec_decode.json" ;;
+        spec spec_decode 220 --per-category 2 \
+            --configs "standard,ngram k=8,TR faithful cold,TR faithful hot,TR calibrated hot" ;;
     spec_decode_fp32)  # float32: do greedy answers equal standard's without bf16 rounding?
-        step spec_decode_fp32 150 "$PY" benchmarks/spec_decode.py "${model_args[@]}" --interleave \
-            --dtype float32 --max-tokens 256 --per-category 1 --no-penalty-workload \
-            --configs "standard,TR faithful cold,TR faithful hot" \
-            --json "$OUT/spec_decode_fp32.json" ;;
+        spec spec_decode_fp32 150 --dtype float32 --per-category 1 --configs "$faithful" ;;
     spec_decode_unseen)  # the faithful tree on prompts never tuned on
-        step spec_decode_unseen 180 "$PY" benchmarks/spec_decode.py "${model_args[@]}" \
-            --interleave --prompts benchmarks/data/unseen_prompts.jsonl --max-tokens 256 \
-            --per-category 2 --no-penalty-workload \
-            --configs "standard,TR faithful cold,TR faithful hot" \
-            --json "$OUT/spec_decode_unseen.json" ;;
+        spec spec_decode_unseen 180 --prompts benchmarks/data/unseen_prompts.jsonl \
+            --per-category 2 --configs "$faithful" ;;
     sparse_kernel)
         step sparse_kernel 150 "$PY" benchmarks/sparse_attention.py --parts kernel \
             --kernel-contexts 32768,131072 --kernel-batch 4 --out "$OUT/sparse_kernel.json" ;;

@@ -26,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from slipstream.config import DecoderSpec, Device, ModelConfig
+from slipstream.config import Device
 from slipstream.engine.engine import LLMEngine
 from slipstream.engine.sampling_params import SamplingParams
 from slipstream.testing.engines import run_to_completion, tiny_engine_config
@@ -70,11 +70,8 @@ def _run(
     cfg = tiny_engine_config(
         model_dir, decoder, options, num_blocks=512, max_num_batched_tokens=2048
     )
-    cfg = replace(
-        cfg,
-        model=ModelConfig(model=model_dir, dtype="float32", device=device),
-        decoder=DecoderSpec(decoder, options),
-    )
+    # tiny_engine_config is a CPU config: only the device changes.
+    cfg = replace(cfg, model=replace(cfg.model, device=device))
     engine = LLMEngine(cfg)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()

@@ -29,7 +29,7 @@ def page_scores_ref(
     scores = torch.matmul(q.transpose(0, 1), rows.transpose(2, 3))  # [H, R, G, P]
     scores = scores.amax(2).transpose(0, 1)  # [R, H, P]
     pos = torch.arange(num_scored, device=q.device).view(1, 1, -1)
-    ends = torch.tensor(region_end, device=q.device).view(-1, 1, 1)
+    ends = index_tensor(region_end, q.device).view(-1, 1, 1)
     return scores.masked_fill((pos < sink_pages) | (pos >= ends), float("-inf"))
 
 
@@ -102,7 +102,7 @@ def page_scores_triton(
     out = torch.empty(num_seqs, heads, num_pages, dtype=torch.float32, device=q.device)
     if num_pages == 0 or num_seqs == 0:
         return out
-    ends = _device_ends(region_end, q.device)
+    ends = index_tensor(region_end, q.device)
     block_p = 64 if q.is_cuda else 16
     grid = (num_seqs, heads, triton.cdiv(num_pages, block_p))
     _page_scores_kernel[grid](
@@ -129,17 +129,20 @@ def page_scores_triton(
     return out
 
 
-# region_end as a device tensor, kept per (device, values): in decoding it changes once a
-# page (every 16 steps), and a cached tensor also lets the step be captured in a CUDA graph
-# (a host-to-device copy cannot be). Bounded: cleared at 256 entries.
-_ENDS: dict[tuple[torch.device, tuple[int, ...]], torch.Tensor] = {}
+# Small int64 lists as tensors, kept per (device, values): region ends and budgets change
+# once a page in decoding (every 16 steps), torch.tensor costs ~5 us a call (a few per
+# layer), and on CUDA a cached tensor also lets the step be captured in a CUDA graph (a
+# host-to-device copy cannot be). Bounded: cleared at 256 entries.
+_INDEX_TENSORS: dict[tuple[torch.device, tuple[int, ...]], torch.Tensor] = {}
 
 
-def _device_ends(region_end: list[int], device: torch.device) -> torch.Tensor:
-    key = (device, tuple(region_end))
-    ends = _ENDS.get(key)
-    if ends is None:
-        if len(_ENDS) >= 256:
-            _ENDS.clear()
-        ends = _ENDS[key] = torch.tensor(region_end, dtype=torch.int64, device=device)
-    return ends
+def index_tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    """values as an int64 tensor on device, shared by every caller asking for the same
+    values there (read it, never write it)."""
+    key = (device, tuple(values))
+    found = _INDEX_TENSORS.get(key)
+    if found is None:
+        if len(_INDEX_TENSORS) >= 256:
+            _INDEX_TENSORS.clear()
+        found = _INDEX_TENSORS[key] = torch.tensor(values, dtype=torch.int64, device=device)
+    return found

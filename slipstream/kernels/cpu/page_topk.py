@@ -21,7 +21,7 @@ import torch
 
 from slipstream.kernels._dispatch import use_triton
 from slipstream.kernels.cpu.build import CppFunction
-from slipstream.kernels.page_scores import page_scores_ref, page_scores_triton
+from slipstream.kernels.page_scores import index_tensor, page_scores_ref, page_scores_triton
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 # q, seqs, kv heads, group, width, summary, blocks, tables + stride, region ends, sink pages,
@@ -139,7 +139,8 @@ def page_topk(
     tables = tables.to(torch.int32)
     if tables.stride(-1) != 1:
         tables = tables.contiguous()
-    ends, ks = _step_lists(region_end, top_k)
+    cpu = torch.device("cpu")
+    ends, ks = index_tensor(region_end, cpu), index_tensor(top_k, cpu)
     k_max = max(top_k, default=0)
     out = torch.empty(num_seqs, heads, k_max, dtype=torch.long)
     second: tuple[int | None, ...] = (None, 0, None, 0, 0, 0)
@@ -172,24 +173,6 @@ def page_topk(
     if status != 0:
         raise ValueError("a block table entry lies outside the page summaries")
     return out
-
-
-# (region ends, top-k) as int64 tensors, kept per value: in decoding they change once a page
-# (every 16 steps), and two torch.tensor calls cost ~9 us a layer. Cleared at 64 entries.
-_LISTS: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _step_lists(region_end: list[int], top_k: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (tuple(region_end), tuple(top_k))
-    found = _LISTS.get(key)
-    if found is None:
-        if len(_LISTS) >= 64:
-            _LISTS.clear()
-        found = _LISTS[key] = (
-            torch.tensor(region_end, dtype=torch.int64),
-            torch.tensor(top_k, dtype=torch.int64),
-        )
-    return found
 
 
 def select_top_pages(

@@ -17,6 +17,9 @@
 #                  (issue #5's GPU target: >= 1.8x standard on the faithful tree)
 #   spec_decode_fp32, spec_decode_unseen: the same in float32 (6 builtin prompts), and in bf16
 #                  on 12 of benchmarks/data/unseen_prompts.jsonl (not in the default list)
+#   spec_decode_bi the faithful tree with --batch-invariant, bf16, 12 builtin prompts: are the
+#                  answers now all equal to standard's (they were 4-6/12 without), and at what
+#                  speed (the invariant kernels give up cuBLAS and flash-style tiles)
 #   sparse_kernel  benchmarks/sparse_attention.py --parts kernel: block top-k and HiP decode
 #                  attention vs dense SDPA (flash) at 32k and 128k on random data (issue #7)
 # The device image has torch, triton and pytest; slipstream runs from the checkout. The
@@ -69,6 +72,8 @@ for s in "${steps[@]}"; do
     spec_decode_unseen)  # the faithful tree on prompts never tuned on
         spec spec_decode_unseen 180 --prompts benchmarks/data/unseen_prompts.jsonl \
             --per-category 2 --configs "$faithful" ;;
+    spec_decode_bi)
+        spec spec_decode_bi 200 --batch-invariant --per-category 2 --configs "$faithful" ;;
     sparse_kernel)
         step sparse_kernel 150 "$PY" benchmarks/sparse_attention.py --parts kernel \
             --kernel-contexts 32768,131072 --kernel-batch 4 --out "$OUT/sparse_kernel.json" ;;

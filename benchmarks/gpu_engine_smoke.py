@@ -9,8 +9,10 @@ step of benchmarks/gpu_check.sh, so that an engine bug on CUDA shows in seconds.
     SLIPSTREAM_KERNELS=triton TRITON_INTERPRET=1 SLIPSTREAM_CPU_KERNELS=0 \\
         python benchmarks/gpu_engine_smoke.py --device cpu            # the same Triton paths here
 
-float32 throughout: GEMMs of different row counts may round differently on a GPU, so a
-count below the total is reported, not raised; an exception fails the config.
+float32 for CONFIGS: GEMMs of different row counts may round differently on a GPU, so a
+count below the total is reported, not raised; an exception fails the config. Then bf16
+with and without --batch-invariant (BF16_CONFIGS), each against bf16 standard decoding
+with the same setting: with it, every answer must equal standard's.
 """
 
 from __future__ import annotations
@@ -49,6 +51,13 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
+# bf16 speculation, each against bf16 standard decoding with the same batch_invariant flag.
+BF16_CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
+    ("ngram", "ngram", {}),
+    ("token_recycling official", "token_recycling", {"adaptive": False, "dynamic_tree": False}),
+]
+
+
 def _prompts(n: int, vocab: int, seed: int) -> list[list[int]]:
     """Random prompts with repeated spans, so that drafts get accepted."""
     rng = random.Random(seed)
@@ -66,12 +75,16 @@ def _run(
     options: dict[str, Any],
     prompts: list[list[int]],
     max_tokens: int,
+    bf16_invariant: bool | None = None,  # None: float32; else bf16 with batch_invariant=it
 ) -> tuple[list[list[int]], float]:
     cfg = tiny_engine_config(
         model_dir, decoder, options, num_blocks=512, max_num_batched_tokens=2048
     )
-    # tiny_engine_config is a CPU config: only the device changes.
-    cfg = replace(cfg, model=replace(cfg.model, device=device))
+    # tiny_engine_config is a float32 CPU config: the device changes, and the dtype for bf16.
+    model = replace(cfg.model, device=device)
+    if bf16_invariant is not None:
+        model = replace(model, dtype="bfloat16", batch_invariant=bf16_invariant)
+    cfg = replace(cfg, model=model)
     engine = LLMEngine(cfg)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()
@@ -109,6 +122,30 @@ def main() -> int:
                 failed += 1
                 results[label] = {"error": traceback.format_exc(limit=8)}
             print(label, json.dumps(results[label])[:2000], flush=True)
+        for invariant in (False, True):
+            name = "bf16 batch-invariant" if invariant else "bf16"
+            try:
+                bf16_ref, seconds = _run(
+                    model_dir, args.device, "standard", {}, prompts, args.max_tokens, invariant
+                )
+                results[f"{name} standard"] = {"seconds": round(seconds, 2)}
+                for label, decoder, options in BF16_CONFIGS:
+                    tokens, seconds = _run(
+                        model_dir, args.device, decoder, options, prompts, args.max_tokens,
+                        invariant,
+                    )  # fmt: skip
+                    same = sum(a == b for a, b in zip(tokens, bf16_ref, strict=True))
+                    results[f"{name} {label}"] = {
+                        "same_as_standard": f"{same}/{len(prompts)}",
+                        "seconds": round(seconds, 2),
+                    }
+                    # With the flag a difference is a bug, not rounding.
+                    failed += int(invariant and same != len(prompts))
+            except Exception:
+                failed += 1
+                results[f"{name} error"] = {"error": traceback.format_exc(limit=8)}
+            print(name, json.dumps({k: v for k, v in results.items() if k.startswith(name)}),
+                  flush=True)  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     return 1 if failed else 0

@@ -216,6 +216,7 @@ def run_workload(
             decoder=decoder,
             decoder_config=options,
             kv_cache_memory_gib=1.0,
+            batch_invariant=args.batch_invariant,
         )
         llm.chat([{"role": "user", "content": "Hi"}])  # warm-up (also warms a hot matrix)
         if llm.engine.runner.device.type == "cuda":
@@ -402,6 +403,11 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="model folder (default: the default model)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="every engine with --batch-invariant (on CUDA: answers equal standard's in bf16)",
+    )
     ap.add_argument("--per-category", type=int, default=0, help="prompts per category (0 = all)")
     ap.add_argument("--categories", default=None, help="comma-separated builtin categories")
     ap.add_argument(

@@ -22,6 +22,10 @@ class ModelConfig:
     # None = the model's own max_position_embeddings.
     max_model_len: int | None = None
     seed: int = 0
+    # Batch-invariant kernels: a row's result does not depend on the rows beside it, so
+    # speculative decoding gives standard decoding's tokens bit for bit on a GPU too
+    # (engine/batch_invariant.py). Off by default: slower on CUDA.
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):

@@ -44,6 +44,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--seed", type=int, default=ModelConfig.seed, help="Engine random seed.")
     g.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="Run kernels whose per-row results do not depend on the batch (projections, "
+        "norms, dense attention), so speculative decoders return standard decoding's greedy "
+        "tokens bit for bit on CUDA too. Slower on CUDA; bf16 on an AVX512-BF16 CPU is "
+        "batch-invariant already; refused where no invariant path exists (float32 CPU).",
+    )
+    g.add_argument(
         "--decoder",
         default=DecoderSpec.name,
         help=f"Decoding strategy, one of: {', '.join(_decoder_names())}. (default: %(default)s)",
@@ -110,6 +118,7 @@ def engine_config_from_args(
             device=args.device,
             max_model_len=args.max_model_len,
             seed=args.seed,
+            batch_invariant=args.batch_invariant,
         ),
         cache=CacheConfig(
             block_size=args.block_size,

@@ -40,6 +40,7 @@ class LLM:
         num_kv_blocks: int | None = None,
         enable_prefix_caching: bool = CacheConfig.enable_prefix_caching,
         seed: int = 0,
+        batch_invariant: bool = False,
     ) -> None:
         config = EngineConfig(
             model=ModelConfig(
@@ -48,6 +49,7 @@ class LLM:
                 device=device,  # type: ignore[arg-type]
                 max_model_len=max_model_len,
                 seed=seed,
+                batch_invariant=batch_invariant,
             ),
             cache=CacheConfig(
                 block_size=block_size,

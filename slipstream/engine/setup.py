@@ -79,6 +79,10 @@ def load_engine_model(config: ModelConfig) -> LoadedModel:
     elif packed_for == "onednn":
         reason = skinny_unavailable_reason()
         logger.info("bf16 weights pre-packed for oneDNN (skinny_linear unavailable: %s)", reason)
+    if config.batch_invariant:
+        from slipstream.engine.batch_invariant import make_batch_invariant
+
+        logger.info("batch-invariant: %s", make_batch_invariant(model, packed_for))
     tokenizer = load_tokenizer(path)
     gen_config = os.path.join(path, "generation_config.json") if os.path.isdir(path) else None
     eos = eos_token_ids(

@@ -6,6 +6,7 @@ this checks the engine's calls into them (session 15's first GPU run found its b
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -54,3 +55,35 @@ def test_sparse_attention_on_triton_prunes_like_the_reference(
     got = _tokens(tiny_model_dir, "sparse_attention", options)
     monkeypatch.setenv("SLIPSTREAM_KERNELS", "torch")
     assert got == _tokens(tiny_model_dir, "sparse_attention", options)
+
+
+@pytest.mark.usefixtures("triton_path")
+def test_batch_invariant_bf16_speculation_gives_standard_tokens(
+    tiny_model_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--batch-invariant on the Triton path (as on CUDA), bf16: the invariant kernels run,
+    and token recycling and ngram return standard's greedy tokens."""
+    from slipstream.engine.batch_invariant import InvariantAttentionBackend
+    from slipstream.kernels.invariant_linear import invariant_linear_triton
+
+    monkeypatch.setenv("SLIPSTREAM_PACK_WEIGHTS", "0")  # no CPU packing: the CUDA layout
+
+    rng = random.Random(5)
+    # Short (the interpreter runs one program per token and KV head), repeated: drafts accept.
+    prompts = [[rng.randrange(3, 500) for _ in range(n)] * 3 + [7] for n in (5, 7)]
+
+    def tokens(decoder: str) -> tuple[list[list[int]], int]:
+        config = tiny_engine_config(tiny_model_dir, decoder)
+        model = replace(config.model, dtype="bfloat16", batch_invariant=True)
+        engine = LLMEngine(replace(config, model=model))
+        llama = engine.loaded.model
+        assert all(isinstance(b, InvariantAttentionBackend) for b in llama.attn_backends)
+        assert llama.layers[0].linear is invariant_linear_triton
+        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+        outs = run_to_completion(engine, prompts, params)
+        return [list(o.outputs[0].token_ids) for o in outs], engine.totals.spec_num_draft_tokens
+
+    want, _ = tokens("standard")
+    for decoder in ("token_recycling", "ngram"):
+        got, drafted = tokens(decoder)
+        assert drafted > 0 and got == want, decoder

@@ -72,6 +72,9 @@ def _compile_only() -> None:
 def _launch_all() -> None:
     """Every launcher at the shapes the engine and the benchmarks use (bf16 and fp32)."""
     from slipstream.kernels.hip_mask import hip_mask_triton
+    from slipstream.kernels.invariant_attention import invariant_paged_attention_triton
+    from slipstream.kernels.invariant_linear import invariant_linear_triton
+    from slipstream.kernels.invariant_rms_norm import add_rms_norm_triton
     from slipstream.kernels.page_scores import page_scores_triton
     from slipstream.kernels.page_summaries import page_key_bounds_triton, page_mean_keys_triton
     from slipstream.kernels.paged_attention import paged_attention_triton
@@ -93,6 +96,7 @@ def _launch_all() -> None:
                 paged_attention_triton(q, k_cache, v_cache, tables, qsl, lens, 0.1, mask, splits)
             if mask is not None:
                 tree_attention_triton(q, k_cache, v_cache, tables, qsl, lens, 0.1, mask)
+            invariant_paged_attention_triton(q, k_cache, v_cache, tables, qsl, lens, 0.1, mask)
             chunks = torch.arange(40, dtype=torch.int32).expand(2, kv_heads, 40).contiguous()
             for splits in (1, 4):
                 sparse_paged_attention_triton(
@@ -121,6 +125,13 @@ def _launch_all() -> None:
             head_major = summary.transpose(0, 1).contiguous()
             page_scores_triton(pooled, head_major, tables, [30, 12], 1)
         page_key_bounds_triton(k_cache, summary, summary.clone(), pages, counts)
+        # --batch-invariant at the default model's shapes: fused q|k|v, LM head, the norms.
+        for rows in (1, 81):
+            x = torch.zeros(rows, 576, dtype=dtype)
+            invariant_linear_triton(x, torch.zeros(960, 576, dtype=dtype), None)
+            invariant_linear_triton(x, torch.zeros(49152, 576, dtype=dtype), None, torch.float32)
+            h = torch.zeros(rows, 576)
+            add_rms_norm_triton(h, x, torch.ones(576), 1e-5, dtype)
 
 
 def main() -> int:

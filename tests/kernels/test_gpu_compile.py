@@ -21,6 +21,10 @@ KERNELS = {
     "_store_kv_kernel",
     "_page_summary_kernel",
     "_page_scores_kernel",
+    "_invariant_linear_kernel",
+    "_add_rms_norm_kernel",
+    "_invariant_attention_kernel",
+    "_invariant_combine_kernel",
 }
 
 

@@ -235,6 +235,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head_packed: torch.Tensor | None = None
         self.lm_head_skinny: torch.Tensor | None = None
         self.add_norm: NormFn = add_rms_norm_ref  # the final norm (see the layers')
+        # float32 logits from (hidden, head weight) when set (engine/batch_invariant.py).
+        self.logits_linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def pack_for_cpu(self) -> str | None:
         """Pre-pack bf16 weights for the CPU kernels that run them: which ("skinny_linear"
@@ -310,6 +312,8 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [R, vocab] float32
         """LM head over the rows the caller picked ([R, hidden])."""
         weight = self.embed_tokens if self.lm_head is None else self.lm_head
+        if self.logits_linear is not None:
+            return self.logits_linear(hidden, weight)
         if self.lm_head_skinny is not None:
             # float32 accumulators written unrounded: no bf16 ties to refine.
             return skinny_linear(hidden, self.lm_head_skinny, None, torch.float32)

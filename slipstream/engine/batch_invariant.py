@@ -1,0 +1,99 @@
+"""--batch-invariant: every op whose rounding could follow the batch runs a kernel whose
+rows do not, so a verified draft token gets the logits that decoding it alone gives.
+
+Where the engine stands without it:
+- CPU, bf16 with skinny_linear (AVX512-BF16): already invariant. skinny_linear.cpp, the
+  C++ norm and the C++ decode attention were built for it (session 13: token recycling's
+  answers equal standard's, 48/48), so the flag changes nothing there.
+- CUDA: cuBLAS, PyTorch's reductions and paged_attention.py's shared key tiles all round
+  by shape; on an H200 in bf16, token recycling matched standard greedy on 4-6 of 12
+  prompts. With the flag: invariant_linear (projections and LM head, float32 logits),
+  add_rms_norm_triton (residual add + norms) and invariant_paged_attention (dense
+  attention). RoPE, SiLU * up and the embedding are elementwise or gathers: invariant
+  as they are.
+- CPU without skinny_linear (float32, or no AVX512-BF16): oneDNN and ATen pick kernels by
+  shape and there is no invariant CPU path, so the flag is refused there.
+
+Sparse attention layers keep their own backends (sparse attention is approximate anyway).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from slipstream.engine.attention import AttentionMetadata
+from slipstream.kernels._dispatch import use_triton
+from slipstream.kernels.invariant_attention import invariant_paged_attention_triton, token_layout
+from slipstream.kernels.invariant_linear import invariant_linear_triton
+from slipstream.kernels.invariant_rms_norm import add_rms_norm_triton
+from slipstream.kernels.store_kv import store_kv
+
+logger = logging.getLogger(__name__)
+
+
+class InvariantAttentionBackend:
+    """Dense attention over the paged cache, each query as if decoded alone."""
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        """Store, then attend over everything the sequence has."""
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping, meta.scratch)
+        layout = meta.scratch.get("invariant_layout")
+        if layout is None:  # once a step, shared by every layer
+            layout = meta.scratch["invariant_layout"] = token_layout(
+                meta.query_start_loc, meta.seq_lens, meta.tree_mask, q.shape[0]
+            )
+        return invariant_paged_attention_triton(
+            q,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.query_start_loc,
+            meta.seq_lens,
+            scale,
+            meta.tree_mask,
+            meta.max_seq_len,
+            layout,
+        )
+
+
+def _float32_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    # float32 accumulators written unrounded: no bf16 ties for _refine_top_logits to break.
+    return invariant_linear_triton(hidden, weight, None, torch.float32)
+
+
+def make_batch_invariant(model: Any, packed_for: str | None) -> str:
+    """Switch the model to batch-invariant kernels; returns which path it runs on.
+
+    packed_for is what pack_for_cpu returned. ValueError where no invariant path exists.
+    """
+    if packed_for == "skinny_linear":
+        return "cpu kernels (already batch-invariant)"
+    weight = model.embed_tokens
+    if not use_triton(weight):
+        raise ValueError(
+            "--batch-invariant needs CUDA (its Triton kernels) or bfloat16 on a CPU with "
+            f"AVX512-BF16 (the C++ kernels); this model is {weight.dtype} on {weight.device}"
+            + (f" (weights packed for {packed_for})" if packed_for else "")
+        )
+    for layer in model.layers:
+        layer.packed = None  # oneDNN's copies (a forced-Triton CPU run) would bypass it
+        layer.linear = layer.linear_one_row = invariant_linear_triton
+        layer.add_norm = add_rms_norm_triton
+    model.add_norm = add_rms_norm_triton
+    model.logits_linear = _float32_logits
+    for i in range(len(model.layers)):
+        model.set_attention_backend(i, InvariantAttentionBackend())
+    logger.info("batch-invariant Triton kernels: linear, add + RMSNorm, paged attention")
+    return "triton kernels"

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -254,6 +255,12 @@ def engine_kwargs(
         del kwargs["max_model_len"]
     kwargs.update(options.extra_args)
     return kwargs
+
+
+def vllm_environment(config: EngineConfig) -> dict[str, str]:
+    """Environment variables our flags map to: --batch-invariant is vLLM's
+    VLLM_BATCH_INVARIANT=1 (read when its engine starts; its workers inherit it)."""
+    return {"VLLM_BATCH_INVARIANT": "1"} if config.model.batch_invariant else {}
 
 
 def _vllm_dtype(dtype: str, on_gpu: bool) -> str:
@@ -551,6 +558,7 @@ class VllmEngineClient:
         """Build vLLM's AsyncLLM (loads the model in vLLM's engine-core process)."""
         if self._llm is not None:
             return
+        os.environ.update(vllm_environment(self.config))
         try:
             import vllm
         except ImportError as exc:

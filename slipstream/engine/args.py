@@ -49,7 +49,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="Run kernels whose per-row results do not depend on the batch (projections, "
         "norms, dense attention), so speculative decoders return standard decoding's greedy "
         "tokens bit for bit on CUDA too. Slower on CUDA; bf16 on an AVX512-BF16 CPU is "
-        "batch-invariant already; refused where no invariant path exists (float32 CPU).",
+        "batch-invariant already; refused where no invariant path exists (float32 CPU). "
+        "With --backend vllm: vLLM's VLLM_BATCH_INVARIANT=1.",
     )
     g.add_argument(
         "--decoder",

@@ -29,6 +29,7 @@ from slipstream.backends.vllm_backend import (
     step_stats,
     token_logprobs,
     update_state,
+    vllm_environment,
     vllm_options_from_args,
 )
 from slipstream.config import (
@@ -201,6 +202,12 @@ def test_engine_kwargs_on_gpu_and_overrides() -> None:
     assert kw["enable_prefix_caching"] is False
     assert kw["max_num_seqs"] == 99  # --vllm-arg wins
     assert kw["block_size"] == 32
+
+
+def test_batch_invariant_maps_to_vllms_environment_variable() -> None:
+    assert vllm_environment(EngineConfig()) == {}
+    config = EngineConfig(model=ModelConfig(model="/m", batch_invariant=True))
+    assert vllm_environment(config) == {"VLLM_BATCH_INVARIANT": "1"}
 
 
 def test_engine_kwargs_leave_max_model_len_to_vllm() -> None:

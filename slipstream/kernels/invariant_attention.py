@@ -60,9 +60,10 @@ def token_layout(
     )
     local = torch.arange(num_tokens, device=device) - starts[seq]  # index among the new
     ctx = seq_lens.long()[seq] - num_q[seq]
-    if tree_mask is None:
+    if tree_mask is None:  # a chain: token i sees new tokens 0..i (one shared row, stride 0)
         seen = local + 1
-        tail = torch.zeros((num_tokens, 1), dtype=torch.int32, device=device)  # unused
+        width = int(num_tokens)
+        tail = torch.arange(width, dtype=torch.int32, device=device).expand(num_tokens, width)
     else:
         width = tree_mask.shape[1]
         seen = tree_mask.sum(1)
@@ -72,7 +73,9 @@ def token_layout(
     return seq.to(torch.int32), ctx.to(torch.int32), seen.to(torch.int32), tail
 
 
-@triton.jit
+# The integers that only address memory are not specialised either, so decoding, chains and
+# trees all run one compiled kernel: the float code is the same by construction.
+@triton.jit(do_not_specialize=["max_splits", "stride_tail_tok"])
 def _invariant_attention_kernel(
     q_ptr,  # [num_tokens, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -83,7 +86,7 @@ def _invariant_attention_kernel(
     token_seq_ptr,  # [num_tokens] int32
     token_ctx_ptr,  # [num_tokens] int32
     token_seen_ptr,  # [num_tokens] int32
-    tail_ptr,  # [num_tokens, max_query_len] int32 (unused when not IS_TREE)
+    tail_ptr,  # [num_tokens, max_query_len] int32 (row stride 0 for chains)
     scale_log2,
     max_splits,
     stride_q_tok,
@@ -103,7 +106,6 @@ def _invariant_attention_kernel(
     GROUP_P: tl.constexpr,  # power of two >= GROUP
     BLOCK_N: tl.constexpr,
     SPLIT_KEYS: tl.constexpr,
-    IS_TREE: tl.constexpr,
 ):
     """Program (token, KV head, split): GROUP query heads over positions
     [split * SPLIT_KEYS, ...) of the token's visible keys; the partial softmax goes out."""
@@ -131,12 +133,11 @@ def _invariant_attention_kernel(
         for n0 in range(start, end, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
             ok = pos < end
-            logical = pos  # index in the sequence's block table
-            if IS_TREE:
-                new = pos - ctx
-                is_new = ok & (new >= 0)
-                j = tl.load(tail_ptr + tok * stride_tail_tok + new, mask=is_new, other=0)
-                logical = tl.where(new >= 0, ctx + j.to(tl.int64), pos)
+            # Index in the sequence's block table: past the cached context, the slot of the
+            # token's (pos - ctx)-th visible new token.
+            new = pos - ctx
+            j = tl.load(tail_ptr + tok * stride_tail_tok + new, mask=ok & (new >= 0), other=0)
+            logical = tl.where(new >= 0, ctx + j.to(tl.int64), pos)
             page_off = seq * stride_bt_seq + logical // PAGE_SIZE
             page = tl.load(block_tables_ptr + page_off, mask=ok, other=0).to(tl.int64)
             slot = logical % PAGE_SIZE
@@ -162,7 +163,7 @@ def _invariant_attention_kernel(
         tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=g_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_splits"])
 def _invariant_combine_kernel(
     part_acc_ptr,  # [num_tokens * num_heads, max_splits, HEAD_DIM_P] fp32
     part_ml_ptr,  # [num_tokens * num_heads, max_splits, 2] fp32
@@ -265,7 +266,6 @@ def invariant_paged_attention_triton(
         GROUP_P=triton.next_power_of_2(group),
         BLOCK_N=_block_n(head_dim_p),
         SPLIT_KEYS=SPLIT_KEYS,
-        IS_TREE=tree_mask is not None,
     )
     _invariant_combine_kernel[(num_tokens * num_heads,)](
         part_acc,

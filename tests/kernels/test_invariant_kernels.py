@@ -120,8 +120,11 @@ def test_token_layout_lists_each_tokens_visible_new_tokens() -> None:
     assert [row[:n] for row, n in zip(tail.tolist(), seen.tolist(), strict=True)] == [
         [0], [0, 1], [0, 2], [0, 1, 3], [0],
     ]  # fmt: skip
-    _, ctx, seen, _ = token_layout(qsl, torch.tensor([14, 31], dtype=I32), None, 5)
+    _, ctx, seen, tail = token_layout(qsl, torch.tensor([14, 31], dtype=I32), None, 5)
     assert seen.tolist() == [1, 2, 3, 4, 1] and ctx.tolist() == [10, 10, 10, 10, 30]
+    assert [row[:n] for row, n in zip(tail.tolist(), seen.tolist(), strict=True)] == [
+        [0], [0, 1], [0, 1, 2], [0, 1, 2, 3], [0],
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

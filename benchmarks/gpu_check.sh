@@ -61,7 +61,7 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(smoke pytest_gpu kernels_gpu spec_decode sparse_kernel)
 for s in "${steps[@]}"; do
     case $s in
-    smoke) step smoke 100 "$PY" benchmarks/gpu_engine_smoke.py --out "$OUT/smoke.json" ;;
+    smoke) step smoke 150 "$PY" benchmarks/gpu_engine_smoke.py --out "$OUT/smoke.json" ;;
     pytest_gpu) step pytest_gpu 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/kernels ;;
     kernels_gpu) step kernels_gpu 100 "$PY" benchmarks/kernels_gpu.py --out "$OUT/kernels_gpu.json" ;;
     spec_decode)
@@ -73,7 +73,7 @@ for s in "${steps[@]}"; do
         spec spec_decode_unseen 180 --prompts benchmarks/data/unseen_prompts.jsonl \
             --per-category 2 --configs "$faithful" ;;
     spec_decode_bi)
-        spec spec_decode_bi 200 --batch-invariant --per-category 2 --configs "$faithful" ;;
+        spec spec_decode_bi 260 --batch-invariant --per-category 2 --configs "$faithful" ;;
     sparse_kernel)
         step sparse_kernel 150 "$PY" benchmarks/sparse_attention.py --parts kernel \
             --kernel-contexts 32768,131072 --kernel-batch 4 --out "$OUT/sparse_kernel.json" ;;

@@ -64,10 +64,12 @@ def run(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             seed=args.sampling_seed,
         )
-    except ValueError as exc:
+        # Loading checks what only the model can tell (--max-model-len against its context,
+        # --batch-invariant against its device and dtype).
+        llm = LLM.from_config(config)
+    except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    llm = LLM.from_config(config)
     with _progress(len(prompts)) as progress:
         if args.raw:
             outputs = llm.generate(prompts, params, progress)

@@ -48,3 +48,17 @@ def test_flag_reaches_the_engine_config() -> None:
     args = parser.parse_args(["--batch-invariant"])
     assert engine_config_from_args(args).model.batch_invariant is True
     assert "bit for bit" in parser.format_help()
+
+
+def test_generate_reports_a_refused_flag_as_an_error(
+    tiny_model_dir: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No traceback: one line on stderr and exit status 2, as for any bad flag."""
+    from slipstream.cli import main
+
+    monkeypatch.setenv("SLIPSTREAM_KERNELS", "torch")
+    argv = ["generate", "--model", tiny_model_dir, "--dtype", "float32", "--prompt", "x"]
+    assert main([*argv, "--batch-invariant"]) == 2
+    assert capsys.readouterr().err.startswith("error: --batch-invariant needs CUDA")
+    assert main([*argv, "--max-model-len", "100000"]) == 2
+    assert "exceeds the model's max_position_embeddings" in capsys.readouterr().err

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/lossless_check.py --dtype float32   # exact arithmetic path
     .venv/bin/python benchmarks/lossless_check.py --dtype bfloat16  # rounding can flip ties
     .venv/bin/python benchmarks/lossless_check.py --repetition-penalty 1.2  # penalised path
+    python benchmarks/lossless_check.py --dtype bfloat16 --batch-invariant  # GPU: must be 6/6
 
 Six builtin prompts (one every 8th), chat template, 64 greedy tokens, batch 1.
 """
@@ -35,7 +36,11 @@ DECODERS = [
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default=None, help="model folder (default: the default model)")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument(
+        "--batch-invariant", action="store_true", help="every engine with --batch-invariant"
+    )
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repetition-penalty", type=float, default=1.0)
     args = ap.parse_args()
@@ -46,7 +51,14 @@ def main() -> None:
     convs = [[dict(m) for m in p.messages] for p in prompts]
     outputs: dict[str, list[list[int]]] = {}
     for name, decoder, options in DECODERS:
-        llm = LLM(dtype=args.dtype, decoder=decoder, decoder_config=options, max_num_seqs=1)
+        llm = LLM(
+            model=args.model,
+            dtype=args.dtype,
+            decoder=decoder,
+            decoder_config=options,
+            max_num_seqs=1,
+            batch_invariant=args.batch_invariant,
+        )
         outputs[name] = [llm.chat(c, params)[0].outputs[0].token_ids for c in convs]
         mat = llm.get_stats().get("mean_accepted_tokens_per_step")
         print(f"{name}: mean accepted tokens per step {mat}")
@@ -54,7 +66,8 @@ def main() -> None:
         same = sum(a == b for a, b in zip(outputs[name], outputs["standard"], strict=True))
         print(
             f"{name}: {same}/{len(convs)} outputs identical to standard ({args.dtype}, "
-            f"repetition_penalty {args.repetition_penalty})"
+            f"repetition_penalty {args.repetition_penalty}, "
+            f"batch_invariant {args.batch_invariant})"
         )
 
 

@@ -162,17 +162,25 @@ def test_attention_matches_reference_tree(dtype: torch.dtype) -> None:
     assert_close_verbose(got.float(), want.float(), **TOL[dtype])
 
 
-def _copy_position(
+def _copy_positions(
     src: tuple[torch.Tensor, torch.Tensor],
     src_table: torch.Tensor,
-    src_pos: int,
+    src_pos: list[int],
     dst: tuple[torch.Tensor, torch.Tensor],
     dst_table: torch.Tensor,
-    dst_pos: int,
+    dst_pos: list[int],
 ) -> None:
+    """dst's positions dst_pos[i] (through dst_table) := src's src_pos[i], K and V, one copy."""
     bs = src[0].shape[1]
+
+    def slots(table: torch.Tensor, pos: list[int]) -> torch.Tensor:
+        p = torch.tensor(pos, device=table.device)
+        return table.long()[p // bs] * bs + p % bs
+
     for s, d in zip(src, dst, strict=True):
-        d[dst_table[dst_pos // bs], dst_pos % bs] = s[src_table[src_pos // bs], src_pos % bs]
+        d.view(-1, *d.shape[2:])[slots(dst_table, dst_pos)] = s.view(-1, *s.shape[2:])[
+            slots(src_table, src_pos)
+        ]
 
 
 def _check_tree_equals_sequential_decoding(device: str, ctx: int) -> None:
@@ -197,10 +205,8 @@ def _check_tree_equals_sequential_decoding(device: str, ctx: int) -> None:
             path.append(parents[path[-1]])
         path.reverse()
         laid_out = (cache[0].clone(), cache[1].clone())
-        for pos in range(ctx):
-            _copy_position(cache, table, pos, laid_out, other, pos)
-        for depth, member in enumerate(path):
-            _copy_position(cache, table, ctx + member, laid_out, other, ctx + depth)
+        src = [*range(ctx), *(ctx + member for member in path)]
+        _copy_positions(cache, table, src, laid_out, other, list(range(ctx + len(path))))
         alone = invariant_paged_attention_triton(
             q[node : node + 1], *laid_out, other[None], one,
             torch.tensor([ctx + len(path)], dtype=I32, device=device), 0.125,

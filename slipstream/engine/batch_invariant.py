@@ -19,7 +19,6 @@ Sparse attention layers keep their own backends (sparse attention is approximate
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -30,8 +29,6 @@ from slipstream.kernels.invariant_attention import invariant_paged_attention_tri
 from slipstream.kernels.invariant_linear import invariant_linear_triton
 from slipstream.kernels.invariant_rms_norm import add_rms_norm_triton
 from slipstream.kernels.store_kv import store_kv
-
-logger = logging.getLogger(__name__)
 
 
 class InvariantAttentionBackend:
@@ -95,5 +92,4 @@ def make_batch_invariant(model: Any, packed_for: str | None) -> str:
     model.logits_linear = _float32_logits
     for i in range(len(model.layers)):
         model.set_attention_backend(i, InvariantAttentionBackend())
-    logger.info("batch-invariant Triton kernels: linear, add + RMSNorm, paged attention")
-    return "triton kernels"
+    return "triton kernels (linear, add + RMSNorm, paged attention)"

@@ -28,6 +28,18 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def dot_settings(dtype: torch.dtype) -> tuple[bool, str]:
+    """(upcast, input_precision) for a kernel's tl.dot on operands of this dtype.
+
+    Triton 3.9's interpreter returns garbage (~1e10) from tl.dot on bf16 operands, so there
+    16-bit operands are upcast: fp32 products of bf16/fp16 values are exact, only the
+    summation order differs. fp32 dots run "ieee" (tf32 would miss 1e-5 tolerances); the
+    precision of 16-bit dots on a GPU is their own ("tf32" is ignored for them).
+    """
+    upcast = dtype != torch.float32 and triton_interpreting()
+    return upcast, "ieee" if dtype == torch.float32 or upcast else "tf32"
+
+
 def use_triton(x: torch.Tensor, plan: dict[str, Any] | None = None) -> bool:
     """Whether the op on tensor x should run its Triton kernel.
 

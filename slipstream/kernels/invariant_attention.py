@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from slipstream.kernels.paged_attention import check_paged_attention_args
+from slipstream.kernels.paged_attention import check_paged_attention_args, partials
 
 # Fixed for every call (a query's arithmetic must not depend on the step).
 SPLIT_KEYS = 512  # positions per split: a decode at 8k context runs 16 splits per KV head
@@ -62,8 +62,8 @@ def token_layout(
     ctx = seq_lens.long()[seq] - num_q[seq]
     if tree_mask is None:  # a chain: token i sees new tokens 0..i (one shared row, stride 0)
         seen = local + 1
-        width = int(num_tokens)
-        tail = torch.arange(width, dtype=torch.int32, device=device).expand(num_tokens, width)
+        tail = torch.arange(num_tokens, dtype=torch.int32, device=device)
+        tail = tail.expand(num_tokens, num_tokens)
     else:
         width = tree_mask.shape[1]
         seen = tree_mask.sum(1)
@@ -234,8 +234,7 @@ def invariant_paged_attention_triton(
     max_splits = max(1, triton.cdiv(bound, SPLIT_KEYS))
     head_dim_p = triton.next_power_of_2(head_dim)
     group = num_heads // num_kv_heads
-    part_acc = q.new_empty((num_tokens, num_heads, max_splits, head_dim_p), dtype=torch.float32)
-    part_ml = q.new_empty((num_tokens, num_heads, max_splits, 2), dtype=torch.float32)
+    part_acc, part_ml = partials(q, max_splits, head_dim_p)  # written even for one split
     _invariant_attention_kernel[(num_tokens, num_kv_heads, max_splits)](
         q,
         k_cache,

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from slipstream.kernels._dispatch import triton_interpreting
+from slipstream.kernels._dispatch import dot_settings
 
 # The same for every call: changing any of these changes the bits, not the invariance.
 BLOCK_M = 16
@@ -120,8 +120,7 @@ def invariant_linear_triton(
     y = x.new_empty((m, n), dtype=out_dtype or x.dtype)
     if m == 0 or n == 0:
         return y
-    upcast = x.dtype != torch.float32 and triton_interpreting()
-    fp32_dot = x.dtype == torch.float32 or upcast
+    upcast, precision = dot_settings(x.dtype)
     grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))
     _invariant_linear_kernel[grid](
         x,
@@ -136,7 +135,7 @@ def invariant_linear_triton(
         y.stride(0),
         HAS_BIAS=bias is not None,
         UPCAST=upcast,
-        DOT_PRECISION="ieee" if fp32_dot else "tf32",
+        DOT_PRECISION=precision,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,

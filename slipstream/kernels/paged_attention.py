@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from slipstream.kernels._dispatch import kernel_backend, triton_interpreting, use_triton
+from slipstream.kernels._dispatch import dot_settings, kernel_backend, use_triton
 from slipstream.kernels.cpu.paged_decode_attention import (
     decode_attention_applies,
     paged_decode_attention,
@@ -529,16 +529,22 @@ def auto_splits(q: torch.Tensor, programs: int, key_tiles: int) -> int:
     return max(1, min(wanted, key_tiles // 2, 32))
 
 
-def split_partials(
+def partials(
     q: torch.Tensor, num_splits: int, head_dim_p: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scratch for the splits' partials (q itself as an unused placeholder when 1)."""
-    if num_splits == 1:
-        return q, q
+    """Scratch for per-split partial softmaxes, row (token, head) owning num_splits entries:
+    [num_tokens, num_heads, num_splits, head_dim_p] accumulators and [..., 2] (max, sum)."""
     num_tokens, num_heads = q.shape[0], q.shape[1]
     part_acc = q.new_empty((num_tokens, num_heads, num_splits, head_dim_p), dtype=torch.float32)
     part_ml = q.new_empty((num_tokens, num_heads, num_splits, 2), dtype=torch.float32)
     return part_acc, part_ml
+
+
+def split_partials(
+    q: torch.Tensor, num_splits: int, head_dim_p: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """partials' scratch, or q itself as an unused placeholder for one split."""
+    return (q, q) if num_splits == 1 else partials(q, num_splits, head_dim_p)
 
 
 def combine_splits(
@@ -667,9 +673,7 @@ def plan_launch(
     if num_splits is None:
         num_splits = auto_splits(q, num_seqs * num_kv_heads * q_blocks, key_tiles)
     num_splits = max(1, min(num_splits, key_tiles))
-    # NOTE: Triton 3.9's interpreter returns garbage (~1e10) from tl.dot on bf16 operands;
-    # fp32 dots of bf16 values are exact products, so only the summation order differs.
-    upcast = triton_interpreting() and q.dtype == torch.bfloat16
+    upcast, precision = dot_settings(q.dtype)
     head_dim_p = max(16, triton.next_power_of_2(head_dim))
     part_acc, part_ml = split_partials(q, num_splits, head_dim_p)
     return LaunchPlan(
@@ -685,7 +689,7 @@ def plan_launch(
             "BLOCK_Q": block_q,
             "BLOCK_N": block_n,
             "IS_TREE": tree_mask is not None,
-            "DOT_PRECISION": "ieee" if q.dtype == torch.float32 or upcast else "tf32",
+            "DOT_PRECISION": precision,
             "UPCAST": upcast,
             "NUM_SPLITS": num_splits,
         },

@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -78,18 +77,49 @@ def _run(
     bf16_invariant: bool | None = None,  # None: float32; else bf16 with batch_invariant=it
 ) -> tuple[list[list[int]], float]:
     cfg = tiny_engine_config(
-        model_dir, decoder, options, num_blocks=512, max_num_batched_tokens=2048
-    )
-    # tiny_engine_config is a float32 CPU config: the device changes, and the dtype for bf16.
-    model = replace(cfg.model, device=device)
-    if bf16_invariant is not None:
-        model = replace(model, dtype="bfloat16", batch_invariant=bf16_invariant)
-    cfg = replace(cfg, model=model)
+        model_dir, decoder, options, num_blocks=512, max_num_batched_tokens=2048,
+        dtype="float32" if bf16_invariant is None else "bfloat16", device=device,
+        batch_invariant=bool(bf16_invariant),
+    )  # fmt: skip
     engine = LLMEngine(cfg)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()
     outs = run_to_completion(engine, prompts, params)
     return [list(o.outputs[0].token_ids) for o in outs], time.perf_counter() - start
+
+
+def _compare(
+    args: argparse.Namespace,
+    model_dir: str,
+    prompts: list[list[int]],
+    configs: list[tuple[str, str, dict[str, Any]]],
+    reference: list[list[int]],
+    results: dict[str, Any],
+    prefix: str = "",
+    bf16_invariant: bool | None = None,
+) -> int:
+    """Each config's answers against the reference into results[prefix + label]; returns
+    the failures: exceptions, and with the batch-invariant flag any answer that differs
+    (a bug there, not rounding)."""
+    failed = 0
+    for label, decoder, options in configs:
+        name = prefix + label
+        try:
+            tokens, seconds = _run(
+                model_dir, args.device, decoder, options, prompts, args.max_tokens,
+                bf16_invariant,
+            )  # fmt: skip
+            same = sum(a == b for a, b in zip(tokens, reference, strict=True))
+            results[name] = {
+                "same_as_standard": f"{same}/{len(prompts)}",
+                "seconds": round(seconds, 2),
+            }
+            failed += int(bool(bf16_invariant) and same != len(prompts))
+        except Exception:  # a failing config is the finding; go on to the next
+            failed += 1
+            results[name] = {"error": traceback.format_exc(limit=8)}
+        print(name, json.dumps(results[name])[:2000], flush=True)
+    return failed
 
 
 def main() -> int:
@@ -108,44 +138,21 @@ def main() -> int:
         model_dir = str(make_tiny_model_dir(Path(tmp) / "tiny"))
         reference, seconds = _run(model_dir, args.device, "standard", {}, prompts, args.max_tokens)
         results["standard"] = {"seconds": round(seconds, 2)}
-        for label, decoder, options in CONFIGS:
-            try:
-                tokens, seconds = _run(
-                    model_dir, args.device, decoder, options, prompts, args.max_tokens
-                )
-                same = sum(a == b for a, b in zip(tokens, reference, strict=True))
-                results[label] = {
-                    "same_as_standard": f"{same}/{len(prompts)}",
-                    "seconds": round(seconds, 2),
-                }
-            except Exception:  # a failing config is the finding; go on to the next
-                failed += 1
-                results[label] = {"error": traceback.format_exc(limit=8)}
-            print(label, json.dumps(results[label])[:2000], flush=True)
+        failed += _compare(args, model_dir, prompts, CONFIGS, reference, results)
         for invariant in (False, True):
-            name = "bf16 batch-invariant" if invariant else "bf16"
+            prefix = "bf16 batch-invariant " if invariant else "bf16 "
             try:
                 bf16_ref, seconds = _run(
                     model_dir, args.device, "standard", {}, prompts, args.max_tokens, invariant
                 )
-                results[f"{name} standard"] = {"seconds": round(seconds, 2)}
-                for label, decoder, options in BF16_CONFIGS:
-                    tokens, seconds = _run(
-                        model_dir, args.device, decoder, options, prompts, args.max_tokens,
-                        invariant,
-                    )  # fmt: skip
-                    same = sum(a == b for a, b in zip(tokens, bf16_ref, strict=True))
-                    results[f"{name} {label}"] = {
-                        "same_as_standard": f"{same}/{len(prompts)}",
-                        "seconds": round(seconds, 2),
-                    }
-                    # With the flag a difference is a bug, not rounding.
-                    failed += int(invariant and same != len(prompts))
             except Exception:
                 failed += 1
-                results[f"{name} error"] = {"error": traceback.format_exc(limit=8)}
-            print(name, json.dumps({k: v for k, v in results.items() if k.startswith(name)}),
-                  flush=True)  # fmt: skip
+                results[prefix + "standard"] = {"error": traceback.format_exc(limit=8)}
+                continue
+            results[prefix + "standard"] = {"seconds": round(seconds, 2)}
+            failed += _compare(
+                args, model_dir, prompts, BF16_CONFIGS, bf16_ref, results, prefix, invariant
+            )
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     return 1 if failed else 0

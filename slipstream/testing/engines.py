@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from slipstream.config import CacheConfig, DecoderSpec, EngineConfig, ModelConfig, SchedulerConfig
+from slipstream.config import (
+    CacheConfig,
+    DecoderSpec,
+    Device,
+    DType,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+)
 from slipstream.engine.engine import LLMEngine
 from slipstream.engine.outputs import RequestOutput
 from slipstream.engine.sampling_params import SamplingParams
@@ -20,10 +28,15 @@ def tiny_engine_config(
     max_num_batched_tokens: int = 256,
     enable_prefix_caching: bool = True,
     max_queued_requests: int | None = None,
+    dtype: DType = "float32",
+    device: Device = "cpu",
+    batch_invariant: bool = False,
 ) -> EngineConfig:
-    """A float32 CPU engine config over a tiny model folder."""
+    """An engine config over a tiny model folder (float32 on CPU unless told otherwise)."""
     return EngineConfig(
-        model=ModelConfig(model=model_dir, dtype="float32", device="cpu"),
+        model=ModelConfig(
+            model=model_dir, dtype=dtype, device=device, batch_invariant=batch_invariant
+        ),
         cache=CacheConfig(
             block_size=block_size,
             num_blocks=num_blocks,

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import pytest
@@ -532,10 +531,14 @@ def bf16_head64_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def _bf16_engine(model_dir: str, decoder: str, options: dict[str, Any] | None = None) -> Any:
     cfg = tiny_engine_config(
-        model_dir, decoder=decoder, decoder_options=options, block_size=4, num_blocks=512
+        model_dir,
+        decoder=decoder,
+        decoder_options=options,
+        block_size=4,
+        num_blocks=512,
+        dtype="bfloat16",
     )
-    model = dataclasses.replace(cfg.model, dtype="bfloat16")
-    return LLMEngine(dataclasses.replace(cfg, model=model))
+    return LLMEngine(cfg)
 
 
 @pytest.mark.skipif(

@@ -3,8 +3,6 @@ clear refusal elsewhere."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 
 from slipstream.engine.args import add_engine_args, engine_config_from_args
@@ -15,10 +13,7 @@ from slipstream.testing.engines import tiny_engine_config
 
 
 def _engine(model_dir: str, dtype: str) -> LLMEngine:
-    config = tiny_engine_config(model_dir)
-    return LLMEngine(
-        replace(config, model=replace(config.model, dtype=dtype, batch_invariant=True))
-    )
+    return LLMEngine(tiny_engine_config(model_dir, dtype=dtype, batch_invariant=True))
 
 
 def test_refused_where_no_invariant_kernels_run(

@@ -6,7 +6,6 @@ this checks the engine's calls into them (session 15's first GPU run found its b
 from __future__ import annotations
 
 import random
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -73,9 +72,8 @@ def test_batch_invariant_bf16_speculation_gives_standard_tokens(
     prompts = [[rng.randrange(3, 500) for _ in range(n)] * 3 + [7] for n in (5, 7)]
 
     def tokens(decoder: str) -> tuple[list[list[int]], int]:
-        config = tiny_engine_config(tiny_model_dir, decoder)
-        model = replace(config.model, dtype="bfloat16", batch_invariant=True)
-        engine = LLMEngine(replace(config, model=model))
+        config = tiny_engine_config(tiny_model_dir, decoder, dtype="bfloat16", batch_invariant=True)
+        engine = LLMEngine(config)
         llama = engine.loaded.model
         assert all(isinstance(b, InvariantAttentionBackend) for b in llama.attn_backends)
         assert llama.layers[0].linear is invariant_linear_triton

@@ -46,8 +46,12 @@ def timed(part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def instrument(model: Any) -> None:
-    """Wrap each layer's projections (both paths), attention backend, norms, SiLU * up, RoPE."""
+    """Wrap each layer's projections (both paths), attention backend, norms, SiLU * up, RoPE.
+
+    The layers run their ops one by one here: the fused C++ calls (decoder_layer.cpp, the
+    engine's default on AVX512-BF16) would hide them from the wrappers."""
     for layer in model.layers:
+        layer.fused_cpu = False
         layer.linear = timed("projections", layer.linear)
         layer.linear_one_row = timed("projections", layer.linear_one_row)
         layer.linear_skinny = timed("projections", layer.linear_skinny)

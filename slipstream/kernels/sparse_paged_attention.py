@@ -504,7 +504,7 @@ def sparse_paged_attention(
     step_cache: see sparse_paged_attention_ref (the Triton kernel needs none); the C++
     kernel keeps its converted step metadata there too."""
     args = (q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, chunks, chunk_size)
-    if not use_triton(q):
+    if not use_triton(q, step_cache):
         # 8k context, 3 KV heads, ~400 selected keys a head: ~0.17 ms a layer through the
         # reference's gathers and SDPA, ~0.06 ms here (2 cores, in the engine).
         if use_cpu_decode_kernel(q, k_cache, query_start_loc, seq_lens, step_cache):

@@ -176,7 +176,15 @@ def store_kv(
     reference (see kernels/_dispatch.py)."""
     if use_triton(k, plan):
         store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
-    elif store_kv_cpu_applies(k, v, k_cache, v_cache, slot_mapping):
+        return
+    # Every layer of a step stores the same kinds of tensors: decide once a step (the
+    # check reads os.environ; ~8 us a layer, 30 layers).
+    cpu = None if plan is None else plan.get("store_kv_cpu")
+    if cpu is None:
+        cpu = store_kv_cpu_applies(k, v, k_cache, v_cache, slot_mapping)
+        if plan is not None:
+            plan["store_kv_cpu"] = cpu
+    if cpu:
         store_kv_cpu(k, v, k_cache, v_cache, slot_mapping)
     else:
         store_kv_ref(k, v, k_cache, v_cache, slot_mapping, plan)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from slipstream.engine.models import load_model
+from slipstream.kernels.cpu.decoder_layer import decoder_layer_unavailable_reason
 from slipstream.kernels.cpu.layer_ops import layer_ops_unavailable_reason, rope_bf16, silu_mul_bf16
 from slipstream.kernels.cpu.skinny_linear import skinny_linear_ref, skinny_unavailable_reason
 from slipstream.testing.tiny_model import make_tiny_model_dir
@@ -129,3 +130,36 @@ def test_a_sequence_gets_the_same_logits_alone_or_in_a_batch(tmp_path: Path) -> 
     alone = prefill([a])
     batched = prefill([b, a, c])
     assert torch.equal(batched[len(b) : len(b) + len(a)], alone)
+
+
+@pytest.mark.skipif(
+    decoder_layer_unavailable_reason() is not None, reason=f"{decoder_layer_unavailable_reason()}"
+)
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
+def test_the_fused_layer_calls_give_the_op_by_op_bits(tmp_path: Path, arch: str) -> None:
+    # decoder_layer.cpp runs a layer's norms, projections, RoPE and SiLU * up in two calls;
+    # the same kernels in the same order, so every logit keeps its bits (Qwen2 adds the
+    # q|k|v bias, which the calls must pass through).
+    folder = make_tiny_model_dir(tmp_path / "m", arch=arch, hidden_size=128, num_attention_heads=2)
+    fused, config = load_model(str(folder), torch.bfloat16, CPU)
+    ops, _ = load_model(str(folder), torch.bfloat16, CPU)
+    assert fused.pack_for_cpu() == ops.pack_for_cpu() == "skinny_linear"  # type: ignore[operator]
+    assert all(layer.fused_cpu for layer in fused.layers)
+    for layer in ops.layers:
+        layer.fused_cpu = False
+    calls: list[int] = []
+    for layer in ops.layers:  # the op-by-op model must really run its ops one by one
+        inner = layer.linear_skinny
+
+        def counted(x: torch.Tensor, w: torch.Tensor, b: Any, inner: Any = inner) -> torch.Tensor:
+            calls.append(x.shape[0])
+            return inner(x, w, b)
+
+        layer.linear_skinny = counted
+    for a, b in zip(run_two_steps(fused, config), run_two_steps(ops, config), strict=True):
+        assert torch.equal(a, b)
+    assert len(calls) == 2 * 4 * config.num_hidden_layers
+    prompt, fed = [5, 17, 300, 42, 9, 77, 1, 64, 12], [[33], [33, 8, 91, 4, 250, 6]]
+    fused_logits = _step_logits(fused, config, prompt, fed)
+    for a, b in zip(fused_logits, _step_logits(ops, config, prompt, fed), strict=True):
+        assert torch.equal(a, b)

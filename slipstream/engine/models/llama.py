@@ -22,6 +22,12 @@ from slipstream.engine.attention import AttentionBackend, AttentionMetadata, Pag
 from slipstream.engine.models.config import ModelArchConfig, RopeScaling
 from slipstream.engine.models.registry import MODELS
 from slipstream.engine.vocab_topk import vocab_topk
+from slipstream.kernels.cpu.decoder_layer import (
+    LayerBuffers,
+    decoder_layer_unavailable_reason,
+    layer_after_attention,
+    layer_before_attention,
+)
 from slipstream.kernels.cpu.layer_ops import (
     layer_ops_unavailable_reason,
     rope_bf16,
@@ -128,6 +134,10 @@ class LlamaDecoderLayer(nn.Module):
         # RoPE of q and k, and SiLU(gate) * up: C++ (layer_ops.cpp) when pack_skinny says so.
         self.rope: RopeFn = rope_ref
         self.silu_mul: SiluMulFn = silu_mul_ref
+        # Everything but attention as two C++ calls (decoder_layer.cpp) when pack_skinny
+        # put every op on the C++ kernels; the same bits as the op-by-op path, without its
+        # ~8 Python calls a layer. Set to False to run the ops one by one (benchmarks).
+        self.fused_cpu = False
 
     def projection_weights(self) -> tuple[torch.Tensor, ...]:
         return (self.qkv_weight, self.o_weight, self.gate_up_weight, self.down_weight)
@@ -148,6 +158,7 @@ class LlamaDecoderLayer(nn.Module):
             self.add_norm = add_rms_norm_bf16
         if layer_ops:
             self.rope, self.silu_mul = rope_bf16, silu_mul_bf16
+        self.fused_cpu = fused_norm and layer_ops and decoder_layer_unavailable_reason() is None
 
     def layer_ops_fit(self) -> bool:
         """Whether rope_bf16 and silu_mul_bf16 take this layer's shapes (bf16 weights; the
@@ -176,6 +187,8 @@ class LlamaDecoderLayer(nn.Module):
         all-bf16; see tests/engine/test_models.py for the bound we hold now). Cost: two
         casts of a [T, hidden] row per layer.
         """
+        if self.fused_cpu:
+            return self._forward_fused(h, delta, cos, sin, k_cache, v_cache, backend, meta)
         n = h.shape[0]
         x = self.add_norm(h, delta, self.input_norm, self.eps, self.dtype)
         weights: tuple[torch.Tensor, ...]
@@ -202,6 +215,44 @@ class LlamaDecoderLayer(nn.Module):
         gate_up = linear(x, gate_up_w, self.gate_up_bias)  # [T, 2 * inter]
         act = self.silu_mul(gate_up, self.inter)  # [T, inter]
         return h, linear(act, down_w, self.down_bias)
+
+    def _forward_fused(
+        self,
+        h: torch.Tensor,  # [T, hidden] float32, contiguous
+        delta: torch.Tensor | None,  # [T, hidden] bf16
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        backend: AttentionBackend,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward's ops with everything but attention in two C++ calls (same bits)."""
+        assert self.skinny is not None
+        n = h.shape[0]
+        buffers = meta.scratch.get("layer_buffers")
+        # Once a step: every layer has the same shapes (the row check guards a caller that
+        # reuses one metadata object for another forward).
+        if buffers is None or buffers.x.shape[0] != n:
+            buffers = LayerBuffers.allocate(
+                n, h.shape[1], self.num_heads, self.num_kv_heads, self.head_dim, self.inter
+            )
+            meta.scratch["layer_buffers"] = buffers
+        qkv_w, o_w, gate_up_w, down_w = self.skinny
+        layer_before_attention(
+            h, delta, self.input_norm, self.eps, qkv_w, self.qkv_bias, cos, sin, buffers
+        )
+        out = backend.forward(
+            buffers.q, buffers.k, buffers.v, k_cache, v_cache, meta, self.scale
+        )  # [T, H, D]
+        attn = out.reshape(n, -1)
+        if not attn.is_contiguous():
+            attn = attn.contiguous()
+        mlp_out = layer_after_attention(
+            h, attn, o_w, self.o_bias, self.post_norm, self.eps, gate_up_w,
+            self.gate_up_bias, down_w, self.down_bias, buffers,
+        )  # fmt: skip
+        return h, mlp_out
 
 
 class LlamaForCausalLM(nn.Module):

@@ -60,8 +60,11 @@ def _compiler() -> str:
     raise KernelUnavailable("no C++ compiler found (set CXX or install g++)")
 
 
-def build_library(source: Path, flags: tuple[str, ...], needs_cpu: tuple[str, ...]) -> ctypes.CDLL:
-    """The loaded library built from `source`; KernelUnavailable when it cannot be.
+def build_library(
+    source: Path, flags: tuple[str, ...], needs_cpu: tuple[str, ...], also: tuple[Path, ...] = ()
+) -> ctypes.CDLL:
+    """The loaded library built from `source` (and the sources `also`, linked in: a kernel
+    that calls other kernels' C entry points); KernelUnavailable when it cannot be.
 
     needs_cpu: /proc/cpuinfo flags the kernel's instructions need (checked before building,
     since a library built with -mavx512bf16 would die with SIGILL on a CPU without it).
@@ -76,7 +79,10 @@ def build_library(source: Path, flags: tuple[str, ...], needs_cpu: tuple[str, ..
     # The headers beside the source count too: the kernels include them.
     headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]
     key = hashlib.sha256(
-        "\0".join([source.read_text(), *headers, *flags, compiler, version]).encode()
+        "\0".join(
+            [source.read_text(), *(a.read_text() for a in also), *headers, *flags]
+            + [compiler, version]
+        ).encode()
     ).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
     if not target.exists():
@@ -85,7 +91,7 @@ def build_library(source: Path, flags: tuple[str, ...], needs_cpu: tuple[str, ..
         # half-written file.
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
-        cmd = [compiler, *flags, "-shared", "-fPIC", str(source), "-o", tmp]
+        cmd = [compiler, *flags, "-shared", "-fPIC", str(source), *map(str, also), "-o", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             os.unlink(tmp)
@@ -120,12 +126,14 @@ def cpu_kernels_turned_off() -> str | None:
 
 
 @functools.cache
-def _load_avx512_bf16(source_name: str) -> ctypes.CDLL | str:
+def _load_avx512_bf16(source_name: str, also: tuple[str, ...] = ()) -> ctypes.CDLL | str:
+    here = Path(__file__).parent
     try:
         return build_library(
-            Path(__file__).with_name(source_name),
+            here / source_name,
             AVX512_BF16_FLAGS,
             needs_cpu=("avx512f", "avx512_bf16"),
+            also=tuple(here / name for name in also),
         )
     except KernelUnavailable as e:
         return str(e)
@@ -139,13 +147,16 @@ class CppFunction:
     read. The functions return an int status, 0 for success.
     """
 
-    def __init__(self, source_name: str, symbol: str, argtypes: list[Any]) -> None:
+    def __init__(
+        self, source_name: str, symbol: str, argtypes: list[Any], also: tuple[str, ...] = ()
+    ) -> None:
         self.source_name, self.symbol, self.argtypes = source_name, symbol, argtypes
+        self.also = also  # further sources of this folder linked into the library
         self._fn: Callable[..., int] | None = None
 
     def _load(self) -> Callable[..., int] | str:
         with _BUILD_LOCK:
-            lib = _load_avx512_bf16(self.source_name)
+            lib = _load_avx512_bf16(self.source_name, self.also)
         if isinstance(lib, str):
             return lib
         fn = getattr(lib, self.symbol)

@@ -446,6 +446,38 @@ def test_block_topk_reuses_its_pages_between_refreshes() -> None:
     assert not sel.seqs and not sel.summarised
 
 
+@pytest.mark.parametrize("method", ["hip", "block_topk"])
+def test_reused_chunk_lists_follow_the_window(method: str) -> None:
+    """Between refreshes a layer's finished chunk list is kept (CombinedChunks) while the
+    window stays in its chunk, and rebuilt when a new chunk enters the window: the lists
+    equal those of a selector that rebuilds them every step."""
+    ctx = _ctx(num_blocks=40, block_size=4, kv_heads=1, head_dim=8)
+    budget = {"top_k_pages": 2} if method == "block_topk" else {"top_k": 8}
+    options = {"method": method, "sink": 4, "window": 8, "dense_layers": 0, **budget}
+    sel = _selector(ctx, refresh_interval=20, **options)
+    rebuilt = _selector(ctx, refresh_interval=20, **options)
+    rebuilt.combined.new_step = lambda *args: setattr(rebuilt.combined, "by_layer", {})
+    k_cache = torch.randn(40, 4, 1, 8)
+    table = torch.randperm(40)[:14].int().view(1, -1)
+    lists = []
+    for seq_len in range(43, 53):
+        q = torch.randn(1, 2, 8)
+        meta = _decode_meta(table, [seq_len])
+        got = []
+        for s in (sel, rebuilt):
+            plan = build_plan(meta, s.prunes)
+            s.prepare(meta, plan)
+            s.after_store(0, k_cache, plan)
+            got.append(s.select(0, q, k_cache, plan))
+        assert torch.equal(got[0], got[1])
+        lists.append(got[0])
+    kept = [lists[i] is lists[i - 1] for i in range(1, len(lists))]
+    grew = [lists[i].shape != lists[i - 1].shape for i in range(1, len(lists))]
+    assert any(kept) and any(grew)
+    # The fixed chunks only grow between refreshes: a list is kept exactly when they did not.
+    assert kept == [not g for g in grew]
+
+
 def test_composes_with_token_recycling(
     tiny_model_dir: str, standard_tokens: list[list[int]]
 ) -> None:

@@ -100,6 +100,19 @@ class StepLogits:
         """Item i's rows: [len(logits_indices of item i), vocab_size]."""
         return self.values[self.offsets[i] : self.offsets[i + 1]]
 
+    def take(self, rows: list[int]) -> torch.Tensor:
+        """values[rows] ([len(rows), vocab_size]): a view when the rows are consecutive (a
+        batch-1 step's one row), else one index_select. Indexing with the Python list took
+        35 us for one row of 49k logits and 90 us for three (2 cores), per sampling call."""
+        if (
+            rows
+            and rows[-1] - rows[0] == len(rows) - 1
+            and rows == list(range(rows[0], rows[-1] + 1))
+        ):
+            return self.values[rows[0] : rows[-1] + 1]
+        index = torch.tensor(rows, dtype=torch.long, device=self.values.device)
+        return self.values.index_select(0, index)
+
 
 @dataclass
 class SeqResult:
@@ -223,7 +236,7 @@ def sample_last_tokens(sampler: Sampler, batch: Batch, logits: StepLogits) -> li
     results = [SeqResult() for _ in batch.items]
     if not rows:
         return results
-    out = sampler.sample(logits.values[rows], contexts)
+    out = sampler.sample(logits.take(rows), contexts)
     k = 0
     for i, item in enumerate(batch.items):
         if item.samples:

@@ -149,7 +149,7 @@ class CautiousDecoder(Decoder):
             return
         contexts = [SamplingContext.of(batch.items[i].seq) for i in rows]
         last = [logits.offsets[i + 1] - 1 for i in rows]
-        out = self.ctx.sampler.sample(logits.values[last], contexts)
+        out = self.ctx.sampler.sample(logits.take(last), contexts)
         for k, i in enumerate(rows):
             lp = out.logprobs[k]
             result.seqs[i].new_token_ids = [out.token_ids[k]]

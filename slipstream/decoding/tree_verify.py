@@ -340,7 +340,7 @@ class TreeSpecDecoder(Decoder):
             for i, tok in zip(idx, picked, strict=True):
                 results[i] = SeqResult(new_token_ids=[tok])
             return
-        out = self.ctx.sampler.sample(logits.values[rows], contexts)
+        out = self.ctx.sampler.sample(logits.take(rows), contexts)
         for k, i in enumerate(idx):
             lp = out.logprobs[k]
             results[i] = SeqResult(new_token_ids=[out.token_ids[k]], logprobs=[lp] if lp else None)

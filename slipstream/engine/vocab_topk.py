@@ -10,11 +10,13 @@ k 8; benchmarks/step_breakdown.py): top-k 35 vs 110 us at R = 1, 110 vs 337 us a
 Exact, not approximate: an element of a row's top k lies in one of the k chunks with the
 largest maxima (otherwise k chunks each hold a larger element). The argmax keeps torch's
 rule, the lowest index among equal maxima (and NaN counts as the largest, as in torch).
-Used on the CPU only; on CUDA torch's kernels are already fast.
+Used on the CPU only; on CUDA torch's kernels are already fast. On the CPU a float32
+argmax goes to NumPy instead, whose single pass is faster still (see vocab_argmax).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 # Logits per chunk: 49152 / 128 = 384 chunk maxima per row; 64..512 measured within 15%.
@@ -65,6 +67,11 @@ def vocab_topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 
 def vocab_argmax(values: torch.Tensor) -> torch.Tensor:
     """[R, V] -> [R] int64: `values.argmax(dim=-1)`, lowest index among equal maxima."""
+    if values.device.type == "cpu" and values.dim() == 2 and values.dtype == torch.float32:
+        # NumPy's argmax: one pass with torch's rules (first index among equal maxima, NaN
+        # as the maximum). [R, 49152] float32, 2 cores: 6.5 us at R = 1 against ~60 for the
+        # chunked form below and ~80 for torch's argmax; 42 vs 77 us at R = 9.
+        return torch.from_numpy(np.argmax(values.detach().numpy(), axis=-1))
     if not _worth_chunking(values, 1):
         return values.argmax(dim=-1)
     maxima, full = _full_chunk_maxima(values)

@@ -58,6 +58,9 @@ def test_argmax_equals_torch_including_ties_and_nan(vocab: int) -> None:
     values[4, 3 * _CHUNK + 1] = float("nan")  # torch counts NaN as the maximum
     values[5] = 1.0  # all equal: index 0
     assert torch.equal(vocab_argmax(values), values.argmax(dim=-1))
+    # bf16 takes the chunked torch form (NumPy has no bf16), with the same answers.
+    half = values.to(torch.bfloat16)
+    assert torch.equal(vocab_argmax(half), half.argmax(dim=-1))
 
 
 def test_small_or_strided_inputs_fall_back_to_torch() -> None:

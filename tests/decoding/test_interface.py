@@ -237,3 +237,13 @@ def test_attention_backend_lookahead_and_stats(tiny_model_dir: str) -> None:
     assert isinstance(decoder, _ProbeDecoder) and decoder.backend is not None
     assert decoder.backend.calls == eng.num_steps
     assert eng.last_stats.decoder == {"probe": 1.0}
+
+
+def test_step_logits_take_returns_the_asked_rows() -> None:
+    values = torch.arange(6 * 5, dtype=torch.float32).view(6, 5)
+    logits = StepLogits(values=values, offsets=[0, 2, 6])
+    run = logits.take([2, 3, 4])  # consecutive: a view of the same storage
+    assert torch.equal(run, values[2:5]) and run.data_ptr() == values[2].data_ptr()
+    assert torch.equal(logits.take([5, 1, 3]), values[[5, 1, 3]])
+    assert torch.equal(logits.take([4, 4]), values[[4, 4]])
+    assert logits.take([]).shape == (0, 5)

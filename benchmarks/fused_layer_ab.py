@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from typing import Any
 
+from layer_ops_ab import alternate_and_report  # benchmarks/: the per-prompt A/B loop
+
 from slipstream import LLM
-from slipstream.engine.sampling_params import SamplingParams
 from slipstream.kernels.cpu.decoder_layer import decoder_layer_unavailable_reason
-from slipstream.loadtest.builtin import load_builtin
 
 
 def build(fused: bool, decoder: str, decoder_config: dict[str, Any]) -> Any:
@@ -52,24 +51,7 @@ def main() -> None:
         raise SystemExit(f"decoder_layer.cpp is unavailable here: {reason}")
     options = json.loads(args.decoder_config)
     llms = {"fused": build(True, args.decoder, options), "ops": build(False, args.decoder, options)}
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
-    tokens = dict.fromkeys(llms, 0)
-    seconds = dict.fromkeys(llms, 0.0)
-    outputs: dict[str, list[list[int]]] = {name: [] for name in llms}
-    for i, prompt in enumerate(load_builtin(None)[: args.prompts]):
-        for name in list(llms) if i % 2 == 0 else list(llms)[::-1]:
-            start = time.perf_counter()
-            out = llms[name].chat([dict(m) for m in prompt.messages], params)[0]
-            seconds[name] += time.perf_counter() - start
-            tokens[name] += len(out.outputs[0].token_ids)
-            outputs[name].append(list(out.outputs[0].token_ids))
-    for name in llms:
-        print(f"{name}: {tokens[name] / seconds[name]:.1f} tok/s ({tokens[name]} tokens)")
-    print(
-        f"fused / ops: {tokens['fused'] / seconds['fused'] / (tokens['ops'] / seconds['ops']):.3f}"
-    )
-    same = sum(a == b for a, b in zip(outputs["fused"], outputs["ops"], strict=True))
-    print(f"identical answers: {same}/{len(outputs['fused'])}")
+    alternate_and_report(llms, args.prompts, args.max_tokens)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from typing import Any
 
 import slipstream.kernels.store_kv as store_kv_module
@@ -28,8 +29,10 @@ from slipstream.loadtest.builtin import load_builtin
 
 def build(torch_ops: bool) -> Any:
     llm = LLM(dtype="bfloat16", kv_cache_memory_gib=1.0)
-    if torch_ops:
-        for layer in llm.engine.runner.model.layers:
+    for layer in llm.engine.runner.model.layers:
+        # Op by op in both arms: the fused calls (decoder_layer.cpp) always run layer_ops.
+        layer.fused_cpu = False
+        if torch_ops:
             layer.rope, layer.silu_mul = rope_ref, silu_mul_ref
     return llm
 
@@ -47,13 +50,29 @@ def main() -> None:
     llms = {"layer_ops": build(False), "torch_ops": build(True)}
     # The K/V store is chosen per call by store_kv's dispatch: switched per engine's turn.
     applies = {"layer_ops": store_kv_cpu_applies, "torch_ops": lambda *a: False}
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+
+    def before_turn(name: str) -> None:
+        store_kv_module.store_kv_cpu_applies = applies[name]
+
+    alternate_and_report(llms, args.prompts, args.max_tokens, before_turn)
+
+
+def alternate_and_report(
+    llms: dict[str, Any],
+    num_prompts: int,
+    max_tokens: int,
+    before_turn: Callable[[str], None] | None = None,
+) -> None:
+    """Each builtin prompt on every LLM in turn (the order alternating per prompt), greedy;
+    prints each LLM's tok/s, the first's ratio to the second, and how many answers agree."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     tokens = dict.fromkeys(llms, 0)
     seconds = dict.fromkeys(llms, 0.0)
     outputs: dict[str, list[list[int]]] = {name: [] for name in llms}
-    for i, prompt in enumerate(load_builtin(None)[: args.prompts]):
+    for i, prompt in enumerate(load_builtin(None)[:num_prompts]):
         for name in list(llms) if i % 2 == 0 else list(llms)[::-1]:
-            store_kv_module.store_kv_cpu_applies = applies[name]
+            if before_turn is not None:
+                before_turn(name)
             start = time.perf_counter()
             out = llms[name].chat([dict(m) for m in prompt.messages], params)[0]
             seconds[name] += time.perf_counter() - start
@@ -61,8 +80,11 @@ def main() -> None:
             outputs[name].append(list(out.outputs[0].token_ids))
     for name in llms:
         print(f"{name}: {tokens[name] / seconds[name]:.1f} tok/s ({tokens[name]} tokens)")
-    same = sum(a == b for a, b in zip(outputs["layer_ops"], outputs["torch_ops"], strict=True))
-    print(f"identical answers: {same}/{len(outputs['layer_ops'])}")
+    first, second = list(llms)[:2]
+    rate = {name: tokens[name] / seconds[name] for name in (first, second)}
+    print(f"{first} / {second}: {rate[first] / rate[second]:.3f}")
+    same = sum(a == b for a, b in zip(outputs[first], outputs[second], strict=True))
+    print(f"identical answers: {same}/{len(outputs[first])}")
 
 
 if __name__ == "__main__":

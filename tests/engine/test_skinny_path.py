@@ -9,7 +9,11 @@ import pytest
 import torch
 
 from slipstream.engine.models import load_model
-from slipstream.kernels.cpu.decoder_layer import decoder_layer_unavailable_reason
+from slipstream.kernels.cpu.decoder_layer import (
+    LayerBuffers,
+    decoder_layer_unavailable_reason,
+    layer_after_attention,
+)
 from slipstream.kernels.cpu.layer_ops import layer_ops_unavailable_reason, rope_bf16, silu_mul_bf16
 from slipstream.kernels.cpu.skinny_linear import skinny_linear_ref, skinny_unavailable_reason
 from slipstream.testing.tiny_model import make_tiny_model_dir
@@ -163,3 +167,24 @@ def test_the_fused_layer_calls_give_the_op_by_op_bits(tmp_path: Path, arch: str)
     fused_logits = _step_logits(fused, config, prompt, fed)
     for a, b in zip(fused_logits, _step_logits(ops, config, prompt, fed), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(
+    decoder_layer_unavailable_reason() is not None, reason=f"{decoder_layer_unavailable_reason()}"
+)
+def test_the_fused_call_refuses_an_attention_output_it_would_misread(tmp_path: Path) -> None:
+    folder = make_tiny_model_dir(tmp_path / "m", hidden_size=128, num_attention_heads=2)
+    model, config = load_model(str(folder), torch.bfloat16, CPU)
+    model.pack_for_cpu()  # type: ignore[operator]
+    layer = model.layers[0]
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    buffers = LayerBuffers.allocate(2, hidden, heads, config.num_key_value_heads, 64, layer.inter)
+    h = torch.zeros(2, hidden)
+    weights = (layer.o_bias, layer.post_norm, 1e-5, layer.skinny[2], None, layer.skinny[3], None)
+    for bad in (
+        torch.zeros(2, heads * 64),  # float32
+        torch.zeros(2, heads * 64 + 2, dtype=torch.bfloat16)[:, :-2],  # strided rows
+        torch.zeros(3, heads * 64, dtype=torch.bfloat16),  # a row too many
+    ):
+        with pytest.raises(ValueError, match="attention output"):
+            layer_after_attention(h, bad, layer.skinny[1], *weights, buffers)

@@ -141,6 +141,14 @@ def layer_after_attention(
 ) -> torch.Tensor:  # buffers.delta: [T, hidden] bf16, the MLP output
     """o_proj, add_rms_norm, gate|up, SiLU * up and down: the layer's MLP output."""
     rows, hidden = h.shape
+    # The one input an attention backend makes: the kernel would read another dtype's or
+    # layout's bytes as bf16 rows.
+    q_size = o_weight.shape[1] * 2
+    if attn.dtype != torch.bfloat16 or attn.shape != (rows, q_size) or not attn.is_contiguous():
+        raise ValueError(
+            f"attention output must be contiguous [{rows}, {q_size}] bf16, "
+            f"got {tuple(attn.shape)} {attn.dtype}"
+        )
     status = _AFTER.get()(
         h.data_ptr(),
         attn.data_ptr(),

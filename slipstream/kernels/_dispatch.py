@@ -8,9 +8,12 @@ TRITON_INTERPRET=1, which tests/conftest.py sets).
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
+
+_T = TypeVar("_T")
 
 _VALID = ("auto", "torch", "triton")
 
@@ -40,6 +43,17 @@ def dot_settings(dtype: torch.dtype) -> tuple[bool, str]:
     return upcast, "ieee" if dtype == torch.float32 or upcast else "tf32"
 
 
+def once_a_step(plan: dict[str, Any] | None, key: str, decide: Callable[[], _T]) -> _T:
+    """decide(), kept under `key` in `plan` (a step's AttentionMetadata.scratch) so that the
+    other layers of the step reuse it; without a plan, decided on every call."""
+    if plan is None:
+        return decide()
+    if key not in plan:
+        plan[key] = decide()
+    value: _T = plan[key]
+    return value
+
+
 def use_triton(x: torch.Tensor, plan: dict[str, Any] | None = None) -> bool:
     """Whether the op on tensor x should run its Triton kernel.
 
@@ -48,11 +62,7 @@ def use_triton(x: torch.Tensor, plan: dict[str, Any] | None = None) -> bool:
     layers, 2 cores), 0.4% of a batch-1 decode step.
     """
     if plan is not None:
-        key = f"use_triton_{x.device.type}"
-        cached = plan.get(key)
-        if cached is None:
-            cached = plan[key] = use_triton(x)
-        return bool(cached)
+        return once_a_step(plan, f"use_triton_{x.device.type}", lambda: use_triton(x))
     backend = kernel_backend()
     if backend == "torch":
         return False

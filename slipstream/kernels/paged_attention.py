@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from slipstream.kernels._dispatch import dot_settings, kernel_backend, use_triton
+from slipstream.kernels._dispatch import dot_settings, kernel_backend, once_a_step, use_triton
 from slipstream.kernels.cpu.paged_decode_attention import (
     decode_attention_applies,
     paged_decode_attention,
@@ -798,12 +798,13 @@ def use_cpu_decode_kernel(
     """Whether this step runs paged_decode_attention; decided once a step with `plan`."""
     if plan is None:
         plan = {}
-    if "pa_cpu_kernel" not in plan:
-        use = False
+
+    def decide() -> bool:
         # The device and dtype first: on CUDA, reading query_start_loc would sync.
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and kernel_backend() == "auto":
-            starts, _ = _host_lists(plan, query_start_loc, seq_lens)
-            longest = max((e - s for s, e in itertools.pairwise(starts)), default=0)
-            use = decode_attention_applies(q, k_cache, longest)
-        plan["pa_cpu_kernel"] = use
-    return bool(plan["pa_cpu_kernel"])
+        if q.device.type != "cpu" or q.dtype != torch.bfloat16 or kernel_backend() != "auto":
+            return False
+        starts, _ = _host_lists(plan, query_start_loc, seq_lens)
+        longest = max((e - s for s, e in itertools.pairwise(starts)), default=0)
+        return bool(decode_attention_applies(q, k_cache, longest))
+
+    return once_a_step(plan, "pa_cpu_kernel", decide)

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from slipstream.kernels._dispatch import use_triton
+from slipstream.kernels._dispatch import once_a_step, use_triton
 from slipstream.kernels.cpu.layer_ops import store_kv_cpu, store_kv_cpu_applies
 
 
@@ -28,12 +28,7 @@ def store_kv_ref(
     """
     if slot_mapping.numel() == 0:
         return
-    if plan is None:
-        plan = {}
-    all_valid = plan.get("store_kv_all_valid")
-    if all_valid is None:
-        all_valid = plan["store_kv_all_valid"] = bool(slot_mapping.min().item() >= 0)
-    if all_valid:
+    if once_a_step(plan, "store_kv_all_valid", lambda: bool(slot_mapping.min().item() >= 0)):
         # Nothing to skip: index_copy_ takes 7 us vs 28 us for the masked form (1 token, bf16),
         # and the engine calls this once per layer per step.
         slots = slot_mapping.long()  # a no-op for the engine's int64
@@ -179,12 +174,9 @@ def store_kv(
         return
     # Every layer of a step stores the same kinds of tensors: decide once a step (the
     # check reads os.environ; ~8 us a layer, 30 layers).
-    cpu = None if plan is None else plan.get("store_kv_cpu")
-    if cpu is None:
-        cpu = store_kv_cpu_applies(k, v, k_cache, v_cache, slot_mapping)
-        if plan is not None:
-            plan["store_kv_cpu"] = cpu
-    if cpu:
+    if once_a_step(
+        plan, "store_kv_cpu", lambda: store_kv_cpu_applies(k, v, k_cache, v_cache, slot_mapping)
+    ):
         store_kv_cpu(k, v, k_cache, v_cache, slot_mapping)
     else:
         store_kv_ref(k, v, k_cache, v_cache, slot_mapping, plan)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from slipstream.kernels._dispatch import once_a_step
 from slipstream.kernels.cpu.build import CppFunction
 
 # Rows per sequence up to which the engine takes this kernel: the official 80-node tree plus
@@ -87,11 +88,11 @@ def paged_decode_attention(
         raise ValueError(f"head_dim must be one of {HEAD_DIMS} and heads a multiple of kv heads")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("the caches must be contiguous")
-    meta = None if plan is None else plan.get("pda_meta")
-    if meta is None:
-        meta = _step_metadata(block_tables, query_start_loc, seq_lens, tree_mask)
-        if plan is not None:
-            plan["pda_meta"] = meta
+    meta = once_a_step(
+        plan,
+        "pda_meta",
+        lambda: _step_metadata(block_tables, query_start_loc, seq_lens, tree_mask),
+    )
     sparse: tuple[int | None, ...] = (None, 0, 0, 0, 0)
     if chunks is not None:
         if chunks.shape[:2] != (seq_lens.shape[0], num_kv_heads) or chunks.dim() != 3:

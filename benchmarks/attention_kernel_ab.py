@@ -1,0 +1,138 @@
+"""paged_decode_attention.cpp at a git revision against the working tree, in one process.
+
+Both builds are called through the same Python wrapper, alternating round by round, on the
+same random data at the default model's attention shape (9 heads over 3 KV heads, head_dim
+64, pages of 16). Each case runs 30 layers, each with its own cache, so the K/V of a step
+come from DRAM as in the engine (30 x 6.3 MB at 8k context: more than the 32 MB L3):
+- dense at --context (shuffled pages: a pool that has served many requests);
+- block-sparse chunk lists at that context: block top-k's default read (sink page, 4 window
+  pages + the current one, 16 selected pages: 352 keys a head), a 2k-key read (128 pages),
+  and HiP's 2-token chunks (~400 keys a head).
+It also checks that both builds give the same bits.
+
+    .venv/bin/python benchmarks/attention_kernel_ab.py --base HEAD~1
+    .venv/bin/python benchmarks/attention_kernel_ab.py --base 0cacd2a --context 4096
+
+Not a test: run it alone on the machine (another process on the cores moves the numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from kernels_cpu import BLOCK_SIZE, make_batch  # benchmarks/: a paged batch, default shape
+
+import slipstream.kernels.cpu.paged_decode_attention as pda
+from slipstream.kernels.cpu.build import AVX512_BF16_FLAGS, build_library
+
+KERNEL_DIR = "slipstream/kernels/cpu"
+SOURCE = "paged_decode_attention.cpp"
+LAYERS = 30
+
+
+def build_at(revision: str | None, workdir: Path) -> Callable[..., int]:
+    """The kernel's C function built from `revision` (None: the working tree)."""
+    repo = Path(__file__).resolve().parent.parent
+    if revision is None:
+        source = repo / KERNEL_DIR / SOURCE
+    else:
+        folder = workdir / revision.replace("/", "_")
+        folder.mkdir()
+        names = subprocess.run(
+            ["git", "ls-tree", "--name-only", f"{revision}:{KERNEL_DIR}"],
+            cwd=repo,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        for name in names:  # the source and the headers it includes
+            if name == SOURCE or name.endswith(".h"):
+                text = subprocess.run(
+                    ["git", "show", f"{revision}:{KERNEL_DIR}/{name}"],
+                    cwd=repo,
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
+                (folder / name).write_text(text)
+        source = folder / SOURCE
+    lib = build_library(source, AVX512_BF16_FLAGS, needs_cpu=("avx512f", "avx512_bf16"))
+    fn = lib.slipstream_paged_decode_attention
+    fn.argtypes = pda._ATTEND.argtypes
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def chunk_lists(ctx: int, chunk: int, fixed: list[int], selected: int) -> torch.Tensor:
+    """[1, 3, S] chunk ids: `fixed` plus `selected` random others, per KV head."""
+    total = ctx // chunk
+    pool = torch.tensor([c for c in range(total) if c not in set(fixed)])
+    rows = [
+        torch.cat([torch.tensor(fixed), pool[torch.randperm(len(pool))[:selected]]]).sort().values
+        for _ in range(3)
+    ]
+    return torch.stack(rows).unsqueeze(0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--base", required=True, help="git revision to compare the working tree with")
+    ap.add_argument("--context", type=int, default=8192, help="cached keys")
+    ap.add_argument("--rounds", type=int, default=30)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    ctx = args.context
+    pages = ctx // BLOCK_SIZE
+    layers = [make_batch([1], [ctx + 1], torch.bfloat16)[0] for _ in range(LAYERS)]
+    window = list(range(pages - 5, pages + 1))  # 4 window pages + the current one
+    hip_window = list(range((ctx - 128) // 2, ctx // 2 + 1))
+    cases: dict[str, tuple[torch.Tensor | None, int]] = {
+        f"dense {ctx}": (None, 0),
+        "block top-k, 352 keys": (chunk_lists(ctx, BLOCK_SIZE, [0, *window], 16), BLOCK_SIZE),
+        "block top-k, 2k keys": (chunk_lists(ctx, BLOCK_SIZE, [0, *window], 122), BLOCK_SIZE),
+        "HiP 2-token chunks, ~400 keys": (
+            chunk_lists(ctx, 2, [*range(8), *hip_window], 128),
+            2,
+        ),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        builds = {
+            args.base: build_at(args.base, Path(tmp)),
+            "working tree": build_at(None, Path(tmp)),
+        }
+    times: dict[tuple[str, str], list[float]] = {(b, c): [] for b in builds for c in cases}
+    outs: dict[tuple[str, str], torch.Tensor] = {}
+    names = list(builds)
+    for r in range(args.rounds + 1):  # round 0 warms up
+        for name in names if r % 2 else names[::-1]:
+            pda._ATTEND._fn = builds[name]
+            for case, (chunks, chunk_size) in cases.items():
+                plan: dict[str, object] = {}
+                start = time.perf_counter()
+                for tensors in layers:
+                    out = pda.paged_decode_attention(
+                        *tensors, 0.125, None, plan=plan, chunks=chunks, chunk_size=chunk_size
+                    )
+                if r:
+                    times[(name, case)].append(time.perf_counter() - start)
+                else:
+                    outs[(name, case)] = out
+    print(f"30 layers of decode attention, ms (median of {args.rounds} interleaved rounds)")
+    print(f"| case | {names[0]} | {names[1]} | ratio | same bits |")
+    print("| --- | --- | --- | --- | --- |")
+    for case in cases:
+        a, b = (statistics.median(times[(n, case)]) * 1e3 for n in names)
+        same = torch.equal(outs[(names[0], case)], outs[(names[1], case)])
+        print(f"| {case} | {a:.2f} | {b:.2f} | {a / b:.2f}x | {'yes' if same else 'NO'} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -243,10 +243,11 @@ def interleaved_decode_speed(
 
     Each config gets its own engine and request (prefilled first); then, `rounds` times,
     every engine decodes num_tokens / rounds steps in turn (order rotated per round). On this
-    2-core machine dense 8k decode runs at ~57 or ~110 ms/step, a mode that changes between
-    runs and sometimes within one (memory bandwidth on the host, likely), so configs timed
-    in separate runs are not comparable; interleaving puts them under the same conditions,
-    round by round, and the paired per-round ratio to the first config shows the spread.
+    2-core machine the same dense 8k decode has run 20-30% apart between runs minutes apart,
+    and in early sessions at ~57 or ~110 ms/step, a mode that changed within a run (memory
+    bandwidth on the host, likely), so configs timed in separate runs are not comparable;
+    interleaving puts them under the same conditions, round by round, and the paired
+    per-round ratio to the first config shows the spread.
     """
     from slipstream.config import CacheConfig
     from slipstream.engine.sampling_params import SamplingParams

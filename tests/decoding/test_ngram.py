@@ -29,6 +29,7 @@ def test_find_longest_draft_is_find_draft_cut_to_its_match_length() -> None:
         hi, k = int(rng.integers(lo, 12)), int(rng.integers(1, 10))
         want = _draft_by_every_n(tokens, lo, hi, k)
         assert find_draft(tokens, lo, hi, k) == want
+        assert find_draft(np.array(tokens, dtype=np.int64), lo, hi, k) == want
         assert find_longest_draft(tokens, lo, hi, k, 1e9) == want
     # [1, 2, 3] matched (3 tokens): at most 3 tokens of what followed with factor 1
     assert find_longest_draft([1, 2, 3, 9, 1, 2, 3], 2, 8, 8, 1.0) == [9, 1, 2]

@@ -3,9 +3,11 @@
 A step that feeds N tokens costs t(N); a sequence drafting s nodes emits 1 + A(s) tokens on
 average, where A(s) is the summed acceptance rate of the s best nodes of the template. With
 B sequences drafting, tokens per second are B (1 + A(s)) / t(B (1 + s)); we pick the s that
-maximises it. t(N) is learnt online from every step's wall time (prefill steps included), so
-a 2-core CPU (t grows ~linearly from N = 1) gets a small tree and a GPU (t flat to N ~ 100s)
-a large one, and the tree shrinks to nothing as the batch fills.
+maximises it. t(N) is learnt online from the wall time of every step in which each
+sequence fed one new token (decodes and draft trees; steps with a prefill chunk cost
+differently per token and are left out), so a 2-core CPU (t grows ~linearly from N = 1)
+gets a small tree and a GPU (t flat to N ~ 100s) a large one, and the tree shrinks to
+nothing as the batch fills.
 """
 
 from __future__ import annotations
@@ -339,9 +341,11 @@ class TreeSizer:
             )
         return self._chain_cache[key]
 
-    def end_step(self, num_tokens: int, seconds: float) -> None:
-        """Record the step's cost; re-plan every 8 steps (acceptance and cost drift slowly)."""
-        self.cost.add(num_tokens, seconds)
+    def end_step(self, num_tokens: int, seconds: float | None) -> None:
+        """Record the step's cost (None: an untimed step); re-plan every 8 steps (acceptance
+        and cost drift slowly)."""
+        if seconds is not None:
+            self.cost.add(num_tokens, seconds)
         self.step += 1
         if self.step % 8 == 0:
             self._cache.clear()

@@ -357,7 +357,7 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         prev_tokens: list[int],
         values: torch.Tensor,
         num_tokens: int,
-        seconds: float,
+        seconds: float | None,
     ) -> None:
         """M[fed token] = top-k of its logits, for every row (rejected branches included);
         with pair rows also P[(previous token, fed token)]."""

@@ -169,6 +169,32 @@ def test_prompt_seeding_stops_where_the_calibrated_tree_is_empty(tiny_model_dir:
     assert int((fdec.matrix != 0).any(dim=1).sum()) == 6  # 5 seed rows + the sampled one
 
 
+def test_only_steps_without_a_prefill_chunk_time_the_cost_model(tiny_model_dir: str) -> None:
+    """A prefill chunk (and the seed rows it carries) costs differently per token than a
+    decode or a draft tree, so steps that hold one are counted but not timed."""
+    eng = _engine(tiny_model_dir, prompt_seed_rows=5)
+    dec = _decoder(eng)
+    new_tokens: list[list[int]] = []  # per step, each item's new tokens
+    select = dec.select
+
+    def recording_select(batch: Any, inputs: Any, logits: Any) -> Any:
+        new_tokens.append([item.num_new_tokens for item in batch.items])
+        return select(batch, inputs, logits)
+
+    dec.select = recording_select  # type: ignore[method-assign]
+    timed: list[int] = []
+    add = dec.sizer.cost.add
+    dec.sizer.cost.add = lambda n, s: (timed.append(n), add(n, s))[1]  # type: ignore[method-assign]
+    eng.add_request("first", PROMPTS[0], GREEDY)
+    for _ in range(4):  # "first" decodes alone, then "second" prefills beside it
+        eng.step()
+    run_to_completion(eng, [PROMPTS[1]], GREEDY)
+    mixed = [n for n in new_tokens if any(k > 1 for k in n)]
+    assert any(len(n) > 1 for n in mixed)  # a prefill chunk shared a step with a decode
+    assert len(timed) == len(new_tokens) - len(mixed) > 0
+    assert dec.sizer.step == len(new_tokens)  # every step still counts
+
+
 def test_matrix_update_rule(tiny_model_dir: str) -> None:
     dec = _decoder(_engine(tiny_model_dir))
     vocab = dec.ctx.vocab_size

@@ -3,11 +3,10 @@
 A step that feeds N tokens costs t(N); a sequence drafting s nodes emits 1 + A(s) tokens on
 average, where A(s) is the summed acceptance rate of the s best nodes of the template. With
 B sequences drafting, tokens per second are B (1 + A(s)) / t(B (1 + s)); we pick the s that
-maximises it. t(N) is learnt online from the wall time of every step in which each
-sequence fed one new token (decodes and draft trees; steps with a prefill chunk cost
-differently per token and are left out), so a 2-core CPU (t grows ~linearly from N = 1)
-gets a small tree and a GPU (t flat to N ~ 100s) a large one, and the tree shrinks to
-nothing as the batch fills.
+maximises it. t(N) is learnt online from the wall time of the steps in which each
+sequence fed one new token (decodes and draft trees; see TreeSizer.end_step), so a 2-core
+CPU (t grows ~linearly from N = 1) gets a small tree and a GPU (t flat to N ~ 100s) a large
+one, and the tree shrinks to nothing as the batch fills.
 """
 
 from __future__ import annotations
@@ -341,10 +340,19 @@ class TreeSizer:
             )
         return self._chain_cache[key]
 
-    def end_step(self, num_tokens: int, seconds: float | None) -> None:
-        """Record the step's cost (None: an untimed step); re-plan every 8 steps (acceptance
-        and cost drift slowly)."""
-        if seconds is not None:
+    def end_step(self, num_tokens: int, seconds: float, decode_only: bool = True) -> None:
+        """Record the step's cost; re-plan every 8 steps (acceptance and cost drift slowly).
+
+        Only steps where every sequence fed one new token (decodes and draft trees) are
+        timed: a prefill chunk costs differently per token (with token recycling it also
+        carries up to 128 logits rows that seed the matrix but are not fed tokens). In a
+        16-slot run on 2 cores, prefill steps put 137-512 tokens at 0.6-0.7 ms a token into
+        the model, where 16 decodes cost 1.7 ms a token: drafting at a full batch looked
+        cheaper than it is. A prefill step is timed only while the model has nothing else,
+        so that a server whose first steps all carry prefills does not, knowing no cost,
+        draft the largest tree.
+        """
+        if decode_only or not self.cost.samples:
             self.cost.add(num_tokens, seconds)
         self.step += 1
         if self.step % 8 == 0:

@@ -357,7 +357,8 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         prev_tokens: list[int],
         values: torch.Tensor,
         num_tokens: int,
-        seconds: float | None,
+        seconds: float,
+        decode_only: bool = True,
     ) -> None:
         """M[fed token] = top-k of its logits, for every row (rejected branches included);
         with pair rows also P[(previous token, fed token)]."""
@@ -381,7 +382,7 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
                 if self.pairs is not None:
                     self.pairs.write(prev_tokens, fed_tokens, host_top.numpy(), probs.numpy())
         self._topk = None
-        self.sizer.end_step(num_tokens, seconds)
+        self.sizer.end_step(num_tokens, seconds, decode_only)
         if self.sizer.step % 64 == 0:
             self._trees = {self.full.num_draft: self.full}  # re-cut subtrees by new rates
             self._grafts = {}

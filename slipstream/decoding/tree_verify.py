@@ -187,11 +187,12 @@ class TreeSpecDecoder(Decoder):
         prev_tokens: list[int],
         values: torch.Tensor,
         num_tokens: int,
-        seconds: float | None,
+        seconds: float,
+        decode_only: bool = True,
     ) -> None:
         """Once per step: each logits row's fed token and the token before it in that row's
-        context (-1: none), the logits, the tokens fed and the step's time (None: a step
-        with a prefill chunk, not timed)."""
+        context (-1: none), the logits, the tokens fed, the step's time and whether every
+        sequence fed one new token (else the step carried a prefill chunk)."""
 
     def step_stats(self) -> dict[str, float]:
         """Per-step numbers for StepStats.decoder."""
@@ -264,15 +265,9 @@ class TreeSpecDecoder(Decoder):
             self._sample_plain(batch, logits, targets, plain, results)
         # Timed through verification: walking a tree node by node (penalties, sampling)
         # costs per drafted node on top of the forward, and the tree sizer must see it.
-        # Only steps where every sequence fed one new token (a decode or a draft tree) are
-        # timed: a prefill chunk costs differently per token (with token recycling it also
-        # carries up to 128 logits rows that seed the matrix but are not fed tokens). In a
-        # 16-slot run on 2 cores, prefill steps put 137-512 tokens at 0.6-0.7 ms a token
-        # into the cost model, where 16 decodes cost 1.7 ms a token: drafting at a full
-        # batch looked cheaper than it is.
-        timed = all(item.num_new_tokens == 1 for item in batch.items)
+        decode_only = all(item.num_new_tokens == 1 for item in batch.items)
         seconds = time.perf_counter() - self._t_build
-        self.observe(fed, prev, values, inputs.num_tokens, seconds if timed else None)
+        self.observe(fed, prev, values, inputs.num_tokens, seconds, decode_only)
         return StepResult(
             seqs=results, spec=spec if spec.num_drafts else None, stats=self.step_stats()
         )

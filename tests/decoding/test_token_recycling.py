@@ -169,30 +169,39 @@ def test_prompt_seeding_stops_where_the_calibrated_tree_is_empty(tiny_model_dir:
     assert int((fdec.matrix != 0).any(dim=1).sum()) == 6  # 5 seed rows + the sampled one
 
 
-def test_only_steps_without_a_prefill_chunk_time_the_cost_model(tiny_model_dir: str) -> None:
+def test_steps_with_a_prefill_chunk_do_not_time_the_cost_model(tiny_model_dir: str) -> None:
     """A prefill chunk (and the seed rows it carries) costs differently per token than a
-    decode or a draft tree, so steps that hold one are counted but not timed."""
+    decode or a draft tree, so steps that hold one are counted but not timed, except while
+    the cost model is still empty."""
     eng = _engine(tiny_model_dir, prompt_seed_rows=5)
     dec = _decoder(eng)
-    new_tokens: list[list[int]] = []  # per step, each item's new tokens
+    steps: list[tuple[list[int], bool]] = []  # per step: each item's new tokens, timed
     select = dec.select
+    add = dec.sizer.cost.add
+    timed = [False]
 
     def recording_select(batch: Any, inputs: Any, logits: Any) -> Any:
-        new_tokens.append([item.num_new_tokens for item in batch.items])
-        return select(batch, inputs, logits)
+        timed[0] = False
+        result = select(batch, inputs, logits)
+        steps.append(([item.num_new_tokens for item in batch.items], timed[0]))
+        return result
+
+    def recording_add(n: int, seconds: float) -> None:
+        timed[0] = True
+        add(n, seconds)
 
     dec.select = recording_select  # type: ignore[method-assign]
-    timed: list[int] = []
-    add = dec.sizer.cost.add
-    dec.sizer.cost.add = lambda n, s: (timed.append(n), add(n, s))[1]  # type: ignore[method-assign]
+    dec.sizer.cost.add = recording_add  # type: ignore[method-assign]
     eng.add_request("first", PROMPTS[0], GREEDY)
-    for _ in range(4):  # "first" decodes alone, then "second" prefills beside it
+    for _ in range(4):  # "first" prefills, then decodes alone; then "second" prefills beside it
         eng.step()
     run_to_completion(eng, [PROMPTS[1]], GREEDY)
-    mixed = [n for n in new_tokens if any(k > 1 for k in n)]
-    assert any(len(n) > 1 for n in mixed)  # a prefill chunk shared a step with a decode
-    assert len(timed) == len(new_tokens) - len(mixed) > 0
-    assert dec.sizer.step == len(new_tokens)  # every step still counts
+    first_new, first_timed = steps[0]
+    assert first_new[0] > 1 and first_timed  # a prefill, timed: nothing else was known
+    later_mixed = [t for new, t in steps[1:] if any(k > 1 for k in new)]
+    assert later_mixed and not any(later_mixed)  # "second"'s prefill beside a decode
+    assert all(t for new, t in steps if all(k == 1 for k in new))
+    assert dec.sizer.step == len(steps)  # every step still counts
 
 
 def test_matrix_update_rule(tiny_model_dir: str) -> None:

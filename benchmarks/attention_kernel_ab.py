@@ -73,8 +73,8 @@ def build_at(revision: str | None, workdir: Path) -> Callable[..., int]:
 
 def chunk_lists(ctx: int, chunk: int, fixed: list[int], selected: int) -> torch.Tensor:
     """[1, 3, S] chunk ids: `fixed` plus `selected` random others, per KV head."""
-    total = ctx // chunk
-    pool = torch.tensor([c for c in range(total) if c not in set(fixed)])
+    total, taken = ctx // chunk, set(fixed)
+    pool = torch.tensor([c for c in range(total) if c not in taken])
     rows = [
         torch.cat([torch.tensor(fixed), pool[torch.randperm(len(pool))[:selected]]]).sort().values
         for _ in range(3)

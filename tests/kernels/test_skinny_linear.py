@@ -45,8 +45,12 @@ def _bf16(*shape: int, seed: int) -> torch.Tensor:
         (1, 16, 2),  # one block, one pair
         (1, 80, 64),  # 5 blocks: a group of 4 and a tail of 1 per thread split
         (5, 48, 38),
-        (7, 112, 64),  # two row chunks (4 + 3)
-        (13, 64, 30),  # three row chunks
+        (7, 112, 64),  # one 7-row chunk, groups of 3 blocks: 2 + a tail of 1 per thread
+        (8, 80, 64),  # groups of 3: a tail of 2 per thread
+        (12, 176, 30),  # one 12-row chunk, groups of 2 and tails of 1
+        (13, 64, 30),  # two row chunks (7 + 6), groups of 3
+        (24, 96, 20),  # two 12-row chunks
+        (25, 80, 18),  # prefill-sized: chunks of at most 6 rows (5 x 5), groups of 4
         (40, 32, 16),
         (3, 1024, 96),  # threads split many blocks
     ],
@@ -75,7 +79,7 @@ def test_a_row_does_not_depend_on_the_other_rows() -> None:
     packed = pack_skinny_weight(w)
     x = _bf16(30, 96, seed=4)
     alone = torch.cat([skinny_linear(x[i : i + 1], packed) for i in range(30)])
-    for rows in (2, 6, 9, 17, 30):
+    for rows in (2, 6, 8, 9, 12, 17, 24, 30):
         assert torch.equal(skinny_linear(x[:rows], packed), alone[:rows])
 
 

@@ -19,56 +19,30 @@ Not a test: run it alone on the machine (another process on the cores moves the 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from kernel_revisions import build_kernel_at  # benchmarks/: a kernel at a git revision
 from kernels_cpu import BLOCK_SIZE, make_batch  # benchmarks/: a paged batch, default shape
 
 import slipstream.kernels.cpu.paged_decode_attention as pda
-from slipstream.kernels.cpu.build import AVX512_BF16_FLAGS, build_library
 
-KERNEL_DIR = "slipstream/kernels/cpu"
-SOURCE = "paged_decode_attention.cpp"
 LAYERS = 30
 
 
 def build_at(revision: str | None, workdir: Path) -> Callable[..., int]:
     """The kernel's C function built from `revision` (None: the working tree)."""
-    repo = Path(__file__).resolve().parent.parent
-    if revision is None:
-        source = repo / KERNEL_DIR / SOURCE
-    else:
-        folder = workdir / revision.replace("/", "_")
-        folder.mkdir()
-        names = subprocess.run(
-            ["git", "ls-tree", "--name-only", f"{revision}:{KERNEL_DIR}"],
-            cwd=repo,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.split()
-        for name in names:  # the source and the headers it includes
-            if name == SOURCE or name.endswith(".h"):
-                text = subprocess.run(
-                    ["git", "show", f"{revision}:{KERNEL_DIR}/{name}"],
-                    cwd=repo,
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                ).stdout
-                (folder / name).write_text(text)
-        source = folder / SOURCE
-    lib = build_library(source, AVX512_BF16_FLAGS, needs_cpu=("avx512f", "avx512_bf16"))
-    fn = lib.slipstream_paged_decode_attention
-    fn.argtypes = pda._ATTEND.argtypes
-    fn.restype = ctypes.c_int
-    return fn
+    return build_kernel_at(
+        revision,
+        "paged_decode_attention.cpp",
+        "slipstream_paged_decode_attention",
+        pda._ATTEND.argtypes,
+        workdir,
+    )
 
 
 def chunk_lists(ctx: int, chunk: int, fixed: list[int], selected: int) -> torch.Tensor:

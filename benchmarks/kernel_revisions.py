@@ -1,0 +1,46 @@
+"""A C++ CPU kernel built from a git revision or from the working tree, for in-process A/B
+scripts (attention_kernel_ab.py, skinny_linear_ab.py): both builds are then called through
+the same wrapper, alternating, so the machine's drift hits both alike."""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from slipstream.kernels.cpu.build import AVX512_BF16_FLAGS, build_library
+
+KERNEL_DIR = "slipstream/kernels/cpu"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=REPO, check=True, capture_output=True, text=True
+    ).stdout
+
+
+def build_kernel_at(
+    revision: str | None,  # None: the working tree
+    source: str,  # file name in slipstream/kernels/cpu/, e.g. "skinny_linear.cpp"
+    function: str,  # its C entry point
+    argtypes: Sequence[Any],
+    workdir: Path,  # where a revision's source and headers are written
+) -> Callable[..., int]:
+    """The kernel's C function, built (or taken from the build cache) for `revision`."""
+    if revision is None:
+        path = REPO / KERNEL_DIR / source
+    else:
+        folder = workdir / revision.replace("/", "_")
+        folder.mkdir(exist_ok=True)
+        for name in _git("ls-tree", "--name-only", f"{revision}:{KERNEL_DIR}").split():
+            if name == source or name.endswith(".h"):  # the source and the headers it includes
+                (folder / name).write_text(_git("show", f"{revision}:{KERNEL_DIR}/{name}"))
+        path = folder / source
+    lib = build_library(path, AVX512_BF16_FLAGS, needs_cpu=("avx512f", "avx512_bf16"))
+    fn = getattr(lib, function)
+    fn.argtypes = list(argtypes)
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]

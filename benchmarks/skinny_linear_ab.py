@@ -1,0 +1,94 @@
+"""skinny_linear.cpp at a git revision against the working tree, in one process.
+
+Both builds run the 120 projections of one decode step of the default model (30 layers of
+q|k|v 960x576, o 576x576, gate|up 3072x576, down 576x1536: 212 MB of random bf16 weights,
+more than the 32 MB L3, so they stream from DRAM as in the engine) at each row count,
+alternating build by build each round; median ms per step's projections, and whether both
+builds give the same bits.
+
+    .venv/bin/python benchmarks/skinny_linear_ab.py --base HEAD~1
+    .venv/bin/python benchmarks/skinny_linear_ab.py --base 568e556 --rows 1,8,9,16,256
+
+Not a test: run it alone on the machine (another process on the cores moves the numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from kernel_revisions import build_kernel_at  # benchmarks/: a kernel at a git revision
+
+import slipstream.kernels.cpu.skinny_linear as sl
+
+LAYERS = 30
+SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # (N, K) of one layer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--base", required=True, help="git revision to compare the working tree with")
+    ap.add_argument("--rows", default="1,2,4,6,7,8,9,12,16,24,64,256")
+    ap.add_argument("--rounds", type=int, default=10)
+    args = ap.parse_args()
+    rows = [int(r) for r in args.rows.split(",")]
+    torch.manual_seed(0)
+    weights = [
+        sl.pack_skinny_weight(torch.randn(n, k, dtype=torch.bfloat16) * 0.02)
+        for _ in range(LAYERS)
+        for n, k in SHAPES
+    ]
+    inputs = {m: {k: torch.randn(m, k, dtype=torch.bfloat16) for _, k in SHAPES} for m in rows}
+    with tempfile.TemporaryDirectory() as tmp:
+        builds = {
+            name: build_kernel_at(
+                rev, "skinny_linear.cpp", "slipstream_skinny_linear", sl._SKINNY.argtypes, Path(tmp)
+            )
+            for name, rev in ((args.base, args.base), ("working tree", None))
+        }
+    names = list(builds)
+    times: dict[tuple[str, int], list[float]] = {(b, m): [] for b in names for m in rows}
+    outs: dict[tuple[str, int], list[torch.Tensor]] = {}
+    threads = torch.get_num_threads()
+    for r in range(args.rounds + 1):  # round 0 warms up and keeps the outputs
+        for name in names if r % 2 else names[::-1]:
+            fn = builds[name]
+            for m in rows:
+                kept = []
+                start = time.perf_counter()
+                for w in weights:
+                    n, k = w.shape[0] * 16, w.shape[1] * 2
+                    y = torch.empty(m, n, dtype=torch.bfloat16)
+                    fn(
+                        inputs[m][k].data_ptr(),
+                        m,
+                        k,
+                        w.data_ptr(),
+                        n,
+                        None,
+                        y.data_ptr(),
+                        0,
+                        threads,
+                    )
+                    if not r:
+                        kept.append(y)
+                if r:
+                    times[(name, m)].append(time.perf_counter() - start)
+                else:
+                    outs[(name, m)] = kept
+    print(f"120 projections, ms (median of {args.rounds} interleaved rounds), {threads} threads")
+    print(f"| rows | {names[0]} | {names[1]} | ratio | same bits |")
+    print("| --- | --- | --- | --- | --- |")
+    for m in rows:
+        a, b = (statistics.median(times[(n, m)]) * 1e3 for n in names)
+        pairs = zip(outs[(names[0], m)], outs[(names[1], m)], strict=True)
+        same = all(torch.equal(x, y) for x, y in pairs)
+        print(f"| {m} | {a:.2f} | {b:.2f} | {a / b:.2f}x | {'yes' if same else 'NO'} |")
+
+
+if __name__ == "__main__":
+    main()

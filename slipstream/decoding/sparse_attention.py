@@ -38,6 +38,14 @@ the paged KV. Options (`--decoder-config`), defaults per method:
                       page's keys and the group's query heads) is highest are read; costs
                       reading the shortlist's K (F times the budget), recovers the copy
                       steps of needle retrieval that page means miss
+    prompt_pages      block_topk: 0, or P > 0 pages of the budget per KV head chosen once,
+                      at the end of the prefill, by the attention the prompt's last
+                      `observation_window` tokens pay them (SnapKV, Li et al., arXiv
+                      2404.14469: a prompt's closing question looks at what the answer
+                      will need), then read at every decode step; the other top_k - P
+                      pages are chosen per step as usual. Costs one pass over the prompt's
+                      keys per layer at the end of the prefill, nothing per decode step
+    observation_window  block_topk with prompt_pages: prompt tokens whose queries vote (32)
 
 Where the official defaults differ: HiP ships k=512, window 256 (v1.1; 128 in v1.0), sized
 for 32k-128k contexts; Kinetics' benchmark keeps 64 pages (1024 tokens). Our default model
@@ -99,6 +107,8 @@ class SparseAttentionOptions:
     rerank_factor: int = 0
     budget_fraction: float | None = None
     dense_below: int = 0
+    prompt_pages: int = 0
+    observation_window: int = 32
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -118,7 +128,18 @@ class SparseAttentionOptions:
                 raise ValueError(f"budget_fraction must be in (0, 1], got {self.budget_fraction}")
             if self.method != "block_topk":
                 raise ValueError("budget_fraction is a block_topk option")
-        for name in ("sink", "window", "dense_layers", "rerank_factor", "dense_below"):
+        if self.prompt_pages and self.method != "block_topk":
+            raise ValueError("prompt_pages is a block_topk option")
+        if self.observation_window < 1:
+            raise ValueError(f"observation_window must be >= 1, got {self.observation_window}")
+        for name in (
+            "sink",
+            "window",
+            "dense_layers",
+            "rerank_factor",
+            "dense_below",
+            "prompt_pages",
+        ):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
@@ -169,6 +190,8 @@ def make_selector(options: SparseAttentionOptions, ctx: DecoderContext) -> Selec
         options.page_scoring,
         options.rerank_factor,
         refresh,
+        options.prompt_pages,
+        options.observation_window,
     )
 
 
@@ -270,6 +293,8 @@ class SparseAttentionBackend:
         plan = shared.plan(meta)
         selector = shared.selector
         selector.after_store(self.layer_idx, k_cache, plan)
+        if plan.prefill_ends:
+            selector.observe_prompt(self.layer_idx, q, k_cache, meta, scale)
         sp = plan.sparse
         if sp is None:
             return paged_attention(

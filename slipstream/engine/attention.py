@@ -32,6 +32,9 @@ class AttentionMetadata:
     # Host copies, so CPU code paths need no device sync.
     query_start_loc_list: list[int] = field(default_factory=list)
     seq_lens_list: list[int] = field(default_factory=list)
+    # Per sequence: this step feeds the last chunk of its prefill (two or more tokens of one
+    # causal run, up to its last known token, which is then sampled). Empty = unknown (none).
+    prefill_ends: list[bool] = field(default_factory=list)
     # Derived tensors a backend builds once per step and reuses in every layer.
     scratch: dict[str, Any] = field(default_factory=dict)
 

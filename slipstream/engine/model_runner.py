@@ -72,11 +72,16 @@ class ModelRunner:
         seq_lens: list[int] = []
         logit_rows: list[int] = []
         offsets = [0]
+        prefill_ends: list[bool] = []
         for item, seq_inputs in zip(batch.items, inputs.seqs, strict=True):
             seq = item.seq
             base = seq.num_computed_tokens
             num_fed = len(seq_inputs.token_ids)
             start = query_start[-1]
+            # A draft step feeds tokens beyond num_tokens; a prefill chunk ends at it.
+            prefill_ends.append(
+                num_fed >= 2 and seq_inputs.parents is None and base + num_fed == seq.num_tokens
+            )
             token_ids.extend(seq_inputs.token_ids)
             positions.extend(seq_inputs.positions)
             slots.extend(self._slots(seq.block_table, base, num_fed))
@@ -85,6 +90,7 @@ class ModelRunner:
             logit_rows.extend(start + j for j in seq_inputs.logits_indices)
             offsets.append(len(logit_rows))
         meta = self._metadata(batch, inputs, query_start, seq_lens, slots)
+        meta.prefill_ends = prefill_ends
         hidden = self.model(
             torch.tensor(token_ids, dtype=torch.long, device=self.device),
             torch.tensor(positions, dtype=torch.long, device=self.device),

@@ -47,6 +47,8 @@ class StepPlan:
     # KV tokens of the decode-like sequences (pruned or not): the denominator of the
     # fraction of KV read; decode-like = one new token or a tree of them.
     decode_kv_tokens: int
+    # Whether some sequence ends its prefill this step (AttentionMetadata.prefill_ends).
+    prefill_ends: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -122,4 +124,5 @@ def build_plan(meta: AttentionMetadata, prunes: Callable[[int], bool]) -> StepPl
         sparse=sub_batch(meta, sparse) if sparse else None,
         dense=sub_batch(meta, dense) if dense and sparse else None,
         decode_kv_tokens=decode_kv,
+        prefill_ends=any(meta.prefill_ends),
     )

@@ -112,6 +112,17 @@ class Selector:
     def after_store(self, layer: int, k_cache: torch.Tensor, plan: StepPlan) -> None:
         """Called in every sparse layer after this step's K/V are stored."""
 
+    def observe_prompt(
+        self,
+        layer: int,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim], the whole step's queries
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> None:
+        """Called in every sparse layer, after the store, in a step where some sequence ends
+        its prefill (meta.prefill_ends)."""
+
     def select(
         self,
         layer: int,
@@ -311,6 +322,9 @@ class HipSelector(Selector):
 
 # ----------------------------------------------------------------------------- block top-k
 
+# Prompt pages: a key's vote also counts for the next _SPREAD - 1 keys (see _prompt_pages).
+_SPREAD = 8
+
 
 @dataclass
 class _TopkStep:
@@ -341,6 +355,8 @@ class BlockTopkSelector(Selector):
         page_scoring: str = "mean",
         rerank_factor: int = 0,
         refresh_interval: int = 1,
+        prompt_pages: int = 0,
+        observation_window: int = 32,
     ) -> None:
         super().__init__(geometry)
         self.num_kv_blocks = num_kv_blocks
@@ -363,6 +379,15 @@ class BlockTopkSelector(Selector):
         # scored region ended, so no key decoded since is skipped. Choosing (scores, top-k,
         # rerank) was 40-60% of the sparse path's per-layer cost at 8k on 2 CPU cores.
         self.refresh_interval = refresh_interval
+        # > 0: that many of the budget's pages per KV head are fixed at the end of the
+        # prefill by the attention of the prompt's last `observation_window` queries
+        # (SnapKV); a closing question ("what is the number?") points at what the answer
+        # copies, which a page's mean key at decode time often misses.
+        self.prompt_pages = prompt_pages
+        self.observation_window = observation_window
+        # seq_id -> layer -> [H, P] int64 logical pages, sorted, all in the scored region
+        # below the window the sequence's first decode has (so never a sink or window page).
+        self.pinned: dict[int, dict[int, torch.Tensor]] = {}
         self.seqs: dict[int, _Reused] = {}
         self.combined = CombinedChunks()
         # layer -> [H, num_kv_blocks, D] fp32 mean keys, or [H, num_kv_blocks, 2 D] =
@@ -410,8 +435,16 @@ class BlockTopkSelector(Selector):
         ends = [self.seqs[sp.seq_ids[i]].region_end for i in refresh]
         step.region_ends = ends
         step.num_scored = max(ends)
-        step.top_ks = [g.top_k_at(sp.ctx[i]) for i in refresh]
+        # Pinned prompt pages are part of the budget: the per-step choice takes the rest.
+        step.top_ks = [
+            max(1, g.top_k_at(sp.ctx[i]) - self._pinned_count(sp.seq_ids[i])) for i in refresh
+        ]
         step.top_k = max(step.top_ks)
+
+    def _pinned_count(self, seq_id: int) -> int:
+        """Pages per KV head pinned for the sequence (the same in every layer), or 0."""
+        layers = self.pinned.get(seq_id)
+        return next(iter(layers.values())).shape[-1] if layers else 0
 
     def _dirty_pages(
         self, meta: AttentionMetadata, batch_index: list[int]
@@ -480,6 +513,8 @@ class BlockTopkSelector(Selector):
         if step.refresh:
             q_r = q if step.rows is None else q.index_select(0, step.rows)
             found = self._choose(layer, q_r, k_cache, step)  # [R, H, k]
+            if self.pinned:
+                found = self._with_pinned(layer, [sp.seq_ids[i] for i in step.refresh], found)
         chunks = reused_plus_fixed(self.seqs, sp, layer, step.refresh, found, step.fixed)
         self.combined.by_layer[layer] = chunks
         return chunks
@@ -524,7 +559,101 @@ class BlockTopkSelector(Selector):
             rerank,
         )
 
+    def _with_pinned(
+        self,
+        layer: int,
+        seq_ids: list[int],
+        found: torch.Tensor,  # [R, H, k] int64 logical pages, -1 padded
+    ) -> torch.Tensor:  # [R, H, P + k] int64, distinct pages per row, -1 anywhere
+        """The refreshing sequences' choices plus their pinned pages, each page once (the
+        attention kernels need distinct chunks; a page both pinned and chosen is read once,
+        so the read is at most the budget)."""
+        pins = [self.pinned.get(sid, {}).get(layer) for sid in seq_ids]
+        width = max((p.shape[-1] for p in pins if p is not None), default=0)
+        if width == 0:
+            return found
+        extra = torch.full((*found.shape[:2], width), -1, dtype=found.dtype, device=found.device)
+        for j, p in enumerate(pins):
+            if p is not None:
+                extra[j, :, : p.shape[-1]] = p
+        merged = torch.cat([extra, found], -1).sort(-1).values
+        repeat = (merged[..., 1:] == merged[..., :-1]) & (merged[..., 1:] >= 0)
+        merged[..., 1:].masked_fill_(repeat, -1)
+        return merged
+
+    def observe_prompt(
+        self,
+        layer: int,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> None:
+        """Pin the prompt pages of the sequences whose prefill ends this step."""
+        if not self.prompt_pages:
+            return
+        starts = meta.query_start_loc_list
+        for b, ends in enumerate(meta.prefill_ends):
+            if not ends:
+                continue
+            sid = meta.seq_ids[b] if meta.seq_ids else b
+            w = min(self.observation_window, starts[b + 1] - starts[b])
+            pages = self._prompt_pages(
+                q[starts[b + 1] - w : starts[b + 1]],
+                k_cache,
+                meta.block_tables[b],
+                meta.seq_lens_list[b],
+                scale,
+            )
+            if pages is None:
+                self.pinned.pop(sid, None)
+            else:
+                self.pinned.setdefault(sid, {})[layer] = pages
+
+    def _prompt_pages(
+        self,
+        q_obs: torch.Tensor,  # [w, num_heads, head_dim] the prompt's last w queries
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        table: torch.Tensor,  # [>= pages of seq_len] int32 the sequence's block table
+        seq_len: int,  # prompt tokens cached (the first decode's context)
+        scale: float,
+    ) -> torch.Tensor | None:  # [num_kv_heads, P] int64 sorted logical pages, or None
+        """SnapKV's choice per KV head: the pages of the scored region (between the sink
+        and the first decode's window) that receive the most attention, summed over the
+        observation queries and the group's heads, each query's softmax over every key it
+        sees."""
+        g = self.geometry
+        page = g.chunk
+        region_end = g.window_start(seq_len)
+        count = min(self.prompt_pages, region_end - g.sink_chunks, g.top_k_at(seq_len))
+        if count <= 0:
+            return None
+        w, num_heads, head_dim = q_obs.shape
+        heads = k_cache.shape[2]
+        group = num_heads // heads
+        num_pages = -(-seq_len // page)
+        dev = k_cache.device
+        keys = k_cache.index_select(0, table[:num_pages].long())  # [pages, page, H, D]
+        keys = keys.reshape(num_pages * page, heads, head_dim)[:seq_len]  # [T, H, D]
+        # [H, w * G, D]: row i * G + j is observation token i, query head j of the group
+        qg = q_obs.float().view(w, heads, group, head_dim).transpose(0, 1)
+        logits = torch.bmm(qg.reshape(heads, w * group, head_dim), keys.float().permute(1, 2, 0))
+        logits = logits * scale  # [H, w * G, T]
+        position = torch.arange(seq_len - w, seq_len, device=dev).repeat_interleave(group)
+        future = torch.arange(seq_len, device=dev).view(1, -1) > position.view(-1, 1)
+        logits.masked_fill_(future, float("-inf"))
+        mass = logits.softmax(-1).sum(1)  # [H, T] attention each key receives
+        # What the answer copies follows what the question looks at ("the secret number is"
+        # -> its digits), often on the next page: each key also scores as the best key of
+        # the SPREAD before it (SnapKV max-pools its votes over neighbours for the same
+        # reason).
+        mass = F.max_pool1d(F.pad(mass, (_SPREAD - 1, 0)).unsqueeze(1), _SPREAD, 1).squeeze(1)
+        mass = F.pad(mass, (0, num_pages * page - seq_len)).view(heads, num_pages, page).sum(-1)
+        best = mass[:, g.sink_chunks : region_end].topk(count, -1).indices + g.sink_chunks
+        return best.sort(-1).values
+
     def forget(self, seq_id: int) -> None:
         """Drop the sequence's selection and page bookkeeping."""
         self.seqs.pop(seq_id, None)
         self.summarised.pop(seq_id, None)
+        self.pinned.pop(seq_id, None)

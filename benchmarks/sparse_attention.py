@@ -82,6 +82,9 @@ TAILS = [
 LICENCES = ("GPL-3", "GFDL-1.3", "Apache-2.0", "GPL-2", "LGPL-3", "MPL-2.0")
 MODEL_WINDOW = 8192  # SmolLM2's max_position_embeddings
 QUESTION = "What is the secret number in the text above? Answer with the number only."
+# --question-first: the question before the text, so the prompt's closing tokens do not ask
+# for the number (what block top-k's prompt_pages look at).
+QUESTION_FIRST = "What is the secret number in the text below? Answer with the number only."
 
 
 def haystack(rng: random.Random, num_sentences: int) -> list[str]:
@@ -93,9 +96,10 @@ def haystack(rng: random.Random, num_sentences: int) -> list[str]:
 
 
 def needle_prompt(
-    tokenizer: Any, rng: random.Random, length: int, depth: float
+    tokenizer: Any, rng: random.Random, length: int, depth: float, question_first: bool = False
 ) -> tuple[list[int], str]:
-    """Chat prompt of ~length tokens with the needle at `depth` (0..1); returns (ids, answer)."""
+    """Chat prompt of ~length tokens with the needle at `depth` (0..1); returns (ids, answer).
+    The question follows the text, or (question_first) precedes it."""
     from slipstream.engine.tokenizer import apply_chat_template
 
     answer = str(rng.randrange(1000, 10000))
@@ -108,7 +112,9 @@ def needle_prompt(
         if len(ids) >= length - 60:
             break
     text.insert(int(depth * len(text)), f"The secret number is {answer}.")
-    messages = [{"role": "user", "content": " ".join(text) + "\n\n" + QUESTION}]
+    body = " ".join(text)
+    content = QUESTION_FIRST + "\n\n" + body if question_first else body + "\n\n" + QUESTION
+    messages = [{"role": "user", "content": content}]
     return apply_chat_template(tokenizer, messages), answer
 
 
@@ -468,6 +474,11 @@ def main() -> None:
     )
     ap.add_argument("--needle-lengths", default="1024,2048,4096")
     ap.add_argument("--needles", type=int, default=5, help="needles per length (depths spread)")
+    ap.add_argument(
+        "--question-first",
+        action="store_true",
+        help="needles: ask before the text instead of after it",
+    )
     ap.add_argument("--ppl-prefix", type=int, default=4096)
     ap.add_argument("--ppl-tokens", type=int, default=128)
     ap.add_argument("--configs", default="dense,hip,block_topk,hip_q,block_topk_q")
@@ -530,13 +541,17 @@ def main() -> None:
                 llm = make_llm(cfg, MODEL_WINDOW)
                 rng = random.Random(length)
                 depths = [(i + 0.5) / args.needles for i in range(args.needles)]
-                prompts = [needle_prompt(llm.tokenizer, rng, length, d) for d in depths]
+                prompts = [
+                    needle_prompt(llm.tokenizer, rng, length, d, args.question_first)
+                    for d in depths
+                ]
                 found, replies = retrieval(llm, prompts)
                 stats = llm.engine.get_stats().get("decoder", {})
                 rows.append(
                     {
                         "config": name,
                         "length": length,
+                        "question_first": args.question_first,
                         "found": found,
                         "total": len(prompts),
                         "kv_read": stats.get("sparse_kv_read_fraction", 1.0),

@@ -501,6 +501,24 @@ def test_composes_with_token_recycling(
     )
     assert all(len(t) == GREEDY.max_tokens for t in _tokens(reranked))
     assert reranked.get_stats()["decoder"]["sparse_rerank_k_fraction"] > 0
+    # Prompt pages: pinned at the end of the prefill, read by every verification tree.
+    pins = {"method": "block_topk", **SMALL, "prompt_pages": 2}
+    pinned = _engine(tiny_model_dir, "token_recycling+sparse_attention", {"sparse_attention": pins})
+    selector = pinned.decoder.parts[1].shared.selector  # type: ignore[attr-defined]
+    read: list[bool] = []
+    select = selector.select
+
+    def spy(layer: int, q: torch.Tensor, k_cache: torch.Tensor, plan: Any) -> torch.Tensor:
+        out = select(layer, q, k_cache, plan)
+        for i, sid in enumerate(plan.sparse.seq_ids):
+            pages = selector.pinned[sid][layer]
+            read.extend(set(pages[h].tolist()) <= set(out[i, h].tolist()) for h in range(2))
+        return out
+
+    selector.select = spy
+    assert all(len(t) == GREEDY.max_tokens for t in _tokens(pinned))
+    assert read and all(read)
+    assert selector.pinned == {}  # dropped with the finished requests
 
 
 def test_page_summaries_are_current_at_every_choice(tiny_model_dir: str) -> None:

@@ -19,14 +19,16 @@ Not a test: run it alone on the machine (another process on the cores moves the 
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from kernel_revisions import build_kernel_at  # benchmarks/: a kernel at a git revision
+from kernel_revisions import (  # benchmarks/: a kernel at a git revision
+    build_kernel_at,
+    print_ab_table,
+)
 from kernels_cpu import BLOCK_SIZE, make_batch  # benchmarks/: a paged batch, default shape
 
 import slipstream.kernels.cpu.paged_decode_attention as pda
@@ -99,13 +101,9 @@ def main() -> None:
                     times[(name, case)].append(time.perf_counter() - start)
                 else:
                     outs[(name, case)] = out
-    print(f"30 layers of decode attention, ms (median of {args.rounds} interleaved rounds)")
-    print(f"| case | {names[0]} | {names[1]} | ratio | same bits |")
-    print("| --- | --- | --- | --- | --- |")
-    for case in cases:
-        a, b = (statistics.median(times[(n, case)]) * 1e3 for n in names)
-        same = torch.equal(outs[(names[0], case)], outs[(names[1], case)])
-        print(f"| {case} | {a:.2f} | {b:.2f} | {a / b:.2f}x | {'yes' if same else 'NO'} |")
+    same = {case: torch.equal(outs[(names[0], case)], outs[(names[1], case)]) for case in cases}
+    title = f"30 layers of decode attention, ms (median of {args.rounds} interleaved rounds)"
+    print_ab_table(title, "case", names, times, same)
 
 
 if __name__ == "__main__":

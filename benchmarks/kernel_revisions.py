@@ -5,6 +5,7 @@ the same wrapper, alternating, so the machine's drift hits both alike."""
 from __future__ import annotations
 
 import ctypes
+import statistics
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -44,3 +45,19 @@ def build_kernel_at(
     fn.argtypes = list(argtypes)
     fn.restype = ctypes.c_int
     return fn  # type: ignore[no-any-return]
+
+
+def print_ab_table(
+    title: str,
+    first_column: str,
+    names: Sequence[str],  # (base revision, "working tree")
+    times: dict[tuple[str, Any], list[float]],  # (build, row) -> seconds per round
+    same_bits: dict[Any, bool],  # row -> whether both builds gave the same outputs
+) -> None:
+    """The A/B as a markdown table: median ms per build, their ratio, same bits."""
+    print(title)
+    print(f"| {first_column} | {names[0]} | {names[1]} | ratio | same bits |")
+    print("| --- | --- | --- | --- | --- |")
+    for row, same in same_bits.items():
+        a, b = (statistics.median(times[(n, row)]) * 1e3 for n in names)
+        print(f"| {row} | {a:.2f} | {b:.2f} | {a / b:.2f}x | {'yes' if same else 'NO'} |")

@@ -15,13 +15,15 @@ Not a test: run it alone on the machine (another process on the cores moves the 
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from kernel_revisions import build_kernel_at  # benchmarks/: a kernel at a git revision
+from kernel_revisions import (  # benchmarks/: a kernel at a git revision
+    build_kernel_at,
+    print_ab_table,
+)
 
 import slipstream.kernels.cpu.skinny_linear as sl
 
@@ -80,14 +82,14 @@ def main() -> None:
                     times[(name, m)].append(time.perf_counter() - start)
                 else:
                     outs[(name, m)] = kept
-    print(f"120 projections, ms (median of {args.rounds} interleaved rounds), {threads} threads")
-    print(f"| rows | {names[0]} | {names[1]} | ratio | same bits |")
-    print("| --- | --- | --- | --- | --- |")
-    for m in rows:
-        a, b = (statistics.median(times[(n, m)]) * 1e3 for n in names)
-        pairs = zip(outs[(names[0], m)], outs[(names[1], m)], strict=True)
-        same = all(torch.equal(x, y) for x, y in pairs)
-        print(f"| {m} | {a:.2f} | {b:.2f} | {a / b:.2f}x | {'yes' if same else 'NO'} |")
+    same = {
+        m: all(
+            torch.equal(x, y) for x, y in zip(outs[(names[0], m)], outs[(names[1], m)], strict=True)
+        )
+        for m in rows
+    }
+    title = f"120 projections, ms (median of {args.rounds} interleaved rounds), {threads} threads"
+    print_ab_table(title, "rows", names, times, same)
 
 
 if __name__ == "__main__":

@@ -89,8 +89,7 @@ class ModelRunner:
             seq_lens.append(base + num_fed)
             logit_rows.extend(start + j for j in seq_inputs.logits_indices)
             offsets.append(len(logit_rows))
-        meta = self._metadata(batch, inputs, query_start, seq_lens, slots)
-        meta.prefill_ends = prefill_ends
+        meta = self._metadata(batch, inputs, query_start, seq_lens, slots, prefill_ends)
         hidden = self.model(
             torch.tensor(token_ids, dtype=torch.long, device=self.device),
             torch.tensor(positions, dtype=torch.long, device=self.device),
@@ -117,6 +116,7 @@ class ModelRunner:
         query_start: list[int],
         seq_lens: list[int],
         slots: list[int],
+        prefill_ends: list[bool],
     ) -> AttentionMetadata:
         max_blocks = max((len(item.seq.block_table) for item in batch.items), default=0)
         tables = [
@@ -135,6 +135,7 @@ class ModelRunner:
             seq_ids=[item.seq.seq_id for item in batch.items],
             query_start_loc_list=query_start,
             seq_lens_list=seq_lens,
+            prefill_ends=prefill_ends,
         )
 
     def _tree_mask(

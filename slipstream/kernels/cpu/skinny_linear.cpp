@@ -21,9 +21,10 @@
 // a group's weights (K * 32 bytes a block, 74 KB for 4 blocks at K = 576) come from DRAM
 // once and from L2 for the further chunks, while the last chunk prefetches the next group.
 // Up to 12 rows (a speculative step) run as one chunk: the weights stream once, at about
-// the one-row cost. Measured (120 projections, 2 cores, one process, interleaved): 9 rows
-// 9.6 -> 8.1 ms, 16 rows 12.3 -> 11.1 against chunks of at most 6 rows; 1 row 7.6. Above 24
-// rows (prefill) chunks of 6 with NB = 4 stay, 1-10% quicker there than 12 x 2.
+// the one-row cost. Measured (benchmarks/skinny_linear_ab.py, 120 projections, 2 cores)
+// against chunks of at most 6 rows: 8 rows 7.95 -> 6.59 ms, 9 rows 8.37 -> 7.48, 16 rows
+// 10.96 -> 9.97; 1 row 5.96 either way. Above 24 rows (prefill) chunks of 6 with NB = 4
+// stay, 1-10% quicker there than 12 x 2.
 
 #include <immintrin.h>
 #include <omp.h>

@@ -7,7 +7,9 @@ come from DRAM as in the engine (30 x 6.3 MB at 8k context: more than the 32 MB 
 - dense at --context (shuffled pages: a pool that has served many requests);
 - block-sparse chunk lists at that context: block top-k's default read (sink page, 4 window
   pages + the current one, 16 selected pages: 352 keys a head), a 2k-key read (128 pages),
-  and HiP's 2-token chunks (~400 keys a head).
+  and HiP's 2-token chunks (~400 keys a head);
+- dense tree-verification steps of --tree-rows rows (a tree mask among the new tokens), as
+  token recycling feeds them.
 It also checks that both builds give the same bits.
 
     .venv/bin/python benchmarks/attention_kernel_ab.py --base HEAD~1
@@ -63,6 +65,9 @@ def main() -> None:
     ap.add_argument("--base", required=True, help="git revision to compare the working tree with")
     ap.add_argument("--context", type=int, default=8192, help="cached keys")
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument(
+        "--tree-rows", default="5,9,13", help="rows of the tree steps timed (empty: none)"
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     ctx = args.context
@@ -70,15 +75,34 @@ def main() -> None:
     layers = [make_batch([1], [ctx + 1], torch.bfloat16)[0] for _ in range(LAYERS)]
     window = list(range(pages - 5, pages + 1))  # 4 window pages + the current one
     hip_window = list(range((ctx - 128) // 2, ctx // 2 + 1))
-    cases: dict[str, tuple[torch.Tensor | None, int]] = {
-        f"dense {ctx}": (None, 0),
-        "block top-k, 352 keys": (chunk_lists(ctx, BLOCK_SIZE, [0, *window], 16), BLOCK_SIZE),
-        "block top-k, 2k keys": (chunk_lists(ctx, BLOCK_SIZE, [0, *window], 122), BLOCK_SIZE),
+    # case -> (per-layer tensors, tree mask, chunk lists, chunk size)
+    Case = tuple[list[list[torch.Tensor]], torch.Tensor | None, torch.Tensor | None, int]
+    cases: dict[str, Case] = {
+        f"dense {ctx}": (layers, None, None, 0),
+        "block top-k, 352 keys": (
+            layers,
+            None,
+            chunk_lists(ctx, BLOCK_SIZE, [0, *window], 16),
+            BLOCK_SIZE,
+        ),
+        "block top-k, 2k keys": (
+            layers,
+            None,
+            chunk_lists(ctx, BLOCK_SIZE, [0, *window], 122),
+            BLOCK_SIZE,
+        ),
         "HiP 2-token chunks, ~400 keys": (
+            layers,
+            None,
             chunk_lists(ctx, 2, [*range(8), *hip_window], 128),
             2,
         ),
     }
+    for rows in (int(r) for r in args.tree_rows.split(",") if r):
+        batches = [
+            make_batch([rows], [ctx + rows], torch.bfloat16, tree=True) for _ in range(LAYERS)
+        ]
+        cases[f"tree of {rows} rows, dense"] = ([b[0] for b in batches], batches[0][1], None, 0)
     with tempfile.TemporaryDirectory() as tmp:
         builds = {
             args.base: build_at(args.base, Path(tmp)),
@@ -90,12 +114,12 @@ def main() -> None:
     for r in range(args.rounds + 1):  # round 0 warms up
         for name in names if r % 2 else names[::-1]:
             pda._ATTEND._fn = builds[name]
-            for case, (chunks, chunk_size) in cases.items():
+            for case, (case_layers, mask, chunks, chunk_size) in cases.items():
                 plan: dict[str, object] = {}
                 start = time.perf_counter()
-                for tensors in layers:
+                for tensors in case_layers:
                     out = pda.paged_decode_attention(
-                        *tensors, 0.125, None, plan=plan, chunks=chunks, chunk_size=chunk_size
+                        *tensors, 0.125, mask, plan=plan, chunks=chunks, chunk_size=chunk_size
                     )
                 if r:
                     times[(name, case)].append(time.perf_counter() - start)

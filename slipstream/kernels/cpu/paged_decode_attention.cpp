@@ -228,37 +228,61 @@ struct Kernel {
         }
         out[1] = _mm512_reduce_add_ps(total);
       }
-      __m512 acc[kGroupPV][kChunks];
-      for (int64_t v = 0; v < nv; ++v) {
-        for (int c = 0; c < kChunks; ++c) acc[v][c] = _mm512_setzero_ps();
-      }
-      // Cached keys: one value load for the whole group (every row has all of them).
-      for (int64_t j = 0; j < shared; ++j) {
-        const uint16_t* val = row_of(a.v_cache, seq, cached_actual(seq, kv_head, pos0 + j), kv_head);
-        __m512 vf[kChunks];
-        for (int c = 0; c < kChunks; ++c) vf[c] = load_bf16x16(val + 16 * c);
-        for (int64_t v = 0; v < nv; ++v) {
-          const __m512 p = _mm512_set1_ps(scores[(v0 + v) * kChunk + j]);
-          for (int c = 0; c < kChunks; ++c) acc[v][c] = _mm512_fmadd_ps(p, vf[c], acc[v][c]);
-        }
-      }
-      // New keys: each row its own, in its virtual order.
-      for (int64_t v = 0; v < nv; ++v) {
-        const int64_t token = sp.first_token + (v0 + v) / group;
-        for (int64_t j = shared; j < n_of[v]; ++j) {
-          const int64_t pos = actual(sp, seq, kv_head, cached, token, pos0 + j);
-          const uint16_t* val = row_of(a.v_cache, seq, pos, kv_head);
-          const __m512 p = _mm512_set1_ps(scores[(v0 + v) * kChunk + j]);
-          for (int c = 0; c < kChunks; ++c) {
-            acc[v][c] = _mm512_fmadd_ps(p, load_bf16x16(val + 16 * c), acc[v][c]);
-          }
-        }
-      }
-      for (int64_t v = 0; v < nv; ++v) {
-        float* out = partials + partial_offset(sp, kv_head, chunk, v0 + v) + 2;
-        for (int c = 0; c < kChunks; ++c) _mm512_storeu_ps(out + 16 * c, acc[v][c]);
+      weighted_values_of(nv, sp, seq, kv_head, chunk, cached, shared, v0, n_of, scores);
+    }
+  }
+
+  // Weighted values of query vectors v0 .. v0 + NV - 1 over this chunk's keys (see item),
+  // into their partials. NV is a constant so that the NV x kChunks accumulators live in
+  // registers: with a run-time count they lived on the stack, a load and a store around
+  // every FMA. Each accumulator still adds its keys in the same order: same bits.
+  template <int NV>
+  void weighted_values(const SeqPlan& sp, int64_t seq, int64_t kv_head, int64_t chunk,
+                       int64_t cached, int64_t shared, int64_t v0, const int64_t* n_of,
+                       const float* scores) const {
+    const int64_t pos0 = chunk * kChunk;
+    __m512 acc[NV][kChunks];
+    for (int v = 0; v < NV; ++v) {
+      for (int c = 0; c < kChunks; ++c) acc[v][c] = _mm512_setzero_ps();
+    }
+    // Cached keys: one value load for the whole group (every row has all of them).
+    for (int64_t j = 0; j < shared; ++j) {
+      const uint16_t* val = row_of(a.v_cache, seq, cached_actual(seq, kv_head, pos0 + j), kv_head);
+      __m512 vf[kChunks];
+      for (int c = 0; c < kChunks; ++c) vf[c] = load_bf16x16(val + 16 * c);
+      for (int v = 0; v < NV; ++v) {
+        const __m512 p = _mm512_set1_ps(scores[(v0 + v) * kChunk + j]);
+        for (int c = 0; c < kChunks; ++c) acc[v][c] = _mm512_fmadd_ps(p, vf[c], acc[v][c]);
       }
     }
+    // New keys: each row its own, in its virtual order.
+    for (int v = 0; v < NV; ++v) {
+      const int64_t token = sp.first_token + (v0 + v) / group;
+      for (int64_t j = shared; j < n_of[v]; ++j) {
+        const int64_t pos = actual(sp, seq, kv_head, cached, token, pos0 + j);
+        const uint16_t* val = row_of(a.v_cache, seq, pos, kv_head);
+        const __m512 p = _mm512_set1_ps(scores[(v0 + v) * kChunk + j]);
+        for (int c = 0; c < kChunks; ++c) {
+          acc[v][c] = _mm512_fmadd_ps(p, load_bf16x16(val + 16 * c), acc[v][c]);
+        }
+      }
+    }
+    for (int v = 0; v < NV; ++v) {
+      float* out = partials + partial_offset(sp, kv_head, chunk, v0 + v) + 2;
+      for (int c = 0; c < kChunks; ++c) _mm512_storeu_ps(out + 16 * c, acc[v][c]);
+    }
+  }
+
+  // weighted_values<nv>, for a run-time nv in [1, kGroupPV].
+  template <int NV = 1, class... Rest>
+  void weighted_values_of(int64_t nv, const Rest&... rest) const {
+    if constexpr (NV < kGroupPV) {
+      if (nv > NV) {
+        weighted_values_of<NV + 1>(nv, rest...);
+        return;
+      }
+    }
+    weighted_values<NV>(rest...);
   }
 
   int64_t partial_offset(const SeqPlan& sp, int64_t kv_head, int64_t chunk, int64_t v) const {

@@ -1,5 +1,5 @@
 // Paged attention for steps that feed few tokens per sequence (decode, tree verification),
-// bf16 cache and queries, float32 arithmetic, on AVX512-BF16 CPUs.
+// bf16 cache and queries, float32 scores and softmax, on AVX512-BF16 CPUs.
 //
 // Why: the PyTorch reference gathers each sequence's pages and calls SDPA, ~87 us a layer
 // for one decode row at 300 keys and ~230 us for a 9-row tree step (2 cores), nearly all
@@ -21,6 +21,12 @@
 // each (token, head) output merges its chunks in order (flash-decoding). Scores come 16
 // keys at a time (VDPBF16PS into 16 accumulators, one transposing reduction), padding short
 // tiles with zeros, so every key's score takes the same instructions wherever it sits.
+// The weighted value sum takes the probabilities in bf16, two keys an instruction
+// (VDPBF16PS over interleaved value rows, as flash attention kernels round P to 16 bits
+// before P V): half the multiply instructions of float32 FMAs. Measured (2 cores,
+// benchmarks/attention_kernel_ab.py): a 9-row tree step at 1000 keys 4.80 -> 4.22 ms over 30
+// layers, dense 8k 11.25 -> 10.52 ms; error against float64 attention 0.17% -> 0.18% of
+// the output's norm (bf16 rounding of the output alone is ~0.16%).
 // Each row reads its keys in the order it would have them if decoded alone after its
 // ancestors (the cached keys, then the new keys it sees), and chunks cut that order. So
 // nothing depends on other rows, other sequences or the thread count: a row gets the same
@@ -30,6 +36,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "avx512_bf16.h"
@@ -37,7 +44,6 @@
 namespace {
 
 using slipstream_cpu::exp_ps;
-using slipstream_cpu::load_bf16x16;
 using slipstream_cpu::sum_lanes_of_16;
 using slipstream_cpu::store_bf16x16;
 
@@ -62,6 +68,8 @@ struct Args {
 
 constexpr int64_t kChunk = 128;  // keys per item: 300 keys -> 3 chunks per kv head
 constexpr float kNegInf = -__builtin_inff();
+// The partner of a row's lone last key in the weighted-value pairs (its probability is 0).
+alignas(64) constexpr uint16_t kZeroRow[128] = {};
 
 // Per-sequence layout of the work, shared by both phases.
 struct SeqPlan {
@@ -128,7 +136,7 @@ struct Kernel {
   // that kv head. A row's virtual positions are the positions its keys would have had if
   // it were decoded alone after its ancestors, so chunks, 16-lane sums and the order of
   // the value sum match that decode exactly.
-  void item(int64_t seq, int64_t kv_head, int64_t chunk, float* scores) const {
+  void item(int64_t seq, int64_t kv_head, int64_t chunk, float* scores, uint16_t* probs) const {
     const SeqPlan& sp = seqs[seq];
     const int64_t pos0 = chunk * kChunk;
     const int64_t num_vec = sp.num_q * group;
@@ -223,12 +231,12 @@ struct Kernel {
           const __mmask16 live = j + 16 <= n ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
           const __m512 x = _mm512_maskz_loadu_ps(live, sv + j);
           const __m512 e = _mm512_maskz_mov_ps(live, exp_ps(_mm512_sub_ps(x, mv)));
-          _mm512_mask_storeu_ps(sv + j, live, e);
+          store_bf16x16(probs + v * kChunk + j, e);  // zeros past n: a tail pair's second half
           total = _mm512_add_ps(total, e);
         }
         out[1] = _mm512_reduce_add_ps(total);
       }
-      weighted_values_of(nv, sp, seq, kv_head, chunk, cached, shared, v0, n_of, scores);
+      weighted_values_of(nv, sp, seq, kv_head, chunk, cached, shared, v0, n_of, probs);
     }
   }
 
@@ -239,38 +247,76 @@ struct Kernel {
   template <int NV>
   void weighted_values(const SeqPlan& sp, int64_t seq, int64_t kv_head, int64_t chunk,
                        int64_t cached, int64_t shared, int64_t v0, const int64_t* n_of,
-                       const float* scores) const {
+                       const uint16_t* probs) const {
     const int64_t pos0 = chunk * kChunk;
     __m512 acc[NV][kChunks];
     for (int v = 0; v < NV; ++v) {
       for (int c = 0; c < kChunks; ++c) acc[v][c] = _mm512_setzero_ps();
     }
-    // Cached keys: one value load for the whole group (every row has all of them).
-    for (int64_t j = 0; j < shared; ++j) {
-      const uint16_t* val = row_of(a.v_cache, seq, cached_actual(seq, kv_head, pos0 + j), kv_head);
-      __m512 vf[kChunks];
-      for (int c = 0; c < kChunks; ++c) vf[c] = load_bf16x16(val + 16 * c);
+    // Keys go in pairs of virtual positions (2m, 2m + 1) of the chunk, whichever loop takes
+    // them, so a row adds the same pairs in the same order alone or in a tree.
+    // Pairs of cached keys: one value load and interleave for the whole group.
+    const int64_t shared_pairs = shared & ~int64_t{1};
+    for (int64_t j = 0; j < shared_pairs; j += 2) {
+      __m512bh vals[kChunks];
+      interleave_values(
+          row_of(a.v_cache, seq, cached_actual(seq, kv_head, pos0 + j), kv_head),
+          row_of(a.v_cache, seq, cached_actual(seq, kv_head, pos0 + j + 1), kv_head), vals);
       for (int v = 0; v < NV; ++v) {
-        const __m512 p = _mm512_set1_ps(scores[(v0 + v) * kChunk + j]);
-        for (int c = 0; c < kChunks; ++c) acc[v][c] = _mm512_fmadd_ps(p, vf[c], acc[v][c]);
+        const __m512bh p = prob_pair(probs + (v0 + v) * kChunk + j);
+        for (int c = 0; c < kChunks; ++c) acc[v][c] = _mm512_dpbf16_ps(acc[v][c], p, vals[c]);
       }
     }
-    // New keys: each row its own, in its virtual order.
+    // The rest: each row its own keys, in its virtual order (a lone last key pairs with
+    // zeros: its partner's probability was stored as 0).
     for (int v = 0; v < NV; ++v) {
       const int64_t token = sp.first_token + (v0 + v) / group;
-      for (int64_t j = shared; j < n_of[v]; ++j) {
-        const int64_t pos = actual(sp, seq, kv_head, cached, token, pos0 + j);
-        const uint16_t* val = row_of(a.v_cache, seq, pos, kv_head);
-        const __m512 p = _mm512_set1_ps(scores[(v0 + v) * kChunk + j]);
-        for (int c = 0; c < kChunks; ++c) {
-          acc[v][c] = _mm512_fmadd_ps(p, load_bf16x16(val + 16 * c), acc[v][c]);
-        }
+      for (int64_t j = shared_pairs; j < n_of[v]; j += 2) {
+        const uint16_t* first =
+            row_of(a.v_cache, seq, actual(sp, seq, kv_head, cached, token, pos0 + j), kv_head);
+        const uint16_t* second =
+            j + 1 < n_of[v]
+                ? row_of(a.v_cache, seq, actual(sp, seq, kv_head, cached, token, pos0 + j + 1),
+                         kv_head)
+                : kZeroRow;
+        __m512bh vals[kChunks];
+        interleave_values(first, second, vals);
+        const __m512bh p = prob_pair(probs + (v0 + v) * kChunk + j);
+        for (int c = 0; c < kChunks; ++c) acc[v][c] = _mm512_dpbf16_ps(acc[v][c], p, vals[c]);
       }
     }
+    // acc[v][2h] and acc[v][2h + 1] hold dims 32h + 8L + t and 32h + 8L + 4 + t in lane
+    // 4L + t (unpacklo / unpackhi work within 128-bit lanes): back to dim order.
+    const __m512i first_half = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20,
+                                                 21, 22, 23);
+    const __m512i second_half = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15,
+                                                  28, 29, 30, 31);
     for (int v = 0; v < NV; ++v) {
       float* out = partials + partial_offset(sp, kv_head, chunk, v0 + v) + 2;
-      for (int c = 0; c < kChunks; ++c) _mm512_storeu_ps(out + 16 * c, acc[v][c]);
+      for (int h = 0; h < kPairs; ++h) {
+        const __m512 lo = acc[v][2 * h], hi = acc[v][2 * h + 1];
+        _mm512_storeu_ps(out + 32 * h, _mm512_permutex2var_ps(lo, first_half, hi));
+        _mm512_storeu_ps(out + 32 * h + 16, _mm512_permutex2var_ps(lo, second_half, hi));
+      }
     }
+  }
+
+  // Two value rows interleaved for VDPBF16PS: vals[2h] lane 4L + t = (first, second) at dim
+  // 32h + 8L + t, vals[2h + 1] the same at dim 32h + 8L + 4 + t.
+  static void interleave_values(const uint16_t* first, const uint16_t* second, __m512bh* vals) {
+    for (int h = 0; h < kPairs; ++h) {
+      const __m512i x = _mm512_loadu_si512(first + 32 * h);
+      const __m512i y = _mm512_loadu_si512(second + 32 * h);
+      vals[2 * h] = (__m512bh)_mm512_unpacklo_epi16(x, y);
+      vals[2 * h + 1] = (__m512bh)_mm512_unpackhi_epi16(x, y);
+    }
+  }
+
+  // The bf16 probabilities of keys j and j + 1 (at p), in every 32-bit lane.
+  static __m512bh prob_pair(const uint16_t* p) {
+    uint32_t word;
+    std::memcpy(&word, p, sizeof(word));
+    return (__m512bh)_mm512_set1_epi32(static_cast<int>(word));
   }
 
   // weighted_values<nv>, for a run-time nv in [1, kGroupPV].
@@ -390,11 +436,12 @@ void run(const Args& a, int64_t num_seqs, int num_threads) {
 #pragma omp parallel num_threads(num_threads)
   {
     std::vector<float> scores(max_vec * kChunk);
+    std::vector<uint16_t> probs(max_vec * kChunk);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < num_items; ++i) {
       const SeqPlan& sp = seqs[item_seq[i]];
       k.item(item_seq[i], item_rest[i] / sp.num_chunks, item_rest[i] % sp.num_chunks,
-             scores.data());
+             scores.data(), probs.data());
     }
 #pragma omp for schedule(static)
     for (int64_t o = 0; o < num_outputs; ++o) {

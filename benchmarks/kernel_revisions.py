@@ -1,6 +1,7 @@
 """A C++ CPU kernel built from a git revision or from the working tree, for in-process A/B
-scripts (attention_kernel_ab.py, skinny_linear_ab.py): both builds are then called through
-the same wrapper, alternating, so the machine's drift hits both alike."""
+scripts (attention_kernel_ab.py, attention_engine_ab.py, skinny_linear_ab.py): both builds
+are then called through the same wrapper, alternating, so the machine's drift hits both
+alike."""
 
 from __future__ import annotations
 

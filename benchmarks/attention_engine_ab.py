@@ -17,11 +17,9 @@ Not a test: run it alone on the machine (another process on the cores moves the 
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
-from kernel_revisions import build_kernel_at  # benchmarks/: a kernel at a git revision
+from attention_kernel_ab import attention_builds  # benchmarks/: both builds of the kernel
 
 import slipstream.kernels.cpu.paged_decode_attention as pda
 from slipstream import LLM
@@ -37,17 +35,7 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=16, help="spread over the suite")
     ap.add_argument("--max-tokens", type=int, default=256)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        builds = {
-            name: build_kernel_at(
-                rev,
-                "paged_decode_attention.cpp",
-                "slipstream_paged_decode_attention",
-                pda._ATTEND.argtypes,
-                Path(tmp),
-            )
-            for name, rev in ((args.base, args.base), ("working tree", None))
-        }
+    builds = attention_builds(args.base)
     prompts = load_builtin(args.categories.split(",") if args.categories else None)
     prompts = prompts[:: max(1, len(prompts) // args.num_prompts)][: args.num_prompts]
     llms = {d: LLM(decoder=d, kv_cache_memory_gib=1.0) for d in args.decoders.split(",")}

@@ -21,14 +21,12 @@ Not a test: run it alone on the machine (another process on the cores moves the 
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from kernel_revisions import (  # benchmarks/: a kernel at a git revision
-    build_kernel_at,
+    build_base_and_working_tree,
     print_ab_table,
 )
 from kernels_cpu import BLOCK_SIZE, make_batch  # benchmarks/: a paged batch, default shape
@@ -38,14 +36,13 @@ import slipstream.kernels.cpu.paged_decode_attention as pda
 LAYERS = 30
 
 
-def build_at(revision: str | None, workdir: Path) -> Callable[..., int]:
-    """The kernel's C function built from `revision` (None: the working tree)."""
-    return build_kernel_at(
-        revision,
+def attention_builds(base: str) -> dict[str, Callable[..., int]]:
+    """{base: the attention kernel at revision `base`, "working tree": as it is now}."""
+    return build_base_and_working_tree(
+        base,
         "paged_decode_attention.cpp",
         "slipstream_paged_decode_attention",
         pda._ATTEND.argtypes,
-        workdir,
     )
 
 
@@ -103,11 +100,7 @@ def main() -> None:
             make_batch([rows], [ctx + rows], torch.bfloat16, tree=True) for _ in range(LAYERS)
         ]
         cases[f"tree of {rows} rows, dense"] = ([b[0] for b in batches], batches[0][1], None, 0)
-    with tempfile.TemporaryDirectory() as tmp:
-        builds = {
-            args.base: build_at(args.base, Path(tmp)),
-            "working tree": build_at(None, Path(tmp)),
-        }
+    builds = attention_builds(args.base)
     times: dict[tuple[str, str], list[float]] = {(b, c): [] for b in builds for c in cases}
     outs: dict[tuple[str, str], torch.Tensor] = {}
     names = list(builds)

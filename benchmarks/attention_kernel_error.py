@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-from pathlib import Path
 
 import torch
-from kernel_revisions import REPO, build_kernel_at  # benchmarks/: a kernel at a git revision
+from attention_kernel_ab import attention_builds  # benchmarks/: both builds of the kernel
+from kernel_revisions import REPO
 
 import slipstream.kernels.cpu.paged_decode_attention as pda
 
@@ -32,17 +31,7 @@ def main() -> None:
     ap.add_argument("--cases", default="1x300,9x1000,1x4000", help="rows x cached keys")
     ap.add_argument("--trials", type=int, default=5)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        builds = {
-            name: build_kernel_at(
-                rev,
-                "paged_decode_attention.cpp",
-                "slipstream_paged_decode_attention",
-                pda._ATTEND.argtypes,
-                Path(tmp),
-            )
-            for name, rev in ((args.base, args.base), ("working tree", None))
-        }
+    builds = attention_builds(args.base)
     torch.manual_seed(0)
     columns = [*builds, "float64 rounded to bf16"]
     print("| rows x keys | " + " | ".join(f"{n}: max abs, rel. norm" for n in columns) + " |")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import statistics
 import subprocess
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,17 @@ def build_kernel_at(
     fn.argtypes = list(argtypes)
     fn.restype = ctypes.c_int
     return fn  # type: ignore[no-any-return]
+
+
+def build_base_and_working_tree(
+    base: str, source: str, function: str, argtypes: Sequence[Any]
+) -> dict[str, Callable[..., int]]:
+    """{base: the kernel at revision `base`, "working tree": the kernel as it is now}."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return {
+            name: build_kernel_at(rev, source, function, argtypes, Path(tmp))
+            for name, rev in ((base, base), ("working tree", None))
+        }
 
 
 def print_ab_table(

@@ -139,6 +139,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     llm = LLM(dtype=args.dtype, kv_cache_memory_gib=0.3)
+    fed_counts = [int(x) for x in args.fed.split(",")]
+    limit = llm.engine.max_model_len
+    if args.context + max(fed_counts) > limit:
+        ap.error(f"--context + the largest --fed must be <= the model's {limit} positions")
     instrument(llm.engine.runner.model)
     print(f"ms per step, context {args.context}, {args.dtype}, {torch.get_num_threads()} threads")
     cols = (
@@ -152,7 +156,7 @@ def main() -> None:
     )
     print("| fed | " + " | ".join(cols) + " | total |")
     print("| --- " * (len(cols) + 2) + "|")
-    for fed in (int(x) for x in args.fed.split(",")):
+    for fed in fed_counts:
         parts = time_step(llm, args.context, fed, args.reps)
         cells = [parts.get(c, 0.0) for c in cols]
         print(f"| {fed} | " + " | ".join(f"{c:.2f}" for c in cells) + f" | {sum(cells):.2f} |")

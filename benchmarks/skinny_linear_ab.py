@@ -15,13 +15,11 @@ Not a test: run it alone on the machine (another process on the cores moves the 
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 from kernel_revisions import (  # benchmarks/: a kernel at a git revision
-    build_kernel_at,
+    build_base_and_working_tree,
     print_ab_table,
 )
 
@@ -45,13 +43,9 @@ def main() -> None:
         for n, k in SHAPES
     ]
     inputs = {m: {k: torch.randn(m, k, dtype=torch.bfloat16) for _, k in SHAPES} for m in rows}
-    with tempfile.TemporaryDirectory() as tmp:
-        builds = {
-            name: build_kernel_at(
-                rev, "skinny_linear.cpp", "slipstream_skinny_linear", sl._SKINNY.argtypes, Path(tmp)
-            )
-            for name, rev in ((args.base, args.base), ("working tree", None))
-        }
+    builds = build_base_and_working_tree(
+        args.base, "skinny_linear.cpp", "slipstream_skinny_linear", sl._SKINNY.argtypes
+    )
     names = list(builds)
     times: dict[tuple[str, int], list[float]] = {(b, m): [] for b in names for m in rows}
     outs: dict[tuple[str, int], list[torch.Tensor]] = {}

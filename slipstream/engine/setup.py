@@ -79,6 +79,15 @@ def load_engine_model(config: ModelConfig) -> LoadedModel:
     elif packed_for == "onednn":
         reason = skinny_unavailable_reason()
         logger.info("bf16 weights pre-packed for oneDNN (skinny_linear unavailable: %s)", reason)
+    elif device.type == "cpu" and dtype == torch.bfloat16:
+        from slipstream.engine.models.llama import onednn_bf16_packing_unavailable_reason
+
+        logger.warning(
+            "bf16 weights run unpacked, through PyTorch's emulated bf16 matmuls (skinny_linear: "
+            "%s; oneDNN packing: %s); --dtype float32 is faster on this CPU",
+            skinny_unavailable_reason(),
+            onednn_bf16_packing_unavailable_reason(),
+        )
     if config.batch_invariant:
         from slipstream.engine.batch_invariant import make_batch_invariant
 

@@ -23,7 +23,13 @@ def _without_skinny_linear(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SLIPSTREAM_CPU_KERNELS", "0")
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+NO_ONEDNN_PACKING = llama.onednn_bf16_packing_unavailable_reason()
+needs_onednn_packing = pytest.mark.skipif(
+    NO_ONEDNN_PACKING is not None, reason=f"oneDNN bf16 packing: {NO_ONEDNN_PACKING}"
+)
+
+
+@needs_onednn_packing
 def test_packed_bf16_weights_are_bit_identical(tmp_path: Path) -> None:
     folder = make_tiny_model_dir(tmp_path / "m", tie_word_embeddings=False)
     plain, config = load_model(str(folder), torch.bfloat16, torch.device("cpu"))
@@ -49,7 +55,7 @@ def decode_one_token(model: Any, config: Any, prompt: list[int]) -> list[torch.T
     return outs
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@needs_onednn_packing
 @pytest.mark.parametrize("tied", [False, True])
 def test_one_row_steps_take_the_one_row_path(tmp_path: Path, tied: bool) -> None:
     folder = make_tiny_model_dir(tmp_path / "m", tie_word_embeddings=tied)
@@ -98,6 +104,34 @@ def test_one_row_linear_restores_onednn_after_an_error() -> None:
     with pytest.raises(RuntimeError):
         llama.one_row_linear(torch.ones(1, 3), torch.ones(4, 5), None)  # shapes disagree
     assert torch.backends.mkldnn.enabled
+
+
+def test_bf16_runs_unpacked_where_onednn_cannot_pack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An AVX2-only CPU: oneDNN's bf16 reorder raises there. The model must still load and
+    # compute the same logits as a model that was never asked to pack.
+    folder = make_tiny_model_dir(tmp_path / "m", tie_word_embeddings=False)
+    plain, config = load_model(str(folder), torch.bfloat16, torch.device("cpu"))
+    model, _ = load_model(str(folder), torch.bfloat16, torch.device("cpu"))
+    monkeypatch.setattr(
+        llama, "onednn_bf16_packing_unavailable_reason", lambda: "no AVX512 on this CPU"
+    )
+    assert model.pack_for_cpu() is None  # type: ignore[attr-defined]
+    assert all(layer.packed is None for layer in model.layers)  # type: ignore[attr-defined]
+    for a, b in zip(run_two_steps(plain, config), run_two_steps(model, config), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_onednn_packing_probe_names_a_reason_or_packs() -> None:
+    reason = llama.onednn_bf16_packing_unavailable_reason()
+    weight = torch.randn(32, 16, dtype=torch.bfloat16)
+    if reason is None:
+        torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # must not raise
+    else:
+        assert reason
+        with pytest.raises(RuntimeError):
+            torch.ops.mkldnn._reorder_linear_weight(weight, 1)
 
 
 def test_float32_is_not_packed(tmp_path: Path) -> None:

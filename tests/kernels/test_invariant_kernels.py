@@ -5,6 +5,7 @@ in Triton's interpreter; the `gpu` tests repeat the property on a card, where it
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,7 +16,13 @@ from slipstream.kernels.invariant_attention import (
     invariant_paged_attention_triton,
     token_layout,
 )
-from slipstream.kernels.invariant_linear import invariant_linear_ref, invariant_linear_triton
+from slipstream.kernels.invariant_linear import (
+    BLOCK_K,
+    BLOCK_M,
+    BLOCK_N,
+    invariant_linear_ref,
+    invariant_linear_triton,
+)
 from slipstream.kernels.invariant_rms_norm import add_rms_norm_triton
 from slipstream.kernels.paged_attention import _paged_attention_loop
 from tests.kernels.tolerances import TOL, assert_close_verbose
@@ -53,8 +60,45 @@ def _check_linear_rows_invariant(device: str) -> None:
     assert torch.equal(invariant_linear_triton(x[order], w, None, torch.float32), whole[order])
 
 
+def _interpreter_dot_is_row_invariant() -> bool:
+    """Whether numpy's float32 matmul, which the interpreter runs for tl.dot, gives a row the
+    same bits wherever it sits in a BLOCK_M-row tile. OpenBLAS's Haswell sgemm (AVX2-only
+    CPUs, e.g. AMD Zen 3) does not: rows 6-15 of a 16-row tile round differently when moved
+    to row 0. The kernel's own invariance is then untestable on this host's interpreter."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((BLOCK_M, BLOCK_K), dtype=np.float32)
+    b = rng.standard_normal((BLOCK_K, BLOCK_N), dtype=np.float32)
+    full = a @ b
+    for r in range(BLOCK_M):
+        alone = np.zeros_like(a)
+        alone[0] = a[r]
+        if not np.array_equal((alone @ b)[0], full[r]):
+            return False
+    return True
+
+
 def test_linear_rows_do_not_depend_on_the_batch() -> None:
+    if not _interpreter_dot_is_row_invariant():
+        pytest.skip(
+            "numpy's matmul (the interpreter's tl.dot) rounds a row by its place in the tile "
+            "on this CPU; test_linear_tile_aligned_rows_do_not_depend_on_the_batch still runs"
+        )
     _check_linear_rows_invariant("cpu")
+
+
+def test_linear_tile_aligned_rows_do_not_depend_on_the_batch() -> None:
+    # Rows kept at their place within a BLOCK_M tile, with other neighbours and another M
+    # (so another grid): the same bits. Holds on any host, whatever its BLAS does with a
+    # row's place in the tile.
+    x, w = _rows(81, 576, torch.bfloat16), _rows(200, 576, torch.bfloat16)
+    whole = invariant_linear_triton(x, w, None, torch.float32)
+    for start, stop in ((0, 1), (16, 48), (64, 81), (32, 37)):
+        part = invariant_linear_triton(x[start:stop], w, None, torch.float32)
+        assert torch.equal(part, whole[start:stop])
+    shuffled = x.clone()
+    shuffled[16:32] = torch.flip(x[16:32], [1])  # other values beside rows 0-15 and 32-80
+    again = invariant_linear_triton(shuffled, w, None, torch.float32)
+    assert torch.equal(again[:16], whole[:16]) and torch.equal(again[32:], whole[32:])
 
 
 def test_linear_rejects_what_it_cannot_run() -> None:

@@ -9,6 +9,7 @@ views, one reshape). cos/sin are gathered once per forward, not per layer.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -329,7 +330,7 @@ class LlamaForCausalLM(nn.Module):
                 self.add_norm = add_rms_norm_bf16
             self.lm_head_skinny = pack_skinny_weight(head.data)
             return "skinny_linear"
-        if not torch.backends.mkldnn.is_available():
+        if onednn_bf16_packing_unavailable_reason() is not None:
             return None
         for layer in self.layers:
             layer.pack_weights()  # type: ignore[operator]
@@ -402,6 +403,23 @@ NormFn = Callable[
 RopeFn = Callable[[torch.Tensor, int, int, torch.Tensor, torch.Tensor], torch.Tensor]
 # (gate_up, intermediate size) -> SiLU(gate) * up.
 SiluMulFn = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+@functools.cache
+def onednn_bf16_packing_unavailable_reason() -> str | None:
+    """None when oneDNN can pre-pack bf16 linear weights on this CPU, else why not.
+
+    Its bf16 reorder needs AVX512 (BW, VL, DQ) or AVX-NE-CONVERT: on an AVX2-only CPU (AMD
+    Zen 3, seen on a CI machine) it raises, so there the weights stay plain. Probed with a
+    tiny reorder rather than read from the flags, so a build that lifts the limit is used.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return "PyTorch was built without oneDNN"
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), 1)
+    except RuntimeError as err:
+        return str(err).splitlines()[0]
+    return None
 
 
 def _packed_linear(

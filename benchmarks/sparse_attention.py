@@ -127,15 +127,20 @@ def real_text() -> str:
     return " ".join(haystack(random.Random(1), 3000))
 
 
+# --dtype: bfloat16 (the numbers in BENCHMARKS.md), or float32 / auto where the CPU lacks
+# native bf16 (AVX2-only CPUs emulate it, several times slower).
+DTYPE = "bfloat16"
+
+
 def make_llm(
     config: tuple[str, dict[str, Any]], max_len: int, num_kv_blocks: int | None = None
 ) -> Any:
-    """A bfloat16 LLM with the decoder config (prefix caching off: every run prefills)."""
+    """An LLM in DTYPE with the decoder config (prefix caching off: every run prefills)."""
     from slipstream import LLM
 
     name, options = config
     return LLM(
-        dtype="bfloat16",
+        dtype=DTYPE,
         decoder=name,
         decoder_config=options,
         max_model_len=max_len,
@@ -240,15 +245,17 @@ def parse_extra_configs(items: list[str]) -> dict[str, dict[str, Any]]:
 
 def interleaved_decode_speed(
     cfgs: dict[str, tuple[str, dict[str, Any]]],
-    prompt: list[int],
+    prompts: list[list[int]],
     num_tokens: int,
     rounds: int,
     max_len: int,
 ) -> dict[str, dict[str, Any]]:
-    """Decode tok/s of every config on one prompt, timed in interleaved rounds.
+    """Decode tok/s of every config on a batch of prompts, timed in interleaved rounds.
 
-    Each config gets its own engine and request (prefilled first); then, `rounds` times,
-    every engine decodes num_tokens / rounds steps in turn (order rotated per round). On this
+    Each config gets its own engine holding one request per prompt (all prefilled first, so
+    every timed step decodes the whole batch); then, `rounds` times, every engine decodes
+    num_tokens / rounds steps in turn (order rotated per round). tok/s counts every
+    sequence's tokens. On this
     2-core machine the same dense 8k decode has run 20-30% apart between runs minutes apart,
     and in early sessions at ~57 or ~110 ms/step, a mode that changed within a run (memory
     bandwidth on the host, likely), so configs timed in separate runs are not comparable;
@@ -259,14 +266,17 @@ def interleaved_decode_speed(
     from slipstream.engine.sampling_params import SamplingParams
 
     per_round = max(1, num_tokens // rounds)
-    # A KV pool just large enough for the request: every engine stays resident at once.
-    blocks = -(-max_len // CacheConfig.block_size) + 8
+    # A KV pool just large enough for the requests: every engine stays resident at once.
+    blocks = len(prompts) * (-(-max_len // CacheConfig.block_size) + 8)
     engines = {}
     for name, cfg in cfgs.items():
         eng = make_llm(cfg, max_len, num_kv_blocks=blocks).engine
-        params = SamplingParams(temperature=0.0, max_tokens=per_round * rounds + 1, ignore_eos=True)
-        eng.add_request("speed", prompt, params)
-        while all(s.num_output_tokens == 0 for s in eng.seqs.values()):
+        for i, prompt in enumerate(prompts):
+            # Sequences prefilled early decode while the later ones prefill: room for that.
+            room = max_len - len(prompt)
+            params = SamplingParams(temperature=0.0, max_tokens=room, ignore_eos=True)
+            eng.add_request(f"speed-{i}", prompt, params)
+        while any(s.num_output_tokens == 0 for s in eng.seqs.values()):
             eng.step()  # prefill (dense in every config)
         engines[name] = eng
     names = list(engines)
@@ -283,8 +293,9 @@ def interleaved_decode_speed(
     for name in names:
         ratios = sorted(b / t for b, t in zip(base, times[name], strict=True))
         out[name] = {
-            "decode_tok_s": per_round * rounds / sum(times[name]),
-            "round_tok_s": [round(per_round / t, 2) for t in times[name]],
+            "batch": len(prompts),
+            "decode_tok_s": len(prompts) * per_round * rounds / sum(times[name]),
+            "round_tok_s": [round(len(prompts) * per_round / t, 2) for t in times[name]],
             f"speedup_vs_{names[0]}_rounds": [round(x, 3) for x in ratios],
             **dict(engines[name].get_stats().get("decoder", {})),
         }
@@ -472,6 +483,14 @@ def main() -> None:
         help="speed: the decode steps are timed in this many interleaved rounds (see "
         "interleaved_decode_speed); list dense first to get paired ratios",
     )
+    ap.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="speed: sequences decoded together, each with its own prompt of the context's "
+        "length (batch 1 = single-stream latency; more = throughput, where the weights "
+        "are read once per step for all of them and the KV once per sequence)",
+    )
     ap.add_argument("--needle-lengths", default="1024,2048,4096")
     ap.add_argument("--needles", type=int, default=5, help="needles per length (depths spread)")
     ap.add_argument(
@@ -494,24 +513,33 @@ def main() -> None:
     ap.add_argument("--kernel-contexts", default="32768,131072")
     ap.add_argument("--kernel-batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    ap.add_argument("--dtype", default=DTYPE, help="engine dtype: bfloat16, float32 or auto")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    global DTYPE
+    DTYPE = args.dtype
     if args.threads:
         torch.set_num_threads(args.threads)
     parts = set(args.parts.split(","))
     names = args.configs.split(",")
     extra = parse_extra_configs(args.config)
     configs(8192, names, extra)  # fail on an unknown name before loading any model
-    report: dict[str, Any] = {"device": "cuda" if torch.cuda.is_available() else "cpu"}
+    report: dict[str, Any] = {
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "dtype": DTYPE,
+        "batch": args.batch,
+    }
 
     if "speed" in parts:
         rows: list[dict[str, Any]] = []
         text_ids: list[int] | None = None  # the same tokenizer for every config: encode once
         for ctx in map(int, args.contexts.split(",")):
             # The default model's window is 8192 positions: "8k" prompts leave room for the
-            # decoded tokens.
-            max_len = min(ctx + args.decode_tokens + 64, MODEL_WINDOW)
-            prompt_len = min(ctx, max_len - args.decode_tokens - 2)
+            # decoded tokens, and in a batch for the steps the first sequences decode while
+            # the others prefill (2048-token chunks).
+            prefill_steps = (args.batch - 1) * -(-ctx // 2048)
+            max_len = min(ctx + args.decode_tokens + prefill_steps + 64, MODEL_WINDOW)
+            prompt_len = min(ctx, max_len - args.decode_tokens - prefill_steps - 2)
             if text_ids is None:
                 from slipstream.engine.models.default_model import resolve_model_path
                 from slipstream.engine.tokenizer import load_tokenizer
@@ -519,8 +547,13 @@ def main() -> None:
                 tok = load_tokenizer(resolve_model_path(None))
                 text_ids = tok.encode(real_text() * 3, add_special_tokens=False)
             cfgs = configs(ctx, names, extra)
+            # Batch members start 997 tokens apart in the text: distinct prompts, no
+            # shared prefix.
+            prompts = [text_ids[997 * i : 997 * i + prompt_len] for i in range(args.batch)]
+            if any(len(p) < prompt_len for p in prompts):
+                raise SystemExit(f"--batch {args.batch}: the text is too short for {ctx}")
             speeds = interleaved_decode_speed(
-                cfgs, text_ids[:prompt_len], args.decode_tokens, args.rounds, max_len
+                cfgs, prompts, args.decode_tokens, args.rounds, max_len
             )
             dense = speeds[names[0]]["decode_tok_s"] if names[0] == "dense" else None
             for name, speed in speeds.items():

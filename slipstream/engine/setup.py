@@ -76,6 +76,8 @@ def load_engine_model(config: ModelConfig) -> LoadedModel:
     packed_for = pack() if pack is not None else None
     if packed_for == "skinny_linear":
         logger.info("bf16 weights packed for skinny_linear (the C++ AVX512-BF16 kernel)")
+    elif packed_for == "skinny_linear_f32":
+        logger.info("float32 products of up to 32 rows run skinny_linear_f32 (C++, AVX2)")
     elif packed_for == "onednn":
         reason = skinny_unavailable_reason()
         logger.info("bf16 weights pre-packed for oneDNN (skinny_linear unavailable: %s)", reason)

@@ -47,6 +47,11 @@ from slipstream.kernels.cpu.skinny_linear import (
     skinny_linear,
     skinny_unavailable_reason,
 )
+from slipstream.kernels.cpu.skinny_linear_f32 import (
+    can_run_f32,
+    skinny_f32_unavailable_reason,
+    skinny_linear_f32,
+)
 
 
 def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
@@ -150,6 +155,12 @@ class LlamaDecoderLayer(nn.Module):
         )
         self.linear = _packed_linear
         self.linear_one_row = one_row_linear
+
+    def use_skinny_f32(self) -> None:
+        """Run the four float32 projections through skinny_linear_f32 (AVX2), which reads
+        the weights in place: no copies."""
+        self.skinny = self.projection_weights()
+        self.linear_skinny = skinny_linear_f32
 
     def pack_skinny(self, fused_norm: bool, layer_ops: bool = False) -> None:
         """Add skinny_linear-packed copies of the four projection weights; with fused_norm,
@@ -284,13 +295,15 @@ class LlamaForCausalLM(nn.Module):
         ]
         self.lm_head_packed: torch.Tensor | None = None
         self.lm_head_skinny: torch.Tensor | None = None
+        self.lm_head_f32 = False  # the LM head through skinny_linear_f32 (see pack_for_cpu)
         self.add_norm: NormFn = add_rms_norm_ref  # the final norm (see the layers')
         # float32 logits from (hidden, head weight) when set (engine/batch_invariant.py).
         self.logits_linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def pack_for_cpu(self) -> str | None:
         """Pre-pack bf16 weights for the CPU kernels that run them: which ("skinny_linear"
-        or "onednn"), or None when nothing was packed (float32, GPU, turned off).
+        or "onednn"), "skinny_linear_f32" for a float32 model whose products run that
+        kernel (weights left in place), or None when nothing changed (GPU, turned off).
 
         With skinny_linear available (a C++ compiler and an AVX512-BF16 CPU), every product
         runs it, LM head included. The 120 projections of a step (benchmarks/
@@ -312,11 +325,13 @@ class LlamaForCausalLM(nn.Module):
         model.
         """
         ref = self.embed_tokens
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        if ref.device.type == "cpu" and ref.dtype == torch.float32:
+            return self._use_skinny_f32(head)
         if ref.device.type != "cpu" or ref.dtype != torch.bfloat16:
             return None
         if os.environ.get("SLIPSTREAM_PACK_WEIGHTS", "1") == "0":
             return None
-        head = self.embed_tokens if self.lm_head is None else self.lm_head
         weights = [w for layer in self.layers for w in layer.projection_weights()]  # type: ignore[operator]
         if skinny_unavailable_reason() is None and all(can_pack(w) for w in [*weights, head]):
             fused_norm = fused_norm_applies(self.config.hidden_size)
@@ -336,6 +351,26 @@ class LlamaForCausalLM(nn.Module):
             layer.pack_weights()  # type: ignore[operator]
         self.lm_head_packed = torch.ops.mkldnn._reorder_linear_weight(head.data, 1)
         return "onednn"
+
+    def _use_skinny_f32(self, head: torch.Tensor) -> str | None:
+        """float32 on CPU: every product of up to 32 rows through skinny_linear_f32 (AVX2 +
+        FMA), LM head included, where it builds; "skinny_linear_f32", else None.
+
+        Why: MKL, which runs PyTorch's float32 products, took 92 ms for a one-token step of
+        the default model on a 2-core AMD EPYC without AVX512 (projections 51 ms, LM head
+        14 ms: weights read at ~8 GB/s of the ~20 GB/s the machine streams), and each added
+        row cost about as much again (5 rows: 182 ms). The kernel streams each weight once
+        for all rows; BENCHMARKS.md has the numbers. Nothing is copied.
+        """
+        weights = [w for layer in self.layers for w in layer.projection_weights()]  # type: ignore[operator]
+        if skinny_f32_unavailable_reason() is not None:
+            return None
+        if not all(can_run_f32(w) for w in [*weights, head]):
+            return None
+        for layer in self.layers:
+            layer.use_skinny_f32()  # type: ignore[operator]
+        self.lm_head_f32 = True
+        return "skinny_linear_f32"
 
     def set_attention_backend(self, layer_idx: int, backend: AttentionBackend) -> None:
         """Replace one layer's attention backend (sparse-attention decoders use this)."""
@@ -367,6 +402,8 @@ class LlamaForCausalLM(nn.Module):
         if self.lm_head_skinny is not None:
             # float32 accumulators written unrounded: no bf16 ties to refine.
             return skinny_linear(hidden, self.lm_head_skinny, None, torch.float32)
+        if self.lm_head_f32:
+            return skinny_linear_f32(hidden.contiguous(), weight)
         if self.lm_head_packed is None:
             logits = F.linear(hidden, weight).float()
         elif hidden.shape[0] == 1:  # the same split as the layers' projections

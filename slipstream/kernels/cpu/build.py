@@ -115,6 +115,13 @@ AVX512_BF16_FLAGS = (
     "-mavx512bf16",
     "-mfma",
 )
+# Float32 kernels for CPUs without AVX512 (AVX2 with FMA: Haswell on, AMD Zen 1-3).
+AVX2_FMA_FLAGS = ("-O3", "-std=c++17", "-fopenmp", "-mavx2", "-mfma")
+# Instruction set name -> (compiler flags, /proc/cpuinfo flags the kernels need).
+INSTRUCTION_SETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "avx512_bf16": (AVX512_BF16_FLAGS, ("avx512f", "avx512_bf16")),
+    "avx2_fma": (AVX2_FMA_FLAGS, ("avx2", "fma")),
+}
 _BUILD_LOCK = threading.Lock()
 
 
@@ -126,13 +133,14 @@ def cpu_kernels_turned_off() -> str | None:
 
 
 @functools.cache
-def _load_avx512_bf16(source_name: str, also: tuple[str, ...] = ()) -> ctypes.CDLL | str:
+def _load(source_name: str, also: tuple[str, ...], isa: str) -> ctypes.CDLL | str:
     here = Path(__file__).parent
+    flags, needs = INSTRUCTION_SETS[isa]
     try:
         return build_library(
             here / source_name,
-            AVX512_BF16_FLAGS,
-            needs_cpu=("avx512f", "avx512_bf16"),
+            flags,
+            needs_cpu=needs,
             also=tuple(here / name for name in also),
         )
     except KernelUnavailable as e:
@@ -140,23 +148,30 @@ def _load_avx512_bf16(source_name: str, also: tuple[str, ...] = ()) -> ctypes.CD
 
 
 class CppFunction:
-    """One C function of a kernel in this folder, built (AVX512_BF16_FLAGS) and given its
-    ctypes signature on first use; one build attempt a process, whatever the outcome.
+    """One C function of a kernel in this folder, built for its instruction set (`isa`, a
+    key of INSTRUCTION_SETS) and given its ctypes signature on first use; one build attempt
+    a process, whatever the outcome.
 
     `get()` is the hot path (a C++ call per layer): after the first call it is an attribute
     read. The functions return an int status, 0 for success.
     """
 
     def __init__(
-        self, source_name: str, symbol: str, argtypes: list[Any], also: tuple[str, ...] = ()
+        self,
+        source_name: str,
+        symbol: str,
+        argtypes: list[Any],
+        also: tuple[str, ...] = (),
+        isa: str = "avx512_bf16",
     ) -> None:
         self.source_name, self.symbol, self.argtypes = source_name, symbol, argtypes
         self.also = also  # further sources of this folder linked into the library
+        self.isa = isa
         self._fn: Callable[..., int] | None = None
 
     def _load(self) -> Callable[..., int] | str:
         with _BUILD_LOCK:
-            lib = _load_avx512_bf16(self.source_name, self.also)
+            lib = _load(self.source_name, self.also, self.isa)
         if isinstance(lib, str):
             return lib
         fn = getattr(lib, self.symbol)
@@ -173,8 +188,9 @@ class CppFunction:
         return fn
 
     def unavailable_reason(self) -> str | None:
-        """None when the engine should use the kernel, else why not: no compiler, no
-        AVX512-BF16, or SLIPSTREAM_CPU_KERNELS=0 (the engine then runs PyTorch)."""
+        """None when the engine should use the kernel, else why not: no compiler, a CPU
+        without its instruction set, or SLIPSTREAM_CPU_KERNELS=0 (the engine then runs
+        PyTorch)."""
         off = cpu_kernels_turned_off()
         if off is not None:
             return off

@@ -1,0 +1,161 @@
+// y[M, N] = x[M, K] @ w[N, K]^T (+ bias) in float32 for few rows M, on AVX2 + FMA CPUs.
+//
+// Why: float32 is the engine's dtype on CPUs without native bf16 (AVX2-only: AMD Zen 1-3,
+// Intel before Cooper Lake). There, PyTorch's CPU build runs these products through MKL,
+// which on an AMD EPYC (Zen 3, 2 cores) read the default model's LM head at 8 GB/s in a
+// GEMV (13.7 ms for [49152, 576]) where a plain sum over the same memory reads 20 GB/s, and
+// whose small-M GEMM costs about the same per added row as a second GEMV (576 x 3072: 244
+// us at 1 row, 506 at 2, 839 at 9). Decoding reads every weight once per step, so the step
+// is this product's memory time; this kernel streams each weight once for all rows.
+//
+// Layout: the weight's own [N, K] rows, unpacked, so there is no second copy of the model
+// (float32 weights are 4 bytes a parameter). Each output n keeps 8 float32 lanes, lane l
+// summing x[k] * w[n, k] over k = l mod 8 in increasing k, one FMA at a time; a fixed tree
+// then adds the lanes, then the bias. That order is the same whatever M and whatever
+// tile an output falls in, so a row's result does not depend on the rows sharing the call
+// (batch invariance: a speculative step verifies with the bits one-row decoding computes).
+//
+// Tiling: a tile is R rows x NB outputs, R x NB accumulators plus NB weight vectors within
+// the 16 ymm registers (x comes in as the FMA's memory operand). Threads split N evenly;
+// each walks its outputs NB at a time and, per group, every chunk of up to 12 rows, so a
+// group's weight rows (NB x K x 4 bytes, 14 KB at NB = 6, K = 576) come from DRAM once and
+// from L1 for the further chunks.
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include <cstdint>
+
+namespace {
+
+constexpr int kLanes = 8;       // float32 lanes in a ymm register
+constexpr int kMaxTileRows = 4;
+
+struct Problem {
+  const float* x;     // [M, K]
+  const float* w;     // [N, K]
+  const float* bias;  // [N] or null
+  float* y;           // [M, N]
+  int64_t k;          // K (row stride of x and w)
+  int64_t n;          // N (row stride of y)
+};
+
+// Lanes 0-7 summed as ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)).
+inline float lane_sum(__m256 v) {
+  const __m128 halves = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pairs = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
+  return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
+}
+
+// Lanes past K read as zero (the FMAs then add +0, which leaves each lane's sum as it was).
+inline __m256i tail_mask(int64_t left) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left)), lanes);
+}
+
+template <int R, int NB>
+void tile(const Problem& pr, int64_t row0, int64_t col0) {
+  __m256 acc[R][NB];
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_setzero_ps();
+  }
+  const int64_t k = pr.k, full = k - k % kLanes;
+  const float* w = pr.w + col0 * k;
+  const float* x = pr.x + row0 * k;
+  for (int64_t c = 0; c < full; c += kLanes) {
+    __m256 wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = _mm256_loadu_ps(w + j * k + c);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_loadu_ps(x + r * k + c);
+      for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_fmadd_ps(xv, wv[j], acc[r][j]);
+    }
+  }
+  if (full < k) {
+    const __m256i mask = tail_mask(k - full);
+    __m256 wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = _mm256_maskload_ps(w + j * k + full, mask);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_maskload_ps(x + r * k + full, mask);
+      for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_fmadd_ps(xv, wv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < NB; ++j) {
+      const float sum = lane_sum(acc[r][j]);
+      pr.y[(row0 + r) * pr.n + col0 + j] = pr.bias ? sum + pr.bias[col0 + j] : sum;
+    }
+  }
+}
+
+using TileFn = void (*)(const Problem&, int64_t, int64_t);
+
+// Outputs per tile for R rows: R x NB accumulators + NB weights <= 12 of 16 registers.
+constexpr int group_for(int rows) {
+  return rows == 1 ? 6 : rows == 2 ? 4 : 3;
+}
+
+template <int R>
+TileFn tile_for(int nb) {
+  constexpr int kWidest = group_for(R);
+  // Every width from 1 to kWidest: a group's tail (nb < kWidest) is covered by one tile.
+  if constexpr (kWidest >= 6) {
+    if (nb >= 6) return tile<R, 6>;
+  }
+  if constexpr (kWidest >= 5) {
+    if (nb >= 5) return tile<R, 5>;
+  }
+  if constexpr (kWidest >= 4) {
+    if (nb >= 4) return tile<R, 4>;
+  }
+  if constexpr (kWidest >= 3) {
+    if (nb >= 3) return tile<R, 3>;
+  }
+  if constexpr (kWidest >= 2) {
+    if (nb >= 2) return tile<R, 2>;
+  }
+  return tile<R, 1>;
+}
+
+TileFn pick_tile(int rows, int nb) {
+  switch (rows) {
+    case 1: return tile_for<1>(nb);
+    case 2: return tile_for<2>(nb);
+    case 3: return tile_for<3>(nb);
+    default: return tile_for<4>(nb);
+  }
+}
+
+void run(const Problem& pr, int64_t m, int num_threads) {
+  // Row chunks of near-equal size (17 rows -> 9 + 8): the widest sets the group.
+  const int64_t num_chunks = (m + kMaxTileRows - 1) / kMaxTileRows;
+  const int group = group_for(static_cast<int>((m + num_chunks - 1) / num_chunks));
+  if (num_threads > pr.n) num_threads = static_cast<int>(pr.n);
+  if (num_threads < 1) num_threads = 1;
+#pragma omp parallel num_threads(num_threads)
+  {
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t first = pr.n * t / nt, last = pr.n * (t + 1) / nt;
+    for (int64_t col = first; col < last; col += group) {
+      const int nb = static_cast<int>(last - col < group ? last - col : group);
+      int64_t row0 = 0;
+      for (int64_t c = 0; c < num_chunks; ++c) {
+        const int64_t rows = (m - row0) / (num_chunks - c);
+        pick_tile(static_cast<int>(rows), nb)(pr, row0, col);
+        row0 += rows;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// Returns 0, or 1 for a negative size. x, w and y are contiguous float32.
+extern "C" int slipstream_skinny_linear_f32(const float* x, int64_t m, int64_t k,
+                                            const float* w, int64_t n, const float* bias,
+                                            float* y, int num_threads) {
+  if (m < 0 || k < 0 || n < 0) return 1;
+  if (m == 0 || n == 0) return 0;
+  const Problem pr{x, w, bias, y, k, n};
+  run(pr, m, num_threads);
+  return 0;
+}

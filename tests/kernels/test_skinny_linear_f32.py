@@ -1,0 +1,110 @@
+"""skinny_linear_f32.cpp (AVX2) against its PyTorch reference, batch invariance, the
+F.linear hand-off above MAX_ROWS, argument checks, and the engine's float32 path on it."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from slipstream.engine.models import load_model
+from slipstream.kernels.cpu.build import cpu_flags
+from slipstream.kernels.cpu.skinny_linear_f32 import (
+    MAX_ROWS,
+    skinny_f32_unavailable_reason,
+    skinny_linear_f32,
+    skinny_linear_f32_ref,
+)
+from slipstream.testing.tiny_model import make_tiny_model_dir
+from tests.engine.test_models import run_two_steps
+
+CAN_RUN = {"avx2", "fma"} <= cpu_flags() and shutil.which("g++") is not None
+needs_kernel = pytest.mark.skipif(
+    skinny_f32_unavailable_reason() is not None, reason=f"{skinny_f32_unavailable_reason()}"
+)
+
+
+def test_kernel_builds_where_cpu_and_compiler_allow() -> None:
+    # Guards the skips below: every x86-64 dev and CI machine so far has AVX2 and g++.
+    if CAN_RUN:
+        assert skinny_f32_unavailable_reason() is None
+    else:
+        assert skinny_f32_unavailable_reason() is not None
+
+
+def _f32(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@needs_kernel
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize(
+    ("m", "n", "k"),
+    [
+        (1, 6, 8),  # one group of 6 outputs, one lane chunk
+        (1, 13, 20),  # a group of 6, tails per thread split; K tail of 4 lanes
+        (1, 22, 8),  # 11 outputs a thread: a group of 6 and a tail of 5
+        (2, 14, 16),  # 7 outputs a thread: a group of 4 and a tail of 3
+        (2, 9, 3),  # K shorter than a chunk: only the masked tail
+        (3, 17, 13),
+        (4, 40, 64),  # one 4-row chunk, groups of 3
+        (5, 50, 64),  # chunks 3 + 2: groups of 3 (the widest chunk's)
+        (9, 96, 576),  # the default model's K
+        (13, 33, 31),
+        (32, 24, 40),  # MAX_ROWS: still the kernel
+    ],
+)
+def test_matches_the_reference(m: int, n: int, k: int, with_bias: bool) -> None:
+    x, w = _f32(m, k, seed=m * 1000 + k), _f32(n, k, seed=n)
+    bias = _f32(n, seed=7) if with_bias else None
+    got = skinny_linear_f32(x, w, bias)
+    want = skinny_linear_f32_ref(x, w, bias)
+    # The reference rounds each FMA through float64, which can differ from one rounding in
+    # a rare tie; the order is the kernel's, so anything beyond an ulp is a real bug.
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
+    exact = (x.double() @ w.double().T + (0 if bias is None else bias.double())).float()
+    torch.testing.assert_close(got, exact, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_a_rows_bits_do_not_depend_on_its_neighbours() -> None:
+    x, w, bias = _f32(MAX_ROWS, 100, seed=1), _f32(70, 100, seed=2), _f32(70, seed=3)
+    whole = skinny_linear_f32(x, w, bias)
+    for i in (0, 1, 4, 9, 31):
+        assert torch.equal(skinny_linear_f32(x[i : i + 1], w, bias)[0], whole[i])
+    order = torch.randperm(MAX_ROWS, generator=torch.Generator().manual_seed(0))[:11]
+    assert torch.equal(skinny_linear_f32(x[order], w, bias), whole[order])
+
+
+@needs_kernel
+def test_more_rows_than_max_rows_go_to_f_linear() -> None:
+    x, w = _f32(MAX_ROWS + 5, 40, seed=4), _f32(24, 40, seed=5)
+    assert torch.equal(skinny_linear_f32(x, w), torch.nn.functional.linear(x, w))
+
+
+@needs_kernel
+def test_rejects_what_it_cannot_run() -> None:
+    w = _f32(16, 8, seed=6)
+    with pytest.raises(ValueError, match="x must be"):
+        skinny_linear_f32(_f32(2, 9, seed=0), w)
+    with pytest.raises(ValueError, match="x must be"):
+        skinny_linear_f32(_f32(2, 8, seed=0).double(), w)
+    with pytest.raises(ValueError, match="weight must be"):
+        skinny_linear_f32(_f32(2, 8, seed=0), _f32(8, 16, seed=0).T)
+    with pytest.raises(ValueError, match="bias must be"):
+        skinny_linear_f32(_f32(2, 8, seed=0), w, _f32(15, seed=0))
+
+
+@needs_kernel
+def test_float32_model_runs_its_products_through_the_kernel(tmp_path: Path) -> None:
+    folder = make_tiny_model_dir(tmp_path / "m", tie_word_embeddings=False)
+    plain, config = load_model(str(folder), torch.float32, torch.device("cpu"))
+    fast, _ = load_model(str(folder), torch.float32, torch.device("cpu"))
+    assert fast.pack_for_cpu() == "skinny_linear_f32"  # type: ignore[operator]
+    layer = fast.layers[0]  # type: ignore[index]
+    assert layer.skinny[0] is layer.qkv_weight  # the weights are used in place, not copied
+    # Prefill of 19 rows then a 6-row step: MKL and the kernel sum in other orders.
+    for a, b in zip(run_two_steps(plain, config), run_two_steps(fast, config), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -513,7 +513,7 @@ def main() -> None:
     ap.add_argument("--kernel-contexts", default="32768,131072")
     ap.add_argument("--kernel-batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    ap.add_argument("--dtype", default=DTYPE, help="engine dtype: bfloat16, float32 or auto")
+    ap.add_argument("--dtype", default="bfloat16", help="engine dtype: bfloat16, float32 or auto")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     global DTYPE

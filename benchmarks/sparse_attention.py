@@ -255,12 +255,11 @@ def interleaved_decode_speed(
     Each config gets its own engine holding one request per prompt (all prefilled first, so
     every timed step decodes the whole batch); then, `rounds` times, every engine decodes
     num_tokens / rounds steps in turn (order rotated per round). tok/s counts every
-    sequence's tokens. On this
-    2-core machine the same dense 8k decode has run 20-30% apart between runs minutes apart,
-    and in early sessions at ~57 or ~110 ms/step, a mode that changed within a run (memory
-    bandwidth on the host, likely), so configs timed in separate runs are not comparable;
-    interleaving puts them under the same conditions, round by round, and the paired
-    per-round ratio to the first config shows the spread.
+    sequence's tokens. On this 2-core machine the same dense 8k decode has run 20-30% apart
+    between runs minutes apart, and in early sessions at ~57 or ~110 ms/step, a mode that
+    changed within a run (memory bandwidth on the host, likely), so configs timed in
+    separate runs are not comparable; interleaving puts them under the same conditions,
+    round by round, and the paired per-round ratio to the first config shows the spread.
     """
     from slipstream.config import CacheConfig
     from slipstream.engine.sampling_params import SamplingParams

@@ -326,13 +326,13 @@ class LlamaForCausalLM(nn.Module):
         """
         ref = self.embed_tokens
         head = self.embed_tokens if self.lm_head is None else self.lm_head
+        weights = [w for layer in self.layers for w in layer.projection_weights()]  # type: ignore[operator]
         if ref.device.type == "cpu" and ref.dtype == torch.float32:
-            return self._use_skinny_f32(head)
+            return self._use_skinny_f32([*weights, head])
         if ref.device.type != "cpu" or ref.dtype != torch.bfloat16:
             return None
         if os.environ.get("SLIPSTREAM_PACK_WEIGHTS", "1") == "0":
             return None
-        weights = [w for layer in self.layers for w in layer.projection_weights()]  # type: ignore[operator]
         if skinny_unavailable_reason() is None and all(can_pack(w) for w in [*weights, head]):
             fused_norm = fused_norm_applies(self.config.hidden_size)
             layer_ops = layer_ops_unavailable_reason() is None and all(
@@ -352,7 +352,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head_packed = torch.ops.mkldnn._reorder_linear_weight(head.data, 1)
         return "onednn"
 
-    def _use_skinny_f32(self, head: torch.Tensor) -> str | None:
+    def _use_skinny_f32(self, weights: list[torch.Tensor]) -> str | None:
         """float32 on CPU: every product of up to 32 rows through skinny_linear_f32 (AVX2 +
         FMA), LM head included, where it builds; "skinny_linear_f32", else None.
 
@@ -362,10 +362,9 @@ class LlamaForCausalLM(nn.Module):
         row cost about as much again (5 rows: 182 ms). The kernel streams each weight once
         for all rows; BENCHMARKS.md has the numbers. Nothing is copied.
         """
-        weights = [w for layer in self.layers for w in layer.projection_weights()]  # type: ignore[operator]
         if skinny_f32_unavailable_reason() is not None:
             return None
-        if not all(can_run_f32(w) for w in [*weights, head]):
+        if not all(can_run_f32(w) for w in weights):  # projections and LM head
             return None
         for layer in self.layers:
             layer.use_skinny_f32()  # type: ignore[operator]
@@ -403,7 +402,7 @@ class LlamaForCausalLM(nn.Module):
             # float32 accumulators written unrounded: no bf16 ties to refine.
             return skinny_linear(hidden, self.lm_head_skinny, None, torch.float32)
         if self.lm_head_f32:
-            return skinny_linear_f32(hidden.contiguous(), weight)
+            return skinny_linear_f32(hidden, weight)
         if self.lm_head_packed is None:
             logits = F.linear(hidden, weight).float()
         elif hidden.shape[0] == 1:  # the same split as the layers' projections

@@ -801,7 +801,8 @@ def use_cpu_decode_kernel(
 
     def decide() -> bool:
         # The device and dtype first: on CUDA, reading query_start_loc would sync.
-        if q.device.type != "cpu" or q.dtype != torch.bfloat16 or kernel_backend() != "auto":
+        cpu_dtypes = (torch.bfloat16, torch.float32)
+        if q.device.type != "cpu" or q.dtype not in cpu_dtypes or kernel_backend() != "auto":
             return False
         starts, _ = _host_lists(plan, query_start_loc, seq_lens)
         longest = max((e - s for s, e in itertools.pairwise(starts)), default=0)

@@ -1,5 +1,5 @@
-"""layer_ops.cpp (RoPE, K/V store, SiLU * up) against the PyTorch ops the layer runs without
-it, and where the engine takes them."""
+"""layer_ops.cpp (bf16 RoPE, SiLU * up) and store_kv.cpp (the K/V store, any dtype) against
+the PyTorch ops the layer runs without them, and where the engine takes them."""
 
 from __future__ import annotations
 
@@ -13,16 +13,22 @@ from slipstream.kernels.cpu.layer_ops import (
     rope_ref,
     silu_mul_bf16,
     silu_mul_ref,
+    store_kv_unavailable_reason,
 )
 from slipstream.kernels.store_kv import store_kv_ref
 
-pytestmark = pytest.mark.skipif(
+needs_bf16_ops = pytest.mark.skipif(
     layer_ops_unavailable_reason() is not None, reason=f"{layer_ops_unavailable_reason()}"
+)
+needs_store_kv = pytest.mark.skipif(
+    store_kv_unavailable_reason() is not None, reason=f"{store_kv_unavailable_reason()}"
 )
 BF16 = torch.bfloat16
 
 
-def _cos_sin(positions: list[int], head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _cos_sin(
+    positions: list[int], head_dim: int, dtype: torch.dtype = BF16
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's rope table rows (cos, sin with its first half negated), [T, 1, D] views
     of one [T, 2, 1, D] gather, as LlamaForCausalLM.forward passes them."""
     inv = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
@@ -30,11 +36,12 @@ def _cos_sin(positions: list[int], head_dim: int) -> tuple[torch.Tensor, torch.T
     ang = torch.cat([ang, ang], -1)
     sin = ang.sin()
     sin[:, : head_dim // 2] *= -1
-    table = torch.stack([ang.cos(), sin], 1).unsqueeze(2).to(BF16)  # [T, 2, 1, D]
+    table = torch.stack([ang.cos(), sin], 1).unsqueeze(2).to(dtype)  # [T, 2, 1, D]
     cos_rows, sin_rows = table.unbind(1)
     return cos_rows, sin_rows
 
 
+@needs_bf16_ops
 @pytest.mark.parametrize("head_dim, heads, kv_heads", [(64, 9, 3), (128, 4, 2)])
 @pytest.mark.parametrize("positions", [[7], [0, 1, 2, 300, 8000]])
 def test_rope_is_bit_identical_to_the_torch_ops(
@@ -51,6 +58,7 @@ def test_rope_is_bit_identical_to_the_torch_ops(
     torch.testing.assert_close(got.float().norm(dim=-1), x.norm(dim=-1), rtol=0.02, atol=0.05)
 
 
+@needs_bf16_ops
 @pytest.mark.parametrize("tokens", [1, 9, 300])  # 300 x 1536 / 16 chunks: the threaded path
 def test_silu_mul_matches_the_torch_ops(tokens: int) -> None:
     gate_up = (4 * torch.randn(tokens, 2 * 1536)).to(BF16)
@@ -65,6 +73,7 @@ def test_silu_mul_matches_the_torch_ops(tokens: int) -> None:
     assert (got == want).float().mean() > 0.999
 
 
+@needs_store_kv
 @pytest.mark.parametrize("dtype", [BF16, torch.float32])
 def test_store_kv_copies_the_rows_the_reference_copies(dtype: torch.dtype) -> None:
     # k and v as the layer hands them over: views into wider rows (q | k and q | k | v).
@@ -83,6 +92,7 @@ def test_store_kv_copies_the_rows_the_reference_copies(dtype: torch.dtype) -> No
         sk.store_kv(k, v, caches[0], caches[1], torch.tensor([0, 1, 2, 3, 64]))
 
 
+@needs_store_kv
 def test_store_kv_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
     real = sk.store_kv_cpu
@@ -97,6 +107,7 @@ def test_store_kv_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     assert kc.view(-1, 2, 64)[2].equal(k[0]) and kc.view(-1, 2, 64)[5].equal(k[1])
 
 
+@needs_bf16_ops
 def test_unsupported_sizes_raise() -> None:
     cos, sin = _cos_sin([3], 48)
     with pytest.raises(ValueError, match="multiple of 32"):

@@ -1,5 +1,7 @@
-"""paged_decode_attention.cpp against float64 attention and the SDPA reference; batch
-invariance; when paged_attention dispatches to it."""
+"""paged_decode_attention.cpp (bf16, AVX512-BF16) and paged_decode_attention_f32.cpp
+(float32, AVX2 + FMA) against float64 attention and the SDPA reference; batch invariance;
+when paged_attention dispatches to them. Each test runs for every dtype whose kernel builds
+on this CPU."""
 
 from __future__ import annotations
 
@@ -25,44 +27,59 @@ from tests.kernels.test_paged_attention import (
 )
 from tests.kernels.tolerances import TOL, assert_close_verbose
 
-pytestmark = pytest.mark.skipif(
-    decode_attention_unavailable_reason() is not None,
-    reason=f"{decode_attention_unavailable_reason()}",
-)
 BF16 = torch.bfloat16
+
+
+def _kernel_dtypes() -> list[object]:
+    params = []
+    for dtype in (BF16, torch.float32):
+        reason = decode_attention_unavailable_reason(dtype)
+        mark = pytest.mark.skipif(reason is not None, reason=f"{dtype}: {reason}")
+        params.append(pytest.param(dtype, marks=mark, id=str(dtype).removeprefix("torch.")))
+    return params
+
+
+@pytest.fixture(params=_kernel_dtypes())
+def dtype(request: pytest.FixtureRequest) -> torch.dtype:
+    """The dtype of queries and caches (each kernel's own)."""
+    return request.param  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("heads", [(6, 2), (3, 3), (8, 1)])
 @pytest.mark.parametrize("name", ALL_CASES)
-def test_matches_float64_attention(name: str, heads: tuple[int, int], head_dim: int) -> None:
+def test_matches_float64_attention(
+    name: str, heads: tuple[int, int], head_dim: int, dtype: torch.dtype
+) -> None:
     num_q, seq_lens, tree = _case(name)
-    batch = random_batch(num_q, seq_lens, *heads, head_dim=head_dim, dtype=BF16, tree=tree)
+    batch = random_batch(num_q, seq_lens, *heads, head_dim=head_dim, dtype=dtype, tree=tree)
     out = batch.run(paged_decode_attention)
-    assert out.dtype == BF16 and out.shape == batch.q.shape
-    assert_close_verbose(out, naive_attention(batch), **TOL[BF16])
+    assert out.dtype == dtype and out.shape == batch.q.shape
+    assert_close_verbose(out, naive_attention(batch), **TOL[dtype])
 
 
 @pytest.mark.parametrize("seq_len", [1, 15, 16, 17, 48, 300, 1100])
-def test_long_and_boundary_contexts(seq_len: int) -> None:
+def test_long_and_boundary_contexts(seq_len: int, dtype: torch.dtype) -> None:
     # 16-key tiles, their tail, several pages; block_size 16 and 5 (tiles span pages).
     for block_size in (16, 5):
-        batch = random_batch([1], [seq_len], 9, 3, 64, block_size, dtype=BF16)
-        assert_close_verbose(batch.run(paged_decode_attention), naive_attention(batch), **TOL[BF16])
+        batch = random_batch([1], [seq_len], 9, 3, 64, block_size, dtype=dtype)
+        assert_close_verbose(
+            batch.run(paged_decode_attention), naive_attention(batch), **TOL[dtype]
+        )
 
 
-def test_large_scores_do_not_overflow() -> None:
-    batch = random_batch([3], [40], 2, 1, 64, dtype=BF16, tree=True)
+def test_large_scores_do_not_overflow(dtype: torch.dtype) -> None:
+    batch = random_batch([3], [40], 2, 1, 64, dtype=dtype, tree=True)
     batch.q.mul_(30)  # scores in the hundreds: exp must be taken after subtracting the max
     out = batch.run(paged_decode_attention)
     assert torch.isfinite(out).all()
-    assert_close_verbose(out, naive_attention(batch), **TOL[BF16])
+    assert_close_verbose(out, naive_attention(batch), **TOL[dtype])
 
 
-def test_strided_queries_as_the_model_passes_them() -> None:
+def test_strided_queries_as_the_model_passes_them(dtype: torch.dtype) -> None:
     # The model's q is a view into q|k rows: token stride (H + KV) * D, head stride D.
-    batch = random_batch([2, 1], [20, 9], 6, 2, 64, dtype=BF16)
-    wide = torch.randn(batch.q.shape[0], 8, 64).to(BF16)
+    batch = random_batch([2, 1], [20, 9], 6, 2, 64, dtype=dtype)
+    wide = torch.randn(batch.q.shape[0], 8, 64).to(dtype)
     wide[:, :6] = batch.q
     q = wide[:, :6]
     assert not q.is_contiguous()
@@ -70,18 +87,20 @@ def test_strided_queries_as_the_model_passes_them() -> None:
     assert torch.equal(paged_decode_attention(*args, SCALE), batch.run(paged_decode_attention))
 
 
-def test_a_sequence_gets_the_same_bits_alone_or_in_a_batch() -> None:
+def test_a_sequence_gets_the_same_bits_alone_or_in_a_batch(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(0)
-    qs = [torch.randn(n, 6, 64, generator=gen).to(BF16) for n in (1, 5, 3)]
-    keys = [torch.randn(n, 2, 64, generator=gen).to(BF16) for n in (40, 77, 9)]
-    values = [torch.randn(n, 2, 64, generator=gen).to(BF16) for n in (40, 77, 9)]
+    qs = [torch.randn(n, 6, 64, generator=gen).to(dtype) for n in (1, 5, 3)]
+    keys = [torch.randn(n, 2, 64, generator=gen).to(dtype) for n in (40, 77, 9)]
+    values = [torch.randn(n, 2, 64, generator=gen).to(dtype) for n in (40, 77, 9)]
     trees = [[-1], [-1, 0, 0, 1, 2], [-1, 0, 1]]
     together = build_batch(qs, keys, values, 16, trees).run(paged_decode_attention)
     alone = build_batch(qs[1:2], keys[1:2], values[1:2], 16, trees[1:2])
     assert torch.equal(together[1:6], alone.run(paged_decode_attention))
 
 
-def test_dispatch_takes_the_kernel_for_few_rows_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dispatch_takes_the_kernel_for_few_rows_only(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
     calls: list[int] = []
 
     def counted(*args: object) -> torch.Tensor:
@@ -89,13 +108,13 @@ def test_dispatch_takes_the_kernel_for_few_rows_only(monkeypatch: pytest.MonkeyP
         return paged_decode_attention(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(pa, "paged_decode_attention", counted)
-    few = random_batch([1, 4], [30, 12], 6, 2, 64, dtype=BF16, tree=True)
-    many = random_batch([MAX_QUERY_ROWS + 1], [MAX_QUERY_ROWS + 1], 6, 2, 64, dtype=BF16)
-    odd_head = random_batch([1], [30], 6, 2, 32, dtype=BF16)
-    fp32 = random_batch([1], [30], 6, 2, 64)
-    assert_close_verbose(few.run(paged_attention), few.run(paged_attention_ref), **TOL[BF16])
+    few = random_batch([1, 4], [30, 12], 6, 2, 64, dtype=dtype, tree=True)
+    many = random_batch([MAX_QUERY_ROWS + 1], [MAX_QUERY_ROWS + 1], 6, 2, 64, dtype=dtype)
+    odd_head = random_batch([1], [30], 6, 2, 32, dtype=dtype)
+    half = random_batch([1], [30], 6, 2, 64, dtype=torch.float16)  # no kernel takes it
+    assert_close_verbose(few.run(paged_attention), few.run(paged_attention_ref), **TOL[dtype])
     assert len(calls) == 1
-    for batch in (many, odd_head, fp32):
+    for batch in (many, odd_head, half):
         batch.run(paged_attention)
     assert len(calls) == 1  # the reference ran those
     monkeypatch.setenv("SLIPSTREAM_KERNELS", "torch")
@@ -112,17 +131,20 @@ def test_dispatch_takes_the_kernel_for_few_rows_only(monkeypatch: pytest.MonkeyP
     assert len(calls) == 3 and plan["pa_cpu_kernel"] is True
 
 
-def test_bad_arguments_raise() -> None:
-    batch = random_batch([1], [20], 6, 2, 64, dtype=BF16)
+def test_bad_arguments_raise(dtype: torch.dtype) -> None:
+    batch = random_batch([1], [20], 6, 2, 64, dtype=dtype)
     with pytest.raises(ValueError, match="head_dim"):
         paged_decode_attention(batch.q[..., :32], *batch.args()[1:], SCALE)
-    with pytest.raises(ValueError, match="bf16"):
-        paged_decode_attention(batch.q.float(), *batch.args()[1:], SCALE)
+    other = torch.float32 if dtype == BF16 else BF16
+    with pytest.raises(ValueError, match="all bf16 or all float32"):
+        paged_decode_attention(batch.q.to(other), *batch.args()[1:], SCALE)
+    with pytest.raises(ValueError, match="all bf16 or all float32"):
+        paged_decode_attention(batch.q.half(), *batch.args()[1:], SCALE)
 
 
-def test_a_step_plan_is_reused_by_later_layers() -> None:
-    first = random_batch([2, 1], [20, 9], 6, 2, 64, dtype=BF16, tree=True)
-    second = other_layer(first, [2, 1], [20, 9], 6, 2, 64, dtype=BF16, tree=True)
+def test_a_step_plan_is_reused_by_later_layers(dtype: torch.dtype) -> None:
+    first = random_batch([2, 1], [20, 9], 6, 2, 64, dtype=dtype, tree=True)
+    second = other_layer(first, [2, 1], [20, 9], 6, 2, 64, dtype=dtype, tree=True)
     plan: dict[str, object] = {}
     paged_decode_attention(*first.args(), SCALE, first.tree_mask, plan)
     reused = paged_decode_attention(*second.args(), SCALE, second.tree_mask, plan)
@@ -130,16 +152,16 @@ def test_a_step_plan_is_reused_by_later_layers() -> None:
     assert "pda_meta" in plan
 
 
-def test_a_tree_node_gets_the_bits_of_decoding_it_alone() -> None:
+def test_a_tree_node_gets_the_bits_of_decoding_it_alone(dtype: torch.dtype) -> None:
     # Verification computes what decoding would: node i's output equals a one-row decode of
     # that token with the context and its ancestors cached at consecutive positions. 140
     # cached keys: the rows' keys cross a 128-key chunk at different points.
     gen = torch.Generator().manual_seed(5)
     parents = [-1, 0, 0, 1, 1, 2, 5, 3, 7, 0]
     n, ctx = len(parents), 140
-    q = torch.randn(n, 6, 64, generator=gen).to(BF16)
-    k = torch.randn(ctx + n, 2, 64, generator=gen).to(BF16)
-    v = torch.randn(ctx + n, 2, 64, generator=gen).to(BF16)
+    q = torch.randn(n, 6, 64, generator=gen).to(dtype)
+    k = torch.randn(ctx + n, 2, 64, generator=gen).to(dtype)
+    v = torch.randn(ctx + n, 2, 64, generator=gen).to(dtype)
     tree = build_batch([q], [k], [v], 16, [parents]).run(paged_decode_attention)
     for node in range(n):
         path = path_to(parents, node)

@@ -36,6 +36,13 @@ from slipstream.kernels.cpu.layer_ops import (
     silu_mul_bf16,
     silu_mul_ref,
 )
+from slipstream.kernels.cpu.layer_ops_f32 import (
+    add_rms_norm_f32,
+    layer_ops_f32_fit,
+    layer_ops_f32_unavailable_reason,
+    rope_f32,
+    silu_mul_f32,
+)
 from slipstream.kernels.cpu.rms_norm import (
     add_rms_norm_bf16,
     add_rms_norm_ref,
@@ -156,11 +163,18 @@ class LlamaDecoderLayer(nn.Module):
         self.linear = _packed_linear
         self.linear_one_row = one_row_linear
 
-    def use_skinny_f32(self) -> None:
+    def use_skinny_f32(self, layer_ops: bool = False) -> None:
         """Run the four float32 projections through skinny_linear_f32 (AVX2), which reads
-        the weights in place: no copies."""
+        the weights in place: no copies; with layer_ops, the norms, RoPE and SiLU * up
+        through layer_ops_f32 too."""
         self.skinny = self.projection_weights()
         self.linear_skinny = skinny_linear_f32
+        if layer_ops:
+            self.add_norm, self.rope, self.silu_mul = add_rms_norm_f32, rope_f32, silu_mul_f32
+
+    def layer_ops_f32_fit(self) -> bool:
+        """Whether layer_ops_f32 takes this layer's shapes."""
+        return layer_ops_f32_fit(self.head_dim, self.inter)
 
     def pack_skinny(self, fused_norm: bool, layer_ops: bool = False) -> None:
         """Add skinny_linear-packed copies of the four projection weights; with fused_norm,
@@ -366,8 +380,16 @@ class LlamaForCausalLM(nn.Module):
             return None
         if not all(can_run_f32(w) for w in weights):  # projections and LM head
             return None
+        # The norms, RoPE and SiLU * up as one C++ call each: 6.2 ms of PyTorch dispatch in
+        # a 56 ms one-token step here (benchmarks/step_breakdown.py --dtype float32).
+        layer_ops = layer_ops_f32_unavailable_reason() is None and all(
+            layer.layer_ops_f32_fit()  # type: ignore[operator]
+            for layer in self.layers
+        )
         for layer in self.layers:
-            layer.use_skinny_f32()  # type: ignore[operator]
+            layer.use_skinny_f32(layer_ops)  # type: ignore[operator]
+        if layer_ops:
+            self.add_norm = add_rms_norm_f32
         self.lm_head_f32 = True
         return "skinny_linear_f32"
 

@@ -1,5 +1,6 @@
 // The small per-layer operations of a bf16 Llama block that PyTorch runs as several ops
-// each: rotary embedding of q and k, the K/V store into the paged cache, SiLU(gate) * up.
+// each: rotary embedding of q and k and SiLU(gate) * up (the K/V store into the paged
+// cache, which any dtype takes, is store_kv.cpp).
 //
 // Why: for one decode row they are ~18, ~12 and ~9 us a layer through PyTorch (5-7 ops, each
 // a dispatch and an allocation; 2 cores), ~1.2 ms of a ~13 ms step at 30 layers, for a few
@@ -13,7 +14,6 @@
 #include <omp.h>
 
 #include <cstdint>
-#include <cstring>
 
 #include "avx512_bf16.h"
 
@@ -51,33 +51,6 @@ extern "C" int slipstream_rope(const uint16_t* qkv, int64_t qkv_stride, int64_t 
         const __m512 xc = _mm512_mul_ps(load_bf16x16(x + d), load_bf16x16(c + d));
         store_bf16x16(o + d, _mm512_add_ps(rot, xc));
       }
-    }
-  }
-  return 0;
-}
-
-// k_cache/v_cache [slot, head, :] = k/v [t, head, :] for every t whose slot is >= 0.
-// Returns 1, writing nothing, when a slot is past the cache's num_slots.
-extern "C" int slipstream_store_kv(const void* k, int64_t k_token_stride, int64_t k_head_stride,
-                                   const void* v, int64_t v_token_stride, int64_t v_head_stride,
-                                   void* k_cache, void* v_cache, const int64_t* slots,
-                                   int64_t num_tokens, int64_t num_kv_heads, int64_t head_dim,
-                                   int64_t elem_bytes, int64_t num_slots) {
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    if (slots[t] >= num_slots) return 1;
-  }
-  const int64_t row = head_dim * elem_bytes;
-  auto* kc = static_cast<char*>(k_cache);
-  auto* vc = static_cast<char*>(v_cache);
-  const auto* kb = static_cast<const char*>(k);
-  const auto* vb = static_cast<const char*>(v);
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    const int64_t slot = slots[t];
-    if (slot < 0) continue;
-    for (int64_t h = 0; h < num_kv_heads; ++h) {
-      const int64_t dst = (slot * num_kv_heads + h) * row;
-      std::memcpy(kc + dst, kb + (t * k_token_stride + h * k_head_stride) * elem_bytes, row);
-      std::memcpy(vc + dst, vb + (t * v_token_stride + h * v_head_stride) * elem_bytes, row);
     }
   }
   return 0;

@@ -1,5 +1,6 @@
-"""RoPE, the K/V store and SiLU(gate) * up as one C++ call each (layer_ops.cpp), with the
-PyTorch references the Llama layer runs without them.
+"""RoPE, the K/V store and SiLU(gate) * up as one C++ call each (layer_ops.cpp; the store
+is store_kv.cpp, for any dtype), with the PyTorch references the Llama layer runs without
+them.
 
 All three are small (a decode row moves a few kilobytes) and PyTorch spends its time on
 dispatch: ~18, ~12 and ~9 us a layer for one row on 2 cores, against ~3 us a call here.
@@ -22,19 +23,25 @@ _ROPE = CppFunction(
     "layer_ops.cpp", "slipstream_rope", [_P, _I64, _I64, _I64, _I64, _P, _P, _I64, _P]
 )
 # k, strides, v, strides, caches, slots, tokens, kv heads, head dim, element bytes, slots
-# in the cache
+# in the cache. Any dtype: built for AVX2, so float32 models on AVX2-only CPUs take it too.
 _STORE = CppFunction(
-    "layer_ops.cpp",
+    "store_kv.cpp",
     "slipstream_store_kv",
     [_P, _I64, _I64, _P, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I64],
+    isa="avx2_fma",
 )
 # gate_up, tokens, intermediate size, out, threads
 _SILU_MUL = CppFunction("layer_ops.cpp", "slipstream_silu_mul", [_P, _I64, _I64, _P, ctypes.c_int])
 
 
 def layer_ops_unavailable_reason() -> str | None:
-    """None when the three ops can run here, else why not."""
+    """None when the bf16 RoPE and SiLU * up can run here, else why not."""
     return _ROPE.unavailable_reason()
+
+
+def store_kv_unavailable_reason() -> str | None:
+    """None when store_kv_cpu can run here, else why not."""
+    return _STORE.unavailable_reason()
 
 
 def rope_ref(
@@ -120,7 +127,7 @@ def store_kv_cpu_applies(
         and v_cache.is_contiguous()
         and slot_mapping.dtype == torch.int64
         and slot_mapping.is_contiguous()
-        and layer_ops_unavailable_reason() is None
+        and store_kv_unavailable_reason() is None
     )
 
 

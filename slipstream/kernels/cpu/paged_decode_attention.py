@@ -1,9 +1,11 @@
-"""Paged attention for few query rows per sequence on AVX512-BF16 CPUs (the .cpp beside).
+"""Paged attention for few query rows per sequence on CPUs: bf16 on AVX512-BF16
+(paged_decode_attention.cpp), float32 on AVX2 + FMA (paged_decode_attention_f32.cpp).
 
 Same semantics as slipstream/kernels/paged_attention.py (causal or tree mask among a
-step's new tokens, every cached key visible), for bf16 queries and caches with head size
-64 or 128; with `chunks`, those of slipstream/kernels/sparse_paged_attention.py (each KV
-head reads only its selected chunks of the cached keys). Decode and tree-verification
+step's new tokens, every cached key visible), for queries and caches of one of those
+dtypes with head size 64 or 128; with `chunks`, those of
+slipstream/kernels/sparse_paged_attention.py (each KV head reads only its selected chunks
+of the cached keys). Both kernels take the same arguments. Decode and tree-verification
 steps take it; steps with a prefill of more than MAX_QUERY_ROWS tokens in one sequence keep
 the SDPA reference, whose blocked kernel wins on long query runs (this one computes each
 query row on its own, O(rows x keys)).
@@ -32,37 +34,51 @@ _I64 = ctypes.c_int64
 # q, q strides, k/v caches, block tables + stride, query starts, seq lens, num seqs, tree
 # mask + stride, out, heads, kv heads, head dim, block size, scale, threads, then the
 # block-sparse chunks (null when dense) + seq stride + head stride + count + chunk size.
-_ATTEND = CppFunction(
-    "paged_decode_attention.cpp",
-    "slipstream_paged_decode_attention",
+_ARGTYPES = (
     [_P, _I64, _I64, _P, _P, _P, _I64, _P, _P, _I64, _P, _I64, _P]
     + [_I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int]
-    + [_P, _I64, _I64, _I64, _I64],
+    + [_P, _I64, _I64, _I64, _I64]
 )
+# The kernel for each dtype it takes (queries and caches alike).
+_KERNELS = {
+    torch.bfloat16: CppFunction(
+        "paged_decode_attention.cpp", "slipstream_paged_decode_attention", _ARGTYPES
+    ),
+    torch.float32: CppFunction(
+        "paged_decode_attention_f32.cpp",
+        "slipstream_paged_decode_attention_f32",
+        _ARGTYPES,
+        isa="avx2_fma",
+    ),
+}
 
 
-def decode_attention_unavailable_reason() -> str | None:
-    """None when the engine should use the kernel, else why not."""
-    return _ATTEND.unavailable_reason()
+def decode_attention_unavailable_reason(dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """None when the engine should use the kernel for `dtype`, else why not."""
+    kernel = _KERNELS.get(dtype)
+    if kernel is None:
+        return f"no CPU decode attention kernel for {dtype}"
+    return kernel.unavailable_reason()
 
 
 def decode_attention_applies(q: torch.Tensor, k_cache: torch.Tensor, max_query_len: int) -> bool:
-    """Whether a step's attention can run here: bf16 on CPU, a supported head size, few
-    query rows per sequence, and the kernel built."""
+    """Whether a step's attention can run here: bf16 or float32 on CPU (queries and caches
+    alike), a supported head size, few query rows per sequence, and that dtype's kernel
+    built."""
     return (
         q.device.type == "cpu"
-        and q.dtype == torch.bfloat16
-        and k_cache.dtype == torch.bfloat16
+        and q.dtype in _KERNELS
+        and k_cache.dtype == q.dtype
         and q.shape[-1] in HEAD_DIMS
         and max_query_len <= MAX_QUERY_ROWS
-        and decode_attention_unavailable_reason() is None
+        and decode_attention_unavailable_reason(q.dtype) is None
     )
 
 
 def paged_decode_attention(
-    q: torch.Tensor,  # [num_tokens, num_heads, head_dim] bf16, unit stride in a head
-    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim] bf16
-    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim] bf16
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim] bf16/f32, unit stride in a head
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim] q's dtype
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim] q's dtype
     block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
     query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
     seq_lens: torch.Tensor,  # [num_seqs] int32
@@ -71,7 +87,7 @@ def paged_decode_attention(
     plan: dict[str, Any] | None = None,
     chunks: torch.Tensor | None = None,  # [num_seqs, num_kv_heads, max_chunks] int, -1 = pad
     chunk_size: int = 0,
-) -> torch.Tensor:  # [num_tokens, num_heads, head_dim] bf16
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim] q's dtype
     """Attention of each new token over its sequence's paged keys (see the module doc).
 
     `plan` (a step's AttentionMetadata.scratch) keeps the step's converted metadata for
@@ -79,11 +95,15 @@ def paged_decode_attention(
     `chunks` (block-sparse): the chunks of `chunk_size` cached positions each KV head reads;
     distinct per row, in any order.
     """
-    fn = _ATTEND.get()
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    if q.dtype != torch.bfloat16 or k_cache.dtype != torch.bfloat16 or q.stride(-1) != 1:
-        raise ValueError("q and the caches must be bf16, q with unit stride within a head")
+    kernel = _KERNELS.get(q.dtype)
+    same = k_cache.dtype == v_cache.dtype == q.dtype
+    if kernel is None or not same or q.stride(-1) != 1:
+        raise ValueError(
+            "q and the caches must be all bf16 or all float32, q with unit stride within a head"
+        )
+    fn = kernel.get()
     if head_dim not in HEAD_DIMS or num_heads % num_kv_heads:
         raise ValueError(f"head_dim must be one of {HEAD_DIMS} and heads a multiple of kv heads")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
@@ -106,7 +126,7 @@ def paged_decode_attention(
             chunks = chunks.contiguous()
         strides = (chunks.stride(0), chunks.stride(1))
         sparse = (chunks.data_ptr(), *strides, chunks.shape[2], chunk_size)
-    out = torch.empty(num_tokens, num_heads, head_dim, dtype=torch.bfloat16)
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype)
     status = fn(
         q.data_ptr(),
         q.stride(0),
@@ -124,7 +144,7 @@ def paged_decode_attention(
         *sparse,
     )
     if status != 0:
-        raise RuntimeError(f"slipstream_paged_decode_attention returned {status}")
+        raise RuntimeError(f"{kernel.symbol} returned {status}")
     return out
 
 

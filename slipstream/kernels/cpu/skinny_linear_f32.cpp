@@ -26,7 +26,12 @@
 
 #include <cstdint>
 
+#include "avx2_fma.h"
+
 namespace {
+
+using slipstream_cpu::first_lanes;
+using slipstream_cpu::sum_lanes;
 
 constexpr int kLanes = 8;       // float32 lanes in a ymm register
 constexpr int kMaxTileRows = 4;
@@ -39,19 +44,6 @@ struct Problem {
   int64_t k;          // K (row stride of x and w)
   int64_t n;          // N (row stride of y)
 };
-
-// Lanes 0-7 summed as ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)).
-inline float lane_sum(__m256 v) {
-  const __m128 halves = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 pairs = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
-  return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
-}
-
-// Lanes past K read as zero (the FMAs then add +0, which leaves each lane's sum as it was).
-inline __m256i tail_mask(int64_t left) {
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left)), lanes);
-}
 
 template <int R, int NB>
 void tile(const Problem& pr, int64_t row0, int64_t col0) {
@@ -71,7 +63,7 @@ void tile(const Problem& pr, int64_t row0, int64_t col0) {
     }
   }
   if (full < k) {
-    const __m256i mask = tail_mask(k - full);
+    const __m256i mask = first_lanes(k - full);  // lanes past K read as zero: FMAs add +0
     __m256 wv[NB];
     for (int j = 0; j < NB; ++j) wv[j] = _mm256_maskload_ps(w + j * k + full, mask);
     for (int r = 0; r < R; ++r) {
@@ -81,7 +73,7 @@ void tile(const Problem& pr, int64_t row0, int64_t col0) {
   }
   for (int r = 0; r < R; ++r) {
     for (int j = 0; j < NB; ++j) {
-      const float sum = lane_sum(acc[r][j]);
+      const float sum = sum_lanes(acc[r][j]);
       pr.y[(row0 + r) * pr.n + col0 + j] = pr.bias ? sum + pr.bias[col0 + j] : sum;
     }
   }

@@ -1,0 +1,322 @@
+// Paged attention for steps that feed few tokens per sequence (decode, tree verification),
+// float32 queries and caches, on AVX2 + FMA CPUs: the float32 counterpart of
+// paged_decode_attention.cpp (AVX512-BF16), with the same C signature and semantics.
+//
+// Why: float32 is the engine's dtype on CPUs without native bf16 (AMD Zen 1-3, Intel before
+// Cooper Lake), and there every layer's attention went through the PyTorch reference
+// (gather the sequence's pages, then SDPA): 8.1 ms of a 56 ms one-token step of the default
+// model at 300 cached keys on a 2-core Zen 3 (benchmarks/step_breakdown.py), ~270 us a
+// layer, nearly all of it per-call overhead (the arithmetic is ~0.3 MFLOP).
+//
+// Semantics match slipstream/kernels/paged_attention.py: sequence b's query i (of n_q) sees
+// every cached key j < ctx = seq_len - n_q, and new key ctx + j' when j' <= i (causal) or
+// tree_mask[token, j'] (tree). With `chunks` (block-sparse, as
+// slipstream/kernels/sparse_paged_attention.py), the cached keys that KV head g of sequence
+// b reads are those of the chunks listed for (b, g): positions [c * chunk_size,
+// (c + 1) * chunk_size) below ctx, -1 entries padding, read in ascending position order, so
+// listing every chunk gives the dense result bit for bit.
+//
+// Order of the sums: each (token, KV head) reads its keys in "virtual" order, the cached
+// keys it reads and then the new keys it sees, ascending: the order its keys would have if
+// it were decoded alone after its ancestors. Virtual positions are cut into splits of
+// kSplit on a fixed grid; a split gives, for each query head of the KV head's group, a
+// partial softmax (max, sum, weighted values), and the splits merge in order. Scores come
+// 8 keys at a time, each key's 8 partial dot lanes summed by the same tree whatever its
+// place in the tile. Nothing depends on the other rows, sequences or threads: a row gets
+// the same bits alone, in any batch, and as any node of a draft tree as when it is decoded
+// alone. (Rows do not share key loads as the bf16 kernel's do: a 9-row tree at 300 keys
+// reads ~4 MB a layer from L2, ~25 us.)
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "avx2_fma.h"
+
+namespace {
+
+using slipstream_cpu::exp_ps;
+using slipstream_cpu::first_lanes;
+using slipstream_cpu::sum_lanes;
+
+struct Args {
+  const float* q;            // [T, H, D], unit stride within a head
+  int64_t q_token_stride;    // elements
+  int64_t q_head_stride;     // elements
+  const float* k_cache;      // [num_blocks, block_size, KV, D]
+  const float* v_cache;      // [num_blocks, block_size, KV, D]
+  const int32_t* block_tables;  // [S, block_table_stride]
+  int64_t block_table_stride;
+  const int32_t* query_start;   // [S + 1]
+  const int32_t* seq_lens;      // [S]
+  const uint8_t* tree_mask;     // [T, tree_mask_stride] bool, or null (causal)
+  int64_t tree_mask_stride;
+  float* out;  // [T, H, D], contiguous
+  int64_t num_heads, num_kv_heads, head_dim, block_size;
+  float scale;
+  const int64_t* chunks;  // [S, KV, max_chunks] chunk ids, -1 = padding; null = dense
+  int64_t chunks_seq_stride, chunks_head_stride, max_chunks, chunk_size;
+};
+
+// Keys per split: 128 x 256-byte rows (D = 64) = 32 KB of values, what one core's L1 holds
+// while every head of the group takes its weighted sum over them.
+constexpr int64_t kSplit = 128;
+constexpr int kLanes = 8;
+constexpr float kNegInf = -__builtin_inff();
+
+// Lane l of the result: the 8 lanes of a[l] summed as ((0 + 1) + (2 + 3)) + ((4 + 5) +
+// (6 + 7)), the same tree for every l.
+inline __m256 sum_lanes_of_8(const __m256* a) {
+  const __m256 t01 = _mm256_hadd_ps(a[0], a[1]);  // a0: 01 23, a1: 01 23 | a0: 45 67, ...
+  const __m256 t23 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t45 = _mm256_hadd_ps(a[4], a[5]);
+  const __m256 t67 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t01, t23);  // a0..a3: 0123 | a0..a3: 4567
+  const __m256 u1 = _mm256_hadd_ps(t45, t67);  // a4..a7: 0123 | a4..a7: 4567
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+inline float hmax(__m256 v) {
+  const __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 p = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_max_ss(p, _mm_shuffle_ps(p, p, 1)));
+}
+
+// One (token, KV head): where its keys are, and where its splits' partials go.
+struct Row {
+  int64_t seq, token, kv_head;
+  int64_t cached;       // cached keys it reads (ctx when dense)
+  const int32_t* cached_pos;  // their positions when block-sparse, else null (0 .. ctx - 1)
+  const int32_t* seen;  // the new keys it sees, as indices among the sequence's new tokens
+  int64_t num_seen;
+  int64_t ctx;
+  int64_t first_item;   // its splits are items first_item .. first_item + splits - 1
+  int64_t splits;
+};
+
+template <int D>
+struct Kernel {
+  static constexpr int kVecs = D / kLanes;  // ymm per head vector
+  static constexpr int kPartial = D + 2;    // floats per (item, head): max, sum, values
+
+  const Args& a;
+  int64_t group;
+  float* partials;  // [items, group, kPartial]
+
+  const float* row_of(const float* cache, int64_t seq, int64_t pos, int64_t kv_head) const {
+    const int64_t block = a.block_tables[seq * a.block_table_stride + pos / a.block_size];
+    const int64_t slot = block * a.block_size + pos % a.block_size;
+    return cache + (slot * a.num_kv_heads + kv_head) * D;
+  }
+
+  int64_t position(const Row& r, int64_t p) const {  // actual position of virtual p
+    if (p < r.cached) return r.cached_pos == nullptr ? p : r.cached_pos[p];
+    return r.ctx + r.seen[p - r.cached];
+  }
+
+  // Partials of split `split` of row r, for every query head of its group.
+  void item(const Row& r, int64_t split, float* scores) const {
+    const int64_t p0 = split * kSplit;
+    const int64_t n = std::min(kSplit, r.cached + r.num_seen - p0);
+    const float* keys[kSplit];
+    const float* values[kSplit];
+    for (int64_t j = 0; j < n; ++j) {
+      keys[j] = row_of(a.k_cache, r.seq, position(r, p0 + j), r.kv_head);
+      values[j] = a.v_cache + (keys[j] - a.k_cache);
+      // Pages lie anywhere in the pool, out of the hardware prefetcher's sight: ask for the
+      // split's values now, to arrive while the scores are computed.
+      for (int c = 0; c < D; c += 16) {
+        _mm_prefetch(reinterpret_cast<const char*>(values[j] + c), _MM_HINT_T1);
+      }
+    }
+    const __m256 scale = _mm256_set1_ps(a.scale);
+    for (int64_t h = 0; h < group; ++h) {
+      const float* qh = a.q + r.token * a.q_token_stride + (r.kv_head * group + h) * a.q_head_stride;
+      __m256 qv[kVecs];
+      for (int c = 0; c < kVecs; ++c) qv[c] = _mm256_loadu_ps(qh + kLanes * c);
+      float* sh = scores + h * kSplit;
+      for (int64_t t0 = 0; t0 < n; t0 += kLanes) {
+        __m256 acc[kLanes];
+        for (int i = 0; i < kLanes; ++i) {
+          __m256 dot = _mm256_setzero_ps();
+          if (t0 + i < n) {
+            for (int c = 0; c < kVecs; ++c) {
+              dot = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(keys[t0 + i] + kLanes * c), dot);
+            }
+          }
+          acc[i] = dot;
+        }
+        _mm256_storeu_ps(sh + t0, _mm256_mul_ps(sum_lanes_of_8(acc), scale));
+      }
+    }
+    for (int64_t h = 0; h < group; ++h) {
+      float* sh = scores + h * kSplit;
+      float* out = partials + (r.first_item + split) * group * kPartial + h * kPartial;
+      __m256 mv = _mm256_set1_ps(kNegInf);
+      for (int64_t j = 0; j < n; j += kLanes) {
+        const __m256 live = _mm256_castsi256_ps(first_lanes(n - j));
+        mv = _mm256_max_ps(mv, _mm256_blendv_ps(mv, _mm256_loadu_ps(sh + j), live));
+      }
+      const float m = hmax(mv);
+      const __m256 mb = _mm256_set1_ps(m);
+      __m256 total = _mm256_setzero_ps();
+      for (int64_t j = 0; j < n; j += kLanes) {
+        const __m256 live = _mm256_castsi256_ps(first_lanes(n - j));
+        const __m256 e = _mm256_and_ps(exp_ps(_mm256_sub_ps(_mm256_loadu_ps(sh + j), mb)), live);
+        _mm256_storeu_ps(sh + j, e);  // the tile's spare lanes (past n) hold zeros
+        total = _mm256_add_ps(total, e);
+      }
+      out[0] = m;
+      out[1] = sum_lanes(total);
+      __m256 acc[kVecs];
+      for (int c = 0; c < kVecs; ++c) acc[c] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < n; ++j) {
+        const __m256 p = _mm256_broadcast_ss(sh + j);
+        for (int c = 0; c < kVecs; ++c) {
+          acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(values[j] + kLanes * c), acc[c]);
+        }
+      }
+      for (int c = 0; c < kVecs; ++c) _mm256_storeu_ps(out + 2 + kLanes * c, acc[c]);
+    }
+  }
+
+  // Output of (row r, head h of its group): its splits merged in order.
+  void merge(const Row& r, int64_t h) const {
+    float* out = a.out + (r.token * a.num_heads + r.kv_head * group + h) * D;
+    float m = kNegInf;
+    for (int64_t s = 0; s < r.splits; ++s) {
+      m = std::max(m, partials[((r.first_item + s) * group + h) * kPartial]);
+    }
+    __m256 acc[kVecs];
+    for (int c = 0; c < kVecs; ++c) acc[c] = _mm256_setzero_ps();
+    float total = 0.0f;
+    for (int64_t s = 0; s < r.splits; ++s) {
+      const float* part = partials + ((r.first_item + s) * group + h) * kPartial;
+      const __m256 w = exp_ps(_mm256_set1_ps(part[0] - m));
+      total += _mm256_cvtss_f32(w) * part[1];
+      for (int c = 0; c < kVecs; ++c) {
+        acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(part + 2 + kLanes * c), acc[c]);
+      }
+    }
+    // A row with no keys at all (an empty tree-mask row) gets zeros, not 0 / 0.
+    const __m256 inv = _mm256_set1_ps(total > 0.0f ? 1.0f / total : 0.0f);
+    for (int c = 0; c < kVecs; ++c) _mm256_storeu_ps(out + kLanes * c, _mm256_mul_ps(acc[c], inv));
+  }
+};
+
+template <int D>
+void run(const Args& a, int64_t num_seqs, int num_threads) {
+  const int64_t group = a.num_heads / a.num_kv_heads;
+  const int64_t num_tokens = a.query_start[num_seqs];
+  int64_t max_q = 1;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    max_q = std::max<int64_t>(max_q, a.query_start[s + 1] - a.query_start[s]);
+  }
+  // Which new keys each token sees (causal: 0 .. i; tree: its mask row), ascending.
+  std::vector<int32_t> seen(num_tokens * max_q);
+  std::vector<int64_t> num_seen(num_tokens);
+  // Block-sparse: per (sequence, KV head), the cached positions it reads, ascending.
+  std::vector<std::vector<int32_t>> cached_pos(a.chunks == nullptr ? 0 : num_seqs * a.num_kv_heads);
+  std::vector<Row> rows;
+  rows.reserve(num_tokens * a.num_kv_heads);
+  std::vector<int64_t> item_row, item_split;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t first = a.query_start[s], num_q = a.query_start[s + 1] - first;
+    const int64_t ctx = a.seq_lens[s] - num_q;
+    if (a.chunks != nullptr) {
+      for (int64_t g = 0; g < a.num_kv_heads; ++g) {
+        const int64_t* ids = a.chunks + s * a.chunks_seq_stride + g * a.chunks_head_stride;
+        std::vector<int64_t> sorted(ids, ids + a.max_chunks);
+        std::sort(sorted.begin(), sorted.end());
+        std::vector<int32_t>& pos = cached_pos[s * a.num_kv_heads + g];
+        for (const int64_t c : sorted) {
+          if (c < 0) continue;
+          for (int64_t p = c * a.chunk_size; p < std::min((c + 1) * a.chunk_size, ctx); ++p) {
+            pos.push_back(static_cast<int32_t>(p));
+          }
+        }
+      }
+    }
+    for (int64_t i = 0; i < num_q; ++i) {
+      const int64_t t = first + i;
+      int64_t count = 0;
+      for (int64_t j = 0; j < num_q; ++j) {
+        const bool sees = a.tree_mask == nullptr ? j <= i : a.tree_mask[t * a.tree_mask_stride + j] != 0;
+        if (sees) seen[t * max_q + count++] = static_cast<int32_t>(j);
+      }
+      num_seen[t] = count;
+      for (int64_t g = 0; g < a.num_kv_heads; ++g) {
+        Row r{s, t, g, ctx, nullptr, seen.data() + t * max_q, count, ctx, 0, 0};
+        if (a.chunks != nullptr) {
+          const std::vector<int32_t>& pos = cached_pos[s * a.num_kv_heads + g];
+          r.cached = static_cast<int64_t>(pos.size());
+          r.cached_pos = pos.data();
+        }
+        r.first_item = static_cast<int64_t>(item_row.size());
+        r.splits = (r.cached + count + kSplit - 1) / kSplit;
+        for (int64_t sp = 0; sp < r.splits; ++sp) {
+          item_row.push_back(static_cast<int64_t>(rows.size()));
+          item_split.push_back(sp);
+        }
+        rows.push_back(r);
+      }
+    }
+  }
+  const int64_t num_items = static_cast<int64_t>(item_row.size());
+  std::vector<float> partials(num_items * group * Kernel<D>::kPartial);
+  const Kernel<D> k{a, group, partials.data()};
+  const int64_t num_rows = static_cast<int64_t>(rows.size());
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<float> scores(group * kSplit);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < num_items; ++i) k.item(rows[item_row[i]], item_split[i], scores.data());
+#pragma omp for schedule(static)
+    for (int64_t o = 0; o < num_rows * group; ++o) k.merge(rows[o / group], o % group);
+  }
+}
+
+}  // namespace
+
+// Returns 0, or 1 for a head size other than 64 or 128 (the caller checks).
+extern "C" int slipstream_paged_decode_attention_f32(
+    const void* q, int64_t q_token_stride, int64_t q_head_stride, const void* k_cache,
+    const void* v_cache, const int32_t* block_tables, int64_t block_table_stride,
+    const int32_t* query_start, const int32_t* seq_lens, int64_t num_seqs,
+    const uint8_t* tree_mask, int64_t tree_mask_stride, void* out, int64_t num_heads,
+    int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, int num_threads,
+    const int64_t* chunks, int64_t chunks_seq_stride, int64_t chunks_head_stride,
+    int64_t max_chunks, int64_t chunk_size) {
+  const Args a{static_cast<const float*>(q),
+               q_token_stride,
+               q_head_stride,
+               static_cast<const float*>(k_cache),
+               static_cast<const float*>(v_cache),
+               block_tables,
+               block_table_stride,
+               query_start,
+               seq_lens,
+               tree_mask,
+               tree_mask_stride,
+               static_cast<float*>(out),
+               num_heads,
+               num_kv_heads,
+               head_dim,
+               block_size,
+               scale,
+               chunks,
+               chunks_seq_stride,
+               chunks_head_stride,
+               max_chunks,
+               chunk_size};
+  if (head_dim == 64) {
+    run<64>(a, num_seqs, num_threads);
+  } else if (head_dim == 128) {
+    run<128>(a, num_seqs, num_threads);
+  } else {
+    return 1;
+  }
+  return 0;
+}

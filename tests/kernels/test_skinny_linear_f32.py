@@ -50,10 +50,13 @@ def _f32(*shape: int, seed: int) -> torch.Tensor:
         (2, 9, 3),  # K shorter than a chunk: only the masked tail
         (3, 17, 13),
         (4, 40, 64),  # one 4-row chunk, groups of 3
-        (5, 50, 64),  # chunks 3 + 2: groups of 3 (the widest chunk's)
-        (9, 96, 576),  # the default model's K
-        (13, 33, 31),
-        (32, 24, 40),  # MAX_ROWS: still the kernel
+        (5, 50, 64),  # one 5-row chunk, groups of 2
+        (9, 96, 576),  # the default model's K: one 9-row chunk (10 fit in L1), 1 output a tile
+        (12, 30, 64),  # the widest tile, 12 rows x 1 output
+        (13, 33, 31),  # chunks 6 + 7: 1 output a tile (the widest chunk's)
+        (7, 20, 1536),  # K = 1536: 4 rows fit in L1, chunks 4 + 3, groups of 3
+        (17, 40, 576),  # chunks 8 + 9
+        (32, 24, 40),  # MAX_ROWS: still the kernel, chunks of 10 + 11 + 11
     ],
 )
 def test_matches_the_reference(m: int, n: int, k: int, with_bias: bool) -> None:

@@ -69,6 +69,18 @@ VLLM_CONFIGS: list[tuple[str, str, dict[str, Any], bool]] = [
 ]
 
 
+def parse_config(spec: str) -> tuple[str, str, dict[str, Any], bool]:
+    """--config 'LABEL=DECODER:JSON' -> a hot-start config (label, decoder, options, False)."""
+    label, sep, rest = spec.partition("=")
+    decoder, colon, options = rest.partition(":")
+    if not sep or not label or not decoder:
+        raise SystemExit(f"--config wants LABEL=DECODER[:JSON], got {spec!r}")
+    parsed = json.loads(options) if colon and options else {}
+    if not isinstance(parsed, dict):
+        raise SystemExit(f"--config {label}: the options must be a JSON object")
+    return label, decoder, parsed, False
+
+
 def load_prompt_file(path: str) -> list[Any]:
     """--prompts: a JSONL file's requests as chat prompts with a category, in file order."""
     from slipstream.loadtest.builtin import BuiltinPrompt
@@ -418,6 +430,14 @@ def main() -> None:
         '{"messages" | "prompt": ..., "category": ...} (category defaults to "custom")',
     )
     ap.add_argument("--configs", default=None, help="comma-separated config labels to run")
+    ap.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="LABEL=DECODER:JSON",
+        help="an extra config (repeatable), hot start: e.g. 'TR 6 nodes=token_recycling:"
+        '{"tree_size": 6}\'; --configs picks among these too',
+    )
     ap.add_argument("--no-penalty-workload", action="store_true")
     ap.add_argument(
         "--penalty-only",
@@ -459,7 +479,8 @@ def main() -> None:
                 keep.append(p)
                 seen[p.category] += 1
         prompts = keep
-    configs = [c for c in CONFIGS if not args.configs or c[0] in args.configs.split(",")]
+    extra = [parse_config(spec) for spec in args.config]
+    configs = [c for c in [*CONFIGS, *extra] if not args.configs or c[0] in args.configs.split(",")]
     print(f"{len(prompts)} prompts, {args.max_tokens} max tokens, greedy, batch 1, "
           f"{torch.get_num_threads()} torch threads")  # fmt: skip
     workloads = [] if args.penalty_only else [("repetitive answers allowed (no penalty)", 1.0)]

@@ -54,7 +54,7 @@ def _f32(*shape: int, seed: int) -> torch.Tensor:
         (9, 96, 576),  # the default model's K: one 9-row chunk (10 fit in L1), 1 output a tile
         (12, 30, 64),  # the widest tile, 12 rows x 1 output
         (13, 33, 31),  # chunks 6 + 7: 1 output a tile (the widest chunk's)
-        (7, 20, 1536),  # K = 1536: 4 rows fit in L1, chunks 4 + 3, groups of 3
+        (7, 20, 1536),  # K = 1536: 4 rows fit in L1, chunks 3 + 4, groups of 3
         (17, 40, 576),  # chunks 8 + 9
         (32, 24, 40),  # MAX_ROWS: still the kernel, chunks of 10 + 11 + 11
     ],

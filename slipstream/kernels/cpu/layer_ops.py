@@ -11,6 +11,7 @@ weights for the CPU kernels): bf16, contiguous rows, a head size that is a multi
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -57,16 +58,17 @@ def rope_ref(
     return rot.mul_(sin).addcmul_(qk, cos)
 
 
-def rope_bf16(
-    qkv: torch.Tensor,  # [T, (H + 2 KV) * D] bf16, contiguous
+def call_rope(
+    fn: Callable[..., int],
+    qkv: torch.Tensor,  # [T, (H + 2 KV) * D], unit stride in a row
     heads: int,
     head_dim: int,
-    cos: torch.Tensor,  # [T, 1, D] bf16, unit stride in a row
-    sin: torch.Tensor,  # [T, 1, D] bf16, same row stride as cos
-) -> torch.Tensor:  # [T, heads, D] bf16
-    """rope_ref through the C++ kernel."""
-    out = torch.empty(qkv.shape[0], heads, head_dim, dtype=torch.bfloat16)
-    status = _ROPE.get()(
+    cos: torch.Tensor,  # [T, 1, D], unit stride in a row
+    sin: torch.Tensor,  # [T, 1, D], same row stride as cos
+    out: torch.Tensor,  # [T, heads, D], contiguous
+) -> int:
+    """A RoPE kernel's C call (bf16's or float32's: the same arguments); its status."""
+    return fn(
         qkv.data_ptr(),
         qkv.stride(0),
         qkv.shape[0],
@@ -77,7 +79,18 @@ def rope_bf16(
         cos.stride(0),
         out.data_ptr(),
     )
-    if status != 0:
+
+
+def rope_bf16(
+    qkv: torch.Tensor,  # [T, (H + 2 KV) * D] bf16, contiguous
+    heads: int,
+    head_dim: int,
+    cos: torch.Tensor,  # [T, 1, D] bf16, unit stride in a row
+    sin: torch.Tensor,  # [T, 1, D] bf16, same row stride as cos
+) -> torch.Tensor:  # [T, heads, D] bf16
+    """rope_ref through the C++ kernel."""
+    out = torch.empty(qkv.shape[0], heads, head_dim, dtype=torch.bfloat16)
+    if call_rope(_ROPE.get(), qkv, heads, head_dim, cos, sin, out) != 0:
         raise ValueError(f"rope_bf16 needs a head size that is a multiple of 32, got {head_dim}")
     return out
 

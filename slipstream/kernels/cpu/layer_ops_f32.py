@@ -15,6 +15,8 @@ import ctypes
 import torch
 
 from slipstream.kernels.cpu.build import CppFunction
+from slipstream.kernels.cpu.layer_ops import call_rope
+from slipstream.kernels.cpu.rms_norm import call_add_rms_norm
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 # h, delta or NULL, weight, out, rows, hidden, eps, threads
@@ -59,16 +61,7 @@ def add_rms_norm_f32(
 ) -> torch.Tensor:  # [T, hidden] float32
     """h += delta; return rms_norm(h) * weight (add_rms_norm_ref's result)."""
     out = torch.empty_like(h)
-    _NORM.get()(
-        h.data_ptr(),
-        None if delta is None else delta.data_ptr(),
-        weight.data_ptr(),
-        out.data_ptr(),
-        h.shape[0],
-        h.shape[1],
-        eps,
-        torch.get_num_threads(),
-    )
+    call_add_rms_norm(_NORM.get(), h, delta, weight, eps, out)
     return out
 
 
@@ -81,18 +74,7 @@ def rope_f32(
 ) -> torch.Tensor:  # [T, heads, D] float32
     """x * cos + rotate_half(x) * sin for q and k (rope_ref's result)."""
     out = torch.empty(qkv.shape[0], heads, head_dim, dtype=torch.float32)
-    status = _ROPE.get()(
-        qkv.data_ptr(),
-        qkv.stride(0),
-        qkv.shape[0],
-        heads,
-        head_dim,
-        cos.data_ptr(),
-        sin.data_ptr(),
-        cos.stride(0),
-        out.data_ptr(),
-    )
-    if status != 0:
+    if call_rope(_ROPE.get(), qkv, heads, head_dim, cos, sin, out) != 0:
         raise ValueError(f"rope_f32 needs a head size that is a multiple of 16, got {head_dim}")
     return out
 

@@ -9,6 +9,7 @@ of 16 (fused_norm_applies); otherwise the model runs add_rms_norm_ref.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +60,20 @@ def add_rms_norm_bf16(
     pack_for_cpu: its residual stream is a fresh contiguous float32 tensor and skinny_linear
     returns contiguous bf16): checking them here cost ~5 us a call, 61 calls a step.
     """
-    fn = _NORM.get()
     out = torch.empty_like(h, dtype=torch.bfloat16)  # 1.2 us; empty(h.shape) takes 2.7
+    call_add_rms_norm(_NORM.get(), h, delta, weight, eps, out)
+    return out
+
+
+def call_add_rms_norm(
+    fn: Callable[..., int],
+    h: torch.Tensor,  # [T, hidden] float32, contiguous; updated in place
+    delta: torch.Tensor | None,  # [T, hidden], contiguous
+    weight: torch.Tensor,  # [hidden] float32, contiguous
+    eps: float,
+    out: torch.Tensor,  # [T, hidden], contiguous
+) -> None:
+    """An add + RMSNorm kernel's C call (bf16's or float32's: the same arguments)."""
     fn(
         h.data_ptr(),
         None if delta is None else delta.data_ptr(),
@@ -71,4 +84,3 @@ def add_rms_norm_bf16(
         eps,
         torch.get_num_threads(),
     )
-    return out

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from slipstream.kernels._dispatch import dot_settings, kernel_backend, once_a_step, use_triton
 from slipstream.kernels.cpu.paged_decode_attention import (
+    KERNEL_DTYPES,
     decode_attention_applies,
     paged_decode_attention,
 )
@@ -801,8 +802,7 @@ def use_cpu_decode_kernel(
 
     def decide() -> bool:
         # The device and dtype first: on CUDA, reading query_start_loc would sync.
-        cpu_dtypes = (torch.bfloat16, torch.float32)
-        if q.device.type != "cpu" or q.dtype not in cpu_dtypes or kernel_backend() != "auto":
+        if q.device.type != "cpu" or q.dtype not in KERNEL_DTYPES or kernel_backend() != "auto":
             return False
         starts, _ = _host_lists(plan, query_start_loc, seq_lens)
         longest = max((e - s for s, e in itertools.pairwise(starts)), default=0)

@@ -51,6 +51,8 @@ _KERNELS = {
         isa="avx2_fma",
     ),
 }
+# The dtypes a kernel exists for (whether it builds on this CPU is unavailable_reason's call).
+KERNEL_DTYPES = tuple(_KERNELS)
 
 
 def decode_attention_unavailable_reason(dtype: torch.dtype = torch.bfloat16) -> str | None:

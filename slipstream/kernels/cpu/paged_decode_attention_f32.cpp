@@ -216,7 +216,6 @@ void run(const Args& a, int64_t num_seqs, int num_threads) {
   }
   // Which new keys each token sees (causal: 0 .. i; tree: its mask row), ascending.
   std::vector<int32_t> seen(num_tokens * max_q);
-  std::vector<int64_t> num_seen(num_tokens);
   // Block-sparse: per (sequence, KV head), the cached positions it reads, ascending.
   std::vector<std::vector<int32_t>> cached_pos(a.chunks == nullptr ? 0 : num_seqs * a.num_kv_heads);
   std::vector<Row> rows;
@@ -246,7 +245,6 @@ void run(const Args& a, int64_t num_seqs, int num_threads) {
         const bool sees = a.tree_mask == nullptr ? j <= i : a.tree_mask[t * a.tree_mask_stride + j] != 0;
         if (sees) seen[t * max_q + count++] = static_cast<int32_t>(j);
       }
-      num_seen[t] = count;
       for (int64_t g = 0; g < a.num_kv_heads; ++g) {
         Row r{s, t, g, ctx, nullptr, seen.data() + t * max_q, count, ctx, 0, 0};
         if (a.chunks != nullptr) {

@@ -1,5 +1,6 @@
 """skinny_linear_f32.cpp (AVX2) against its PyTorch reference, batch invariance, the
-F.linear hand-off above MAX_ROWS, argument checks, and the engine's float32 path on it."""
+F.linear hand-off above MAX_ROWS, argument checks, bf16 weights (the float32 bits from an
+exact bf16 copy), and the engine's float32 path on it."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from slipstream.engine.models import load_model
 from slipstream.kernels.cpu.build import cpu_flags
 from slipstream.kernels.cpu.skinny_linear_f32 import (
     MAX_ROWS,
+    exact_bf16_copy,
     skinny_f32_unavailable_reason,
     skinny_linear_f32,
     skinny_linear_f32_ref,
@@ -38,27 +41,27 @@ def _f32(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
+SHAPES = [
+    (1, 6, 8),  # one group of 6 outputs, one lane chunk
+    (1, 13, 20),  # a group of 6, tails per thread split; K tail of 4 lanes
+    (1, 22, 8),  # 11 outputs a thread: a group of 6 and a tail of 5
+    (2, 14, 16),  # 7 outputs a thread: a group of 4 and a tail of 3
+    (2, 9, 3),  # K shorter than a chunk: only the masked tail
+    (3, 17, 13),
+    (4, 40, 64),  # one 4-row chunk, groups of 3
+    (5, 50, 64),  # one 5-row chunk, groups of 2
+    (9, 96, 576),  # the default model's K: one 9-row chunk (10 fit in L1), 1 output a tile
+    (12, 30, 64),  # the widest tile, 12 rows x 1 output
+    (13, 33, 31),  # chunks 6 + 7: 1 output a tile (the widest chunk's)
+    (7, 20, 1536),  # K = 1536: 4 rows fit in L1, chunks 3 + 4, groups of 3
+    (17, 40, 576),  # chunks 8 + 9
+    (32, 24, 40),  # MAX_ROWS: still the kernel, chunks of 10 + 11 + 11
+]
+
+
 @needs_kernel
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize(
-    ("m", "n", "k"),
-    [
-        (1, 6, 8),  # one group of 6 outputs, one lane chunk
-        (1, 13, 20),  # a group of 6, tails per thread split; K tail of 4 lanes
-        (1, 22, 8),  # 11 outputs a thread: a group of 6 and a tail of 5
-        (2, 14, 16),  # 7 outputs a thread: a group of 4 and a tail of 3
-        (2, 9, 3),  # K shorter than a chunk: only the masked tail
-        (3, 17, 13),
-        (4, 40, 64),  # one 4-row chunk, groups of 3
-        (5, 50, 64),  # one 5-row chunk, groups of 2
-        (9, 96, 576),  # the default model's K: one 9-row chunk (10 fit in L1), 1 output a tile
-        (12, 30, 64),  # the widest tile, 12 rows x 1 output
-        (13, 33, 31),  # chunks 6 + 7: 1 output a tile (the widest chunk's)
-        (7, 20, 1536),  # K = 1536: 4 rows fit in L1, chunks 3 + 4, groups of 3
-        (17, 40, 576),  # chunks 8 + 9
-        (32, 24, 40),  # MAX_ROWS: still the kernel, chunks of 10 + 11 + 11
-    ],
-)
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
 def test_matches_the_reference(m: int, n: int, k: int, with_bias: bool) -> None:
     x, w = _f32(m, k, seed=m * 1000 + k), _f32(n, k, seed=n)
     bias = _f32(n, seed=7) if with_bias else None
@@ -69,6 +72,25 @@ def test_matches_the_reference(m: int, n: int, k: int, with_bias: bool) -> None:
     torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
     exact = (x.double() @ w.double().T + (0 if bias is None else bias.double())).float()
     torch.testing.assert_close(got, exact, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("m", "n", "k"), [*SHAPES, (1, 96, 576), (6, 48, 1536)])
+def test_bf16_weights_give_the_float32_bits(m: int, n: int, k: int) -> None:
+    # Weights that bf16 holds exactly, as a bf16 checkpoint upcast to float32 has.
+    w = _f32(n, k, seed=n).bfloat16().float()
+    x, bias = _f32(m, k, seed=m * 1000 + k), _f32(n, seed=7)
+    copy = exact_bf16_copy(w)
+    assert copy is not None and copy.dtype == torch.bfloat16
+    assert torch.equal(skinny_linear_f32(x, copy, bias), skinny_linear_f32(x, w, bias))
+    assert torch.equal(skinny_linear_f32(x, copy), skinny_linear_f32(x, w))
+
+
+def test_exact_bf16_copy_refuses_weights_bf16_would_round() -> None:
+    w = _f32(8, 16, seed=3).bfloat16().float()
+    assert exact_bf16_copy(w) is not None
+    w[3, 5] += 2.0**-20  # one value off the bf16 grid: a copy would change the product
+    assert exact_bf16_copy(w) is None
 
 
 @needs_kernel
@@ -107,7 +129,35 @@ def test_float32_model_runs_its_products_through_the_kernel(tmp_path: Path) -> N
     fast, _ = load_model(str(folder), torch.float32, torch.device("cpu"))
     assert fast.pack_for_cpu() == "skinny_linear_f32"  # type: ignore[operator]
     layer = fast.layers[0]  # type: ignore[index]
-    assert layer.skinny[0] is layer.qkv_weight  # the weights are used in place, not copied
+    # Random float32 weights are not bf16-exact: they are used in place, not copied.
+    assert layer.skinny[0] is layer.qkv_weight
+    assert fast.lm_head_f32 is fast.lm_head  # type: ignore[union-attr]
     # Prefill of 19 rows then a 6-row step: MKL and the kernel sum in other orders.
     for a, b in zip(run_two_steps(plain, config), run_two_steps(fast, config), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_bf16_checkpoint_runs_from_bf16_copies_with_the_same_bits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tied: bool
+) -> None:
+    folder = make_tiny_model_dir(tmp_path / "m", tie_word_embeddings=tied)
+    weights = load_file(str(folder / "model.safetensors"))
+    save_file({k: v.bfloat16() for k, v in weights.items()}, str(folder / "model.safetensors"))
+    copies, config = load_model(str(folder), torch.float32, torch.device("cpu"))
+    assert copies.pack_for_cpu() == "skinny_linear_f32"  # type: ignore[operator]
+    monkeypatch.setenv("SLIPSTREAM_F32_BF16_WEIGHTS", "0")
+    in_place, _ = load_model(str(folder), torch.float32, torch.device("cpu"))
+    assert in_place.pack_for_cpu() == "skinny_linear_f32"  # type: ignore[operator]
+    for layer in copies.layers:  # type: ignore[union-attr]
+        own = layer.projection_weights()
+        assert all(c.dtype == torch.bfloat16 for c in layer.skinny)
+        assert all(torch.equal(c.float(), w) for c, w in zip(layer.skinny, own, strict=True))
+    head = copies.embed_tokens if tied else copies.lm_head  # type: ignore[union-attr]
+    assert copies.lm_head_f32.dtype == torch.bfloat16  # type: ignore[union-attr]
+    assert torch.equal(copies.lm_head_f32.float(), head)  # type: ignore[union-attr]
+    assert in_place.layers[0].skinny[0] is in_place.layers[0].qkv_weight  # type: ignore[index]
+    # Prefill (MKL over the float32 parameters) and a 6-row step (the kernel): same bits.
+    for a, b in zip(run_two_steps(in_place, config), run_two_steps(copies, config), strict=True):
+        assert torch.equal(a, b)

@@ -56,6 +56,7 @@ from slipstream.kernels.cpu.skinny_linear import (
 )
 from slipstream.kernels.cpu.skinny_linear_f32 import (
     can_run_f32,
+    exact_bf16_copy,
     skinny_f32_unavailable_reason,
     skinny_linear_f32,
 )
@@ -163,11 +164,14 @@ class LlamaDecoderLayer(nn.Module):
         self.linear = _packed_linear
         self.linear_one_row = one_row_linear
 
-    def use_skinny_f32(self, layer_ops: bool = False) -> None:
-        """Run the four float32 projections through skinny_linear_f32 (AVX2), which reads
-        the weights in place: no copies; with layer_ops, the norms, RoPE and SiLU * up
-        through layer_ops_f32 too."""
-        self.skinny = self.projection_weights()
+    def use_skinny_f32(
+        self, layer_ops: bool = False, weights: tuple[torch.Tensor, ...] | None = None
+    ) -> None:
+        """Run the four float32 projections through skinny_linear_f32 (AVX2): over
+        `weights` (their exact bf16 copies, see LlamaForCausalLM._use_skinny_f32) or else
+        the parameters in place; with layer_ops, the norms, RoPE and SiLU * up through
+        layer_ops_f32 too."""
+        self.skinny = weights if weights is not None else self.projection_weights()
         self.linear_skinny = skinny_linear_f32
         if layer_ops:
             self.add_norm, self.rope, self.silu_mul = add_rms_norm_f32, rope_f32, silu_mul_f32
@@ -309,7 +313,8 @@ class LlamaForCausalLM(nn.Module):
         ]
         self.lm_head_packed: torch.Tensor | None = None
         self.lm_head_skinny: torch.Tensor | None = None
-        self.lm_head_f32 = False  # the LM head through skinny_linear_f32 (see pack_for_cpu)
+        # The LM head through skinny_linear_f32 over this weight (see _use_skinny_f32).
+        self.lm_head_f32: torch.Tensor | None = None
         self.add_norm: NormFn = add_rms_norm_ref  # the final norm (see the layers')
         # float32 logits from (hidden, head weight) when set (engine/batch_invariant.py).
         self.logits_linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
@@ -374,12 +379,24 @@ class LlamaForCausalLM(nn.Module):
         the default model on a 2-core AMD EPYC without AVX512 (projections 51 ms, LM head
         14 ms: weights read at ~8 GB/s of the ~20 GB/s the machine streams), and each added
         row cost about as much again (5 rows: 182 ms). The kernel streams each weight once
-        for all rows; BENCHMARKS.md has the numbers. Nothing is copied.
+        for all rows; BENCHMARKS.md has the numbers.
+
+        Where bf16 holds every weight exactly (a bf16 checkpoint such as the default model,
+        upcast at load), the kernel reads bf16 copies instead: the same bits from half the
+        bytes (a one-token step of the default model 45 -> 30-36 ms here). The float32
+        parameters stay for prefill (MKL) and the embedding, so memory grows by half the
+        float32 weights (+270 MB for the default model). SLIPSTREAM_F32_BF16_WEIGHTS=0 turns
+        the copies off.
         """
         if skinny_f32_unavailable_reason() is not None:
             return None
         if not all(can_run_f32(w) for w in weights):  # projections and LM head
             return None
+        read = {id(w): w for w in weights}  # the tied LM head is the embedding: one copy
+        if os.environ.get("SLIPSTREAM_F32_BF16_WEIGHTS", "1") != "0":
+            copies = {key: exact_bf16_copy(w) for key, w in read.items()}
+            if all(c is not None for c in copies.values()):
+                read = {key: c for key, c in copies.items() if c is not None}
         # The norms, RoPE and SiLU * up as one C++ call each: 6.2 ms of PyTorch dispatch in
         # a 56 ms one-token step here (benchmarks/step_breakdown.py --dtype float32).
         layer_ops = layer_ops_f32_unavailable_reason() is None and all(
@@ -387,10 +404,11 @@ class LlamaForCausalLM(nn.Module):
             for layer in self.layers
         )
         for layer in self.layers:
-            layer.use_skinny_f32(layer_ops)  # type: ignore[operator]
+            own = layer.projection_weights()  # type: ignore[operator]
+            layer.use_skinny_f32(layer_ops, tuple(read[id(w)] for w in own))  # type: ignore[operator]
         if layer_ops:
             self.add_norm = add_rms_norm_f32
-        self.lm_head_f32 = True
+        self.lm_head_f32 = read[id(weights[-1])]
         return "skinny_linear_f32"
 
     def set_attention_backend(self, layer_idx: int, backend: AttentionBackend) -> None:
@@ -423,8 +441,8 @@ class LlamaForCausalLM(nn.Module):
         if self.lm_head_skinny is not None:
             # float32 accumulators written unrounded: no bf16 ties to refine.
             return skinny_linear(hidden, self.lm_head_skinny, None, torch.float32)
-        if self.lm_head_f32:
-            return skinny_linear_f32(hidden, weight)
+        if self.lm_head_f32 is not None:
+            return skinny_linear_f32(hidden, self.lm_head_f32)
         if self.lm_head_packed is None:
             logits = F.linear(hidden, weight).float()
         elif hidden.shape[0] == 1:  # the same split as the layers' projections

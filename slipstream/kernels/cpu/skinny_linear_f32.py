@@ -8,6 +8,10 @@ across outputs where this kernel re-reads it for every few outputs.
 
 Like skinny_linear (bf16), a row's output has the same bits whatever other rows share the
 call, so a speculative step's verification rows match what one-row decoding computes.
+
+The weight may also come as a bf16 tensor holding exactly the float32 weight's values
+(`exact_bf16_copy`): the kernel widens it as it reads, for the same bits from half the
+bytes. A float32 model loaded from a bf16 checkpoint (the default model) is such a model.
 """
 
 from __future__ import annotations
@@ -38,6 +42,12 @@ _SKINNY_F32 = CppFunction(
     ],
     isa="avx2_fma",
 )
+_SKINNY_F32_BF16_WEIGHTS = CppFunction(
+    "skinny_linear_f32.cpp",
+    "slipstream_skinny_linear_f32_bf16w",
+    _SKINNY_F32.argtypes,  # the same, the weight as bf16 bits
+    isa="avx2_fma",
+)
 
 
 def skinny_f32_unavailable_reason() -> str | None:
@@ -47,35 +57,44 @@ def skinny_f32_unavailable_reason() -> str | None:
 
 
 def can_run_f32(weight: torch.Tensor) -> bool:
-    """Whether skinny_linear_f32 takes this weight: 2-D contiguous float32 on CPU."""
+    """Whether skinny_linear_f32 takes this weight: 2-D contiguous float32 (or bf16) on
+    CPU."""
     return (
         weight.dim() == 2
         and weight.device.type == "cpu"
-        and weight.dtype == torch.float32
+        and weight.dtype in (torch.float32, torch.bfloat16)
         and weight.is_contiguous()
     )
 
 
+def exact_bf16_copy(weight: torch.Tensor) -> torch.Tensor | None:
+    """A bf16 copy of a float32 weight when bf16 holds every value exactly (a bf16
+    checkpoint upcast), else None: skinny_linear_f32 over the copy gives the same bits."""
+    copy = weight.detach().to(torch.bfloat16)
+    return copy if torch.equal(copy.float(), weight) else None
+
+
 def skinny_linear_f32(
     x: torch.Tensor,  # [M, K] float32
-    weight: torch.Tensor,  # [N, K] float32, contiguous
+    weight: torch.Tensor,  # [N, K] float32, or bf16 (see exact_bf16_copy); contiguous
     bias: torch.Tensor | None = None,  # [N] float32
 ) -> torch.Tensor:  # [M, N] float32
-    """x @ weight.T + bias: the C++ kernel up to MAX_ROWS rows, F.linear above.
+    """x @ weight.T + bias: the C++ kernel up to MAX_ROWS rows, F.linear above (a bf16
+    weight is widened for it).
 
     RuntimeError if the kernel is unavailable. Checks only what would make it read out of
     bounds (121 calls a decode step).
     """
     if x.shape[0] > MAX_ROWS:
-        return torch.nn.functional.linear(x, weight, bias)
-    fn = _SKINNY_F32.get()
+        return torch.nn.functional.linear(x, weight.float(), bias)
+    fn = (_SKINNY_F32_BF16_WEIGHTS if weight.dtype == torch.bfloat16 else _SKINNY_F32).get()
     n, k = weight.shape
     if x.dim() != 2 or x.shape[1] != k or x.dtype != torch.float32:
         raise ValueError(f"x must be [M, {k}] float32, got {tuple(x.shape)} {x.dtype}")
     if not can_run_f32(weight):
         raise ValueError(
-            f"weight must be a contiguous 2-D float32 CPU tensor, got {tuple(weight.shape)} "
-            f"{weight.dtype} on {weight.device}"
+            "weight must be a contiguous 2-D float32 or bf16 CPU tensor, got "
+            f"{tuple(weight.shape)} {weight.dtype} on {weight.device}"
         )
     if bias is not None and (bias.shape != (n,) or bias.dtype != torch.float32):
         raise ValueError(f"bias must be [{n}] float32, got {tuple(bias.shape)} {bias.dtype}")
@@ -95,13 +114,13 @@ def skinny_linear_f32(
         torch.get_num_threads(),
     )
     if status != 0:  # unreachable after the checks above; kept so a mismatch cannot pass
-        raise RuntimeError(f"slipstream_skinny_linear_f32 returned {status}")
+        raise RuntimeError(f"skinny_linear_f32 returned {status}")
     return y
 
 
 def skinny_linear_f32_ref(
     x: torch.Tensor,  # [M, K] float32
-    weight: torch.Tensor,  # [N, K] float32
+    weight: torch.Tensor,  # [N, K] float32 or bf16
     bias: torch.Tensor | None = None,  # [N] float32
 ) -> torch.Tensor:  # [M, N] float32
     """The kernel's summation order in PyTorch: 8 lanes, lane l summing k = l mod 8 in

@@ -77,11 +77,14 @@ def load_engine_model(config: ModelConfig) -> LoadedModel:
     if packed_for == "skinny_linear":
         logger.info("bf16 weights packed for skinny_linear (the C++ AVX512-BF16 kernel)")
     elif packed_for == "skinny_linear_f32":
-        head = getattr(model, "lm_head_f32", None)
-        copies = head is not None and head.dtype == torch.bfloat16
+        from slipstream.kernels.cpu.skinny_linear_f32 import GroupedBf16Weight
+
+        copies = isinstance(getattr(model, "lm_head_f32", None), GroupedBf16Weight)
         logger.info(
             "float32 products of up to 32 rows run skinny_linear_f32 (C++, AVX2), reading %s",
-            "exact bf16 copies of the weights" if copies else "the float32 weights in place",
+            "exact bf16 copies of the weights (grouped)"
+            if copies
+            else "the float32 weights in place",
         )
     elif packed_for == "onednn":
         reason = skinny_unavailable_reason()

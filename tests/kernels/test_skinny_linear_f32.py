@@ -15,10 +15,12 @@ from slipstream.engine.models import load_model
 from slipstream.kernels.cpu.build import cpu_flags
 from slipstream.kernels.cpu.skinny_linear_f32 import (
     MAX_ROWS,
-    exact_bf16_copy,
+    GroupedBf16Weight,
+    pack_grouped_bf16,
     skinny_f32_unavailable_reason,
     skinny_linear_f32,
     skinny_linear_f32_ref,
+    unpack_grouped_bf16,
 )
 from slipstream.testing.tiny_model import make_tiny_model_dir
 from tests.engine.test_models import run_two_steps
@@ -75,22 +77,53 @@ def test_matches_the_reference(m: int, n: int, k: int, with_bias: bool) -> None:
 
 
 @needs_kernel
-@pytest.mark.parametrize(("m", "n", "k"), [*SHAPES, (1, 96, 576), (6, 48, 1536)])
-def test_bf16_weights_give_the_float32_bits(m: int, n: int, k: int) -> None:
-    # Weights that bf16 holds exactly, as a bf16 checkpoint upcast to float32 has.
+@pytest.mark.parametrize(
+    ("m", "n", "k"),
+    [*SHAPES, (1, 96, 576), (2, 10, 24), (6, 48, 1536), (2, 5, 8), (3, 1, 9)],
+)
+def test_grouped_bf16_weights_give_the_float32_bits(m: int, n: int, k: int) -> None:
+    # Weights that bf16 holds exactly, as a bf16 checkpoint upcast to float32 has. Shapes
+    # with N not a multiple of 6 end in a padded group; 2 rows tile a group as 4 + 2.
     w = _f32(n, k, seed=n).bfloat16().float()
     x, bias = _f32(m, k, seed=m * 1000 + k), _f32(n, seed=7)
-    copy = exact_bf16_copy(w)
-    assert copy is not None and copy.dtype == torch.bfloat16
-    assert torch.equal(skinny_linear_f32(x, copy, bias), skinny_linear_f32(x, w, bias))
-    assert torch.equal(skinny_linear_f32(x, copy), skinny_linear_f32(x, w))
+    grouped = pack_grouped_bf16(w)
+    assert grouped is not None and grouped.shape == w.shape
+    assert torch.equal(skinny_linear_f32(x, grouped, bias), skinny_linear_f32(x, w, bias))
+    assert torch.equal(skinny_linear_f32(x, grouped), skinny_linear_f32(x, w))
 
 
-def test_exact_bf16_copy_refuses_weights_bf16_would_round() -> None:
+def test_grouped_bf16_layout_round_trips_and_pads_with_zeros() -> None:
+    w = _f32(13, 21, seed=3).bfloat16().float()
+    grouped = pack_grouped_bf16(w)
+    assert grouped is not None
+    assert grouped.packed.shape == (3, 3, 6, 8)  # ceil(13 / 6) groups, ceil(21 / 8) blocks
+    assert torch.equal(unpack_grouped_bf16(grouped).float(), w)
+    # Output 7, elements 8 .. 15: group 1, block 1, slot 1.
+    assert torch.equal(grouped.packed[1, 1, 1].float(), w[7, 8:16])
+    padding = grouped.packed.float().sum() - w.sum()
+    assert (
+        grouped.packed[2, :, 1:].abs().sum() == 0 and grouped.packed[:, 2, :, 5:].abs().sum() == 0
+    )
+    assert abs(padding) < 1e-3
+
+
+def test_pack_grouped_bf16_refuses_weights_bf16_would_round() -> None:
     w = _f32(8, 16, seed=3).bfloat16().float()
-    assert exact_bf16_copy(w) is not None
+    assert pack_grouped_bf16(w) is not None
     w[3, 5] += 2.0**-20  # one value off the bf16 grid: a copy would change the product
-    assert exact_bf16_copy(w) is None
+    assert pack_grouped_bf16(w) is None
+
+
+@needs_kernel
+def test_grouped_bf16_above_max_rows_runs_f_linear_on_the_float32_weight() -> None:
+    w = _f32(24, 40, seed=5).bfloat16().float()
+    grouped = pack_grouped_bf16(w)
+    assert grouped is not None
+    x = _f32(MAX_ROWS + 5, 40, seed=4)
+    assert torch.equal(skinny_linear_f32(x, grouped), torch.nn.functional.linear(x, w))
+    with pytest.raises(ValueError, match="packed weight must be"):
+        bad = GroupedBf16Weight(grouped.packed[:, :4], grouped.dense)
+        skinny_linear_f32(x[:2], bad)
 
 
 @needs_kernel
@@ -152,11 +185,18 @@ def test_a_bf16_checkpoint_runs_from_bf16_copies_with_the_same_bits(
     assert in_place.pack_for_cpu() == "skinny_linear_f32"  # type: ignore[operator]
     for layer in copies.layers:  # type: ignore[union-attr]
         own = layer.projection_weights()
-        assert all(c.dtype == torch.bfloat16 for c in layer.skinny)
-        assert all(torch.equal(c.float(), w) for c, w in zip(layer.skinny, own, strict=True))
+        assert all(isinstance(c, GroupedBf16Weight) for c in layer.skinny)
+        # The float32 parameters themselves (no copy) for F.linear above MAX_ROWS.
+        assert all(
+            c.dense.data_ptr() == w.data_ptr() for c, w in zip(layer.skinny, own, strict=True)
+        )
+        assert all(
+            torch.equal(unpack_grouped_bf16(c).float(), w)
+            for c, w in zip(layer.skinny, own, strict=True)
+        )
     head = copies.embed_tokens if tied else copies.lm_head  # type: ignore[union-attr]
-    assert copies.lm_head_f32.dtype == torch.bfloat16  # type: ignore[union-attr]
-    assert torch.equal(copies.lm_head_f32.float(), head)  # type: ignore[union-attr]
+    assert isinstance(copies.lm_head_f32, GroupedBf16Weight)
+    assert copies.lm_head_f32.dense.data_ptr() == head.data_ptr()
     assert in_place.layers[0].skinny[0] is in_place.layers[0].qkv_weight  # type: ignore[index]
     # Prefill (MKL over the float32 parameters) and a 6-row step (the kernel): same bits.
     for a, b in zip(run_two_steps(in_place, config), run_two_steps(copies, config), strict=True):

@@ -14,6 +14,7 @@ import math
 import os
 import threading
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,8 +56,9 @@ from slipstream.kernels.cpu.skinny_linear import (
     skinny_unavailable_reason,
 )
 from slipstream.kernels.cpu.skinny_linear_f32 import (
+    GroupedBf16Weight,
     can_run_f32,
-    exact_bf16_copy,
+    pack_grouped_bf16,
     skinny_f32_unavailable_reason,
     skinny_linear_f32,
 )
@@ -142,7 +144,9 @@ class LlamaDecoderLayer(nn.Module):
         self.linear_one_row: LinearFn = F.linear
         self.linear_skinny: LinearFn = skinny_linear
         self.packed: tuple[torch.Tensor, ...] | None = None
-        self.skinny: tuple[torch.Tensor, ...] | None = None
+        # The four projection weights as linear_skinny takes them (packed bf16 tensors, the
+        # float32 parameters, or GroupedBf16Weight).
+        self.skinny: tuple[Any, ...] | None = None
         # Residual add + norm + cast: the C++ kernel when pack_skinny says so.
         self.add_norm: NormFn = add_rms_norm_ref
         # RoPE of q and k, and SiLU(gate) * up: C++ (layer_ops.cpp) when pack_skinny says so.
@@ -165,7 +169,9 @@ class LlamaDecoderLayer(nn.Module):
         self.linear_one_row = one_row_linear
 
     def use_skinny_f32(
-        self, layer_ops: bool = False, weights: tuple[torch.Tensor, ...] | None = None
+        self,
+        layer_ops: bool = False,
+        weights: tuple[torch.Tensor | GroupedBf16Weight, ...] | None = None,
     ) -> None:
         """Run the four float32 projections through skinny_linear_f32 (AVX2): over
         `weights` (their exact bf16 copies, see LlamaForCausalLM._use_skinny_f32) or else
@@ -314,7 +320,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head_packed: torch.Tensor | None = None
         self.lm_head_skinny: torch.Tensor | None = None
         # The LM head through skinny_linear_f32 over this weight (see _use_skinny_f32).
-        self.lm_head_f32: torch.Tensor | None = None
+        self.lm_head_f32: torch.Tensor | GroupedBf16Weight | None = None
         self.add_norm: NormFn = add_rms_norm_ref  # the final norm (see the layers')
         # float32 logits from (hidden, head weight) when set (engine/batch_invariant.py).
         self.logits_linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
@@ -392,9 +398,10 @@ class LlamaForCausalLM(nn.Module):
             return None
         if not all(can_run_f32(w) for w in weights):  # projections and LM head
             return None
-        read = {id(w): w for w in weights}  # the tied LM head is the embedding: one copy
+        # The tied LM head is the embedding: one copy.
+        read: dict[int, torch.Tensor | GroupedBf16Weight] = {id(w): w for w in weights}
         if os.environ.get("SLIPSTREAM_F32_BF16_WEIGHTS", "1") != "0":
-            copies = {key: exact_bf16_copy(w) for key, w in read.items()}
+            copies = {id(w): pack_grouped_bf16(w) for w in weights}
             if all(c is not None for c in copies.values()):
                 read = {key: c for key, c in copies.items() if c is not None}
         # The norms, RoPE and SiLU * up as one C++ call each: 6.2 ms of PyTorch dispatch in
@@ -470,7 +477,9 @@ class LlamaForCausalLM(nn.Module):
         self.load_state_dict(state, strict=True, assign=True)
 
 
-LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# (x, weight, bias) -> x @ weight.T + bias; the weight is whatever form that product takes
+# (a tensor, or skinny_linear_f32's GroupedBf16Weight).
+LinearFn = Callable[[torch.Tensor, Any, torch.Tensor | None], torch.Tensor]
 # (h, delta, weight, eps, out_dtype) -> normed rows; h += delta in place.
 NormFn = Callable[
     [torch.Tensor, torch.Tensor | None, torch.Tensor, float, torch.dtype], torch.Tensor

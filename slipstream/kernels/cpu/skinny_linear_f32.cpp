@@ -26,12 +26,15 @@
 // The first chunk also asks for the weights 16 KB ahead of its reads (a software prefetch):
 // the hardware prefetcher alone left DRAM idle while the FMAs ran.
 //
-// bf16 weights (slipstream_skinny_linear_f32_bf16w): the same products over a bf16 copy of a
+// bf16 weights (slipstream_skinny_linear_f32_bf16g): the same products over a bf16 copy of a
 // weight whose values bf16 holds exactly (a checkpoint stored in bf16, as the default model
 // is, and upcast to float32). Each 8 bf16 become 8 float32 by a zero-extend and a 16-bit
 // shift, which is exact, so every FMA sees the same operands in the same order: the output
 // has the float32 kernel's bits while half the bytes stream from DRAM, and a one-row step is
-// that stream's time.
+// that stream's time. The copy is laid out in groups of 6 outputs, [ceil(N / 6), ceil(K /
+// 8), 6, 8] (zero-padded), so that a thread's share is one contiguous stream: at K = 576 a
+// bf16 row is 1152 bytes, and with each row its own stream the hardware prefetcher, which
+// restarts at every row, read 11-12 GB/s where streams of 9 KB read 15-17 (Zen 3).
 
 #include <immintrin.h>
 #include <omp.h>
@@ -52,44 +55,63 @@ constexpr int64_t kRowBytesInL1 = 24 * 1024;  // x's rows of a chunk, of a 32 KB
 constexpr int64_t kPrefetchBytes = 16 * 1024;  // how far ahead of the weight reads
 constexpr int64_t kLineBytes = 64;
 
-// How a weight element type becomes 8 float32 lanes.
+// A weight layout: its element type, where output n's k-blocks of 8 lie, and how 8 elements
+// become 8 float32 lanes.
+//
+// float32 [N, K] in place: output n's lanes k .. k + 7 at n * K + k.
 struct Float32Weights {
   using T = float;
+  static constexpr int64_t kGroup = 1;     // threads split single outputs
+  static constexpr int64_t kBlockMul = 1;  // a k-block of 8 advances 8 elements
+  static constexpr int64_t kMaxChunkRows = kMaxTileRows;  // one pass (see the top)
   // One row: the hardware prefetcher keeps up with the 6 weight rows a tile streams.
   static constexpr bool kPrefetchOneRow = false;
+  static const T* output(const T* w, int64_t k, int64_t n) { return w + n * k; }
+  static int64_t output_stride(int64_t k) { return k; }
   static __m256 load(const float* p) { return _mm256_loadu_ps(p); }
   static __m256 load_first(const float* p, int64_t n) {  // lanes past n read as zero
     return _mm256_maskload_ps(p, first_lanes(n));
   }
 };
 
-struct Bf16Weights {
+// bf16 bits in groups of 6 outputs: output n's lanes k .. k + 7 (k a multiple of 8) at
+// (n / 6) * 6 * Kp + 6 * k + 8 * (n % 6), Kp = K rounded up to 8, padding zero.
+struct GroupedBf16Weights {
   using T = uint16_t;  // bf16 bits: the high half of a float32
-  // One row too: without it the 120 projections and LM head of a step took 26.2 ms, with it
-  // 22.4 (12 GB/s; Zen 3, 2 threads).
+  static constexpr int64_t kGroup = 6;
+  static constexpr int64_t kBlockMul = kGroup;  // a k-block of 8 advances 6 * 8 elements
+  // Chunks of up to 6 rows (tiles of 2+ outputs: an x load feeds 2+ FMAs) while the
+  // group's first chunk streams the next groups ahead; 12-row chunks (tiles of 1 output, an
+  // x load per FMA) took 47.5 / 63.2 / 91.6 ms for a step's products at 9 / 13 / 17 rows,
+  // 6-row ones 42.0 / 54.6 / 64.4 (same run, alternating).
+  static constexpr int64_t kMaxChunkRows = 6;
+  // One row too: the hardware prefetcher alone left DRAM idle (measured on the row-major
+  // copy: 26.2 -> 22.4 ms for a step's products and LM head).
   static constexpr bool kPrefetchOneRow = true;
+  static const T* output(const T* w, int64_t k, int64_t n) {
+    const int64_t padded_k = (k + kLanes - 1) / kLanes * kLanes;
+    return w + n / kGroup * kGroup * padded_k + n % kGroup * kLanes;
+  }
+  static int64_t output_stride(int64_t) { return kLanes; }  // within a group
   static __m256 load(const uint16_t* p) {
-    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
   }
-  static __m256 load_first(const uint16_t* p, int64_t n) {
-    alignas(16) uint16_t lanes[kLanes] = {};
-    for (int64_t i = 0; i < n; ++i) lanes[i] = p[i];
-    return load(lanes);
-  }
+  static __m256 load_first(const uint16_t* p, int64_t) { return load(p); }  // zero-padded
 };
 
 template <class W>
 struct Problem {
   using T = typename W::T;
   const float* x;     // [M, K]
-  const T* w;         // [N, K]
+  const T* w;         // the weight [N, K] in W's layout
   const float* bias;  // [N] or null
   float* y;           // [M, N]
-  int64_t k;          // K (row stride of x and w)
+  int64_t k;          // K (row stride of x)
   int64_t n;          // N (row stride of y)
 };
 
+// Outputs col0 .. col0 + NB - 1 for rows row0 .. row0 + R - 1 (one W::kGroup group at most).
 // kPrefetch: whether this tile asks for the weights ahead (a compile-time choice: a run-time
 // flag in the loop cost the one-row tile ~10%).
 template <class W, int R, int NB, bool kPrefetch>
@@ -102,16 +124,21 @@ void tile(const Problem<W>& pr, int64_t row0, int64_t col0) {
     for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_setzero_ps();
   }
   const int64_t k = pr.k, full = k - k % kLanes;
-  const T* w = pr.w + col0 * k;
+  const T* w = W::output(pr.w, k, col0);
+  const int64_t stride = W::output_stride(k);  // between outputs j and j + 1
   const float* x = pr.x + row0 * k;
   for (int64_t c = 0; c < full; c += kLanes) {
-    if (kPrefetch && c % kLineElems == 0) {  // one 64-byte line per weight row as it starts
+    const T* wc = w + c * W::kBlockMul;  // this k-block of output col0
+    if (kPrefetch && W::kGroup > 1) {  // the group's one stream: 6 x 16 bytes a k-block
+      _mm_prefetch(reinterpret_cast<const char*>(wc + kAhead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(wc + kAhead + kLineElems), _MM_HINT_T0);
+    } else if (kPrefetch && c % kLineElems == 0) {  // a line per weight row as it starts
       for (int j = 0; j < NB; ++j) {
-        _mm_prefetch(reinterpret_cast<const char*>(w + j * k + c + kAhead), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(wc + j * stride + kAhead), _MM_HINT_T0);
       }
     }
     __m256 wv[NB];
-    for (int j = 0; j < NB; ++j) wv[j] = W::load(w + j * k + c);
+    for (int j = 0; j < NB; ++j) wv[j] = W::load(wc + j * stride);
     for (int r = 0; r < R; ++r) {
       const __m256 xv = _mm256_loadu_ps(x + r * k + c);
       for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_fmadd_ps(xv, wv[j], acc[r][j]);
@@ -119,8 +146,9 @@ void tile(const Problem<W>& pr, int64_t row0, int64_t col0) {
   }
   if (full < k) {
     const __m256i mask = first_lanes(k - full);  // lanes past K read as zero: FMAs add +0
+    const T* wc = w + full * W::kBlockMul;
     __m256 wv[NB];
-    for (int j = 0; j < NB; ++j) wv[j] = W::load_first(w + j * k + full, k - full);
+    for (int j = 0; j < NB; ++j) wv[j] = W::load_first(wc + j * stride, k - full);
     for (int r = 0; r < R; ++r) {
       const __m256 xv = _mm256_maskload_ps(x + r * k + full, mask);
       for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_fmadd_ps(xv, wv[j], acc[r][j]);
@@ -174,26 +202,35 @@ TileFn<W> pick_tile(int rows, int nb, bool prefetch) {
 
 template <class W>
 void run(const Problem<W>& pr, int64_t m, int num_threads) {
-  // Row chunks of near-equal size (17 rows at K = 576 -> 9 + 8): the widest sets the group.
+  // Row chunks of near-equal size (17 rows at K = 576 -> 9 + 8): the widest sets the width.
   const int64_t fit = kRowBytesInL1 / (pr.k * static_cast<int64_t>(sizeof(float)));
-  const int64_t chunk_rows = fit < 4 ? 4 : fit > kMaxTileRows ? kMaxTileRows : fit;
+  const int64_t most = W::kMaxChunkRows;
+  const int64_t chunk_rows = fit < 4 ? 4 : fit > most ? most : fit;
   const int64_t num_chunks = (m + chunk_rows - 1) / chunk_rows;
-  const int group = group_for(static_cast<int>((m + num_chunks - 1) / num_chunks));
-  if (num_threads > pr.n) num_threads = static_cast<int>(pr.n);
+  const int width = group_for(static_cast<int>((m + num_chunks - 1) / num_chunks));
+  // Threads split the layout's groups evenly (single outputs for the row-major float32).
+  const int64_t num_groups = (pr.n + W::kGroup - 1) / W::kGroup;
+  if (num_threads > num_groups) num_threads = static_cast<int>(num_groups);
   if (num_threads < 1) num_threads = 1;
 #pragma omp parallel num_threads(num_threads)
   {
     const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t first = pr.n * t / nt, last = pr.n * (t + 1) / nt;
-    for (int64_t col = first; col < last; col += group) {
-      const int nb = static_cast<int>(last - col < group ? last - col : group);
+    const int64_t first = num_groups * t / nt * W::kGroup;
+    const int64_t last_group = num_groups * (t + 1) / nt * W::kGroup;
+    const int64_t last = last_group < pr.n ? last_group : pr.n;
+    for (int64_t col = first; col < last;) {  // tiles of `width` within a layout group
+      const int64_t group_end = W::kGroup > 1 ? (col / W::kGroup + 1) * W::kGroup : last;
+      const int64_t stop = group_end < last ? group_end : last;
+      const int nb = static_cast<int>(stop - col < width ? stop - col : width);
       int64_t row0 = 0;
       for (int64_t c = 0; c < num_chunks; ++c) {
         const int64_t rows = (m - row0) / (num_chunks - c);
-        const bool prefetch = c == 0 && (m > 1 || W::kPrefetchOneRow);
+        // The group's first tile streams it (and asks ahead); the rest read it from L1/L2.
+        const bool prefetch = c == 0 && (m > 1 || W::kPrefetchOneRow) && col % W::kGroup == 0;
         pick_tile<W>(static_cast<int>(rows), nb, prefetch)(pr, row0, col);
         row0 += rows;
       }
+      col += nb;
     }
   }
 }
@@ -210,14 +247,14 @@ extern "C" int slipstream_skinny_linear_f32(const float* x, int64_t m, int64_t k
   return 0;
 }
 
-// The same with w [N, K] as bf16 bits (uint16): the float32 function's output, bit for bit,
-// when w holds the bf16 roundings of that function's weights.
-extern "C" int slipstream_skinny_linear_f32_bf16w(const float* x, int64_t m, int64_t k,
+// The same with w as bf16 bits in GroupedBf16Weights' layout: the float32 function's output,
+// bit for bit, when w holds the bf16 roundings of that function's weights.
+extern "C" int slipstream_skinny_linear_f32_bf16g(const float* x, int64_t m, int64_t k,
                                                   const uint16_t* w, int64_t n,
                                                   const float* bias, float* y,
                                                   int num_threads) {
   if (m < 0 || k < 0 || n < 0) return 1;
   if (m == 0 || n == 0) return 0;
-  run(Problem<Bf16Weights>{x, w, bias, y, k, n}, m, num_threads);
+  run(Problem<GroupedBf16Weights>{x, w, bias, y, k, n}, m, num_threads);
   return 0;
 }

@@ -9,14 +9,16 @@ across outputs where this kernel re-reads it for every few outputs.
 Like skinny_linear (bf16), a row's output has the same bits whatever other rows share the
 call, so a speculative step's verification rows match what one-row decoding computes.
 
-The weight may also come as a bf16 tensor holding exactly the float32 weight's values
-(`exact_bf16_copy`): the kernel widens it as it reads, for the same bits from half the
-bytes. A float32 model loaded from a bf16 checkpoint (the default model) is such a model.
+The weight may also come as a GroupedBf16Weight (`pack_grouped_bf16`): a bf16 copy that
+holds the float32 weight's values exactly, in groups of 6 outputs. The kernel widens it as
+it reads, for the same bits from half the bytes. A float32 model loaded from a bf16
+checkpoint (the default model) has such weights.
 """
 
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 
 import torch
 
@@ -42,12 +44,29 @@ _SKINNY_F32 = CppFunction(
     ],
     isa="avx2_fma",
 )
-_SKINNY_F32_BF16_WEIGHTS = CppFunction(
+_SKINNY_F32_GROUPED_BF16 = CppFunction(
     "skinny_linear_f32.cpp",
-    "slipstream_skinny_linear_f32_bf16w",
-    _SKINNY_F32.argtypes,  # the same, the weight as bf16 bits
+    "slipstream_skinny_linear_f32_bf16g",
+    _SKINNY_F32.argtypes,  # the same, the weight as GroupedBf16Weight.packed
     isa="avx2_fma",
 )
+GROUP = 6  # outputs a group of the bf16 layout (the kernel's one-row tile)
+LANES = 8  # K is padded to this (a ymm register of float32)
+
+
+@dataclass(frozen=True)
+class GroupedBf16Weight:
+    """A float32 weight [N, K] whose values bf16 holds exactly, with a bf16 copy for the
+    kernel to stream: output n's elements k .. k + 7 (k a multiple of 8) lie at packed[n //
+    6, k // 8, n % 6], zero-padded to whole groups and blocks, so a thread reads one
+    contiguous stream (skinny_linear_f32.cpp says why)."""
+
+    packed: torch.Tensor  # [ceil(N / 6), ceil(K / 8), 6, 8] bf16
+    dense: torch.Tensor  # [N, K] float32: what the copy holds; F.linear above MAX_ROWS
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.dense.shape
 
 
 def skinny_f32_unavailable_reason() -> str | None:
@@ -57,44 +76,66 @@ def skinny_f32_unavailable_reason() -> str | None:
 
 
 def can_run_f32(weight: torch.Tensor) -> bool:
-    """Whether skinny_linear_f32 takes this weight: 2-D contiguous float32 (or bf16) on
-    CPU."""
+    """Whether skinny_linear_f32 takes this weight: 2-D contiguous float32 on CPU."""
     return (
         weight.dim() == 2
         and weight.device.type == "cpu"
-        and weight.dtype in (torch.float32, torch.bfloat16)
+        and weight.dtype == torch.float32
         and weight.is_contiguous()
     )
 
 
-def exact_bf16_copy(weight: torch.Tensor) -> torch.Tensor | None:
-    """A bf16 copy of a float32 weight when bf16 holds every value exactly (a bf16
-    checkpoint upcast), else None: skinny_linear_f32 over the copy gives the same bits."""
-    copy = weight.detach().to(torch.bfloat16)
-    return copy if torch.equal(copy.float(), weight) else None
+def pack_grouped_bf16(weight: torch.Tensor) -> GroupedBf16Weight | None:
+    """The GroupedBf16Weight of a float32 weight [N, K] when bf16 holds every value exactly
+    (a bf16 checkpoint upcast), else None: skinny_linear_f32 over it gives the same bits."""
+    dense = weight.detach()
+    copy = dense.to(torch.bfloat16)
+    if not torch.equal(copy.float(), dense):
+        return None
+    n, k = copy.shape
+    groups, blocks = -(-n // GROUP), -(-k // LANES)
+    padded = torch.nn.functional.pad(copy, (0, blocks * LANES - k, 0, groups * GROUP - n))
+    # [groups, 6, blocks, 8] -> [groups, blocks, 6, 8]
+    packed = padded.view(groups, GROUP, blocks, LANES).transpose(1, 2).contiguous()
+    return GroupedBf16Weight(packed, dense)
+
+
+def unpack_grouped_bf16(weight: GroupedBf16Weight) -> torch.Tensor:  # [N, K] bf16
+    """The bf16 values of a GroupedBf16Weight in [N, K] order (for tests and references)."""
+    n, k = weight.shape
+    groups, blocks = weight.packed.shape[:2]
+    rows = weight.packed.transpose(1, 2).reshape(groups * GROUP, blocks * LANES)
+    return rows[:n, :k]
 
 
 def skinny_linear_f32(
     x: torch.Tensor,  # [M, K] float32
-    weight: torch.Tensor,  # [N, K] float32, or bf16 (see exact_bf16_copy); contiguous
+    weight: torch.Tensor | GroupedBf16Weight,  # [N, K] float32, contiguous
     bias: torch.Tensor | None = None,  # [N] float32
 ) -> torch.Tensor:  # [M, N] float32
-    """x @ weight.T + bias: the C++ kernel up to MAX_ROWS rows, F.linear above (a bf16
-    weight is widened for it).
+    """x @ weight.T + bias: the C++ kernel up to MAX_ROWS rows, F.linear (over the float32
+    weight) above.
 
     RuntimeError if the kernel is unavailable. Checks only what would make it read out of
     bounds (121 calls a decode step).
     """
+    grouped = isinstance(weight, GroupedBf16Weight)
+    dense = weight.dense if isinstance(weight, GroupedBf16Weight) else weight
     if x.shape[0] > MAX_ROWS:
-        return torch.nn.functional.linear(x, weight.float(), bias)
-    fn = (_SKINNY_F32_BF16_WEIGHTS if weight.dtype == torch.bfloat16 else _SKINNY_F32).get()
-    n, k = weight.shape
+        return torch.nn.functional.linear(x, dense, bias)
+    fn = (_SKINNY_F32_GROUPED_BF16 if grouped else _SKINNY_F32).get()
+    n, k = dense.shape
     if x.dim() != 2 or x.shape[1] != k or x.dtype != torch.float32:
         raise ValueError(f"x must be [M, {k}] float32, got {tuple(x.shape)} {x.dtype}")
-    if not can_run_f32(weight):
+    data = weight.packed if isinstance(weight, GroupedBf16Weight) else weight
+    if grouped:
+        want = (-(-n // GROUP), -(-k // LANES), GROUP, LANES)
+        if data.shape != want or data.dtype != torch.bfloat16 or not data.is_contiguous():
+            raise ValueError(f"packed weight must be contiguous bf16 {want}")
+    elif not can_run_f32(data):
         raise ValueError(
-            "weight must be a contiguous 2-D float32 or bf16 CPU tensor, got "
-            f"{tuple(weight.shape)} {weight.dtype} on {weight.device}"
+            "weight must be a contiguous 2-D float32 CPU tensor, got "
+            f"{tuple(data.shape)} {data.dtype} on {data.device}"
         )
     if bias is not None and (bias.shape != (n,) or bias.dtype != torch.float32):
         raise ValueError(f"bias must be [{n}] float32, got {tuple(bias.shape)} {bias.dtype}")
@@ -107,7 +148,7 @@ def skinny_linear_f32(
         x.data_ptr(),
         x.shape[0],
         k,
-        weight.data_ptr(),
+        data.data_ptr(),
         n,
         None if bias is None else bias.data_ptr(),
         y.data_ptr(),
@@ -120,7 +161,7 @@ def skinny_linear_f32(
 
 def skinny_linear_f32_ref(
     x: torch.Tensor,  # [M, K] float32
-    weight: torch.Tensor,  # [N, K] float32 or bf16
+    weight: torch.Tensor,  # [N, K] float32 or bf16 (unpack_grouped_bf16)
     bias: torch.Tensor | None = None,  # [N] float32
 ) -> torch.Tensor:  # [M, N] float32
     """The kernel's summation order in PyTorch: 8 lanes, lane l summing k = l mod 8 in

@@ -30,6 +30,11 @@ from slipstream.kernels.cpu.decoder_layer import (
     layer_after_attention,
     layer_before_attention,
 )
+from slipstream.kernels.cpu.decoder_layer_f32 import (
+    decoder_layer_f32_unavailable_reason,
+    layer_after_attention_f32,
+    layer_before_attention_f32,
+)
 from slipstream.kernels.cpu.layer_ops import (
     layer_ops_unavailable_reason,
     rope_bf16,
@@ -56,6 +61,7 @@ from slipstream.kernels.cpu.skinny_linear import (
     skinny_unavailable_reason,
 )
 from slipstream.kernels.cpu.skinny_linear_f32 import (
+    MAX_ROWS,
     GroupedBf16Weight,
     can_run_f32,
     pack_grouped_bf16,
@@ -152,10 +158,15 @@ class LlamaDecoderLayer(nn.Module):
         # RoPE of q and k, and SiLU(gate) * up: C++ (layer_ops.cpp) when pack_skinny says so.
         self.rope: RopeFn = rope_ref
         self.silu_mul: SiluMulFn = silu_mul_ref
-        # Everything but attention as two C++ calls (decoder_layer.cpp) when pack_skinny
-        # put every op on the C++ kernels; the same bits as the op-by-op path, without its
-        # ~8 Python calls a layer. Set to False to run the ops one by one (benchmarks).
+        # Everything but attention as two C++ calls (decoder_layer.cpp, or
+        # decoder_layer_f32.cpp) when pack_skinny / use_skinny_f32 put every op on the C++
+        # kernels; the same bits as the op-by-op path, without its ~8 Python calls a layer.
+        # Set to False to run the ops one by one (benchmarks). Steps of more than
+        # fused_rows rows run op by op (float32: MKL takes prefill-sized products).
         self.fused_cpu = False
+        self.fused_rows: int | None = None
+        self.fused_before = layer_before_attention
+        self.fused_after = layer_after_attention
 
     def projection_weights(self) -> tuple[torch.Tensor, ...]:
         return (self.qkv_weight, self.o_weight, self.gate_up_weight, self.down_weight)
@@ -181,6 +192,10 @@ class LlamaDecoderLayer(nn.Module):
         self.linear_skinny = skinny_linear_f32
         if layer_ops:
             self.add_norm, self.rope, self.silu_mul = add_rms_norm_f32, rope_f32, silu_mul_f32
+            self.fused_cpu = decoder_layer_f32_unavailable_reason() is None
+            self.fused_rows = MAX_ROWS
+            self.fused_before = layer_before_attention_f32
+            self.fused_after = layer_after_attention_f32
 
     def layer_ops_f32_fit(self) -> bool:
         """Whether layer_ops_f32 takes this layer's shapes."""
@@ -223,9 +238,9 @@ class LlamaDecoderLayer(nn.Module):
         all-bf16; see tests/engine/test_models.py for the bound we hold now). Cost: two
         casts of a [T, hidden] row per layer.
         """
-        if self.fused_cpu:
-            return self._forward_fused(h, delta, cos, sin, k_cache, v_cache, backend, meta)
         n = h.shape[0]
+        if self.fused_cpu and (self.fused_rows is None or n <= self.fused_rows):
+            return self._forward_fused(h, delta, cos, sin, k_cache, v_cache, backend, meta)
         x = self.add_norm(h, delta, self.input_norm, self.eps, self.dtype)
         weights: tuple[torch.Tensor, ...]
         if self.skinny is not None:
@@ -271,18 +286,19 @@ class LlamaDecoderLayer(nn.Module):
         # reuses one metadata object for another forward).
         if buffers is None or buffers.x.shape[0] != n:
             buffers = LayerBuffers.allocate(
-                n, h.shape[1], self.num_heads, self.num_kv_heads, self.head_dim, self.inter
-            )
+                n, h.shape[1], self.num_heads, self.num_kv_heads, self.head_dim, self.inter,
+                self.dtype,
+            )  # fmt: skip
             meta.scratch["layer_buffers"] = buffers
         qkv_w, o_w, gate_up_w, down_w = self.skinny
-        layer_before_attention(
+        self.fused_before(
             h, delta, self.input_norm, self.eps, qkv_w, self.qkv_bias, cos, sin, buffers
         )
         out = backend.forward(
             buffers.q, buffers.k, buffers.v, k_cache, v_cache, meta, self.scale
         )  # [T, H, D]
         attn = out.reshape(n, -1).contiguous()  # a no-op for the kernels' own outputs
-        mlp_out = layer_after_attention(
+        mlp_out = self.fused_after(
             h, attn, o_w, self.o_bias, self.post_norm, self.eps, gate_up_w,
             self.gate_up_bias, down_w, self.down_bias, buffers,
         )  # fmt: skip

@@ -52,13 +52,14 @@ class LayerBuffers:
     """One step's scratch and outputs for every layer (each layer overwrites the last's:
     a layer's q, k, v and MLP output are read before the next layer writes them)."""
 
-    x: torch.Tensor  # [T, hidden] bf16: normed rows
-    qkv: torch.Tensor  # [T, qkv_n] bf16: q | k | v; v is read from here
-    rot: torch.Tensor  # [T, H + KV, D] bf16: rotated q | k
-    attn_proj: torch.Tensor  # [T, hidden] bf16
-    gate_up: torch.Tensor  # [T, 2 * inter] bf16
-    act: torch.Tensor  # [T, inter] bf16
-    delta: torch.Tensor  # [T, hidden] bf16: the MLP output
+    # In the model's dtype (bf16, or float32 for decoder_layer_f32.py).
+    x: torch.Tensor  # [T, hidden]: normed rows
+    qkv: torch.Tensor  # [T, qkv_n]: q | k | v; v is read from here
+    rot: torch.Tensor  # [T, H + KV, D]: rotated q | k
+    attn_proj: torch.Tensor  # [T, hidden]
+    gate_up: torch.Tensor  # [T, 2 * inter]
+    act: torch.Tensor  # [T, inter]
+    delta: torch.Tensor  # [T, hidden]: the MLP output
     # Views for the attention backend, made once a step rather than once a layer.
     q: torch.Tensor  # [T, H, D] of rot
     k: torch.Tensor  # [T, KV, D] of rot
@@ -66,10 +67,16 @@ class LayerBuffers:
 
     @staticmethod
     def allocate(
-        rows: int, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, inter: int
+        rows: int,
+        hidden: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        inter: int,
+        dtype: torch.dtype = torch.bfloat16,
     ) -> LayerBuffers:
         def empty(*shape: int) -> torch.Tensor:
-            return torch.empty(shape, dtype=torch.bfloat16)
+            return torch.empty(shape, dtype=dtype)
 
         qkv = empty(rows, (num_heads + 2 * num_kv_heads) * head_dim)
         rot = empty(rows, num_heads + num_kv_heads, head_dim)

@@ -9,7 +9,8 @@
 // is this product's memory time; this kernel streams each weight once for all rows.
 //
 // Layout: the weight's own [N, K] rows, unpacked, so there is no second copy of the model
-// (float32 weights are 4 bytes a parameter). Each output n keeps 8 float32 lanes, lane l
+// (float32 weights are 4 bytes a parameter), or the bf16 copy below. Each output n keeps 8
+// float32 lanes, lane l
 // summing x[k] * w[n, k] over k = l mod 8 in increasing k, one FMA at a time; a fixed tree
 // then adds the lanes, then the bias. That order is the same whatever M and whatever
 // tile an output falls in, so a row's result does not depend on the rows sharing the call
@@ -18,7 +19,7 @@
 // Tiling: a tile is R rows x NB outputs, R x NB accumulators plus NB weight vectors within
 // the 16 ymm registers (x comes in as the FMA's memory operand): 1 x 6, 2 x 4, 4 x 3,
 // 6 x 2, up to 12 x 1. Threads split N evenly; each walks its outputs NB at a time and, per
-// group, every chunk of rows, so a group's weight rows come from DRAM once. Chunks are as
+// tile, every chunk of rows, so a tile's weight rows come from DRAM once. float32 chunks are as
 // large as x's rows fit in L1 (24 KB: 10 rows at K = 576, 4 at K = 1536), so that at K =
 // 576 a speculative step of up to 10 rows streams the weights in a single pass, its FMAs
 // interleaved with the loads. With chunks of at most 4 rows (before), the further chunks
@@ -34,7 +35,8 @@
 // that stream's time. The copy is laid out in groups of 6 outputs, [ceil(N / 6), ceil(K /
 // 8), 6, 8] (zero-padded), so that a thread's share is one contiguous stream: at K = 576 a
 // bf16 row is 1152 bytes, and with each row its own stream the hardware prefetcher, which
-// restarts at every row, read 11-12 GB/s where streams of 9 KB read 15-17 (Zen 3).
+// restarts at every row, read 11-12 GB/s where streams of 9 KB read 15-17 (Zen 3). Its
+// chunks stop at 6 rows (GroupedBf16Weights says why).
 
 #include <immintrin.h>
 #include <omp.h>

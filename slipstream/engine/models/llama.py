@@ -404,8 +404,9 @@ class LlamaForCausalLM(nn.Module):
         for all rows; BENCHMARKS.md has the numbers.
 
         Where bf16 holds every weight exactly (a bf16 checkpoint such as the default model,
-        upcast at load), the kernel reads bf16 copies instead: the same bits from half the
-        bytes (a one-token step of the default model 45 -> 30-36 ms here). The float32
+        upcast at load), the kernel reads bf16 copies instead (GroupedBf16Weight): the same
+        bits from half the bytes (a one-token step's products and LM head ~34 -> ~17 ms
+        here; the step 45 -> 28 ms). The float32
         parameters stay for prefill (MKL) and the embedding, so memory grows by half the
         float32 weights (+270 MB for the default model). SLIPSTREAM_F32_BF16_WEIGHTS=0 turns
         the copies off.

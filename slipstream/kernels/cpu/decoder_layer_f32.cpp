@@ -2,10 +2,11 @@
 // work outside attention for steps of up to 32 rows (decode, tree verification).
 //
 // Why: on a 2-core Zen 3 the one-token step of the default model spends ~17 ms streaming
-// the weights (skinny_linear_f32.cpp) and ~4 ms in the Python, ctypes and allocation of
-// the layers' 240 small calls (8 a layer); each of these calls runs the same kernels in
-// the same order through their C entry points (skinny_linear_f32.cpp, layer_ops_f32.cpp,
-// linked into this library), so the bits equal the op-by-op path's.
+// the weights (skinny_linear_f32.cpp), and the Python, ctypes and allocation of the layers'
+// 240 small calls (8 a layer) cost ~4 ms more: these two calls took batch-1 decoding from
+// 38.7 to 45.3 tok/s (benchmarks/fused_layer_ab.py --dtype float32). Each runs the same
+// kernels in the same order through their C entry points (skinny_linear_f32.cpp,
+// layer_ops_f32.cpp, linked into this library), so the bits equal the op-by-op path's.
 //
 //   before attention:  h += delta; x = rms_norm(h); qkv = x W_qkv^T (+ b); rot = rope(q|k)
 //   after attention:   h += attn W_o^T (+ b); x = rms_norm(h); gu = x W_gu^T (+ b);

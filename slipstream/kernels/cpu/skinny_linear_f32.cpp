@@ -35,8 +35,10 @@
 // that stream's time. The copy is laid out in groups of 6 outputs, [ceil(N / 6), ceil(K /
 // 8), 6, 8] (zero-padded), so that a thread's share is one contiguous stream: at K = 576 a
 // bf16 row is 1152 bytes, and with each row its own stream the hardware prefetcher, which
-// restarts at every row, read 11-12 GB/s where streams of 9 KB read 15-17 (Zen 3). Its
-// chunks stop at 6 rows (GroupedBf16Weights says why).
+// restarts at every row, read 11-12 GB/s where streams of 9 KB read 15-17 (Zen 3; measured
+// on a row-major bf16 copy while developing this; benchmarks/skinny_f32_layouts.py shows the
+// same effect on float32 rows, and times the two layouts). Its chunks stop at 6 rows
+// (GroupedBf16Weights says why).
 
 #include <immintrin.h>
 #include <omp.h>
@@ -85,7 +87,8 @@ struct GroupedBf16Weights {
   // Chunks of up to 6 rows (tiles of 2+ outputs: an x load feeds 2+ FMAs) while the
   // group's first chunk streams the next groups ahead; 12-row chunks (tiles of 1 output, an
   // x load per FMA) took 47.5 / 63.2 / 91.6 ms for a step's products at 9 / 13 / 17 rows,
-  // 6-row ones 42.0 / 54.6 / 64.4 (same run, alternating).
+  // 6-row ones 42.0 / 54.6 / 64.4 (same run, alternating, the limit a run-time knob while
+  // this was developed).
   static constexpr int64_t kMaxChunkRows = 6;
   // One row too: the hardware prefetcher alone left DRAM idle (measured on the row-major
   // copy: 26.2 -> 22.4 ms for a step's products and LM head).

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -96,6 +97,88 @@ class LayerBuffers:
         )
 
 
+def before_attention_args(
+    h: torch.Tensor,  # [T, hidden] float32, contiguous
+    delta: torch.Tensor | None,  # [T, hidden], contiguous
+    norm_weight: torch.Tensor,  # [hidden] float32
+    eps: float,
+    qkv_weight_ptr: int,  # the q|k|v weight as the C call takes it
+    qkv_bias: torch.Tensor | None,
+    cos: torch.Tensor,  # [T, 1, D], unit stride in a row
+    sin: torch.Tensor,  # [T, 1, D], cos's row stride
+    buffers: LayerBuffers,
+) -> tuple[Any, ...]:
+    """The arguments the before-attention calls (bf16 and float32) share, in their order."""
+    rows, hidden = h.shape
+    return (
+        h.data_ptr(),
+        _ptr(delta),
+        norm_weight.data_ptr(),
+        eps,
+        rows,
+        hidden,
+        buffers.x.data_ptr(),
+        qkv_weight_ptr,
+        _ptr(qkv_bias),
+        buffers.qkv.shape[1],
+        buffers.qkv.data_ptr(),
+        buffers.rot.shape[1],
+        buffers.rot.shape[2],
+        cos.data_ptr(),
+        sin.data_ptr(),
+        cos.stride(0),
+        buffers.rot.data_ptr(),
+    )
+
+
+def after_attention_args(
+    h: torch.Tensor,  # [T, hidden] float32, contiguous
+    attn: torch.Tensor,  # [T, q_size], contiguous (check_attention_output)
+    o_weight_ptr: int,
+    o_bias: torch.Tensor | None,
+    norm_weight: torch.Tensor,  # [hidden] float32
+    eps: float,
+    gate_up_weight_ptr: int,
+    gate_up_bias: torch.Tensor | None,
+    down_weight_ptr: int,
+    down_bias: torch.Tensor | None,
+    buffers: LayerBuffers,
+) -> tuple[Any, ...]:
+    """The arguments the after-attention calls (bf16 and float32) share, in their order."""
+    rows, hidden = h.shape
+    return (
+        h.data_ptr(),
+        attn.data_ptr(),
+        attn.shape[1],
+        rows,
+        hidden,
+        o_weight_ptr,
+        _ptr(o_bias),
+        buffers.attn_proj.data_ptr(),
+        norm_weight.data_ptr(),
+        eps,
+        buffers.x.data_ptr(),
+        gate_up_weight_ptr,
+        _ptr(gate_up_bias),
+        buffers.act.shape[1],
+        buffers.gate_up.data_ptr(),
+        buffers.act.data_ptr(),
+        down_weight_ptr,
+        _ptr(down_bias),
+        buffers.delta.data_ptr(),
+    )
+
+
+def check_attention_output(attn: torch.Tensor, rows: int, q_size: int, dtype: torch.dtype) -> None:
+    """The one input an attention backend makes: the kernels would misread another dtype's
+    or layout's bytes as rows of `dtype`."""
+    if attn.dtype != dtype or attn.shape != (rows, q_size) or not attn.is_contiguous():
+        raise ValueError(
+            f"attention output must be contiguous [{rows}, {q_size}] {dtype}, "
+            f"got {tuple(attn.shape)} {attn.dtype}"
+        )
+
+
 def layer_before_attention(
     h: torch.Tensor,  # [T, hidden] float32, contiguous; h += delta in place
     delta: torch.Tensor | None,  # [T, hidden] bf16, contiguous
@@ -108,27 +191,10 @@ def layer_before_attention(
     buffers: LayerBuffers,
 ) -> None:
     """add_rms_norm, the q|k|v projection and RoPE: results in buffers.qkv and .rot."""
-    rows, hidden = h.shape
-    status = _BEFORE.get()(
-        h.data_ptr(),
-        _ptr(delta),
-        norm_weight.data_ptr(),
-        eps,
-        rows,
-        hidden,
-        buffers.x.data_ptr(),
-        qkv_weight.data_ptr(),
-        _ptr(qkv_bias),
-        buffers.qkv.shape[1],
-        buffers.qkv.data_ptr(),
-        buffers.rot.shape[1],
-        buffers.rot.shape[2],
-        cos.data_ptr(),
-        sin.data_ptr(),
-        cos.stride(0),
-        buffers.rot.data_ptr(),
-        torch.get_num_threads(),
+    args = before_attention_args(
+        h, delta, norm_weight, eps, qkv_weight.data_ptr(), qkv_bias, cos, sin, buffers
     )
+    status = _BEFORE.get()(*args, torch.get_num_threads())
     if status != 0:
         raise ValueError(f"slipstream_layer_before_attention refused op {status} (shapes)")
 
@@ -147,37 +213,12 @@ def layer_after_attention(
     buffers: LayerBuffers,
 ) -> torch.Tensor:  # buffers.delta: [T, hidden] bf16, the MLP output
     """o_proj, add_rms_norm, gate|up, SiLU * up and down: the layer's MLP output."""
-    rows, hidden = h.shape
-    # The one input an attention backend makes: the kernel would read another dtype's or
-    # layout's bytes as bf16 rows.
-    q_size = o_weight.shape[1] * 2
-    if attn.dtype != torch.bfloat16 or attn.shape != (rows, q_size) or not attn.is_contiguous():
-        raise ValueError(
-            f"attention output must be contiguous [{rows}, {q_size}] bf16, "
-            f"got {tuple(attn.shape)} {attn.dtype}"
-        )
-    status = _AFTER.get()(
-        h.data_ptr(),
-        attn.data_ptr(),
-        attn.shape[1],
-        rows,
-        hidden,
-        o_weight.data_ptr(),
-        _ptr(o_bias),
-        buffers.attn_proj.data_ptr(),
-        norm_weight.data_ptr(),
-        eps,
-        buffers.x.data_ptr(),
-        gate_up_weight.data_ptr(),
-        _ptr(gate_up_bias),
-        buffers.act.shape[1],
-        buffers.gate_up.data_ptr(),
-        buffers.act.data_ptr(),
-        down_weight.data_ptr(),
-        _ptr(down_bias),
-        buffers.delta.data_ptr(),
-        torch.get_num_threads(),
-    )
+    check_attention_output(attn, h.shape[0], o_weight.shape[1] * 2, torch.bfloat16)
+    args = after_attention_args(
+        h, attn, o_weight.data_ptr(), o_bias, norm_weight, eps, gate_up_weight.data_ptr(),
+        gate_up_bias, down_weight.data_ptr(), down_bias, buffers,
+    )  # fmt: skip
+    status = _AFTER.get()(*args, torch.get_num_threads())
     if status != 0:
         raise ValueError(f"slipstream_layer_after_attention refused op {status} (shapes)")
     return buffers.delta

@@ -14,7 +14,12 @@ import ctypes
 import torch
 
 from slipstream.kernels.cpu.build import CppFunction
-from slipstream.kernels.cpu.decoder_layer import LayerBuffers
+from slipstream.kernels.cpu.decoder_layer import (
+    LayerBuffers,
+    after_attention_args,
+    before_attention_args,
+    check_attention_output,
+)
 from slipstream.kernels.cpu.skinny_linear_f32 import GroupedBf16Weight
 
 _P, _I64, _F, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
@@ -48,10 +53,6 @@ def decoder_layer_f32_unavailable_reason() -> str | None:
     return _BEFORE.unavailable_reason()
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 def _weight_ptr(w: Weight) -> int:
     return w.packed.data_ptr() if isinstance(w, GroupedBf16Weight) else w.data_ptr()
 
@@ -68,28 +69,11 @@ def layer_before_attention_f32(
     buffers: LayerBuffers,  # float32
 ) -> None:
     """add_rms_norm_f32, the q|k|v projection and rope_f32: results in buffers.qkv, .rot."""
-    rows, hidden = h.shape
-    status = _BEFORE.get()(
-        h.data_ptr(),
-        _ptr(delta),
-        norm_weight.data_ptr(),
-        eps,
-        rows,
-        hidden,
-        buffers.x.data_ptr(),
-        _weight_ptr(qkv_weight),
-        _ptr(qkv_bias),
-        buffers.qkv.shape[1],
-        buffers.qkv.data_ptr(),
-        buffers.rot.shape[1],
-        buffers.rot.shape[2],
-        cos.data_ptr(),
-        sin.data_ptr(),
-        cos.stride(0),
-        buffers.rot.data_ptr(),
-        isinstance(qkv_weight, GroupedBf16Weight),
-        torch.get_num_threads(),
+    args = before_attention_args(
+        h, delta, norm_weight, eps, _weight_ptr(qkv_weight), qkv_bias, cos, sin, buffers
     )
+    grouped = isinstance(qkv_weight, GroupedBf16Weight)
+    status = _BEFORE.get()(*args, grouped, torch.get_num_threads())
     if status != 0:
         raise ValueError(f"slipstream_layer_before_attention_f32 refused op {status} (shapes)")
 
@@ -108,38 +92,13 @@ def layer_after_attention_f32(
     buffers: LayerBuffers,  # float32
 ) -> torch.Tensor:  # buffers.delta: [T, hidden] float32, the MLP output
     """o_proj, add_rms_norm_f32, gate|up, silu_mul_f32 and down: the layer's MLP output."""
-    rows, hidden = h.shape
-    # The one input an attention backend makes: the kernel would misread another dtype's or
-    # layout's bytes.
-    q_size = o_weight.shape[1]
-    if attn.dtype != torch.float32 or attn.shape != (rows, q_size) or not attn.is_contiguous():
-        raise ValueError(
-            f"attention output must be contiguous [{rows}, {q_size}] float32, "
-            f"got {tuple(attn.shape)} {attn.dtype}"
-        )
-    status = _AFTER.get()(
-        h.data_ptr(),
-        attn.data_ptr(),
-        q_size,
-        rows,
-        hidden,
-        _weight_ptr(o_weight),
-        _ptr(o_bias),
-        buffers.attn_proj.data_ptr(),
-        norm_weight.data_ptr(),
-        eps,
-        buffers.x.data_ptr(),
-        _weight_ptr(gate_up_weight),
-        _ptr(gate_up_bias),
-        buffers.act.shape[1],
-        buffers.gate_up.data_ptr(),
-        buffers.act.data_ptr(),
-        _weight_ptr(down_weight),
-        _ptr(down_bias),
-        buffers.delta.data_ptr(),
-        isinstance(o_weight, GroupedBf16Weight),
-        torch.get_num_threads(),
-    )
+    check_attention_output(attn, h.shape[0], o_weight.shape[1], torch.float32)
+    args = after_attention_args(
+        h, attn, _weight_ptr(o_weight), o_bias, norm_weight, eps, _weight_ptr(gate_up_weight),
+        gate_up_bias, _weight_ptr(down_weight), down_bias, buffers,
+    )  # fmt: skip
+    grouped = isinstance(o_weight, GroupedBf16Weight)
+    status = _AFTER.get()(*args, grouped, torch.get_num_threads())
     if status != 0:
         raise ValueError(f"slipstream_layer_after_attention_f32 refused op {status} (shapes)")
     return buffers.delta

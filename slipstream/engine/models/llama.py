@@ -406,33 +406,33 @@ class LlamaForCausalLM(nn.Module):
         Where bf16 holds every weight exactly (a bf16 checkpoint such as the default model,
         upcast at load), the kernel reads bf16 copies instead (GroupedBf16Weight): the same
         bits from half the bytes (a one-token step's products and LM head ~34 -> ~17 ms
-        here; the step 45 -> 28 ms). The float32
-        parameters stay for prefill (MKL) and the embedding, so memory grows by half the
-        float32 weights (+270 MB for the default model). SLIPSTREAM_F32_BF16_WEIGHTS=0 turns
-        the copies off.
+        here; the step 45 -> 28 ms). The float32 parameters stay for prefill (MKL) and the
+        embedding, so memory grows by half the float32 weights (+270 MB for the default
+        model). SLIPSTREAM_F32_BF16_WEIGHTS=0 turns the copies off.
+
+        `weights`: every layer's four projection weights in order, then the LM head.
         """
         if skinny_f32_unavailable_reason() is not None:
             return None
         if not all(can_run_f32(w) for w in weights):  # projections and LM head
             return None
-        # The tied LM head is the embedding: one copy.
-        read: dict[int, torch.Tensor | GroupedBf16Weight] = {id(w): w for w in weights}
+        # What the kernel reads, in the order of `weights`: all copies, or none.
+        read: list[torch.Tensor | GroupedBf16Weight] = list(weights)
         if os.environ.get("SLIPSTREAM_F32_BF16_WEIGHTS", "1") != "0":
-            copies = {id(w): pack_grouped_bf16(w) for w in weights}
-            if all(c is not None for c in copies.values()):
-                read = {key: c for key, c in copies.items() if c is not None}
+            copies = [pack_grouped_bf16(w) for w in weights]
+            if all(c is not None for c in copies):
+                read = [c for c in copies if c is not None]
         # The norms, RoPE and SiLU * up as one C++ call each: 6.2 ms of PyTorch dispatch in
         # a 56 ms one-token step here (benchmarks/step_breakdown.py --dtype float32).
         layer_ops = layer_ops_f32_unavailable_reason() is None and all(
             layer.layer_ops_f32_fit()  # type: ignore[operator]
             for layer in self.layers
         )
-        for layer in self.layers:
-            own = layer.projection_weights()  # type: ignore[operator]
-            layer.use_skinny_f32(layer_ops, tuple(read[id(w)] for w in own))  # type: ignore[operator]
+        for i, layer in enumerate(self.layers):
+            layer.use_skinny_f32(layer_ops, tuple(read[4 * i : 4 * i + 4]))  # type: ignore[operator]
         if layer_ops:
             self.add_norm = add_rms_norm_f32
-        self.lm_head_f32 = read[id(weights[-1])]
+        self.lm_head_f32 = read[-1]
         return "skinny_linear_f32"
 
     def set_attention_backend(self, layer_idx: int, backend: AttentionBackend) -> None:

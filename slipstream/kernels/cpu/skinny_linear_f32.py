@@ -119,15 +119,17 @@ def skinny_linear_f32(
     RuntimeError if the kernel is unavailable. Checks only what would make it read out of
     bounds (121 calls a decode step).
     """
-    grouped = isinstance(weight, GroupedBf16Weight)
-    dense = weight.dense if isinstance(weight, GroupedBf16Weight) else weight
+    # dense: the float32 [N, K] weight; data: what the kernel reads (it, or the bf16 copy).
+    if isinstance(weight, GroupedBf16Weight):
+        grouped, dense, data = True, weight.dense, weight.packed
+    else:
+        grouped, dense, data = False, weight, weight
     if x.shape[0] > MAX_ROWS:
         return torch.nn.functional.linear(x, dense, bias)
     fn = (_SKINNY_F32_GROUPED_BF16 if grouped else _SKINNY_F32).get()
     n, k = dense.shape
     if x.dim() != 2 or x.shape[1] != k or x.dtype != torch.float32:
         raise ValueError(f"x must be [M, {k}] float32, got {tuple(x.shape)} {x.dtype}")
-    data = weight.packed if isinstance(weight, GroupedBf16Weight) else weight
     if grouped:
         want = (-(-n // GROUP), -(-k // LANES), GROUP, LANES)
         if data.shape != want or data.dtype != torch.bfloat16 or not data.is_contiguous():

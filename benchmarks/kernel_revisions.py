@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from slipstream.kernels.cpu.build import AVX512_BF16_FLAGS, build_library
+from slipstream.kernels.cpu.build import INSTRUCTION_SETS, build_library
 
 KERNEL_DIR = "slipstream/kernels/cpu"
 REPO = Path(__file__).resolve().parent.parent
@@ -31,6 +31,7 @@ def build_kernel_at(
     function: str,  # its C entry point
     argtypes: Sequence[Any],
     workdir: Path,  # where a revision's source and headers are written
+    isa: str = "avx512_bf16",  # a key of INSTRUCTION_SETS: "avx2_fma" for the *_f32.cpp files
 ) -> Callable[..., int]:
     """The kernel's C function, built (or taken from the build cache) for `revision`."""
     if revision is None:
@@ -42,7 +43,8 @@ def build_kernel_at(
             if name == source or name.endswith(".h"):  # the source and the headers it includes
                 (folder / name).write_text(_git("show", f"{revision}:{KERNEL_DIR}/{name}"))
         path = folder / source
-    lib = build_library(path, AVX512_BF16_FLAGS, needs_cpu=("avx512f", "avx512_bf16"))
+    flags, needs_cpu = INSTRUCTION_SETS[isa]
+    lib = build_library(path, flags, needs_cpu=needs_cpu)
     fn = getattr(lib, function)
     fn.argtypes = list(argtypes)
     fn.restype = ctypes.c_int
@@ -50,12 +52,12 @@ def build_kernel_at(
 
 
 def build_base_and_working_tree(
-    base: str, source: str, function: str, argtypes: Sequence[Any]
+    base: str, source: str, function: str, argtypes: Sequence[Any], isa: str = "avx512_bf16"
 ) -> dict[str, Callable[..., int]]:
     """{base: the kernel at revision `base`, "working tree": the kernel as it is now}."""
     with tempfile.TemporaryDirectory() as tmp:
         return {
-            name: build_kernel_at(rev, source, function, argtypes, Path(tmp))
+            name: build_kernel_at(rev, source, function, argtypes, Path(tmp), isa)
             for name, rev in ((base, base), ("working tree", None))
         }
 

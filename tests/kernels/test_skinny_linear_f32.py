@@ -43,21 +43,23 @@ def _f32(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
+# Row chunks as float32 weights in place split them (grouped bf16 copies in brackets, their
+# chunks are 4 rows, the rest last); each chunk in tiles as wide as its rows allow, within blocks of 6.
 SHAPES = [
-    (1, 6, 8),  # one group of 6 outputs, one lane chunk
-    (1, 13, 20),  # a group of 6, tails per thread split; K tail of 4 lanes
-    (1, 22, 8),  # 11 outputs a thread: a group of 6 and a tail of 5
-    (2, 14, 16),  # 7 outputs a thread: a group of 4 and a tail of 3
+    (1, 6, 8),  # one block of 6 outputs, one lane chunk
+    (1, 13, 20),  # blocks 6 + 6 + 1 over two threads; K tail of 4 lanes
+    (1, 22, 8),  # a thread's blocks of 6 and a tail block of 4
+    (2, 14, 16),  # 2 rows tile a block as 4 + 2; a tail block of 2
     (2, 9, 3),  # K shorter than a chunk: only the masked tail
-    (3, 17, 13),
-    (4, 40, 64),  # one 4-row chunk, groups of 3
-    (5, 50, 64),  # one 5-row chunk, groups of 2
-    (9, 96, 576),  # the default model's K: one 9-row chunk (10 fit in L1), 1 output a tile
-    (12, 30, 64),  # the widest tile, 12 rows x 1 output
-    (13, 33, 31),  # chunks 6 + 7: 1 output a tile (the widest chunk's)
-    (7, 20, 1536),  # K = 1536: 4 rows fit in L1, chunks 3 + 4, groups of 3
-    (17, 40, 576),  # chunks 8 + 9
-    (32, 24, 40),  # MAX_ROWS: still the kernel, chunks of 10 + 11 + 11
+    (3, 17, 13),  # 3 x 3 tiles
+    (4, 40, 64),  # one 4-row chunk, 4 x 3 tiles
+    (5, 50, 64),  # one 5-row chunk, 5 x 2 tiles [chunks 4 + 1]
+    (9, 96, 576),  # the default model's K: one 9-row chunk (10 fit in L1), 9 x 1 [4 + 4 + 1]
+    (12, 30, 64),  # the widest tile, 12 rows x 1 output [4 + 4 + 4]
+    (13, 33, 31),  # chunks 6 + 7, tiles 6 x 2 and 7 x 1 [4 + 4 + 4 + 1]
+    (7, 20, 1536),  # K = 1536: 4 rows fit in L1, chunks 3 + 4 [4 + 3]
+    (17, 40, 576),  # chunks 8 + 9 [4 + 4 + 4 + 4 + 1]
+    (32, 24, 40),  # MAX_ROWS: still the kernel, chunks of 10 + 11 + 11 [8 of 4]
 ]
 
 
@@ -127,9 +129,19 @@ def test_grouped_bf16_above_max_rows_runs_f_linear_on_the_float32_weight() -> No
 
 
 @needs_kernel
-def test_a_rows_bits_do_not_depend_on_its_neighbours() -> None:
-    x, w, bias = _f32(MAX_ROWS, 100, seed=1), _f32(70, 100, seed=2), _f32(70, seed=3)
+@pytest.mark.parametrize("grouped", [False, True])
+def test_a_rows_bits_do_not_depend_on_its_neighbours(grouped: bool) -> None:
+    # A row's tile differs with the rows sharing the call (alone: 1 x 6; of 9: 4 x 3, or
+    # 9 x 1 in float32; of 13 float32 rows: 7 x 1), its bits may not.
+    x, dense, bias = _f32(MAX_ROWS, 100, seed=1), _f32(70, 100, seed=2), _f32(70, seed=3)
+    w: torch.Tensor | GroupedBf16Weight = dense
+    if grouped:
+        packed = pack_grouped_bf16(dense.bfloat16().float())
+        assert packed is not None
+        w = packed
     whole = skinny_linear_f32(x, w, bias)
+    for rows in (5, 9, 13):
+        assert torch.equal(skinny_linear_f32(x[:rows], w, bias), whole[:rows])
     for i in (0, 1, 4, 9, 31):
         assert torch.equal(skinny_linear_f32(x[i : i + 1], w, bias)[0], whole[i])
     order = torch.randperm(MAX_ROWS, generator=torch.Generator().manual_seed(0))[:11]

@@ -16,16 +16,26 @@
 // tile an output falls in, so a row's result does not depend on the rows sharing the call
 // (batch invariance: a speculative step verifies with the bits one-row decoding computes).
 //
-// Tiling: a tile is R rows x NB outputs, R x NB accumulators plus NB weight vectors within
-// the 16 ymm registers (x comes in as the FMA's memory operand): 1 x 6, 2 x 4, 4 x 3,
-// 6 x 2, up to 12 x 1. Threads split N evenly; each walks its outputs NB at a time and, per
-// tile, every chunk of rows, so a tile's weight rows come from DRAM once. float32 chunks are as
-// large as x's rows fit in L1 (24 KB: 10 rows at K = 576, 4 at K = 1536), so that at K =
-// 576 a speculative step of up to 10 rows streams the weights in a single pass, its FMAs
-// interleaved with the loads. With chunks of at most 4 rows (before), the further chunks
-// ran from L1 while DRAM idled: [49152, 576] at 9 rows read 9.5 GB/s, against 15 at 1 row.
-// The first chunk also asks for the weights 16 KB ahead of its reads (a software prefetch):
-// the hardware prefetcher alone left DRAM idle while the FMAs ran.
+// Tiling: a tile is R rows x NB outputs, R x NB accumulators plus NB weight vectors and one
+// x vector within the 16 ymm registers: 1 x 6, 2 x 4, 3 x 3, 4 x 3, 5-6 x 2, up to 12 x 1.
+// Threads split N in blocks of 6 outputs; for each block, the rows go in chunks, each chunk
+// in tiles as wide as its rows allow, so the block's weights come from DRAM once (the first
+// chunk) and from L1 after.
+//
+// Chunk size: the grouped bf16 copy's chunks are 4 rows, the rest last (9 rows: 4 + 4 + 1).
+// 4 x 3 is the widest tile the registers hold and the one with the fewest loads per FMA (7
+// for 12); 5 x 2 and 6 x 2 need 7-8 for 10-12, and GCC folded their x loads into the FMAs
+// (12 loads for 12 FMAs; x now stays in a register). With one tile width for all chunks and
+// chunks of up to 6 (before), 9 rows ran as 5 + 4 in 5 x 2 tiles. A step's products (model
+// shapes, 2 threads, benchmarks/skinny_f32_ab.py) went from 29.2 to 24.3 ms at 5 rows, 39.2
+// to 37.2 at 9 and 52.0 to 47.5 at 13. Chunks of equal size (3 + 3 + 3) measured within 5%
+// of full chunks at 5-25 rows. float32 weights stream twice the bytes, so their
+// steps are DRAM-bound to ~10 rows and run in one pass (Float32Weights says why). Chunks
+// hold as many of x's rows as fit in L1 (24 KB: 10 at K = 576, 4 at K = 1536).
+//
+// Prefetch: the first chunk asks for the weights 16 KB ahead of its reads (the hardware
+// prefetcher alone left DRAM idle while the FMAs ran). Spreading the asks over all chunks
+// (chunk c of C asking for k-blocks c, c + C, ...) measured within noise of this (+-6%).
 //
 // bf16 weights (slipstream_skinny_linear_f32_bf16g): the same products over a bf16 copy of a
 // weight whose values bf16 holds exactly (a checkpoint stored in bf16, as the default model
@@ -37,8 +47,7 @@
 // bf16 row is 1152 bytes, and with each row its own stream the hardware prefetcher, which
 // restarts at every row, read 11-12 GB/s where streams of 9 KB read 15-17 (Zen 3; measured
 // on a row-major bf16 copy while developing this; benchmarks/skinny_f32_layouts.py shows the
-// same effect on float32 rows, and times the two layouts). Its chunks stop at 6 rows
-// (GroupedBf16Weights says why).
+// same effect on float32 rows, and times the two layouts).
 
 #include <immintrin.h>
 #include <omp.h>
@@ -52,8 +61,9 @@ namespace {
 using slipstream_cpu::first_lanes;
 using slipstream_cpu::sum_lanes;
 
-constexpr int kLanes = 8;       // float32 lanes in a ymm register
+constexpr int kLanes = 8;         // float32 lanes in a ymm register
 constexpr int kMaxTileRows = 12;  // 12 accumulators + 1 weight vector at NB = 1
+constexpr int64_t kBlock = 6;     // outputs a thread takes at a time: 1 x 6, 2 x (4 + 2), 3 x 3
 constexpr int64_t kRowBytesInL1 = 24 * 1024;  // x's rows of a chunk, of a 32 KB L1
 
 constexpr int64_t kPrefetchBytes = 16 * 1024;  // how far ahead of the weight reads
@@ -65,9 +75,13 @@ constexpr int64_t kLineBytes = 64;
 // float32 [N, K] in place: output n's lanes k .. k + 7 at n * K + k.
 struct Float32Weights {
   using T = float;
-  static constexpr int64_t kGroup = 1;     // threads split single outputs
+  static constexpr bool kGrouped = false;  // each output row its own stream
   static constexpr int64_t kBlockMul = 1;  // a k-block of 8 advances 8 elements
-  static constexpr int64_t kMaxChunkRows = kMaxTileRows;  // one pass (see the top)
+  // Twice the bytes of bf16, so a step of up to 10 rows (at K = 576) is DRAM-bound: one pass
+  // in tall tiles (9 x 1 at 9 rows) streams the weights with the FMAs interleaved. Chunks of
+  // 4 rows read them from L1 while DRAM idled: a step's products at 5 and 9 rows measured
+  // 7-20% slower with them (model shapes, 2 threads, while this was developed).
+  static constexpr int64_t kMaxChunkRows = kMaxTileRows;
   // One row: the hardware prefetcher keeps up with the 6 weight rows a tile streams.
   static constexpr bool kPrefetchOneRow = false;
   static const T* output(const T* w, int64_t k, int64_t n) { return w + n * k; }
@@ -82,20 +96,15 @@ struct Float32Weights {
 // (n / 6) * 6 * Kp + 6 * k + 8 * (n % 6), Kp = K rounded up to 8, padding zero.
 struct GroupedBf16Weights {
   using T = uint16_t;  // bf16 bits: the high half of a float32
-  static constexpr int64_t kGroup = 6;
-  static constexpr int64_t kBlockMul = kGroup;  // a k-block of 8 advances 6 * 8 elements
-  // Chunks of up to 6 rows (tiles of 2+ outputs: an x load feeds 2+ FMAs) while the
-  // group's first chunk streams the next groups ahead; 12-row chunks (tiles of 1 output, an
-  // x load per FMA) took 47.5 / 63.2 / 91.6 ms for a step's products at 9 / 13 / 17 rows,
-  // 6-row ones 42.0 / 54.6 / 64.4 (same run, alternating, the limit a run-time knob while
-  // this was developed).
-  static constexpr int64_t kMaxChunkRows = 6;
+  static constexpr bool kGrouped = true;  // a group of kBlock outputs is one stream
+  static constexpr int64_t kBlockMul = kBlock;  // a k-block of 8 advances 6 * 8 elements
+  static constexpr int64_t kMaxChunkRows = 4;  // the 4 x 3 tile's rows (see the top)
   // One row too: the hardware prefetcher alone left DRAM idle (measured on the row-major
   // copy: 26.2 -> 22.4 ms for a step's products and LM head).
   static constexpr bool kPrefetchOneRow = true;
   static const T* output(const T* w, int64_t k, int64_t n) {
     const int64_t padded_k = (k + kLanes - 1) / kLanes * kLanes;
-    return w + n / kGroup * kGroup * padded_k + n % kGroup * kLanes;
+    return w + n / kBlock * kBlock * padded_k + n % kBlock * kLanes;
   }
   static int64_t output_stride(int64_t) { return kLanes; }  // within a group
   static __m256 load(const uint16_t* p) {
@@ -116,7 +125,7 @@ struct Problem {
   int64_t n;          // N (row stride of y)
 };
 
-// Outputs col0 .. col0 + NB - 1 for rows row0 .. row0 + R - 1 (one W::kGroup group at most).
+// Outputs col0 .. col0 + NB - 1 for rows row0 .. row0 + R - 1 (within one block).
 // kPrefetch: whether this tile asks for the weights ahead (a compile-time choice: a run-time
 // flag in the loop cost the one-row tile ~10%).
 template <class W, int R, int NB, bool kPrefetch>
@@ -134,7 +143,7 @@ void tile(const Problem<W>& pr, int64_t row0, int64_t col0) {
   const float* x = pr.x + row0 * k;
   for (int64_t c = 0; c < full; c += kLanes) {
     const T* wc = w + c * W::kBlockMul;  // this k-block of output col0
-    if (kPrefetch && W::kGroup > 1) {  // the group's one stream: 6 x 16 bytes a k-block
+    if (kPrefetch && W::kGrouped) {  // the group's one stream: 6 x 16 bytes a k-block
       _mm_prefetch(reinterpret_cast<const char*>(wc + kAhead), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(wc + kAhead + kLineElems), _MM_HINT_T0);
     } else if (kPrefetch && c % kLineElems == 0) {  // a line per weight row as it starts
@@ -145,7 +154,9 @@ void tile(const Problem<W>& pr, int64_t row0, int64_t col0) {
     __m256 wv[NB];
     for (int j = 0; j < NB; ++j) wv[j] = W::load(wc + j * stride);
     for (int r = 0; r < R; ++r) {
-      const __m256 xv = _mm256_loadu_ps(x + r * k + c);
+      __m256 xv = _mm256_loadu_ps(x + r * k + c);
+      // Keep x in a register: GCC otherwise folds the load into each of the NB FMAs.
+      if constexpr (NB > 1) asm("" : "+x"(xv));
       for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_fmadd_ps(xv, wv[j], acc[r][j]);
     }
   }
@@ -170,15 +181,15 @@ void tile(const Problem<W>& pr, int64_t row0, int64_t col0) {
 template <class W>
 using TileFn = void (*)(const Problem<W>&, int64_t, int64_t);
 
-// Outputs per tile for R rows: R x NB accumulators + NB weights <= 14 of 16 registers.
-constexpr int group_for(int rows) {
+// Outputs per tile for R rows: R x NB accumulators + NB weights + x <= 16 registers.
+constexpr int width_for(int rows) {
   return rows == 1 ? 6 : rows == 2 ? 4 : rows <= 4 ? 3 : rows <= 6 ? 2 : 1;
 }
 
 template <class W, int R, bool kPrefetch>
 TileFn<W> tile_for(int nb) {
-  constexpr int kWidest = group_for(R);
-  // Every width from 1 to kWidest: a group's tail (nb < kWidest) is covered by one tile.
+  constexpr int kWidest = width_for(R);
+  // Every width from 1 to kWidest: a block's tail (nb < kWidest) is covered by one tile.
   if constexpr (kWidest >= 6) {
     if (nb >= 6) return tile<W, R, 6, kPrefetch>;
   }
@@ -188,12 +199,8 @@ TileFn<W> tile_for(int nb) {
   if constexpr (kWidest >= 4) {
     if (nb >= 4) return tile<W, R, 4, kPrefetch>;
   }
-  if constexpr (kWidest >= 3) {
-    if (nb >= 3) return tile<W, R, 3, kPrefetch>;
-  }
-  if constexpr (kWidest >= 2) {
-    if (nb >= 2) return tile<W, R, 2, kPrefetch>;
-  }
+  if (nb >= 3) return tile<W, R, 3, kPrefetch>;
+  if (nb >= 2) return tile<W, R, 2, kPrefetch>;
   return tile<W, R, 1, kPrefetch>;
 }
 
@@ -207,35 +214,41 @@ TileFn<W> pick_tile(int rows, int nb, bool prefetch) {
 
 template <class W>
 void run(const Problem<W>& pr, int64_t m, int num_threads) {
-  // Row chunks of near-equal size (17 rows at K = 576 -> 9 + 8): the widest sets the width.
+  // Row chunks, each tiled as its rows allow: grouped, full chunks then the rest (9 rows: 4 +
+  // 4 + 1); float32, chunks of near-equal size (17 rows at K = 576: 8 + 9).
   const int64_t fit = kRowBytesInL1 / (pr.k * static_cast<int64_t>(sizeof(float)));
   const int64_t most = W::kMaxChunkRows;
   const int64_t chunk_rows = fit < 4 ? 4 : fit > most ? most : fit;
   const int64_t num_chunks = (m + chunk_rows - 1) / chunk_rows;
-  const int width = group_for(static_cast<int>((m + num_chunks - 1) / num_chunks));
-  // Threads split the layout's groups evenly (single outputs for the row-major float32).
-  const int64_t num_groups = (pr.n + W::kGroup - 1) / W::kGroup;
-  if (num_threads > num_groups) num_threads = static_cast<int>(num_groups);
+  const int64_t num_blocks = (pr.n + kBlock - 1) / kBlock;
+  if (num_threads > num_blocks) num_threads = static_cast<int>(num_blocks);
   if (num_threads < 1) num_threads = 1;
 #pragma omp parallel num_threads(num_threads)
   {
     const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t first = num_groups * t / nt * W::kGroup;
-    const int64_t last_group = num_groups * (t + 1) / nt * W::kGroup;
-    const int64_t last = last_group < pr.n ? last_group : pr.n;
-    for (int64_t col = first; col < last;) {  // tiles of `width` within a layout group
-      const int64_t group_end = W::kGroup > 1 ? (col / W::kGroup + 1) * W::kGroup : last;
-      const int64_t stop = group_end < last ? group_end : last;
-      const int nb = static_cast<int>(stop - col < width ? stop - col : width);
+    const int64_t first = num_blocks * t / nt * kBlock;
+    const int64_t end = num_blocks * (t + 1) / nt * kBlock;
+    const int64_t last = end < pr.n ? end : pr.n;
+    for (int64_t block = first; block < last; block += kBlock) {
+      const int64_t stop = block + kBlock < last ? block + kBlock : last;
       int64_t row0 = 0;
       for (int64_t c = 0; c < num_chunks; ++c) {
-        const int64_t rows = (m - row0) / (num_chunks - c);
-        // The group's first tile streams it (and asks ahead); the rest read it from L1/L2.
-        const bool prefetch = c == 0 && (m > 1 || W::kPrefetchOneRow) && col % W::kGroup == 0;
-        pick_tile<W>(static_cast<int>(rows), nb, prefetch)(pr, row0, col);
+        const int64_t left = m - row0;
+        const int64_t rows = W::kGrouped ? (left < chunk_rows ? left : chunk_rows)
+                                         : left / (num_chunks - c);
+        const int width = width_for(static_cast<int>(rows));
+        for (int64_t col = block; col < stop;) {
+          const int nb = static_cast<int>(stop - col < width ? stop - col : width);
+          // The first chunk streams the block (and asks ahead); the rest read L1/L2.
+          // Grouped, its first tile asks for the group's one stream; float32, each tile for
+          // its rows.
+          const bool prefetch =
+              c == 0 && (m > 1 || W::kPrefetchOneRow) && (!W::kGrouped || col == block);
+          pick_tile<W>(static_cast<int>(rows), nb, prefetch)(pr, row0, col);
+          col += nb;
+        }
         row0 += rows;
       }
-      col += nb;
     }
   }
 }

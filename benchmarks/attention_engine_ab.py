@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import torch
 from attention_kernel_ab import attention_builds  # benchmarks/: both builds of the kernel
 
 import slipstream.kernels.cpu.paged_decode_attention as pda
@@ -35,7 +36,7 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=16, help="spread over the suite")
     ap.add_argument("--max-tokens", type=int, default=256)
     args = ap.parse_args()
-    builds = attention_builds(args.base)
+    builds = attention_builds(args.base, torch.bfloat16)
     prompts = load_builtin(args.categories.split(",") if args.categories else None)
     prompts = prompts[:: max(1, len(prompts) // args.num_prompts)][: args.num_prompts]
     llms = {d: LLM(decoder=d, kv_cache_memory_gib=1.0) for d in args.decoders.split(",")}
@@ -48,7 +49,7 @@ def main() -> None:
     for i, prompt in enumerate(prompts):
         for decoder, llm in llms.items():
             for name in names if i % 2 == 0 else names[::-1]:
-                pda._ATTEND._fn = builds[name]
+                pda._KERNELS[torch.bfloat16]._fn = builds[name]
                 if hasattr(llm.engine.decoder, "reset_matrix"):
                     llm.engine.decoder.reset_matrix()
                 start = time.perf_counter()

@@ -14,6 +14,7 @@ It also checks that both builds give the same bits.
 
     .venv/bin/python benchmarks/attention_kernel_ab.py --base HEAD~1
     .venv/bin/python benchmarks/attention_kernel_ab.py --base 0cacd2a --context 4096
+    .venv/bin/python benchmarks/attention_kernel_ab.py --base HEAD --dtype float32 --context 300
 
 Not a test: run it alone on the machine (another process on the cores moves the numbers).
 """
@@ -36,13 +37,12 @@ import slipstream.kernels.cpu.paged_decode_attention as pda
 LAYERS = 30
 
 
-def attention_builds(base: str) -> dict[str, Callable[..., int]]:
-    """{base: the attention kernel at revision `base`, "working tree": as it is now}."""
+def attention_builds(base: str, dtype: torch.dtype) -> dict[str, Callable[..., int]]:
+    """{base: the attention kernel for `dtype` at revision `base`, "working tree": as it is
+    now}."""
+    kernel = pda._KERNELS[dtype]
     return build_base_and_working_tree(
-        base,
-        "paged_decode_attention.cpp",
-        "slipstream_paged_decode_attention",
-        pda._ATTEND.argtypes,
+        base, kernel.source_name, kernel.symbol, kernel.argtypes, isa=kernel.isa
     )
 
 
@@ -63,13 +63,21 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=8192, help="cached keys")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default="bfloat16",
+        help="bfloat16: paged_decode_attention.cpp (AVX512-BF16); float32: "
+        "paged_decode_attention_f32.cpp (AVX2 + FMA)",
+    )
+    ap.add_argument(
         "--tree-rows", default="5,9,13", help="rows of the tree steps timed (empty: none)"
     )
     args = ap.parse_args()
     torch.manual_seed(0)
     ctx = args.context
     pages = ctx // BLOCK_SIZE
-    layers = [make_batch([1], [ctx + 1], torch.bfloat16)[0] for _ in range(LAYERS)]
+    dtype = getattr(torch, args.dtype)
+    layers = [make_batch([1], [ctx + 1], dtype)[0] for _ in range(LAYERS)]
     window = list(range(pages - 5, pages + 1))  # 4 window pages + the current one
     hip_window = list(range((ctx - 128) // 2, ctx // 2 + 1))
     # case -> (per-layer tensors, tree mask, chunk lists, chunk size)
@@ -96,17 +104,15 @@ def main() -> None:
         ),
     }
     for rows in (int(r) for r in args.tree_rows.split(",") if r):
-        batches = [
-            make_batch([rows], [ctx + rows], torch.bfloat16, tree=True) for _ in range(LAYERS)
-        ]
+        batches = [make_batch([rows], [ctx + rows], dtype, tree=True) for _ in range(LAYERS)]
         cases[f"tree of {rows} rows, dense"] = ([b[0] for b in batches], batches[0][1], None, 0)
-    builds = attention_builds(args.base)
+    builds = attention_builds(args.base, dtype)
     times: dict[tuple[str, str], list[float]] = {(b, c): [] for b in builds for c in cases}
     outs: dict[tuple[str, str], torch.Tensor] = {}
     names = list(builds)
     for r in range(args.rounds + 1):  # round 0 warms up
         for name in names if r % 2 else names[::-1]:
-            pda._ATTEND._fn = builds[name]
+            pda._KERNELS[dtype]._fn = builds[name]
             for case, (case_layers, mask, chunks, chunk_size) in cases.items():
                 plan: dict[str, object] = {}
                 start = time.perf_counter()
@@ -119,7 +125,10 @@ def main() -> None:
                 else:
                     outs[(name, case)] = out
     same = {case: torch.equal(outs[(names[0], case)], outs[(names[1], case)]) for case in cases}
-    title = f"30 layers of decode attention, ms (median of {args.rounds} interleaved rounds)"
+    title = (
+        f"30 layers of {args.dtype} decode attention, ms (median of {args.rounds} interleaved "
+        "rounds)"
+    )
     print_ab_table(title, "case", names, times, same)
 
 

@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--cases", default="1x300,9x1000,1x4000", help="rows x cached keys")
     ap.add_argument("--trials", type=int, default=5)
     args = ap.parse_args()
-    builds = attention_builds(args.base)
+    builds = attention_builds(args.base, torch.bfloat16)
     torch.manual_seed(0)
     columns = [*builds, "float64 rounded to bf16"]
     print("| rows x keys | " + " | ".join(f"{n}: max abs, rel. norm" for n in columns) + " |")
@@ -44,7 +44,7 @@ def main() -> None:
             ref = naive_attention(batch).double()
             for name in columns:
                 if name in builds:
-                    pda._ATTEND._fn = builds[name]
+                    pda._KERNELS[torch.bfloat16]._fn = builds[name]
                     out = batch.run(pda.paged_decode_attention).double()
                 else:
                     out = ref.to(torch.bfloat16).double()

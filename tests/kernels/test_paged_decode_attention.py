@@ -152,13 +152,23 @@ def test_a_step_plan_is_reused_by_later_layers(dtype: torch.dtype) -> None:
     assert "pda_meta" in plan
 
 
-def test_a_tree_node_gets_the_bits_of_decoding_it_alone(dtype: torch.dtype) -> None:
+TEN_NODES = [-1, 0, 0, 1, 1, 2, 5, 3, 7, 0]
+# 20 nodes: more than the float32 kernel's 16 rows a shared item (two groups of rows).
+TWENTY_NODES = [-1, 0, 0, 1, 1, 2, 5, 3, 7, 0, 9, 9, 4, 12, 6, 14, 8, 16, 10, 18]
+
+
+@pytest.mark.parametrize(
+    ("parents", "ctx"), [(TEN_NODES, 140), (TEN_NODES, 300), (TWENTY_NODES, 270)]
+)
+def test_a_tree_node_gets_the_bits_of_decoding_it_alone(
+    dtype: torch.dtype, parents: list[int], ctx: int
+) -> None:
     # Verification computes what decoding would: node i's output equals a one-row decode of
     # that token with the context and its ancestors cached at consecutive positions. 140
-    # cached keys: the rows' keys cross a 128-key chunk at different points.
+    # cached keys: the rows' keys cross a 128-key chunk at different points; 270-300: two
+    # chunks of cached keys only, which the float32 kernel reads once for all rows.
     gen = torch.Generator().manual_seed(5)
-    parents = [-1, 0, 0, 1, 1, 2, 5, 3, 7, 0]
-    n, ctx = len(parents), 140
+    n = len(parents)
     q = torch.randn(n, 6, 64, generator=gen).to(dtype)
     k = torch.randn(ctx + n, 2, 64, generator=gen).to(dtype)
     v = torch.randn(ctx + n, 2, 64, generator=gen).to(dtype)

@@ -43,8 +43,9 @@ def _f32(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-# Row chunks as float32 weights in place split them (grouped bf16 copies in brackets, their
-# chunks are 4 rows, the rest last); each chunk in tiles as wide as its rows allow, within blocks of 6.
+# Row chunks as float32 weights in place split them (grouped bf16 copies in brackets: their
+# chunks are 4 rows, the rest last); each chunk in tiles as wide as its rows allow, within
+# blocks of 6.
 SHAPES = [
     (1, 6, 8),  # one block of 6 outputs, one lane chunk
     (1, 13, 20),  # blocks 6 + 6 + 1 over two threads; K tail of 4 lanes

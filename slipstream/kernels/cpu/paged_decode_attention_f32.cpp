@@ -24,8 +24,15 @@
 // 8 keys at a time, each key's 8 partial dot lanes summed by the same tree whatever its
 // place in the tile. Nothing depends on the other rows, sequences or threads: a row gets
 // the same bits alone, in any batch, and as any node of a draft tree as when it is decoded
-// alone. (Rows do not share key loads as the bf16 kernel's do: a 9-row tree at 300 keys
-// reads ~4 MB a layer from L2, ~25 us.)
+// alone.
+//
+// Shared key reads: a step's rows of one sequence see the same cached keys, so the splits
+// that hold cached keys only are the same for all of them. Such a split is one work item
+// for up to kSharedRows rows, reading each tile of keys and values once for all of them
+// (each row's arithmetic unchanged, so its bits too). One item a row (before), a 9-row tree
+// re-read its K/V 9 times, from L2 at best: 30 layers of a 9-row tree took 5.8 -> 4.8 ms
+// at 300 cached keys, 14.8 -> 11.1 at 1000 and 147 -> 81 at 8192; one-row steps within
+// noise (benchmarks/attention_kernel_ab.py --dtype float32).
 #include <immintrin.h>
 #include <omp.h>
 
@@ -63,6 +70,10 @@ struct Args {
 // Keys per split: 128 x 256-byte rows (D = 64) = 32 KB of values, what one core's L1 holds
 // while every head of the group takes its weighted sum over them.
 constexpr int64_t kSplit = 128;
+// Rows of a shared item (see Kernel::shared_item): a tree's rows, or a chunk of a longer
+// step's, read each key tile once; their scores take kSharedRows x group x kSplit floats.
+constexpr int64_t kSharedRows = 16;
+constexpr int64_t kValueTile = 32;  // values a shared item weighs for all rows at a time
 constexpr int kLanes = 8;
 constexpr float kNegInf = -__builtin_inff();
 
@@ -116,12 +127,9 @@ struct Kernel {
     return r.ctx + r.seen[p - r.cached];
   }
 
-  // Partials of split `split` of row r, for every query head of its group.
-  void item(const Row& r, int64_t split, float* scores) const {
-    const int64_t p0 = split * kSplit;
-    const int64_t n = std::min(kSplit, r.cached + r.num_seen - p0);
-    const float* keys[kSplit];
-    const float* values[kSplit];
+  // Pointers to the keys and values of virtual positions p0 .. p0 + n - 1 of row r; asks for
+  // the values ahead.
+  void gather(const Row& r, int64_t p0, int64_t n, const float** keys, const float** values) const {
     for (int64_t j = 0; j < n; ++j) {
       keys[j] = row_of(a.k_cache, r.seq, position(r, p0 + j), r.kv_head);
       values[j] = a.v_cache + (keys[j] - a.k_cache);
@@ -131,54 +139,122 @@ struct Kernel {
         _mm_prefetch(reinterpret_cast<const char*>(values[j] + c), _MM_HINT_T1);
       }
     }
-    const __m256 scale = _mm256_set1_ps(a.scale);
-    for (int64_t h = 0; h < group; ++h) {
-      const float* qh = a.q + r.token * a.q_token_stride + (r.kv_head * group + h) * a.q_head_stride;
-      __m256 qv[kVecs];
-      for (int c = 0; c < kVecs; ++c) qv[c] = _mm256_loadu_ps(qh + kLanes * c);
-      float* sh = scores + h * kSplit;
-      for (int64_t t0 = 0; t0 < n; t0 += kLanes) {
-        __m256 acc[kLanes];
-        for (int i = 0; i < kLanes; ++i) {
-          __m256 dot = _mm256_setzero_ps();
-          if (t0 + i < n) {
-            for (int c = 0; c < kVecs; ++c) {
-              dot = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(keys[t0 + i] + kLanes * c), dot);
-            }
-          }
-          acc[i] = dot;
+  }
+
+  // Query head h of row r's group, in registers.
+  void load_query(const Row& r, int64_t h, __m256* qv) const {
+    const float* qh = a.q + r.token * a.q_token_stride + (r.kv_head * group + h) * a.q_head_stride;
+    for (int c = 0; c < kVecs; ++c) qv[c] = _mm256_loadu_ps(qh + kLanes * c);
+  }
+
+  // Scaled scores of query qv against keys[0 .. count) (count <= 8) into sh[0 .. 8).
+  void score_tile(const __m256* qv, const float* const* keys, int64_t count, float* sh) const {
+    __m256 acc[kLanes];
+    for (int i = 0; i < kLanes; ++i) {
+      __m256 dot = _mm256_setzero_ps();
+      if (i < count) {
+        for (int c = 0; c < kVecs; ++c) {
+          dot = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(keys[i] + kLanes * c), dot);
         }
-        _mm256_storeu_ps(sh + t0, _mm256_mul_ps(sum_lanes_of_8(acc), scale));
+      }
+      acc[i] = dot;
+    }
+    _mm256_storeu_ps(sh, _mm256_mul_ps(sum_lanes_of_8(acc), _mm256_set1_ps(a.scale)));
+  }
+
+  // sh[0 .. n) scores -> their exponentials less the max (in place); out[0] = max, out[1] =
+  // the exponentials' sum.
+  static void softmax_partial(float* sh, int64_t n, float* out) {
+    __m256 mv = _mm256_set1_ps(kNegInf);
+    for (int64_t j = 0; j < n; j += kLanes) {
+      const __m256 live = _mm256_castsi256_ps(first_lanes(n - j));
+      mv = _mm256_max_ps(mv, _mm256_blendv_ps(mv, _mm256_loadu_ps(sh + j), live));
+    }
+    const float m = hmax(mv);
+    const __m256 mb = _mm256_set1_ps(m);
+    __m256 total = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; j += kLanes) {
+      const __m256 live = _mm256_castsi256_ps(first_lanes(n - j));
+      const __m256 e = _mm256_and_ps(exp_ps(_mm256_sub_ps(_mm256_loadu_ps(sh + j), mb)), live);
+      _mm256_storeu_ps(sh + j, e);  // the tile's spare lanes (past n) hold zeros
+      total = _mm256_add_ps(total, e);
+    }
+    out[0] = m;
+    out[1] = sum_lanes(total);
+  }
+
+  // out[2 ..] (+)= sum over j in [j0, j1) of sh[j] * values[j], in increasing j; `first`:
+  // start from zero rather than from what out holds.
+  static void weighted_values(const float* sh, const float* const* values, int64_t j0,
+                              int64_t j1, bool first, float* out) {
+    __m256 acc[kVecs];
+    for (int c = 0; c < kVecs; ++c) {
+      acc[c] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(out + 2 + kLanes * c);
+    }
+    for (int64_t j = j0; j < j1; ++j) {
+      const __m256 p = _mm256_broadcast_ss(sh + j);
+      for (int c = 0; c < kVecs; ++c) {
+        acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(values[j] + kLanes * c), acc[c]);
+      }
+    }
+    for (int c = 0; c < kVecs; ++c) _mm256_storeu_ps(out + 2 + kLanes * c, acc[c]);
+  }
+
+  float* partial(const Row& r, int64_t split, int64_t h) const {
+    return partials + ((r.first_item + split) * group + h) * kPartial;
+  }
+
+  // Partials of split `split` of row r, for every query head of its group.
+  void item(const Row& r, int64_t split, float* scores) const {
+    const int64_t p0 = split * kSplit;
+    const int64_t n = std::min(kSplit, r.cached + r.num_seen - p0);
+    const float* keys[kSplit];
+    const float* values[kSplit];
+    gather(r, p0, n, keys, values);
+    for (int64_t h = 0; h < group; ++h) {
+      __m256 qv[kVecs];
+      load_query(r, h, qv);
+      for (int64_t t0 = 0; t0 < n; t0 += kLanes) {
+        score_tile(qv, keys + t0, n - t0, scores + h * kSplit + t0);
       }
     }
     for (int64_t h = 0; h < group; ++h) {
       float* sh = scores + h * kSplit;
-      float* out = partials + (r.first_item + split) * group * kPartial + h * kPartial;
-      __m256 mv = _mm256_set1_ps(kNegInf);
-      for (int64_t j = 0; j < n; j += kLanes) {
-        const __m256 live = _mm256_castsi256_ps(first_lanes(n - j));
-        mv = _mm256_max_ps(mv, _mm256_blendv_ps(mv, _mm256_loadu_ps(sh + j), live));
-      }
-      const float m = hmax(mv);
-      const __m256 mb = _mm256_set1_ps(m);
-      __m256 total = _mm256_setzero_ps();
-      for (int64_t j = 0; j < n; j += kLanes) {
-        const __m256 live = _mm256_castsi256_ps(first_lanes(n - j));
-        const __m256 e = _mm256_and_ps(exp_ps(_mm256_sub_ps(_mm256_loadu_ps(sh + j), mb)), live);
-        _mm256_storeu_ps(sh + j, e);  // the tile's spare lanes (past n) hold zeros
-        total = _mm256_add_ps(total, e);
-      }
-      out[0] = m;
-      out[1] = sum_lanes(total);
-      __m256 acc[kVecs];
-      for (int c = 0; c < kVecs; ++c) acc[c] = _mm256_setzero_ps();
-      for (int64_t j = 0; j < n; ++j) {
-        const __m256 p = _mm256_broadcast_ss(sh + j);
-        for (int c = 0; c < kVecs; ++c) {
-          acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(values[j] + kLanes * c), acc[c]);
+      float* out = partial(r, split, h);
+      softmax_partial(sh, n, out);
+      weighted_values(sh, values, 0, n, true, out);
+    }
+  }
+
+  // The same for rows rs[0 .. nr) of one (sequence, KV head) at a split of cached keys only
+  // (kSplit of them, the same for every row): each tile of keys and values is read from
+  // memory once for all rows instead of once a row. Each (row, head) runs item()'s
+  // arithmetic in item()'s order, so the bits are item()'s.
+  void shared_item(const Row* rs, int64_t nr, int64_t split, float* scores) const {
+    const float* keys[kSplit];
+    const float* values[kSplit];
+    gather(rs[0], split * kSplit, kSplit, keys, values);
+    for (int64_t t0 = 0; t0 < kSplit; t0 += kLanes) {
+      for (int64_t i = 0; i < nr; ++i) {
+        for (int64_t h = 0; h < group; ++h) {
+          __m256 qv[kVecs];
+          load_query(rs[i], h, qv);
+          score_tile(qv, keys + t0, kLanes, scores + (i * group + h) * kSplit + t0);
         }
       }
-      for (int c = 0; c < kVecs; ++c) _mm256_storeu_ps(out + 2 + kLanes * c, acc[c]);
+    }
+    for (int64_t i = 0; i < nr; ++i) {
+      for (int64_t h = 0; h < group; ++h) {
+        softmax_partial(scores + (i * group + h) * kSplit, kSplit, partial(rs[i], split, h));
+      }
+    }
+    for (int64_t j0 = 0; j0 < kSplit; j0 += kValueTile) {
+      for (int64_t i = 0; i < nr; ++i) {
+        for (int64_t h = 0; h < group; ++h) {
+          weighted_values(scores + (i * group + h) * kSplit, values, j0, j0 + kValueTile, j0 == 0,
+                          partial(rs[i], split, h));
+        }
+      }
     }
   }
 
@@ -187,13 +263,13 @@ struct Kernel {
     float* out = a.out + (r.token * a.num_heads + r.kv_head * group + h) * D;
     float m = kNegInf;
     for (int64_t s = 0; s < r.splits; ++s) {
-      m = std::max(m, partials[((r.first_item + s) * group + h) * kPartial]);
+      m = std::max(m, partial(r, s, h)[0]);
     }
     __m256 acc[kVecs];
     for (int c = 0; c < kVecs; ++c) acc[c] = _mm256_setzero_ps();
     float total = 0.0f;
     for (int64_t s = 0; s < r.splits; ++s) {
-      const float* part = partials + ((r.first_item + s) * group + h) * kPartial;
+      const float* part = partial(r, s, h);
       const __m256 w = exp_ps(_mm256_set1_ps(part[0] - m));
       total += _mm256_cvtss_f32(w) * part[1];
       for (int c = 0; c < kVecs; ++c) {
@@ -218,9 +294,16 @@ void run(const Args& a, int64_t num_seqs, int num_threads) {
   std::vector<int32_t> seen(num_tokens * max_q);
   // Block-sparse: per (sequence, KV head), the cached positions it reads, ascending.
   std::vector<std::vector<int32_t>> cached_pos(a.chunks == nullptr ? 0 : num_seqs * a.num_kv_heads);
-  std::vector<Row> rows;
+  std::vector<Row> rows;  // by sequence, then KV head, then token
   rows.reserve(num_tokens * a.num_kv_heads);
-  std::vector<int64_t> item_row, item_split;
+  // Work items: {first row, rows, split}. rows > 0: a shared item over rows first .. first +
+  // rows - 1 (one sequence and KV head) at a split of cached keys only; rows = 0: row
+  // first's split alone (its last splits, where its own new keys come in).
+  struct Work {
+    int64_t row, num_rows, split;
+  };
+  std::vector<Work> work;
+  int64_t total_items = 0;  // partial slots: a row's splits are first_item .. + splits - 1
   for (int64_t s = 0; s < num_seqs; ++s) {
     const int64_t first = a.query_start[s], num_q = a.query_start[s + 1] - first;
     const int64_t ctx = a.seq_lens[s] - num_q;
@@ -238,39 +321,60 @@ void run(const Args& a, int64_t num_seqs, int num_threads) {
         }
       }
     }
+    std::vector<int64_t> count(num_q);
     for (int64_t i = 0; i < num_q; ++i) {
       const int64_t t = first + i;
-      int64_t count = 0;
       for (int64_t j = 0; j < num_q; ++j) {
         const bool sees = a.tree_mask == nullptr ? j <= i : a.tree_mask[t * a.tree_mask_stride + j] != 0;
-        if (sees) seen[t * max_q + count++] = static_cast<int32_t>(j);
+        if (sees) seen[t * max_q + count[i]++] = static_cast<int32_t>(j);
       }
-      for (int64_t g = 0; g < a.num_kv_heads; ++g) {
-        Row r{s, t, g, ctx, nullptr, seen.data() + t * max_q, count, ctx, 0, 0};
+    }
+    for (int64_t g = 0; g < a.num_kv_heads; ++g) {
+      const int64_t row0 = static_cast<int64_t>(rows.size());
+      for (int64_t i = 0; i < num_q; ++i) {
+        const int64_t t = first + i;
+        Row r{s, t, g, ctx, nullptr, seen.data() + t * max_q, count[i], ctx, 0, 0};
         if (a.chunks != nullptr) {
           const std::vector<int32_t>& pos = cached_pos[s * a.num_kv_heads + g];
           r.cached = static_cast<int64_t>(pos.size());
           r.cached_pos = pos.data();
         }
-        r.first_item = static_cast<int64_t>(item_row.size());
-        r.splits = (r.cached + count + kSplit - 1) / kSplit;
-        for (int64_t sp = 0; sp < r.splits; ++sp) {
-          item_row.push_back(static_cast<int64_t>(rows.size()));
-          item_split.push_back(sp);
-        }
+        r.first_item = total_items;
+        r.splits = (r.cached + count[i] + kSplit - 1) / kSplit;
+        total_items += r.splits;
         rows.push_back(r);
+      }
+      // Splits below full_splits hold cached keys only, the same for every row of (s, g):
+      // shared items when there are rows to share them (one row: item() is 7-9% faster).
+      const int64_t full_splits = num_q > 1 ? rows[row0].cached / kSplit : 0;
+      for (int64_t sp = 0; sp < full_splits; ++sp) {
+        for (int64_t i = 0; i < num_q; i += kSharedRows) {
+          work.push_back({row0 + i, std::min(kSharedRows, num_q - i), sp});
+        }
+      }
+      for (int64_t i = 0; i < num_q; ++i) {
+        for (int64_t sp = full_splits; sp < rows[row0 + i].splits; ++sp) {
+          work.push_back({row0 + i, 0, sp});
+        }
       }
     }
   }
-  const int64_t num_items = static_cast<int64_t>(item_row.size());
-  std::vector<float> partials(num_items * group * Kernel<D>::kPartial);
+  std::vector<float> partials(total_items * group * Kernel<D>::kPartial);
   const Kernel<D> k{a, group, partials.data()};
   const int64_t num_rows = static_cast<int64_t>(rows.size());
+  const int64_t num_work = static_cast<int64_t>(work.size());
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<float> scores(group * kSplit);
+    std::vector<float> scores(kSharedRows * group * kSplit);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < num_items; ++i) k.item(rows[item_row[i]], item_split[i], scores.data());
+    for (int64_t i = 0; i < num_work; ++i) {
+      const Work& w = work[i];
+      if (w.num_rows > 0) {
+        k.shared_item(rows.data() + w.row, w.num_rows, w.split, scores.data());
+      } else {
+        k.item(rows[w.row], w.split, scores.data());
+      }
+    }
 #pragma omp for schedule(static)
     for (int64_t o = 0; o < num_rows * group; ++o) k.merge(rows[o / group], o % group);
   }

@@ -9,9 +9,12 @@ import ctypes
 import statistics
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from slipstream.kernels.cpu.build import INSTRUCTION_SETS, build_library
 
@@ -76,3 +79,33 @@ def print_ab_table(
     for row, same in same_bits.items():
         a, b = (statistics.median(times[(n, row)]) * 1e3 for n in names)
         print(f"| {row} | {a:.2f} | {b:.2f} | {a / b:.2f}x | {'yes' if same else 'NO'} |")
+
+
+def interleaved_rounds(
+    builds: dict[str, Callable[..., int]],
+    cases: Sequence[Any],
+    rounds: int,
+    run_case: Callable[[Callable[..., int], Any], list[torch.Tensor]],
+) -> tuple[dict[tuple[str, Any], list[float]], dict[Any, bool]]:
+    """Seconds of run_case(build's function, case) per (build, case) over `rounds` rounds
+    after a warm-up round, the builds' order flipping every round; and per case whether the
+    two builds' outputs (run_case's tensors, from the warm-up) have the same bits."""
+    names = list(builds)
+    times: dict[tuple[str, Any], list[float]] = {(b, c): [] for b in names for c in cases}
+    outs: dict[tuple[str, Any], list[torch.Tensor]] = {}
+    for r in range(rounds + 1):  # round 0 warms up and keeps the outputs
+        for name in names if r % 2 else names[::-1]:
+            for case in cases:
+                start = time.perf_counter()
+                got = run_case(builds[name], case)
+                if r:
+                    times[(name, case)].append(time.perf_counter() - start)
+                else:
+                    outs[(name, case)] = got
+    same = {
+        c: all(
+            torch.equal(x, y) for x, y in zip(outs[(names[0], c)], outs[(names[1], c)], strict=True)
+        )
+        for c in cases
+    }
+    return times, same

@@ -16,19 +16,18 @@ moves the numbers).
 from __future__ import annotations
 
 import argparse
-import time
+from collections.abc import Callable
 
 import torch
 from kernel_revisions import (  # benchmarks/: a kernel at a git revision
     build_base_and_working_tree,
+    interleaved_rounds,
     print_ab_table,
 )
+from skinny_f32_layouts import HEAD, LAYERS, SHAPES  # benchmarks/: the model's products
 
 import slipstream.kernels.cpu.skinny_linear_f32 as sl
 
-LAYERS = 30
-SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # (N, K) of one layer
-HEAD = (49152, 576)
 FUNCTIONS = {  # layout -> the C entry point that reads it
     "grouped": "slipstream_skinny_linear_f32_bf16g",
     "float32": "slipstream_skinny_linear_f32",
@@ -65,46 +64,23 @@ def main() -> None:
     builds = build_base_and_working_tree(
         args.base, "skinny_linear_f32.cpp", fn_name, sl._SKINNY_F32.argtypes, isa="avx2_fma"
     )
-    names = list(builds)
     inputs = {m: {k: torch.randn(m, k) for k in (576, 1536)} for m in rows}
-    times: dict[tuple[str, int], list[float]] = {(b, m): [] for b in names for m in rows}
-    outs: dict[tuple[str, int], list[torch.Tensor]] = {}
     threads = torch.get_num_threads()
-    for r in range(args.rounds + 1):  # round 0 warms up and keeps the outputs
-        for name in names if r % 2 else names[::-1]:
-            fn = builds[name]
-            for m in rows:
-                kept = []
-                start = time.perf_counter()
-                for data, n, k in weights:
-                    y = torch.empty(m, n)
-                    fn(
-                        inputs[m][k].data_ptr(),
-                        m,
-                        k,
-                        data.data_ptr(),
-                        n,
-                        None,
-                        y.data_ptr(),
-                        threads,
-                    )
-                    if not r:
-                        kept.append(y)
-                if r:
-                    times[(name, m)].append(time.perf_counter() - start)
-                else:
-                    outs[(name, m)] = kept
-    same = {
-        m: all(
-            torch.equal(x, y) for x, y in zip(outs[(names[0], m)], outs[(names[1], m)], strict=True)
-        )
-        for m in rows
-    }
+
+    def step(fn: Callable[..., int], m: int) -> list[torch.Tensor]:
+        outs = []
+        for data, n, k in weights:
+            y = torch.empty(m, n)
+            fn(inputs[m][k].data_ptr(), m, k, data.data_ptr(), n, None, y.data_ptr(), threads)
+            outs.append(y)
+        return outs
+
+    times, same = interleaved_rounds(builds, rows, args.rounds, step)
     title = (
         f"{len(weights)} products ({args.layout}), ms (median of {args.rounds} interleaved "
         f"rounds), {threads} threads"
     )
-    print_ab_table(title, "rows", names, times, same)
+    print_ab_table(title, "rows", list(builds), times, same)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ Not a test: run it alone on the machine (another process on the cores moves the 
 from __future__ import annotations
 
 import argparse
-import time
+from collections.abc import Callable
 
 import torch
 from kernel_revisions import (  # benchmarks/: a kernel at a git revision
     build_base_and_working_tree,
+    interleaved_rounds,
     print_ab_table,
 )
 
@@ -46,44 +47,20 @@ def main() -> None:
     builds = build_base_and_working_tree(
         args.base, "skinny_linear.cpp", "slipstream_skinny_linear", sl._SKINNY.argtypes
     )
-    names = list(builds)
-    times: dict[tuple[str, int], list[float]] = {(b, m): [] for b in names for m in rows}
-    outs: dict[tuple[str, int], list[torch.Tensor]] = {}
     threads = torch.get_num_threads()
-    for r in range(args.rounds + 1):  # round 0 warms up and keeps the outputs
-        for name in names if r % 2 else names[::-1]:
-            fn = builds[name]
-            for m in rows:
-                kept = []
-                start = time.perf_counter()
-                for w in weights:
-                    n, k = w.shape[0] * 16, w.shape[1] * 2
-                    y = torch.empty(m, n, dtype=torch.bfloat16)
-                    fn(
-                        inputs[m][k].data_ptr(),
-                        m,
-                        k,
-                        w.data_ptr(),
-                        n,
-                        None,
-                        y.data_ptr(),
-                        0,
-                        threads,
-                    )
-                    if not r:
-                        kept.append(y)
-                if r:
-                    times[(name, m)].append(time.perf_counter() - start)
-                else:
-                    outs[(name, m)] = kept
-    same = {
-        m: all(
-            torch.equal(x, y) for x, y in zip(outs[(names[0], m)], outs[(names[1], m)], strict=True)
-        )
-        for m in rows
-    }
+
+    def step(fn: Callable[..., int], m: int) -> list[torch.Tensor]:
+        outs = []
+        for w in weights:
+            n, k = w.shape[0] * 16, w.shape[1] * 2
+            y = torch.empty(m, n, dtype=torch.bfloat16)
+            fn(inputs[m][k].data_ptr(), m, k, w.data_ptr(), n, None, y.data_ptr(), 0, threads)
+            outs.append(y)
+        return outs
+
+    times, same = interleaved_rounds(builds, rows, args.rounds, step)
     title = f"120 projections, ms (median of {args.rounds} interleaved rounds), {threads} threads"
-    print_ab_table(title, "rows", names, times, same)
+    print_ab_table(title, "rows", list(builds), times, same)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,9 @@ from kernel_revisions import (  # benchmarks/: a kernel at a git revision
     interleaved_rounds,
     print_ab_table,
 )
+from skinny_f32_layouts import LAYERS, SHAPES  # benchmarks/: the default model's products
 
 import slipstream.kernels.cpu.skinny_linear as sl
-
-LAYERS = 30
-SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # (N, K) of one layer
 
 
 def main() -> None:

@@ -325,7 +325,8 @@ void run(const Args& a, int64_t num_seqs, int num_threads) {
     for (int64_t i = 0; i < num_q; ++i) {
       const int64_t t = first + i;
       for (int64_t j = 0; j < num_q; ++j) {
-        const bool sees = a.tree_mask == nullptr ? j <= i : a.tree_mask[t * a.tree_mask_stride + j] != 0;
+        const bool sees =
+            a.tree_mask == nullptr ? j <= i : a.tree_mask[t * a.tree_mask_stride + j] != 0;
         if (sees) seen[t * max_q + count[i]++] = static_cast<int32_t>(j);
       }
     }
@@ -345,7 +346,8 @@ void run(const Args& a, int64_t num_seqs, int num_threads) {
         rows.push_back(r);
       }
       // Splits below full_splits hold cached keys only, the same for every row of (s, g):
-      // shared items when there are rows to share them (one row: item() is 7-9% faster).
+      // shared items when there are rows to share them (one-row steps run item(): shared
+      // items there measured 7-9% slower in a first version of them).
       const int64_t full_splits = num_q > 1 ? rows[row0].cached / kSplit : 0;
       for (int64_t sp = 0; sp < full_splits; ++sp) {
         for (int64_t i = 0; i < num_q; i += kSharedRows) {
@@ -363,9 +365,12 @@ void run(const Args& a, int64_t num_seqs, int num_threads) {
   const Kernel<D> k{a, group, partials.data()};
   const int64_t num_rows = static_cast<int64_t>(rows.size());
   const int64_t num_work = static_cast<int64_t>(work.size());
+  // Scores of the widest item: a shared item's rows, or one row (a one-row step's 1.5 KB,
+  // not the 24 KB of 16 rows, allocated per thread per call).
+  const int64_t score_rows = max_q > 1 ? std::min(kSharedRows, max_q) : 1;
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<float> scores(kSharedRows * group * kSplit);
+    std::vector<float> scores(score_rows * group * kSplit);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < num_work; ++i) {
       const Work& w = work[i];

@@ -29,9 +29,10 @@
 // chunks of up to 6 (before), 9 rows ran as 5 + 4 in 5 x 2 tiles. A step's products (model
 // shapes, 2 threads, benchmarks/skinny_f32_ab.py, 15 rounds) went from 38.3 to 36.3 ms at 9
 // rows, 50.6 to 45.9 at 13 and 87.0 to 77.0 at 25; 1-8 rows within noise (0.95-1.03x).
-// Chunks of equal size (3 + 3 + 3) measured within 5% of full chunks at 5-25 rows. float32 weights stream twice the bytes, so their
-// steps are DRAM-bound to ~10 rows and run in one pass (Float32Weights says why). Chunks
-// hold as many of x's rows as fit in L1 (24 KB: 10 at K = 576, 4 at K = 1536).
+// Chunks of equal size (3 + 3 + 3) measured within 5% of full chunks at 5-25 rows. float32
+// weights stream twice the bytes, so their steps are DRAM-bound to ~10 rows and run in one
+// pass (Float32Weights says why). Chunks hold as many of x's rows as fit in L1 (24 KB: 10
+// at K = 576, 4 at K = 1536).
 //
 // Prefetch: the first chunk asks for the weights 16 KB ahead of its reads (the hardware
 // prefetcher alone left DRAM idle while the FMAs ran). Spreading the asks over all chunks

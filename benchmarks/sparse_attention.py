@@ -10,8 +10,10 @@ Papers: HiP (Lee et al., arXiv 2406.09827), Kinetics block top-k (Sadhukhan et a
              at a time so that sparse attention applies
   kernel     (CUDA only) sparse paged decode attention + selection vs dense SDPA (flash) at
              32k and 128k on random data
-Configs: standard (dense), each method with its defaults, and each method at a quarter of
-the context ("q": sink + window + top_k = context / 4).
+Configs: standard (dense), `default` (`--decoder sparse_attention` with no config: block
+top-k at 0.21 of the context with prompt pins), each method with its own defaults, each
+method at a quarter of the context ("q": sink + window + top_k = context / 4), and more
+(see configs(); --config adds your own).
 
 Short validation run (busy CPU):
   python benchmarks/sparse_attention.py --contexts 2048 --decode-tokens 8 \\
@@ -158,6 +160,7 @@ def configs(
     quarter = context // 4
     out: dict[str, tuple[str, dict[str, Any]]] = {
         "dense": ("standard", {}),
+        "default": ("sparse_attention", {}),  # `--decoder sparse_attention`, no config
         "hip": ("sparse_attention", {"method": "hip"}),
         "block_topk": ("sparse_attention", {"method": "block_topk"}),
         "hip_q": (
@@ -499,7 +502,7 @@ def main() -> None:
     )
     ap.add_argument("--ppl-prefix", type=int, default=4096)
     ap.add_argument("--ppl-tokens", type=int, default=128)
-    ap.add_argument("--configs", default="dense,hip,block_topk,hip_q,block_topk_q")
+    ap.add_argument("--configs", default="dense,default,hip,block_topk")
     ap.add_argument(
         "--config",
         action="append",

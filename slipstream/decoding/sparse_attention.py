@@ -11,7 +11,7 @@ The decoder only replaces attention (`attention_backend`): prefill chunks stay d
 each decode token (or verification tree) reads sink + local window + the selected chunks of
 the paged KV. Options (`--decoder-config`), defaults per method:
 
-    method            "hip" (default) or "block_topk"
+    method            "hip", "block_topk", or unset: the default configuration (below)
     top_k             tokens selected between sink and window (hip 256, block_topk 256)
     top_k_pages       the same budget in KV pages (block_topk's unit); set one of the two
     sink              first tokens always read (hip 16, block_topk 4 -> its first page)
@@ -38,14 +38,29 @@ the paged KV. Options (`--decoder-config`), defaults per method:
                       page's keys and the group's query heads) is highest are read; costs
                       reading the shortlist's K (F times the budget), recovers the copy
                       steps of needle retrieval that page means miss
-    prompt_pages      block_topk: 0, or P > 0 pages of the budget per KV head chosen once,
-                      at the end of the prefill, by the attention the prompt's last
-                      `observation_window` tokens pay them (SnapKV, Li et al., arXiv
-                      2404.14469: a prompt's closing question looks at what the answer
-                      will need), then read at every decode step; the other top_k - P
+    prompt_pages      block_topk: 0 (the default configuration: 32), or P > 0 pages of
+                      the budget per KV head chosen once, at the end of the prefill, by
+                      the attention the prompt's last `observation_window` tokens pay
+                      them (SnapKV, Li et al., arXiv 2404.14469: a prompt's closing
+                      question looks at what the answer will need), then read at every
+                      decode step; the other top_k - P
                       pages are chosen per step as usual. Costs one pass over the prompt's
                       keys per layer at the end of the prefill, nothing per decode step
     observation_window  block_topk with prompt_pages: prompt tokens whose queries vote (32)
+
+The default configuration (no `method` named): block top-k reading 0.21 of the context in
+each sparse layer (`budget_fraction`; with layer 0 dense and pages of 16 tokens the model
+reads at most a quarter of the KV: 0.24 at 1k tokens, where 0.22 read 0.251), at most 48
+selected pages (768 tokens; an 8k context reads ~12%), 32 of them pinned by the prompt's
+end (`prompt_pages`), the rest chosen every 8th step (`refresh_interval` 8). Each key not
+set is filled from it, so `{"refresh_interval": 1}` changes one knob of it, and a budget in
+any unit (`top_k`, `top_k_pages` or `budget_fraction`) replaces its budget; naming a method
+starts from that method's defaults instead. Why: on the needle set of
+benchmarks/sparse_attention.py (60 needles at 1k-4k) HiP's defaults found 28/60 and
+Kinetics' block top-k 33/60 where dense found 59/60; with pins and a quarter budget block
+top-k found 58/60 and decoded 1.9-2.3x dense at 8k (BENCHMARKS.md, sessions 19-25). Its weak
+spot: a question placed before the text, where the pins look at the wrong tokens (6/30
+against dense's 18/30, session 19).
 
 Where the official defaults differ: HiP ships k=512, window 256 (v1.1; 128 in v1.0), sized
 for 32k-128k contexts; Kinetics' benchmark keeps 64 pages (1024 tokens). Our default model
@@ -88,13 +103,22 @@ METHODS = ("hip", "block_topk")
 # method -> (top_k tokens, sink, window, dense_layers, refresh_interval); see the module
 # docstring.
 _DEFAULTS = {"hip": (256, 16, 128, 3, 8), "block_topk": (256, 4, 64, 1, 1)}
+# What an options object without a method gets, key by key where the key is unset (see the
+# module docstring for why).
+DEFAULT_CONFIGURATION: dict[str, Any] = {
+    "method": "block_topk",
+    "budget_fraction": 0.21,
+    "top_k_pages": 48,
+    "prompt_pages": 32,
+    "refresh_interval": 8,
+}
 
 
 @dataclass(frozen=True)
 class SparseAttentionOptions:
     """Knobs of the sparse-attention decoder; None = the method's default."""
 
-    method: str = "hip"
+    method: str | None = None  # None: DEFAULT_CONFIGURATION's method and its other keys
     top_k: int | None = None
     top_k_pages: int | None = None
     sink: int | None = None
@@ -107,10 +131,19 @@ class SparseAttentionOptions:
     rerank_factor: int = 0
     budget_fraction: float | None = None
     dense_below: int = 0
-    prompt_pages: int = 0
+    prompt_pages: int | None = None  # None: 32 in the default configuration, else 0
     observation_window: int = 32
 
     def __post_init__(self) -> None:
+        if self.method is None:  # the default configuration fills what was left unset
+            # A budget given in any unit (tokens, pages, fraction) replaces its whole budget.
+            budget = ("top_k", "top_k_pages", "budget_fraction")
+            budget_set = any(getattr(self, name) is not None for name in budget)
+            for name, value in DEFAULT_CONFIGURATION.items():
+                if getattr(self, name) is None and not (budget_set and name in budget):
+                    object.__setattr__(self, name, value)
+        if self.prompt_pages is None:
+            object.__setattr__(self, "prompt_pages", 0)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.top_k is not None and self.top_k_pages is not None:
@@ -144,10 +177,16 @@ class SparseAttentionOptions:
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
 
+    @property
+    def resolved_method(self) -> str:
+        """The method in effect (__post_init__ fills an unset one)."""
+        assert self.method is not None
+        return self.method
+
 
 def make_selector(options: SparseAttentionOptions, ctx: DecoderContext) -> Selector:
     """The method's selector with defaults filled in."""
-    top_k, sink, window, _, refresh = _DEFAULTS[options.method]
+    top_k, sink, window, _, refresh = _DEFAULTS[options.resolved_method]
     if options.refresh_interval is not None:
         refresh = options.refresh_interval
     if options.top_k_pages is not None:
@@ -190,7 +229,7 @@ def make_selector(options: SparseAttentionOptions, ctx: DecoderContext) -> Selec
         options.page_scoring,
         options.rerank_factor,
         refresh,
-        options.prompt_pages,
+        options.prompt_pages or 0,
         options.observation_window,
     )
 
@@ -356,9 +395,9 @@ class SparseAttentionDecoder(Decoder):
 
     def __init__(self, options: Any, ctx: DecoderContext) -> None:
         super().__init__(options, ctx)
-        dense = (
-            _DEFAULTS[options.method][3] if options.dense_layers is None else options.dense_layers
-        )
+        dense = options.dense_layers
+        if dense is None:
+            dense = _DEFAULTS[options.resolved_method][3]
         self.dense_layers = min(dense, ctx.num_layers)
         self.shared = _Shared(make_selector(options, ctx), ctx.num_layers, self.dense_layers)
         self.backends: list[SparseAttentionBackend] = []

@@ -110,6 +110,50 @@ def test_default_config_prunes_at_needle_lengths() -> None:
         g = dec.shared.selector.geometry
         budget = g.sink_chunks * g.chunk + g.top_k * g.chunk + g.window + g.chunk
         assert budget <= 1024 // 2, (method, budget)
+    # The default configuration: what a sparse layer reads at 1k-8k cached keys, and the
+    # model's read with its dense layer 0 counted, at most a quarter of the context.
+    dec = SparseAttentionDecoder(SparseAttentionOptions(), ctx)
+    g = dec.shared.selector.geometry
+    assert dec.dense_layers == 1
+    for context in (1024, 2048, 4096, 8192):
+        assert dec.shared.selector.prunes(context)
+        # The window may straddle one more page than it fills.
+        window = (-(-g.window // g.chunk) + 1) * g.chunk
+        read = g.sink_chunks * g.chunk + g.top_k_at(context) * g.chunk + window + g.chunk
+        model_read = (context * dec.dense_layers + read * (30 - dec.dense_layers)) / (30 * context)
+        assert model_read <= 0.25, (context, read, model_read)
+        assert read >= 0.15 * context or g.top_k_at(context) == 48, (context, read)
+
+
+def test_default_configuration_fills_only_what_is_unset() -> None:
+    """No method: block top-k with DEFAULT_CONFIGURATION's keys where the options leave them
+    unset; a budget in any unit replaces its budget; a named method keeps its own defaults."""
+    default = SparseAttentionOptions()
+    assert (default.method, default.budget_fraction, default.top_k_pages) == (
+        "block_topk",
+        0.21,
+        48,
+    )
+    assert (default.prompt_pages, default.refresh_interval) == (32, 8)
+    one_knob = SparseAttentionOptions(refresh_interval=1, prompt_pages=0)
+    assert (one_knob.refresh_interval, one_knob.prompt_pages, one_knob.budget_fraction) == (
+        1,
+        0,
+        0.21,
+    )
+    tokens = SparseAttentionOptions(top_k=64)
+    assert (tokens.top_k, tokens.top_k_pages, tokens.budget_fraction) == (64, None, None)
+    assert tokens.prompt_pages == 32
+    assert SparseAttentionOptions(budget_fraction=0.5).top_k_pages is None
+    for method in ("hip", "block_topk"):
+        named = SparseAttentionOptions(method=method)
+        assert (named.prompt_pages, named.budget_fraction, named.refresh_interval) == (
+            0,
+            None,
+            None,
+        )
+    with pytest.raises(ValueError, match="method"):
+        SparseAttentionOptions(method="quest")
 
 
 def _decode_meta(tables: torch.Tensor, lens: list[int]) -> AttentionMetadata:

@@ -27,6 +27,10 @@ import triton
 import triton.language as tl
 
 from slipstream.kernels._dispatch import use_triton
+from slipstream.kernels.cpu.page_mean_keys import (
+    page_mean_keys_cpu,
+    page_mean_keys_cpu_unavailable_reason,
+)
 
 
 def _filled_pages(
@@ -209,9 +213,14 @@ def page_mean_keys(
     pages: torch.Tensor,  # [num_pages] int32/int64
     counts: torch.Tensor,  # [num_pages] int32/int64, 1..block_size
 ) -> None:
-    """Public op: Triton on CUDA, the reference elsewhere (see kernels/_dispatch.py)."""
-    op = page_mean_keys_triton if use_triton(k_cache) else page_mean_keys_ref
-    op(k_cache, means, pages, counts)
+    """Public op: Triton on CUDA, on CPU the C++ kernel where it runs (cpu/page_mean_keys.cpp,
+    the reference's bits), else the reference (see kernels/_dispatch.py)."""
+    if use_triton(k_cache):
+        page_mean_keys_triton(k_cache, means, pages, counts)
+    elif page_mean_keys_cpu_unavailable_reason(k_cache, means) is None:
+        page_mean_keys_cpu(k_cache, means, pages, counts)
+    else:
+        page_mean_keys_ref(k_cache, means, pages, counts)
 
 
 def page_key_bounds(

@@ -3,6 +3,8 @@ per-page loop."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -17,6 +19,21 @@ from slipstream.kernels.cpu.page_topk import (
 needs_kernel = pytest.mark.skipif(
     page_topk_unavailable_reason() is not None, reason=f"{page_topk_unavailable_reason()}"
 )
+needs_rerank = pytest.mark.skipif(
+    page_topk_unavailable_reason(rerank=True) is not None,
+    reason=f"{page_topk_unavailable_reason(rerank=True)}",
+)
+# Each build of page_topk.cpp, run where this CPU has its instruction set.
+BUILDS = [
+    pytest.param(
+        isa,
+        marks=pytest.mark.skipif(
+            page_topk_unavailable_reason(isa) is not None,
+            reason=f"{page_topk_unavailable_reason(isa)}",
+        ),
+    )
+    for isa in ("avx512_bf16", "avx2_fma")
+]
 
 
 def _inputs(
@@ -55,23 +72,23 @@ def _as_lists(chosen: torch.Tensor) -> list[list[list[int]]]:
     return [[[p for p in row if p >= 0] for row in per_head] for per_head in chosen.tolist()]
 
 
-@needs_kernel
-@pytest.mark.parametrize("group, width", [(1, 64), (3, 64), (1, 128), (2, 40)])
-def test_kernel_matches_plain_selection_and_reference(group: int, width: int) -> None:
+@pytest.mark.parametrize("isa", BUILDS)
+@pytest.mark.parametrize("group, width", [(1, 64), (3, 64), (1, 128), (2, 40), (1, 13)])
+def test_kernel_matches_plain_selection_and_reference(group: int, width: int, isa: str) -> None:
     q, summary, tables = _inputs(3, 2, group, width)
     ends, ks = [40, 25, 3], [8, 8, 8]  # the last sequence has fewer candidates than k
-    got = page_topk(q, summary, tables, ends, 2, ks)
+    got = page_topk(q, summary, tables, ends, 2, ks, isa=isa)
     assert got.shape == (3, 2, 8) and got.dtype == torch.long
     assert _as_lists(got) == _plain(q, summary, tables, ends, 2, ks)
     assert (got[2, :, 1:] == -1).all()  # one candidate (page 2), then padding
     assert torch.equal(got, page_topk_ref(q, summary, tables, ends, 2, ks))
 
 
-@needs_kernel
-def test_per_sequence_budgets_pad_the_shorter_rows() -> None:
+@pytest.mark.parametrize("isa", BUILDS)
+def test_per_sequence_budgets_pad_the_shorter_rows(isa: str) -> None:
     q, summary, tables = _inputs(2, 3, 1, 64)
     ends, ks = [40, 40], [10, 4]  # budget_fraction gives shorter contexts fewer pages
-    got = page_topk(q, summary, tables, ends, 1, ks)
+    got = page_topk(q, summary, tables, ends, 1, ks, isa=isa)
     assert got.shape == (2, 3, 10)
     assert (got[1, :, 4:] == -1).all() and (got[1, :, :4] >= 1).all()
     assert _as_lists(got) == _plain(q, summary, tables, ends, 1, ks)
@@ -89,19 +106,44 @@ def test_reference_finds_the_planted_pages() -> None:
     assert page_topk_ref(q, summary, tables, [30], 4, [2]).tolist() == [[[19, 7]]]
 
 
-@needs_kernel
-def test_bad_arguments_raise() -> None:
+@pytest.mark.parametrize("isa", BUILDS)
+def test_bad_arguments_raise(isa: str) -> None:
     q, summary, tables = _inputs(1, 2, 1, 64)
     with pytest.raises(ValueError, match="summary"):
-        page_topk(q, summary[:1], tables, [10], 0, [4])
+        page_topk(q, summary[:1], tables, [10], 0, [4], isa=isa)
     with pytest.raises(ValueError, match="region_end"):
-        page_topk(q, summary, tables, [41], 0, [4])
+        page_topk(q, summary, tables, [41], 0, [4], isa=isa)
     with pytest.raises(ValueError, match="one entry per sequence"):
-        page_topk(q, summary, tables, [10, 10], 0, [4])
+        page_topk(q, summary, tables, [10, 10], 0, [4], isa=isa)
     bad = tables.clone()
     bad[0, 3] = 1000
     with pytest.raises(ValueError, match="outside the page summaries"):
-        page_topk(q, summary, bad, [10], 0, [4])
+        page_topk(q, summary, bad, [10], 0, [4], isa=isa)
+    if isa == "avx2_fma":  # no rerank in this build: the caller must take the reference
+        rerank = Rerank(torch.randn(1, 2, 1, 64), torch.randn(64, 16, 2, 64).bfloat16(), 8)
+        with pytest.raises(RuntimeError, match="unavailable"):
+            page_topk(q, summary, tables, [10], 0, [4], rerank, isa=isa)
+
+
+@needs_kernel
+def test_selection_takes_the_kernel_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """select_top_pages runs a build of the kernel without a rerank, the reference with a
+    rerank where no AVX512 build runs."""
+    import slipstream.kernels.cpu.page_topk as pt
+
+    calls: list[str] = []
+
+    def recorded(name: str) -> Any:
+        return lambda *args, **kwargs: calls.append(name) or torch.zeros(0)
+
+    monkeypatch.setattr(pt, "page_topk", recorded("kernel"))
+    monkeypatch.setattr(pt, "page_topk_ref", recorded("ref"))
+    q, summary, tables = _inputs(1, 2, 1, 64)
+    pt.select_top_pages(q, summary, tables, [10], 0, [4])
+    rerank = Rerank(torch.randn(1, 2, 1, 64), torch.randn(64, 16, 2, 64).bfloat16(), 8)
+    pt.select_top_pages(q, summary, tables, [10], 0, [4], rerank)
+    with_rerank = "kernel" if page_topk_unavailable_reason(rerank=True) is None else "ref"
+    assert calls == ["kernel", with_rerank]
 
 
 def _plain_rerank(
@@ -127,7 +169,7 @@ def _plain_rerank(
     return out
 
 
-@needs_kernel
+@needs_rerank
 @pytest.mark.parametrize("block_size", [16, 12])
 def test_rerank_keeps_the_shortlisted_pages_with_the_best_key(block_size: int) -> None:
     torch.manual_seed(3)

@@ -27,12 +27,14 @@ _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 # q, seqs, kv heads, group, width, summary, blocks, tables + stride, region ends, sink pages,
 # top-k, k max, out, threads; rerank: query heads, their group, k cache (or NULL), block
 # size, head dim, shortlist
-_TOPK = CppFunction(
-    "page_topk.cpp",
-    "slipstream_page_topk",
-    [_P, _I64, _I64, _I64, _I64, _P, _I64, _P, _I64, _P, _I64, _P, _I64, _P, ctypes.c_int]
-    + [_P, _I64, _P, _I64, _I64, _I64],
-)
+_TOPK_ARGTYPES = [_P, _I64, _I64, _I64, _I64, _P, _I64, _P, _I64, _P, _I64, _P, _I64, _P]
+_TOPK_ARGTYPES += [ctypes.c_int, _P, _I64, _P, _I64, _I64, _I64]
+# Instruction set -> the build. The AVX2 one has no rerank (the selection only).
+_BUILDS = {
+    isa: CppFunction("page_topk.cpp", "slipstream_page_topk", _TOPK_ARGTYPES, isa=isa)
+    for isa in ("avx512_bf16", "avx2_fma")
+}
+_TOPK = _BUILDS["avx512_bf16"]
 
 
 @dataclass(frozen=True)
@@ -44,9 +46,26 @@ class Rerank:
     shortlist: int  # pages the page score keeps for reranking (> the pages selected)
 
 
-def page_topk_unavailable_reason() -> str | None:
-    """None when page_topk can run here, else why not."""
-    return _TOPK.unavailable_reason()
+def page_topk_unavailable_reason(isa: str | None = None, rerank: bool = False) -> str | None:
+    """None when page_topk can run here (with `rerank`: the AVX512 build only), else why
+    not. isa: one build ("avx512_bf16" or "avx2_fma"); None: either."""
+    names = [isa] if isa is not None else list(_BUILDS)
+    if rerank:
+        names = [n for n in names if n == "avx512_bf16"]
+    if not names:
+        return "a rerank needs the avx512_bf16 build"
+    reasons = {n: _BUILDS[n].unavailable_reason() for n in names}
+    if any(r is None for r in reasons.values()):
+        return None
+    return "; ".join(f"{n}: {r}" for n, r in reasons.items())
+
+
+def _build(isa: str | None, rerank: bool) -> CppFunction:
+    """The build to call: `isa`'s, else the first that runs here (AVX512 first)."""
+    for name in [isa] if isa is not None else list(_BUILDS):
+        if (not rerank or name == "avx512_bf16") and _BUILDS[name].unavailable_reason() is None:
+            return _BUILDS[name]
+    raise RuntimeError(f"page_topk is unavailable: {page_topk_unavailable_reason(isa, rerank)}")
 
 
 def best_key_logits(
@@ -120,10 +139,11 @@ def page_topk(
     sink_pages: int,
     top_k: list[int],
     rerank: Rerank | None = None,  # its k_cache bf16 and contiguous, head size % 32 == 0
+    isa: str | None = None,  # the build ("avx512_bf16", "avx2_fma"); None: the first that runs
 ) -> torch.Tensor:  # [R, H, max(top_k)] int64
     """page_topk_ref's selection through the C++ kernel (CPU tensors). Ties go to the lower
     page here; torch.topk's order among equal scores is unspecified."""
-    fn = _TOPK.get()
+    fn = _build(isa, rerank is not None).get()
     num_seqs, heads, group, width = q.shape
     if summary.shape != (heads, summary.shape[1], width) or not summary.is_contiguous():
         raise ValueError(f"summary {tuple(summary.shape)} must be contiguous [{heads}, *, {width}]")
@@ -170,6 +190,8 @@ def page_topk(
         torch.get_num_threads(),
         *second,
     )
+    if status == 2:
+        raise ValueError("this build of page_topk has no rerank (AVX512-BF16 only)")
     if status != 0:
         raise ValueError("a block table entry lies outside the page summaries")
     return out
@@ -184,9 +206,10 @@ def select_top_pages(
     top_k: list[int],
     rerank: Rerank | None = None,
 ) -> torch.Tensor:  # [R, H, max(top_k)] int64
-    """The C++ kernel for CPU tensors where it runs (a rerank over a bf16 cache with head
-    size % 32 == 0), else page_topk_ref (on CUDA its scores come from one Triton launch)."""
-    kernel = q.device.type == "cpu" and page_topk_unavailable_reason() is None
+    """The C++ kernel for CPU tensors where it runs (a rerank: the AVX512 build, over a bf16
+    cache with head size % 32 == 0), else page_topk_ref (on CUDA its scores come from one
+    Triton launch)."""
+    kernel = q.device.type == "cpu" and page_topk_unavailable_reason(rerank=bool(rerank)) is None
     if rerank is not None:
         kc = rerank.k_cache
         kernel = kernel and kc.dtype == torch.bfloat16 and kc.shape[3] % 32 == 0

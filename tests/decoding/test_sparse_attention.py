@@ -530,13 +530,15 @@ def test_composes_with_token_recycling(
     assert _tokens(eng) == standard_tokens
     assert eng.decoder.name == "token_recycling+sparse_attention"
     assert {"tree_mask", "attention_backend"} <= eng.decoder.required_features
-    pruned = _engine(
-        tiny_model_dir, "token_recycling+sparse_attention", {"sparse_attention": SMALL}
-    )
-    out = _tokens(pruned)
-    assert all(len(t) == GREEDY.max_tokens for t in out)
-    stats = pruned.get_stats()["decoder"]
-    assert stats["sparse_kv_read_fraction"] < 0.6 and stats["sparse_pruned_seq_steps"] > 0
+    # HiP's mask, and the default configuration (block top-k with prompt pins).
+    for small in ({"method": "hip", **SMALL}, SMALL):
+        pruned = _engine(
+            tiny_model_dir, "token_recycling+sparse_attention", {"sparse_attention": small}
+        )
+        out = _tokens(pruned)
+        assert all(len(t) == GREEDY.max_tokens for t in out)
+        stats = pruned.get_stats()["decoder"]
+        assert stats["sparse_kv_read_fraction"] < 0.6 and stats["sparse_pruned_seq_steps"] > 0
     # Block top-k reranking scores a verification tree with its tokens' mean query.
     quest = {"method": "block_topk", **SMALL, "top_k": 8, "rerank_factor": 2}
     quest |= {"page_scoring": "bounds", "group_pooling": "max"}

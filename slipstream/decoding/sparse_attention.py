@@ -43,9 +43,9 @@ the paged KV. Options (`--decoder-config`), defaults per method:
                       the attention the prompt's last `observation_window` tokens pay
                       them (SnapKV, Li et al., arXiv 2404.14469: a prompt's closing
                       question looks at what the answer will need), then read at every
-                      decode step; the other top_k - P
-                      pages are chosen per step as usual. Costs one pass over the prompt's
-                      keys per layer at the end of the prefill, nothing per decode step
+                      decode step; the other top_k - P pages are chosen per step as usual.
+                      Costs one pass over the prompt's keys per layer at the end of the
+                      prefill, nothing per decode step
     observation_window  block_topk with prompt_pages: prompt tokens whose queries vote (32)
 
 The default configuration (no `method` named): block top-k reading 0.21 of the context in
@@ -58,9 +58,9 @@ any unit (`top_k`, `top_k_pages` or `budget_fraction`) replaces its budget; nami
 starts from that method's defaults instead. Why: on the needle set of
 benchmarks/sparse_attention.py (60 needles at 1k-4k) HiP's defaults found 28/60 and
 Kinetics' block top-k 33/60 where dense found 59/60; with pins and a quarter budget block
-top-k found 58/60 and decoded 1.9-2.3x dense at 8k (BENCHMARKS.md, sessions 19-25). Its weak
-spot: a question placed before the text, where the pins look at the wrong tokens (6/30
-against dense's 18/30, session 19).
+top-k found 58/60 and decoded 1.8-2.3x dense at 8k (BENCHMARKS.md, sessions 19-25). Its weak
+spot: a question placed before the text, where the pins look at the wrong tokens (this
+configuration 5/30 against dense's 18/30, session 25).
 
 Where the official defaults differ: HiP ships k=512, window 256 (v1.1; 128 in v1.0), sized
 for 32k-128k contexts; Kinetics' benchmark keeps 64 pages (1024 tokens). Our default model

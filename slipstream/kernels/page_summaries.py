@@ -218,6 +218,8 @@ def page_mean_keys(
     if use_triton(k_cache):
         page_mean_keys_triton(k_cache, means, pages, counts)
     elif page_mean_keys_cpu_unavailable_reason(k_cache, means) is None:
+        # The C++ writes means[page] unchecked: its shape is checked here, as for Triton.
+        check_page_summary_args(k_cache, {"means": means}, pages, counts)
         page_mean_keys_cpu(k_cache, means, pages, counts)
     else:
         page_mean_keys_ref(k_cache, means, pages, counts)

@@ -70,3 +70,7 @@ def test_the_public_op_takes_the_kernel_on_cpu(monkeypatch: pytest.MonkeyPatch) 
     odd_cache, odd_means = torch.randn(4, 16, 3, 40), torch.zeros(4, 3, 40)
     ps.page_mean_keys(odd_cache, odd_means, torch.tensor([1]), torch.tensor([3]))
     assert calls == ["kernel", "ref", "ref"]
+    # The kernel writes means[page] unchecked: a summary too small for the cache is refused.
+    with pytest.raises(ValueError, match="means"):
+        ps.page_mean_keys(k_cache, means[:2], torch.tensor([1]), torch.tensor([3]))
+    assert calls == ["kernel", "ref", "ref"]

@@ -47,7 +47,9 @@ def page_mean_keys_cpu(
     pages: torch.Tensor,  # [num_pages] int32/int64 physical block ids
     counts: torch.Tensor,  # [num_pages] int32/int64 filled slots per page, 1..block_size
 ) -> None:
-    """page_mean_keys_ref in one C++ call (check page_mean_keys_cpu_unavailable_reason)."""
+    """page_mean_keys_ref in one C++ call (check page_mean_keys_cpu_unavailable_reason; the
+    shapes as kernels/page_summaries.py's page_mean_keys checks them: the C++ checks only the
+    pages and counts)."""
     if pages.numel() == 0:
         return
     pages64 = pages.to(torch.int64).contiguous()

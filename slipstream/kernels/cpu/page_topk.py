@@ -34,7 +34,6 @@ _BUILDS = {
     isa: CppFunction("page_topk.cpp", "slipstream_page_topk", _TOPK_ARGTYPES, isa=isa)
     for isa in ("avx512_bf16", "avx2_fma")
 }
-_TOPK = _BUILDS["avx512_bf16"]
 
 
 @dataclass(frozen=True)
@@ -46,26 +45,29 @@ class Rerank:
     shortlist: int  # pages the page score keeps for reranking (> the pages selected)
 
 
+def _candidates(isa: str | None, rerank: bool) -> list[str]:
+    """The builds that could serve: `isa`'s or all (AVX512 first); a rerank, AVX512's only."""
+    names = [isa] if isa is not None else list(_BUILDS)
+    return [n for n in names if not rerank or n == "avx512_bf16"]
+
+
+def _first_build(isa: str | None, rerank: bool) -> CppFunction | None:
+    """The first candidate build that runs here, or None."""
+    for name in _candidates(isa, rerank):
+        if _BUILDS[name].unavailable_reason() is None:
+            return _BUILDS[name]
+    return None
+
+
 def page_topk_unavailable_reason(isa: str | None = None, rerank: bool = False) -> str | None:
     """None when page_topk can run here (with `rerank`: the AVX512 build only), else why
     not. isa: one build ("avx512_bf16" or "avx2_fma"); None: either."""
-    names = [isa] if isa is not None else list(_BUILDS)
-    if rerank:
-        names = [n for n in names if n == "avx512_bf16"]
+    if _first_build(isa, rerank) is not None:
+        return None
+    names = _candidates(isa, rerank)
     if not names:
         return "a rerank needs the avx512_bf16 build"
-    reasons = {n: _BUILDS[n].unavailable_reason() for n in names}
-    if any(r is None for r in reasons.values()):
-        return None
-    return "; ".join(f"{n}: {r}" for n, r in reasons.items())
-
-
-def _build(isa: str | None, rerank: bool) -> CppFunction:
-    """The build to call: `isa`'s, else the first that runs here (AVX512 first)."""
-    for name in [isa] if isa is not None else list(_BUILDS):
-        if (not rerank or name == "avx512_bf16") and _BUILDS[name].unavailable_reason() is None:
-            return _BUILDS[name]
-    raise RuntimeError(f"page_topk is unavailable: {page_topk_unavailable_reason(isa, rerank)}")
+    return "; ".join(f"{n}: {_BUILDS[n].unavailable_reason()}" for n in names)
 
 
 def best_key_logits(
@@ -143,7 +145,11 @@ def page_topk(
 ) -> torch.Tensor:  # [R, H, max(top_k)] int64
     """page_topk_ref's selection through the C++ kernel (CPU tensors). Ties go to the lower
     page here; torch.topk's order among equal scores is unspecified."""
-    fn = _build(isa, rerank is not None).get()
+    build = _first_build(isa, rerank is not None)
+    if build is None:
+        reason = page_topk_unavailable_reason(isa, rerank is not None)
+        raise RuntimeError(f"page_topk is unavailable: {reason}")
+    fn = build.get()
     num_seqs, heads, group, width = q.shape
     if summary.shape != (heads, summary.shape[1], width) or not summary.is_contiguous():
         raise ValueError(f"summary {tuple(summary.shape)} must be contiguous [{heads}, *, {width}]")

@@ -97,15 +97,32 @@ def haystack(rng: random.Random, num_sentences: int) -> list[str]:
     ]
 
 
+def real_sentences() -> list[str]:
+    """real_text() as sentences, whitespace collapsed (a haystack of real text)."""
+    flat = re.sub(r"\s+", " ", real_text()).strip()
+    return [s for s in re.split(r"(?<=[.;:!?])\s+", flat) if s]
+
+
 def needle_prompt(
-    tokenizer: Any, rng: random.Random, length: int, depth: float, question_first: bool = False
+    tokenizer: Any,
+    rng: random.Random,
+    length: int,
+    depth: float,
+    question_first: bool = False,
+    source: list[str] | None = None,
 ) -> tuple[list[int], str]:
     """Chat prompt of ~length tokens with the needle at `depth` (0..1); returns (ids, answer).
-    The question follows the text, or (question_first) precedes it."""
+    The question follows the text, or (question_first) precedes it. The haystack is
+    template sentences, or (source) consecutive sentences of that text from a random one on,
+    wrapping around at its end."""
     from slipstream.engine.tokenizer import apply_chat_template
 
     answer = str(rng.randrange(1000, 10000))
-    sentences = haystack(rng, length // 10 + 50)
+    if source is None:
+        sentences = haystack(rng, length // 10 + 50)
+    else:
+        first = rng.randrange(len(source))
+        sentences = [source[(first + i) % len(source)] for i in range(len(source))]
     ids: list[int] = []
     text: list[str] = []
     for s in sentences:  # trim to the token budget
@@ -304,11 +321,13 @@ def interleaved_decode_speed(
     return out
 
 
-def retrieval(llm: Any, prompts: list[tuple[list[int], str]]) -> tuple[int, list[str]]:
+def retrieval(
+    llm: Any, prompts: list[tuple[list[int], str]], max_tokens: int = 12
+) -> tuple[int, list[str]]:
     """Needles found (the answer's digits appear in the reply) and the replies."""
     from slipstream.engine.sampling_params import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=12)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     outs = llm.generate([p for p, _ in prompts], params)
     replies = [o.outputs[0].text for o in outs]
     found = sum(ans in re.sub(r"\D", "", r) for r, (_, ans) in zip(replies, prompts, strict=True))
@@ -500,6 +519,21 @@ def main() -> None:
         action="store_true",
         help="needles: ask before the text instead of after it",
     )
+    ap.add_argument(
+        "--haystack",
+        choices=("sentences", "real"),
+        default="sentences",
+        help="needles: the text around the needle: template sentences (sessions 3-25), or "
+        "real text (the licence texts the ppl part reads), from a random sentence on",
+    )
+    ap.add_argument(
+        "--reply-tokens",
+        type=int,
+        default=12,
+        help="needles: tokens each reply may take (12 in sessions 3-25; real text's replies "
+        'often open with "The secret number in the text above is", 16 leaves room for '
+        "its four digits)",
+    )
     ap.add_argument("--ppl-prefix", type=int, default=4096)
     ap.add_argument("--ppl-tokens", type=int, default=128)
     ap.add_argument("--configs", default="dense,default,hip,block_topk")
@@ -569,6 +603,7 @@ def main() -> None:
     if "needles" in parts:
         rows = []
         lengths = list(map(int, args.needle_lengths.split(",")))
+        source = real_sentences() if args.haystack == "real" else None
         for name in names:
             llm = None
             for length in lengths:
@@ -577,16 +612,17 @@ def main() -> None:
                 rng = random.Random(length)
                 depths = [(i + 0.5) / args.needles for i in range(args.needles)]
                 prompts = [
-                    needle_prompt(llm.tokenizer, rng, length, d, args.question_first)
+                    needle_prompt(llm.tokenizer, rng, length, d, args.question_first, source)
                     for d in depths
                 ]
-                found, replies = retrieval(llm, prompts)
+                found, replies = retrieval(llm, prompts, args.reply_tokens)
                 stats = llm.engine.get_stats().get("decoder", {})
                 rows.append(
                     {
                         "config": name,
                         "length": length,
                         "question_first": args.question_first,
+                        "haystack": args.haystack,
                         "found": found,
                         "total": len(prompts),
                         "kv_read": stats.get("sparse_kv_read_fraction", 1.0),

@@ -47,6 +47,16 @@ the paged KV. Options (`--decoder-config`), defaults per method:
                       Costs one pass over the prompt's keys per layer at the end of the
                       prefill, nothing per decode step
     observation_window  block_topk with prompt_pages: prompt tokens whose queries vote (32)
+    answer_votes      block_topk with prompt_pages: 0, or N > 0: the queries of a request's
+                      first N decoded tokens vote too, and at its N-th decode step the pins
+                      are chosen again: the prompt's best half, then the answer's best of
+                      the rest. For a question asked before the text, where the prompt ends
+                      on the text and its closing queries look at nothing in particular,
+                      while the answer's first query already looks at the passage it will
+                      copy: with 1, 14/30 such needles against the default's 5/30 (dense
+                      18/30), but 2k needles asked after the text 18/20 against 19/20, so
+                      the default configuration leaves it off (BENCHMARKS.md, session 26).
+                      Costs one pass over the keys per sparse layer in that step
 
 The default configuration (no `method` named): block top-k reading 0.21 of the context in
 each sparse layer (`budget_fraction`; with layer 0 dense and pages of 16 tokens the model
@@ -133,6 +143,7 @@ class SparseAttentionOptions:
     dense_below: int = 0
     prompt_pages: int | None = None  # None: 32 in the default configuration, else 0
     observation_window: int = 32
+    answer_votes: int = 0
 
     def __post_init__(self) -> None:
         if self.method is None:  # the default configuration fills what was left unset
@@ -163,6 +174,10 @@ class SparseAttentionOptions:
                 raise ValueError("budget_fraction is a block_topk option")
         if self.prompt_pages and self.method != "block_topk":
             raise ValueError("prompt_pages is a block_topk option")
+        if self.answer_votes < 0:
+            raise ValueError(f"answer_votes must be >= 0, got {self.answer_votes}")
+        if self.answer_votes and not self.prompt_pages:
+            raise ValueError("answer_votes chooses prompt_pages again: set prompt_pages too")
         if self.observation_window < 1:
             raise ValueError(f"observation_window must be >= 1, got {self.observation_window}")
         for name in (
@@ -231,6 +246,7 @@ def make_selector(options: SparseAttentionOptions, ctx: DecoderContext) -> Selec
         refresh,
         options.prompt_pages or 0,
         options.observation_window,
+        options.answer_votes or 0,
     )
 
 

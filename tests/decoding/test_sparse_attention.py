@@ -134,24 +134,29 @@ def test_default_configuration_fills_only_what_is_unset() -> None:
         0.21,
         48,
     )
-    assert (default.prompt_pages, default.refresh_interval) == (32, 8)
+    assert (default.prompt_pages, default.refresh_interval, default.answer_votes) == (32, 8, 0)
     one_knob = SparseAttentionOptions(refresh_interval=1, prompt_pages=0)
     assert (one_knob.refresh_interval, one_knob.prompt_pages, one_knob.budget_fraction) == (
         1,
         0,
         0.21,
     )
+    votes = SparseAttentionOptions(answer_votes=1)  # an option of the default's pins
+    assert (votes.answer_votes, votes.prompt_pages, votes.refresh_interval) == (1, 32, 8)
+    with pytest.raises(ValueError, match="prompt_pages"):
+        SparseAttentionOptions(prompt_pages=0, answer_votes=2)
     tokens = SparseAttentionOptions(top_k=64)
     assert (tokens.top_k, tokens.top_k_pages, tokens.budget_fraction) == (64, None, None)
     assert tokens.prompt_pages == 32
     assert SparseAttentionOptions(budget_fraction=0.5).top_k_pages is None
     for method in ("hip", "block_topk"):
         named = SparseAttentionOptions(method=method)
-        assert (named.prompt_pages, named.budget_fraction, named.refresh_interval) == (
-            0,
-            None,
-            None,
-        )
+        assert (
+            named.prompt_pages,
+            named.budget_fraction,
+            named.refresh_interval,
+            named.answer_votes,
+        ) == (0, None, None, 0)
     with pytest.raises(ValueError, match="method"):
         SparseAttentionOptions(method="quest")
 

@@ -21,6 +21,7 @@ from slipstream.engine.attention import AttentionMetadata
 from slipstream.kernels.cpu.page_topk import Rerank, select_top_pages
 from slipstream.kernels.hip_mask import hip_mask
 from slipstream.kernels.page_summaries import page_key_bounds, page_mean_keys
+from slipstream.kernels.page_votes import page_votes
 
 
 @dataclass(frozen=True)
@@ -357,6 +358,7 @@ class BlockTopkSelector(Selector):
         refresh_interval: int = 1,
         prompt_pages: int = 0,
         observation_window: int = 32,
+        answer_votes: int = 0,
     ) -> None:
         super().__init__(geometry)
         self.num_kv_blocks = num_kv_blocks
@@ -385,6 +387,20 @@ class BlockTopkSelector(Selector):
         # copies, which a page's mean key at decode time often misses.
         self.prompt_pages = prompt_pages
         self.observation_window = observation_window
+        # > 0: the queries of the sequence's first `answer_votes` decoded tokens vote too,
+        # and the pins are chosen again after them. An answer restates what it looks for
+        # ("The secret number is") before it copies it, and those queries find the
+        # passage where a prompt that asks first and ends on the text gives the prompt's
+        # closing queries nothing to look for.
+        self.answer_votes = answer_votes
+        # seq_id -> layer -> [H, pages] the prompt's votes per page (kept for answer_votes)
+        self.prompt_votes: dict[int, dict[int, torch.Tensor]] = {}
+        # seq_id -> layer -> [(position, [num_heads, D] query)] of the decoded tokens so far
+        self.answer_queries: dict[int, dict[int, list[tuple[int, torch.Tensor]]]] = {}
+        # seq_id -> pruned decode steps so far (while answer_votes are being collected)
+        self.decoded: dict[int, int] = {}
+        self.prompt_len: dict[int, int] = {}  # seq_id -> its first decode's context
+        self.scale = 1.0  # the attention scale (observe_prompt's)
         # seq_id -> layer -> [H, P] int64 logical pages, sorted, all in the scored region
         # below the window the sequence's first decode has (so never a sink or window page).
         self.pinned: dict[int, dict[int, torch.Tensor]] = {}
@@ -420,7 +436,16 @@ class BlockTopkSelector(Selector):
             plan.extra["topk"] = _TopkStep(*self._dirty_pages(meta, []), None)
             return
         g = self.geometry
+        self._count_answer_steps(sp)
         refresh, fixed = plan_refreshes(self.seqs, sp, g, self.refresh_interval)
+        for i, sid in enumerate(sp.seq_ids):  # new pins: choose the rest of the budget anew
+            if self._repins(sid) and i not in refresh:
+                st = self.seqs[sid]
+                st.ctx, st.region_end, st.uses = sp.ctx[i], g.window_start(sp.ctx[i]), 1
+                st.chunks = {}
+                fixed[i] = g.fixed_chunks(sp.ctx[i])
+                refresh.append(i)
+        refresh.sort()
         self.refreshes = len(refresh)
         self.combined.new_step(sp.seq_ids, fixed, refresh)
         dev = meta.block_tables.device
@@ -440,6 +465,26 @@ class BlockTopkSelector(Selector):
             max(1, g.top_k_at(sp.ctx[i]) - self._pinned_count(sp.seq_ids[i])) for i in refresh
         ]
         step.top_k = max(step.top_ks)
+
+    def _count_answer_steps(self, sp: SubBatch) -> None:
+        """Count the decode steps of sequences still collecting answer votes."""
+        if not self.answer_votes:
+            return
+        for sid in sp.seq_ids:
+            if sid in self.prompt_votes:
+                self.decoded[sid] = self.decoded.get(sid, 0) + 1
+                if self.decoded[sid] > self.answer_votes:  # pinned anew last step
+                    del self.prompt_votes[sid], self.decoded[sid]
+                    self.answer_queries.pop(sid, None)
+
+    def _collects(self, seq_id: int) -> bool:
+        """Whether this step's query of the sequence is an answer vote: decode steps 1..N
+        (the first decodes the first answer token; the prompt's last query voted already)."""
+        return seq_id in self.prompt_votes and self.decoded.get(seq_id, 0) >= 1
+
+    def _repins(self, seq_id: int) -> bool:
+        """Whether the sequence's pins are chosen again this step (its last answer vote)."""
+        return seq_id in self.prompt_votes and self.decoded.get(seq_id, 0) == self.answer_votes
 
     def _pinned_count(self, seq_id: int) -> int:
         """Pages per KV head pinned for the sequence (the same in every layer), or 0."""
@@ -506,6 +551,8 @@ class BlockTopkSelector(Selector):
         assert sp is not None
         step: _TopkStep = plan.extra["topk"]
         assert step.fixed is not None
+        if self.prompt_votes:  # some sequence still collects answer votes
+            self._answer_votes(layer, q, k_cache, sp)
         cached = self.combined.by_layer.get(layer)
         if cached is not None:
             return cached
@@ -581,6 +628,35 @@ class BlockTopkSelector(Selector):
         merged[..., 1:].masked_fill_(repeat, -1)
         return merged
 
+    def _answer_votes(
+        self,
+        layer: int,
+        q: torch.Tensor,  # [num_rows, num_heads, head_dim], the pruned sequences' rows
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        sp: SubBatch,
+    ) -> None:
+        """Keep the collecting sequences' queries (a tree's root row: the token decoded
+        last); at a sequence's last vote, pin the pages its prompt and answer votes favour."""
+        row = 0
+        for i, sid in enumerate(sp.seq_ids):
+            if self._collects(sid):
+                votes = self.answer_queries.setdefault(sid, {}).setdefault(layer, [])
+                votes.append((sp.ctx[i], q[row].float().clone()))
+                if self._repins(sid):
+                    prompt = self.prompt_votes[sid][layer]  # [H, prompt pages]
+                    positions = [p for p, _ in votes]
+                    qs = torch.stack([v for _, v in votes])  # [N, num_heads, D]
+                    mass = self._page_votes(
+                        qs, k_cache, sp.block_tables[i], sp.ctx[i] + 1, positions, self.scale
+                    )
+                    pins = self._split_pins(
+                        prompt, mass[:, : prompt.shape[1]], self.prompt_len[sid]
+                    )
+                    if pins is not None:  # (the prefill's pins exist, so these do too)
+                        self.pinned[sid][layer] = pins
+                    del self.answer_queries[sid][layer]
+            row += sp.num_q[i]
+
     def observe_prompt(
         self,
         layer: int,
@@ -598,59 +674,80 @@ class BlockTopkSelector(Selector):
                 continue
             sid = meta.seq_ids[b] if meta.seq_ids else b
             w = min(self.observation_window, starts[b + 1] - starts[b])
-            pages = self._prompt_pages(
+            seq_len = meta.seq_lens_list[b]
+            self.scale = scale
+            self.prompt_len[sid] = seq_len
+            mass = self._page_votes(
                 q[starts[b + 1] - w : starts[b + 1]],
                 k_cache,
                 meta.block_tables[b],
-                meta.seq_lens_list[b],
+                seq_len,
+                list(range(seq_len - w, seq_len)),
                 scale,
             )
+            pages = self._top_pins(mass, seq_len)
             if pages is None:
                 self.pinned.pop(sid, None)
+                self.prompt_votes.pop(sid, None)
             else:
                 self.pinned.setdefault(sid, {})[layer] = pages
+                if self.answer_votes:
+                    self.prompt_votes.setdefault(sid, {})[layer] = mass
+                    self.decoded[sid] = 0
 
-    def _prompt_pages(
+    def _page_votes(
         self,
-        q_obs: torch.Tensor,  # [w, num_heads, head_dim] the prompt's last w queries
+        q_obs: torch.Tensor,  # [w, num_heads, head_dim] the voting queries
         k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
         table: torch.Tensor,  # [>= pages of seq_len] int32 the sequence's block table
-        seq_len: int,  # prompt tokens cached (the first decode's context)
+        seq_len: int,  # keys cached
+        positions: list[int],  # [w] each query's position (it sees the keys up to it)
         scale: float,
+    ) -> torch.Tensor:  # [num_kv_heads, pages of seq_len] fp32 votes per page
+        """SnapKV's votes per KV head (kernels/page_votes.py): the attention each page
+        receives, summed over the voting queries and the group's heads. What the answer
+        copies follows what the question looks at ("the secret number is" -> its digits),
+        often on the next page: each key also scores as the best key of the _SPREAD before
+        it (SnapKV max-pools its votes over neighbours for the same reason)."""
+        pos = torch.tensor(positions, dtype=torch.int64)
+        return page_votes(q_obs, k_cache, table, seq_len, pos, scale, _SPREAD)
+
+    def _split_pins(
+        self,
+        prompt: torch.Tensor,  # [H, pages] the prompt's votes
+        answer: torch.Tensor,  # [H, pages] the answer's votes
+        seq_len: int,  # prompt tokens cached (the first decode's context)
     ) -> torch.Tensor | None:  # [num_kv_heads, P] int64 sorted logical pages, or None
-        """SnapKV's choice per KV head: the pages of the scored region (between the sink
-        and the first decode's window) that receive the most attention, summed over the
-        observation queries and the group's heads, each query's softmax over every key it
-        sees."""
+        """P pins per KV head: the prompt's best P - P // 2, then the answer's best of the
+        rest. A sum of the two groups' votes (or of their shares) let the first answer
+        query's votes reorder what the prompt's votes found: a needle's digits fell out of 7
+        more layer-heads of 87 at 2k, and the reply lost them."""
+        keep = self._top_pins(prompt, seq_len)
+        if keep is None:
+            return None
+        count = keep.shape[1]
+        keep = self._top_pins(prompt, seq_len, count - count // 2)
+        assert keep is not None
+        taken = torch.zeros_like(answer, dtype=torch.bool).scatter_(1, keep, True)
+        rest = self._top_pins(answer.masked_fill(taken, -1.0), seq_len, count // 2)
+        if rest is None:
+            return keep
+        return torch.cat([keep, rest], 1).sort(-1).values
+
+    def _top_pins(
+        self,
+        mass: torch.Tensor,  # [num_kv_heads, >= region pages] votes per page
+        seq_len: int,  # prompt tokens cached (the first decode's context)
+        limit: int | None = None,  # at most this many (else prompt_pages)
+    ) -> torch.Tensor | None:  # [num_kv_heads, P] int64 sorted logical pages, or None
+        """The P pages with the most votes per KV head, in the scored region (between the
+        sink and the first decode's window)."""
         g = self.geometry
-        page = g.chunk
         region_end = g.window_start(seq_len)
-        count = min(self.prompt_pages, region_end - g.sink_chunks, g.top_k_at(seq_len))
+        wanted = self.prompt_pages if limit is None else limit
+        count = min(wanted, region_end - g.sink_chunks, g.top_k_at(seq_len))
         if count <= 0:
             return None
-        w, num_heads, head_dim = q_obs.shape
-        heads = k_cache.shape[2]
-        group = num_heads // heads
-        num_pages = -(-seq_len // page)
-        dev = k_cache.device
-        keys = k_cache.index_select(0, table[:num_pages].long())  # [pages, page, H, D]
-        keys = keys.reshape(num_pages * page, heads, head_dim)[:seq_len]  # [T, H, D]
-        # [H, w * G, D]: row i * G + j is observation token i, query head j of the group
-        qg = q_obs.float().view(w, heads, group, head_dim).transpose(0, 1)
-        logits = torch.bmm(qg.reshape(heads, w * group, head_dim), keys.float().permute(1, 2, 0))
-        # [H, w * G, T] fp32, once per layer and request: 9 MB at 8k tokens on the default
-        # model (3 KV heads x 3), ~0.5 GB at 128k for 8 KV heads x 4.
-        logits = logits * scale
-        position = torch.arange(seq_len - w, seq_len, device=dev).repeat_interleave(group)
-        future = torch.arange(seq_len, device=dev).view(1, -1) > position.view(-1, 1)
-        logits.masked_fill_(future, float("-inf"))
-        mass = logits.softmax(-1).sum(1)  # [H, T] attention each key receives
-        # What the answer copies follows what the question looks at ("the secret number is"
-        # -> its digits), often on the next page: each key also scores as the best key of
-        # the SPREAD before it (SnapKV max-pools its votes over neighbours for the same
-        # reason).
-        mass = F.max_pool1d(F.pad(mass, (_SPREAD - 1, 0)).unsqueeze(1), _SPREAD, 1).squeeze(1)
-        mass = F.pad(mass, (0, num_pages * page - seq_len)).view(heads, num_pages, page).sum(-1)
         best = mass[:, g.sink_chunks : region_end].topk(count, -1).indices + g.sink_chunks
         return best.sort(-1).values
 
@@ -659,3 +756,7 @@ class BlockTopkSelector(Selector):
         self.seqs.pop(seq_id, None)
         self.summarised.pop(seq_id, None)
         self.pinned.pop(seq_id, None)
+        self.prompt_votes.pop(seq_id, None)
+        self.answer_queries.pop(seq_id, None)
+        self.decoded.pop(seq_id, None)
+        self.prompt_len.pop(seq_id, None)

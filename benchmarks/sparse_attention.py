@@ -4,7 +4,8 @@ Papers: HiP (Lee et al., arXiv 2406.09827), Kinetics block top-k (Sadhukhan et a
 2506.05333). Measures, side by side in one invocation:
   speed      decode tok/s at 2k/4k/8k tokens of context, and the fraction of KV read
   needles    retrieval of "The secret number is NNNN." planted at varying depths of a
-             haystack of English sentences (1k-4k tokens), asked for via the chat template
+             haystack of English sentences (1k-4k tokens), asked for via the chat template;
+             --haystack real: of the licence texts below, from a random sentence on
   ppl        perplexity of long real text (the GPL/GFDL/Apache licence texts shipped in
              /usr/share/common-licenses), the last tokens teacher-forced one decode step
              at a time so that sparse attention applies

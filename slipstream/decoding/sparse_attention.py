@@ -53,8 +53,8 @@ the paged KV. Options (`--decoder-config`), defaults per method:
                       the rest. For a question asked before the text, where the prompt ends
                       on the text and its closing queries look at nothing in particular,
                       while the answer's first query already looks at the passage it will
-                      copy: with 1, 14/30 such needles against the default's 5/30 (dense
-                      18/30), but 2k needles asked after the text 18/20 against 19/20, so
+                      copy: with 1, 15/30 such needles against the default's 5/30 (dense
+                      18/30), but needles asked after the text 56/60 against 58/60, so
                       the default configuration leaves it off (BENCHMARKS.md, session 26).
                       Costs one pass over the keys per sparse layer in that step
 
@@ -70,7 +70,8 @@ benchmarks/sparse_attention.py (60 needles at 1k-4k) HiP's defaults found 28/60 
 Kinetics' block top-k 33/60 where dense found 59/60; with pins and a quarter budget block
 top-k found 58/60 and decoded 1.8-2.3x dense at 8k (BENCHMARKS.md, sessions 19-25). Its weak
 spot: a question placed before the text, where the pins look at the wrong tokens (this
-configuration 5/30 against dense's 18/30, session 25).
+configuration 5/30 against dense's 18/30, session 25; `answer_votes` 1 finds 15/30 there).
+On needles in real text (licences) it found 56/60 where dense found 55/60 (session 26).
 
 Where the official defaults differ: HiP ships k=512, window 256 (v1.1; 128 in v1.0), sized
 for 32k-128k contexts; Kinetics' benchmark keeps 64 pages (1024 tokens). Our default model

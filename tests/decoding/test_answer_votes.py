@@ -11,18 +11,17 @@ import torch
 
 from slipstream.decoding.sparse.plan import build_plan
 from slipstream.decoding.sparse_attention import SparseAttentionOptions
-from slipstream.engine.engine import LLMEngine
 from slipstream.engine.sampling_params import SamplingParams
-from slipstream.testing.engines import run_to_completion, tiny_engine_config
+from slipstream.testing.engines import run_to_completion
 from tests.decoding.test_prompt_pages import (
     DIM,
     GROUP,
     KV_HEADS,
-    OPTIONS,
     PAGE,
     SCALE,
     _meta,
     _selector,
+    pinning_engine,
 )
 
 PROMPT = 61  # tokens; the first decode's window starts at page (61 - 8) // 4 = 13
@@ -72,7 +71,8 @@ def _decode_with(sel: Any, k_cache: torch.Tensor, table: torch.Tensor, seq_len: 
 @pytest.mark.parametrize(("seed", "votes"), [(0, 1), (1, 2), (2, 3), (3, 2)])
 def test_pins_are_chosen_again_from_prompt_and_answer_votes(seed: int, votes: int) -> None:
     torch.manual_seed(seed)
-    sel = _selector(prompt_pages=3, observation_window=5, answer_votes=votes)
+    # Selections reused for 8 steps: the re-pinning step (2 or 3) must choose anew itself.
+    sel = _selector(prompt_pages=3, observation_window=5, answer_votes=votes, refresh_interval=8)
     k_cache = torch.randn(40, PAGE, KV_HEADS, DIM)
     table = torch.randperm(40)[:20].int().view(1, -1)
     q_prompt = 3 * torch.randn(7, KV_HEADS * GROUP, DIM)
@@ -139,17 +139,7 @@ def test_options_are_validated() -> None:
 def test_engine_votes_once_and_forgets(tiny_model_dir: str) -> None:
     """Through the engine (two requests in one batch): pins are chosen again once per
     request, and a finished request leaves no voting state behind."""
-    opts = {**OPTIONS, "top_k": 16, "prompt_pages": 2, "answer_votes": 3}
-    opts.pop("top_k_pages")
-    engine = LLMEngine(
-        tiny_engine_config(
-            tiny_model_dir,
-            decoder="sparse_attention",
-            decoder_options=opts,
-            block_size=PAGE,
-            num_blocks=512,
-        )
-    )
+    engine = pinning_engine(tiny_model_dir, answer_votes=3)
     sel = engine.decoder.shared.selector  # type: ignore[attr-defined]
     repinned: list[int] = []
     votes = sel._answer_votes

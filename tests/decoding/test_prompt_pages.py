@@ -146,24 +146,32 @@ def test_options_are_validated() -> None:
         SparseAttentionOptions(method="block_topk", prompt_pages=2, observation_window=0)
 
 
+def pinning_engine(
+    model_dir: str, config: dict[str, Any] | None = None, **options: Any
+) -> LLMEngine:
+    """The tiny model with block top-k (OPTIONS, a 16-token budget) pinning 2 pages;
+    `options` add to the decoder's, `config` to the engine's."""
+    opts = {**OPTIONS, "top_k": 16, "prompt_pages": 2, **options}
+    opts.pop("top_k_pages")
+    return LLMEngine(
+        tiny_engine_config(
+            model_dir,
+            decoder="sparse_attention",
+            decoder_options=opts,
+            block_size=PAGE,
+            num_blocks=512,
+            **(config or {}),
+        )
+    )
+
+
 @pytest.mark.parametrize("chunk", [256, 48])
 def test_engine_pins_once_per_request_at_the_end_of_its_prefill(
     tiny_model_dir: str, chunk: int
 ) -> None:
     """The runner flags the prefill's last chunk (chunked or not), not decode steps; the
     pinned pages are read by every decode step and dropped when the request ends."""
-    opts = {**OPTIONS, "top_k": 16, "prompt_pages": 2}
-    opts.pop("top_k_pages")
-    engine = LLMEngine(
-        tiny_engine_config(
-            tiny_model_dir,
-            decoder="sparse_attention",
-            decoder_options=opts,
-            block_size=PAGE,
-            num_blocks=512,
-            max_num_batched_tokens=chunk,
-        )
-    )
+    engine = pinning_engine(tiny_model_dir, {"max_num_batched_tokens": chunk})
     sel = engine.decoder.shared.selector  # type: ignore[attr-defined]
     observed: list[tuple[int, int]] = []
     chunk_lists: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -149,10 +149,15 @@ class _Reused:
 
 
 def plan_refreshes(
-    seqs: dict[int, _Reused], sp: SubBatch, geometry: Geometry, interval: int
+    seqs: dict[int, _Reused],
+    sp: SubBatch,
+    geometry: Geometry,
+    interval: int,
+    force: frozenset[int] = frozenset(),
 ) -> tuple[list[int], list[list[int]]]:
     """(positions in sp whose selection is made anew this step, every pruned sequence's
-    fixed chunks); starts a fresh _Reused for each refreshing sequence."""
+    fixed chunks); starts a fresh _Reused for each refreshing sequence. Sequences in
+    `force` (seq ids) refresh whatever their selection's age."""
     g = geometry
     refresh: list[int] = []
     fixed: list[list[int]] = []
@@ -160,7 +165,7 @@ def plan_refreshes(
         st = seqs.get(sid)
         # ctx < st.ctx: preempted and recomputed (or rolled back); the old selection may
         # name chunks that are no longer cached.
-        if st is None or st.uses >= interval or ctx < st.ctx:
+        if st is None or st.uses >= interval or ctx < st.ctx or sid in force:
             st = _Reused(ctx=ctx, region_end=g.window_start(ctx))
             seqs[sid] = st
             refresh.append(i)
@@ -437,15 +442,9 @@ class BlockTopkSelector(Selector):
             return
         g = self.geometry
         self._count_answer_steps(sp)
-        refresh, fixed = plan_refreshes(self.seqs, sp, g, self.refresh_interval)
-        for i, sid in enumerate(sp.seq_ids):  # new pins: choose the rest of the budget anew
-            if self._repins(sid) and i not in refresh:
-                st = self.seqs[sid]
-                st.ctx, st.region_end, st.uses = sp.ctx[i], g.window_start(sp.ctx[i]), 1
-                st.chunks = {}
-                fixed[i] = g.fixed_chunks(sp.ctx[i])
-                refresh.append(i)
-        refresh.sort()
+        # New pins this step: the rest of the budget is chosen anew too.
+        repin = frozenset(sid for sid in sp.seq_ids if self._repins(sid))
+        refresh, fixed = plan_refreshes(self.seqs, sp, g, self.refresh_interval, repin)
         self.refreshes = len(refresh)
         self.combined.new_step(sp.seq_ids, fixed, refresh)
         dev = meta.block_tables.device
@@ -649,11 +648,12 @@ class BlockTopkSelector(Selector):
                     mass = self._page_votes(
                         qs, k_cache, sp.block_tables[i], sp.ctx[i] + 1, positions, self.scale
                     )
-                    pins = self._split_pins(
-                        prompt, mass[:, : prompt.shape[1]], self.prompt_len[sid]
+                    self.pinned[sid][layer] = self._split_pins(
+                        prompt,
+                        mass[:, : prompt.shape[1]],
+                        self.prompt_len[sid],
+                        self.pinned[sid][layer].shape[1],
                     )
-                    if pins is not None:  # (the prefill's pins exist, so these do too)
-                        self.pinned[sid][layer] = pins
                     del self.answer_queries[sid][layer]
             row += sp.num_q[i]
 
@@ -717,17 +717,14 @@ class BlockTopkSelector(Selector):
         prompt: torch.Tensor,  # [H, pages] the prompt's votes
         answer: torch.Tensor,  # [H, pages] the answer's votes
         seq_len: int,  # prompt tokens cached (the first decode's context)
-    ) -> torch.Tensor | None:  # [num_kv_heads, P] int64 sorted logical pages, or None
+        count: int,  # P, the pins the prefill chose
+    ) -> torch.Tensor:  # [num_kv_heads, P] int64 sorted logical pages
         """P pins per KV head: the prompt's best P - P // 2, then the answer's best of the
         rest. A sum of the two groups' votes (or of their shares) let the first answer
         query's votes reorder what the prompt's votes found: a needle's digits fell out of 7
         more layer-heads of 87 at 2k, and the reply lost them."""
-        keep = self._top_pins(prompt, seq_len)
-        if keep is None:
-            return None
-        count = keep.shape[1]
         keep = self._top_pins(prompt, seq_len, count - count // 2)
-        assert keep is not None
+        assert keep is not None  # count - count // 2 >= 1 pages fit where count did
         taken = torch.zeros_like(answer, dtype=torch.bool).scatter_(1, keep, True)
         rest = self._top_pins(answer.masked_fill(taken, -1.0), seq_len, count // 2)
         if rest is None:

@@ -265,6 +265,10 @@ class _Shared:
         # seven small ops per layer cost ~1 ms per decode step at 30 layers on CPU.
         self.selected: list[torch.Tensor] = []  # [num_pruned, H, S] each
         self.selected_ctx: list[int] = []  # cached keys of each pruned sequence
+        # The last count's lists and their [layers, num_pruned] keys read: between refreshes
+        # the layers hand over the same list objects (CombinedChunks) step after step, and
+        # counting them anew cost ~0.5 ms a step at 8k (30 layers, 2 CPU cores).
+        self._counted: tuple[list[torch.Tensor], torch.Tensor] | None = None
         self.pruned = 0
         self.totals = {"steps": 0.0, "kv_read": 0.0, "kv_total": 0.0, "refreshes": 0.0}
         self.totals["pruned_seqs"] = 0.0
@@ -289,9 +293,14 @@ class _Shared:
         whole) to `saved`."""
         if not self.selected:
             return
-        chunks = stack_padded(self.selected)  # [layers, num_pruned, H, S]
-        read = (chunks >= 0).sum(-1).float().mean(-1) * self.selector.chunk_size
-        ctx = torch.tensor(self.selected_ctx, dtype=torch.float32, device=chunks.device)
+        last = self._counted
+        if last is not None and _same_objects(last[0], self.selected):
+            read = last[1]
+        else:
+            chunks = stack_padded(self.selected)  # [layers, num_pruned, H, S]
+            read = (chunks >= 0).sum(-1).float().mean(-1).cpu() * self.selector.chunk_size
+            self._counted = (self.selected, read)
+        ctx = torch.tensor(self.selected_ctx, dtype=torch.float32)
         self.saved += float((ctx - torch.minimum(read, ctx)).sum())
         self.selected = []
 
@@ -324,6 +333,11 @@ class _Shared:
         self.pruned = 0
         self.selector.refreshes = 0
         return stats
+
+
+def _same_objects(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """Whether the two lists hold the very same tensors, in order."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 class SparseAttentionBackend:

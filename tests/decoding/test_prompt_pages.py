@@ -116,14 +116,17 @@ def test_decode_reads_the_pinned_pages_within_the_budget() -> None:
             assert set(fixed) <= set(pages)
 
 
-def test_a_page_both_pinned_and_chosen_is_read_once() -> None:
+def test_pins_of_the_refreshing_sequences_padded_per_layer() -> None:
+    """The pins handed to the page choice: per sequence and KV head, -1 padded where a
+    sequence has fewer (or none); None when no refreshing sequence has pins."""
     sel = _selector(prompt_pages=2)
-    sel.pinned = {7: {0: torch.tensor([[2, 5], [3, 4]])}}
-    found = torch.tensor([[[5, 9, -1]], [[1, 2, 3]]]).view(2, 1, 3).expand(2, 2, 3).clone()
-    found[1, 1] = torch.tensor([4, 3, 6])
-    merged = sel._with_pinned(0, [7, 8], found)  # sequence 8 has no pins
-    rows = [sorted(c for c in merged[i, h].tolist() if c >= 0) for i in range(2) for h in range(2)]
-    assert rows == [[2, 5, 9], [3, 4, 5, 9], [1, 2, 3], [3, 4, 6]]
+    sel.pinned = {7: {0: torch.tensor([[2, 5], [3, 4]])}, 9: {0: torch.tensor([[6], [1]])}}
+    pins = sel._pins(0, [7, 8, 9])  # sequence 8 has no pins
+    assert pins is not None
+    assert pins.tolist() == [[[2, 5], [3, 4]], [[-1, -1], [-1, -1]], [[6, -1], [1, -1]]]
+    one = sel._pins(0, [7])
+    assert one is not None and one.tolist() == [[[2, 5], [3, 4]]]
+    assert sel._pins(0, [8]) is None and sel._pins(1, [7, 9]) is None
 
 
 def test_no_pins_when_the_region_is_empty_or_the_option_is_off() -> None:

@@ -12,7 +12,12 @@ from slipstream.config import DecoderSpec
 from slipstream.decoding.base import DecoderContext
 from slipstream.decoding.registry import decoder_options
 from slipstream.decoding.sparse.plan import build_plan
-from slipstream.decoding.sparse_attention import SparseAttentionDecoder, SparseAttentionOptions
+from slipstream.decoding.sparse.selectors import Geometry, Selector
+from slipstream.decoding.sparse_attention import (
+    SparseAttentionDecoder,
+    SparseAttentionOptions,
+    _Shared,
+)
 from slipstream.engine.attention import AttentionMetadata
 from slipstream.engine.engine import LLMEngine
 from slipstream.engine.sampling_params import SamplingParams
@@ -411,6 +416,27 @@ def test_budget_covering_context_gives_standard_tokens(
     eng = _engine(tiny_model_dir, "sparse_attention", opts)
     assert _tokens(eng) == standard_tokens
     assert eng.get_stats()["decoder"]["sparse_kv_read_fraction"] == 1.0
+
+
+def test_read_count_reuses_unchanged_lists_and_recounts_new_ones() -> None:
+    """The skipped KV is counted from the chunk lists the layers read; lists handed over
+    again (a reused selection) keep their count while the context grows, new ones are
+    counted anew."""
+    geometry = Geometry(chunk=4, sink=4, window=4, top_k=2)
+    shared = _Shared(Selector(geometry), num_layers=2, num_dense=0)
+    two = torch.tensor([[[3, 7, -1], [3, 5, 6]]])  # [1 seq, 2 heads, 3]: 2 and 3 chunks
+    one = torch.tensor([[[3, -1, -1], [-1, -1, 8]]])  # 1 chunk per head
+    for ctx in (40, 44):
+        shared.selected, shared.selected_ctx = [two, one], [ctx]
+        shared._count_read()
+        # Reads: 2.5 chunks (mean over heads) and 1 chunk, of 4 keys each.
+        assert shared.saved == pytest.approx((ctx - 10) + (ctx - 4))
+        shared.saved = 0.0
+    changed = two.clone()
+    changed[0, 0, 2] = 9  # 3 chunks in both heads now
+    shared.selected, shared.selected_ctx = [changed, one], [44]
+    shared._count_read()
+    assert shared.saved == pytest.approx((44 - 12) + (44 - 4))
 
 
 @pytest.mark.parametrize("method", ["hip", "block_topk"])

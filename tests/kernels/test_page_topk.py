@@ -107,6 +107,44 @@ def test_reference_finds_the_planted_pages() -> None:
 
 
 @pytest.mark.parametrize("isa", BUILDS)
+def test_pinned_pages_lead_the_rows_and_are_read_once(isa: str) -> None:
+    """Pins come first, as given (-1 pads kept); then the plain top-k, where a page that is
+    also pinned turns -1. A pin outside the scored region is only copied."""
+    torch.manual_seed(5)
+    q, summary, tables = _inputs(3, 2, 2, 64)
+    ends, ks = [40, 30, 12], [5, 5, 5]
+    plain = _plain(q, summary, tables, ends, 2, ks)
+    # Pin two of each row's chosen pages and two others, so that the dedupe has work.
+    pinned = torch.full((3, 2, 4), -1, dtype=torch.long)
+    for r in range(3):
+        for h in range(2):
+            others = [p for p in range(2, 40) if p not in plain[r][h]]
+            pinned[r, h] = torch.tensor(plain[r][h][1:3] + others[:2])
+    pinned[1, 0, 3] = 39  # past sequence 1's region: read, but never chosen anyway
+    pinned[2, :, 2:] = -1  # sequence 2 has fewer pins
+    got = page_topk(q, summary, tables, ends, 2, ks, isa=isa, pinned=pinned)
+    assert got.shape == (3, 2, 4 + 5)
+    assert torch.equal(got[..., :4], pinned)
+    for r in range(3):
+        for h in range(2):
+            pins = set(pinned[r, h].tolist())
+            want = [p if p not in pins else -1 for p in plain[r][h]]
+            assert got[r, h, 4 : 4 + len(want)].tolist() == want
+            assert (got[r, h, 4 + len(want) :] == -1).all()
+            read = [p for p in got[r, h].tolist() if p >= 0]
+            assert len(read) == len(set(read))
+    assert torch.equal(got, page_topk_ref(q, summary, tables, ends, 2, ks, pinned=pinned))
+
+
+def test_reference_checks_the_pins() -> None:
+    q, summary, tables = _inputs(1, 2, 1, 64)
+    with pytest.raises(ValueError, match="pinned"):
+        page_topk_ref(q, summary, tables, [10], 0, [4], pinned=torch.zeros(1, 3, 2).long())
+    with pytest.raises(ValueError, match="pinned"):
+        select_top_pages(q, summary, tables, [10], 0, [4], pinned=torch.zeros(1, 2, 2).int())
+
+
+@pytest.mark.parametrize("isa", BUILDS)
 def test_bad_arguments_raise(isa: str) -> None:
     q, summary, tables = _inputs(1, 2, 1, 64)
     with pytest.raises(ValueError, match="summary"):

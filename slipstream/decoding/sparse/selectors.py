@@ -340,6 +340,7 @@ class _TopkStep:
     counts: torch.Tensor  # [num_dirty] int64 filled slots of each
     fixed: torch.Tensor | None  # [num_pruned, W] int64 sink + window pages
     refresh: list[int] = field(default_factory=list)  # positions in plan.sparse choosing anew
+    seq_ids: list[int] = field(default_factory=list)  # their sequence ids
     rows: torch.Tensor | None = None  # [rows] of the pruned q that belong to `refresh`
     num_q: list[int] = field(default_factory=list)  # new tokens of each refreshing sequence
     tables: torch.Tensor | None = None  # [R, max_blocks] int32 block tables of `refresh`
@@ -450,6 +451,7 @@ class BlockTopkSelector(Selector):
         dev = meta.block_tables.device
         step = _TopkStep(*self._dirty_pages(meta, [sp.index[i] for i in refresh]), _pad(fixed, dev))
         step.refresh = refresh
+        step.seq_ids = [sp.seq_ids[i] for i in refresh]
         plan.extra["topk"] = step
         if not refresh:
             return
@@ -558,9 +560,7 @@ class BlockTopkSelector(Selector):
         found: torch.Tensor | None = None
         if step.refresh:
             q_r = q if step.rows is None else q.index_select(0, step.rows)
-            found = self._choose(layer, q_r, k_cache, step)  # [R, H, k]
-            if self.pinned:
-                found = self._with_pinned(layer, [sp.seq_ids[i] for i in step.refresh], found)
+            found = self._choose(layer, q_r, k_cache, step)  # [R, H, P + k]
         chunks = reused_plus_fixed(self.seqs, sp, layer, step.refresh, found, step.fixed)
         self.combined.by_layer[layer] = chunks
         return chunks
@@ -571,8 +571,12 @@ class BlockTopkSelector(Selector):
         q: torch.Tensor,  # [rows, num_heads, head_dim], the refreshing sequences' rows
         k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
         step: _TopkStep,
-    ) -> torch.Tensor:  # [R, num_kv_heads, top_k] int64 logical pages, -1 padded
-        """Top-k pages by the page score, optionally reranked by exact key logits."""
+    ) -> torch.Tensor:  # [R, num_kv_heads, P + top_k] int64 logical pages, -1 padded
+        """The refreshing sequences' pinned pages, then the top-k pages by the page score
+        (optionally reranked by exact key logits), less those pinned: every page is listed
+        once, as the attention kernels need, and the read stays within the budget. (Choosing
+        among the unpinned pages only spends the whole budget instead: at 8k it read 0.136
+        of the KV rather than 0.116, and decoded no faster.)"""
         assert step.tables is not None
         heads, head_dim = k_cache.shape[2], k_cache.shape[3]
         n = len(step.refresh)
@@ -603,29 +607,26 @@ class BlockTopkSelector(Selector):
             self.geometry.sink_chunks,
             step.top_ks,
             rerank,
+            self._pins(layer, step.seq_ids),
         )
 
-    def _with_pinned(
-        self,
-        layer: int,
-        seq_ids: list[int],
-        found: torch.Tensor,  # [R, H, k] int64 logical pages, -1 padded
-    ) -> torch.Tensor:  # [R, H, P + k] int64, distinct pages per row, -1 anywhere
-        """The refreshing sequences' choices plus their pinned pages, each page once (the
-        attention kernels need distinct chunks; a page both pinned and chosen is read once,
-        so the read is at most the budget)."""
+    def _pins(self, layer: int, seq_ids: list[int]) -> torch.Tensor | None:
+        """[R, H, P] int64 the sequences' pinned pages in this layer, -1 padded (a sequence
+        without pins: a row of -1); None when none of them has pins."""
         pins = [self.pinned.get(sid, {}).get(layer) for sid in seq_ids]
+        if len(pins) == 1:  # one sequence refreshing: the common case, no copy
+            return None if pins[0] is None else pins[0].unsqueeze(0)
         width = max((p.shape[-1] for p in pins if p is not None), default=0)
         if width == 0:
-            return found
-        extra = torch.full((*found.shape[:2], width), -1, dtype=found.dtype, device=found.device)
+            return None
+        some = next(p for p in pins if p is not None)
+        out = torch.full(
+            (len(pins), some.shape[0], width), -1, dtype=torch.long, device=some.device
+        )
         for j, p in enumerate(pins):
             if p is not None:
-                extra[j, :, : p.shape[-1]] = p
-        merged = torch.cat([extra, found], -1).sort(-1).values
-        repeat = (merged[..., 1:] == merged[..., :-1]) & (merged[..., 1:] >= 0)
-        merged[..., 1:].masked_fill_(repeat, -1)
-        return merged
+                out[j, :, : p.shape[-1]] = p
+        return out
 
     def _answer_votes(
         self,

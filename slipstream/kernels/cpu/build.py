@@ -168,11 +168,17 @@ class CppFunction:
         self.also = also  # further sources of this folder linked into the library
         self.isa = isa
         self._fn: Callable[..., int] | None = None
+        # Why the build failed, once it has: the engine asks per layer (~4 us a lock and a
+        # cache lookup each time, for a build this CPU cannot run).
+        self._failed: str | None = None
 
     def _load(self) -> Callable[..., int] | str:
+        if self._failed is not None:
+            return self._failed
         with _BUILD_LOCK:
             lib = _load(self.source_name, self.also, self.isa)
         if isinstance(lib, str):
+            self._failed = lib
             return lib
         fn = getattr(lib, self.symbol)
         fn.argtypes = self.argtypes

@@ -7,6 +7,9 @@ sequence's pooled query, the best over the query vectors given per KV head (one 
 group's queries were averaged). Pages below `sink_pages` (always read anyway) and from
 `region_end` on (the local window, always read) are not candidates.
 
+Pinned pages (SnapKV's, chosen at the prompt's end) lead each row of the result; a chosen page
+that is also pinned is dropped (-1) from the choice, so every page is read once.
+
 With a Rerank, the page score only shortlists `shortlist` pages, which are ranked again by
 their best exact key logit (any slot, any query head of the group): page summaries dilute
 the one key a copy step needs (a digit among 16 tokens).
@@ -25,9 +28,10 @@ from slipstream.kernels.page_scores import index_tensor, page_scores_ref, page_s
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 # q, seqs, kv heads, group, width, summary, blocks, tables + stride, region ends, sink pages,
-# top-k, k max, out, threads; rerank: query heads, their group, k cache (or NULL), block
-# size, head dim, shortlist
-_TOPK_ARGTYPES = [_P, _I64, _I64, _I64, _I64, _P, _I64, _P, _I64, _P, _I64, _P, _I64, _P]
+# top-k, k max, pinned pages (or NULL) + their count, out, threads; rerank: query heads, their
+# group, k cache (or NULL), block size, head dim, shortlist
+_TOPK_ARGTYPES = [_P, _I64, _I64, _I64, _I64, _P, _I64, _P, _I64, _P, _I64, _P, _I64, _P, _I64]
+_TOPK_ARGTYPES += [_P]
 _TOPK_ARGTYPES += [ctypes.c_int, _P, _I64, _P, _I64, _I64, _I64]
 # Instruction set -> the build. The AVX2 one has no rerank (the selection only).
 _BUILDS = {
@@ -102,17 +106,21 @@ def page_topk_ref(
     sink_pages: int,
     top_k: list[int],  # pages kept per sequence
     rerank: Rerank | None = None,
-) -> torch.Tensor:  # [R, H, max(top_k)] int64 logical pages, best first, -1 padded
+    pinned: torch.Tensor | None = None,  # [R, H, P] int64 logical pages, -1 padded
+) -> torch.Tensor:  # [R, H, P + max(top_k)] int64 logical pages: pins, then best first, -1 pad
     """The page scores (one Triton launch on CUDA, else a gather and a batched product),
     a masked top-k (then, with `rerank`, the shortlist's exact key logits and a second
-    top-k)."""
+    top-k); `pinned` pages lead the rows, and chosen pages among them turn -1."""
     num_seqs, heads = q.shape[0], q.shape[1]
     num_scored = max(region_end, default=0)
     k_max = max(top_k, default=0)
+    if pinned is not None:
+        check_pinned(pinned, num_seqs, heads)
     if num_scored == 0 or k_max == 0:
-        return torch.full((num_seqs, heads, k_max), -1, dtype=torch.long, device=q.device)
+        none = torch.full((num_seqs, heads, k_max), -1, dtype=torch.long, device=q.device)
+        return none if pinned is None else torch.cat([pinned, none], -1)
     score_op = page_scores_triton if use_triton(q) else page_scores_ref
-    scores = score_op(q, summary, tables, region_end, sink_pages)  # [R, H, P]
+    scores = score_op(q, summary, tables, region_end, sink_pages)  # [R, H, num_scored]
     dev = q.device
     if rerank is not None:
         short = torch.topk(scores, min(rerank.shortlist, num_scored), dim=-1)
@@ -130,7 +138,18 @@ def page_topk_ref(
     if chosen.shape[-1] < k_max:
         pad = chosen.new_full((num_seqs, heads, k_max - chosen.shape[-1]), -1)
         chosen = torch.cat([chosen, pad], -1)
-    return chosen
+    if pinned is None:
+        return chosen
+    pinned_too = (chosen.unsqueeze(-1) == pinned.unsqueeze(-2)).any(-1) & (chosen >= 0)
+    return torch.cat([pinned, chosen.masked_fill(pinned_too, -1)], -1)
+
+
+def check_pinned(pinned: torch.Tensor, num_seqs: int, heads: int) -> None:
+    """ValueError unless `pinned` is [num_seqs, heads, P] int64."""
+    if pinned.dim() != 3 or pinned.shape[:2] != (num_seqs, heads) or pinned.dtype != torch.long:
+        raise ValueError(
+            f"pinned {tuple(pinned.shape)} {pinned.dtype} must be int64 [{num_seqs}, {heads}, *]"
+        )
 
 
 def page_topk(
@@ -142,7 +161,8 @@ def page_topk(
     top_k: list[int],
     rerank: Rerank | None = None,  # its k_cache bf16 and contiguous, head size % 32 == 0
     isa: str | None = None,  # the build ("avx512_bf16", "avx2_fma"); None: the first that runs
-) -> torch.Tensor:  # [R, H, max(top_k)] int64
+    pinned: torch.Tensor | None = None,  # [R, H, P] int64 logical pages, -1 padded
+) -> torch.Tensor:  # [R, H, P + max(top_k)] int64
     """page_topk_ref's selection through the C++ kernel (CPU tensors). Ties go to the lower
     page here; torch.topk's order among equal scores is unspecified."""
     build = _first_build(isa, rerank is not None)
@@ -168,7 +188,12 @@ def page_topk(
     cpu = torch.device("cpu")
     ends, ks = index_tensor(region_end, cpu), index_tensor(top_k, cpu)
     k_max = max(top_k, default=0)
-    out = torch.empty(num_seqs, heads, k_max, dtype=torch.long)
+    pins: tuple[int | None, int] = (None, 0)
+    if pinned is not None:
+        check_pinned(pinned, num_seqs, heads)
+        pinned = pinned.contiguous()
+        pins = (pinned.data_ptr(), pinned.shape[2])
+    out = torch.empty(num_seqs, heads, pins[1] + k_max, dtype=torch.long)
     second: tuple[int | None, ...] = (None, 0, None, 0, 0, 0)
     if rerank is not None:
         kc, qh = rerank.k_cache, rerank.qh.float().contiguous()
@@ -192,6 +217,7 @@ def page_topk(
         sink_pages,
         ks.data_ptr(),
         k_max,
+        *pins,
         out.data_ptr(),
         torch.get_num_threads(),
         *second,
@@ -211,7 +237,8 @@ def select_top_pages(
     sink_pages: int,
     top_k: list[int],
     rerank: Rerank | None = None,
-) -> torch.Tensor:  # [R, H, max(top_k)] int64
+    pinned: torch.Tensor | None = None,  # [R, H, P] int64 logical pages, -1 padded
+) -> torch.Tensor:  # [R, H, P + max(top_k)] int64
     """The C++ kernel for CPU tensors where it runs (a rerank: the AVX512 build, over a bf16
     cache with head size % 32 == 0), else page_topk_ref (on CUDA its scores come from one
     Triton launch)."""
@@ -220,5 +247,5 @@ def select_top_pages(
         kc = rerank.k_cache
         kernel = kernel and kc.dtype == torch.bfloat16 and kc.shape[3] % 32 == 0
     if kernel:
-        return page_topk(q, summary, tables, region_end, sink_pages, top_k, rerank)
-    return page_topk_ref(q, summary, tables, region_end, sink_pages, top_k, rerank)
+        return page_topk(q, summary, tables, region_end, sink_pages, top_k, rerank, pinned=pinned)
+    return page_topk_ref(q, summary, tables, region_end, sink_pages, top_k, rerank, pinned)

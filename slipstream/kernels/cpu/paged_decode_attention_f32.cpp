@@ -134,8 +134,11 @@ struct Kernel {
       keys[j] = row_of(a.k_cache, r.seq, position(r, p0 + j), r.kv_head);
       values[j] = a.v_cache + (keys[j] - a.k_cache);
       // Pages lie anywhere in the pool, out of the hardware prefetcher's sight: ask for the
-      // split's values now, to arrive while the scores are computed.
+      // split's keys and values now, so that their misses overlap rather than come one tile
+      // of keys at a time. The keys too: block-sparse 8k decode (48 scattered pages a KV
+      // head, 30 layers' caches) took 224 -> 195 us a layer, dense reads within noise.
       for (int c = 0; c < D; c += 16) {
+        _mm_prefetch(reinterpret_cast<const char*>(keys[j] + c), _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(values[j] + c), _MM_HINT_T1);
       }
     }

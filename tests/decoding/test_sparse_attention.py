@@ -283,6 +283,46 @@ def test_page_summaries_are_kept_only_for_pruned_sequences() -> None:
     assert not sel.summarised
 
 
+def _prefill_meta(table: torch.Tensor, start: int, seq_len: int, ends: bool) -> AttentionMetadata:
+    """One prefill chunk of sequence 0: tokens start .. seq_len - 1."""
+    n = seq_len - start
+    return AttentionMetadata(
+        torch.tensor([0, n], dtype=torch.int32),
+        torch.tensor([seq_len], dtype=torch.int32),
+        table,
+        torch.arange(start, seq_len),
+        None,
+        n,
+        seq_len,
+        seq_ids=[0],
+        query_start_loc_list=[0, n],
+        seq_lens_list=[seq_len],
+        prefill_ends=[ends],
+    )
+
+
+def test_a_prompt_is_summarised_when_its_prefill_ends() -> None:
+    """The chunk that ends a prefill summarises the pages its first decode will score (if
+    that decode is pruned), so the decode summarises nothing; earlier chunks and prompts
+    that decode densely summarise nothing."""
+    ctx = _ctx(num_blocks=40, block_size=4, kv_heads=2, head_dim=8)
+    sel = _selector(ctx, method="block_topk", top_k_pages=2, sink=4, window=8, dense_layers=0)
+    table = torch.arange(11, dtype=torch.int32).view(1, -1)
+
+    def summarised(meta: AttentionMetadata) -> list[int]:
+        plan = build_plan(meta, sel.prunes)
+        sel.prepare(meta, plan)
+        return plan.extra["topk"].pages.tolist()
+
+    assert summarised(_prefill_meta(table, 0, 24, ends=False)) == []  # a first chunk
+    # 41 prompt tokens: the first decode (41 cached keys, window 8) scores pages 0-7.
+    assert summarised(_prefill_meta(table, 24, 41, ends=True)) == list(range(8))
+    assert summarised(_decode_meta(table, [42])) == []  # the first decode: done already
+    assert summarised(_decode_meta(table, [45])) == [8]  # page 8 left the window since
+    sel.forget(0)
+    assert summarised(_prefill_meta(table, 0, 12, ends=True)) == []  # 12 tokens: dense
+
+
 def test_key_bounds_find_the_page_with_one_matching_key() -> None:
     """A page whose one key matches the query (a planted fact among 15 unrelated keys, whose
     mean cancels it) is found by Quest's bounds and missed by the mean key."""

@@ -427,19 +427,20 @@ class BlockTopkSelector(Selector):
         refreshed, and per-step tensors.
 
         Summaries are kept lazily: only sequences choosing pages this step update theirs, so
-        prefill steps, short (dense) decodes and steps that reuse a selection pay nothing
-        (measured at 256 tokens of context, eager upkeep cost 9% of decode speed). And only
-        pages that can be scored are summarised: those wholly below the window, which are
-        full and final (keys below the context are never rewritten; tree verification
-        compacts accepted KV at and above it). So a sequence's first choice summarises the
-        pages below its window and later ones the pages that left the window since: one
-        page every 16 decoded tokens, not the page being written at every step (~1.7 ms per
-        step at 30 layers on 2 CPU cores).
+        short (dense) decodes and steps that reuse a selection pay nothing (measured at 256
+        tokens of context, eager upkeep cost 9% of decode speed). And only pages that can be
+        scored are summarised: those wholly below the window, which are full and final (keys
+        below the context are never rewritten; tree verification compacts accepted KV at
+        and above it). The prompt's pages are summarised when its prefill ends, if its first
+        decode will be pruned: done by that decode instead, they cost it ~50 ms at 8k (30
+        layers, 2 CPU cores), 2x a decode step. Later choices summarise the pages that left
+        the window since: one page every 16 decoded tokens, not the page being written at
+        every step (~1.7 ms per step at 30 layers on 2 CPU cores).
         """
         self.refreshes = 0
         sp = plan.sparse
         if sp is None:
-            plan.extra["topk"] = _TopkStep(*self._dirty_pages(meta, []), None)
+            plan.extra["topk"] = _TopkStep(*self._dirty_pages(meta, self._prompts(meta)), None)
             return
         g = self.geometry
         self._count_answer_steps(sp)
@@ -449,7 +450,9 @@ class BlockTopkSelector(Selector):
         self.refreshes = len(refresh)
         self.combined.new_step(sp.seq_ids, fixed, refresh)
         dev = meta.block_tables.device
-        step = _TopkStep(*self._dirty_pages(meta, [sp.index[i] for i in refresh]), _pad(fixed, dev))
+        choosing = [(sp.index[i], sp.ctx[i]) for i in refresh]
+        prompts = self._prompts(meta, {b for b, _ in choosing})
+        step = _TopkStep(*self._dirty_pages(meta, choosing + prompts), _pad(fixed, dev))
         step.refresh = refresh
         step.seq_ids = [sp.seq_ids[i] for i in refresh]
         plan.extra["topk"] = step
@@ -492,16 +495,26 @@ class BlockTopkSelector(Selector):
         layers = self.pinned.get(seq_id)
         return next(iter(layers.values())).shape[-1] if layers else 0
 
+    def _prompts(
+        self, meta: AttentionMetadata, skip: set[int] | frozenset[int] = frozenset()
+    ) -> list[tuple[int, int]]:
+        """(batch index, first decode's context) of the sequences whose prefill ends this step
+        and whose first decode will be pruned (those in `skip` aside)."""
+        return [
+            (b, meta.seq_lens_list[b])
+            for b, ends in enumerate(meta.prefill_ends)
+            if ends and b not in skip and self.prunes(meta.seq_lens_list[b])
+        ]
+
     def _dirty_pages(
-        self, meta: AttentionMetadata, batch_index: list[int]
+        self, meta: AttentionMetadata, sequences: list[tuple[int, int]]
     ) -> tuple[torch.Tensor, torch.Tensor]:  # ([num_dirty] int64 pages, [num_dirty] counts)
-        """Physical pages whose summaries sequences `batch_index` (of meta) need updated."""
+        """Physical pages whose summaries `sequences` ((batch index in meta, the context of
+        the decode that chooses) each) need updated."""
         page = self.geometry.chunk
         flat: list[int] = []
         width = meta.block_tables.shape[1]
-        starts = meta.query_start_loc_list
-        for b in batch_index:
-            ctx = meta.seq_lens_list[b] - (starts[b + 1] - starts[b])
+        for b, ctx in sequences:
             end = self.geometry.window_start(ctx)  # pages below it are full and final
             sid = meta.seq_ids[b] if meta.seq_ids else b
             table = meta.block_tables[b, :end]

@@ -35,6 +35,15 @@ _MAX_PAD_RATIO = 2.0
 # Keys (B * max_len) per padded box. Bigger boxes lose: fresh multi-MB K/V copies page-fault
 # on every call (fp32, 32 x 1024 keys: 12 ms user + 4-20 ms sys vs 23 ms for a plain loop).
 _MAX_PAD_KEYS = 4096
+# A causal chunk of at least this many new tokens after cached ones (chunked prefill, a
+# prefix-cache hit) attends in two unmasked parts merged by their log-sum-exp (see
+# _attend_chunk) instead of one SDPA call with an explicit mask: at 8k the mask is
+# [2048 x 3, 8192] floats a layer, and SDPA's masked path ran 0.65-0.72 s a layer for a
+# 2048-token chunk over 8k keys against 0.40 s for the two parts (float32, 2 cores).
+_SPLIT_CHUNK_ROWS = 256
+# PyTorch's CPU flash-attention kernel, which also returns each row's log-sum-exp (an
+# internal op of torch; where a build lacks it, chunks keep the masked call).
+_FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def _paged_attention_loop(
@@ -206,6 +215,13 @@ def _attend_one(
             q.transpose(0, 1).unsqueeze(0), k, v, is_causal=True, scale=scale, enable_gqa=True
         )
         return o[0].transpose(0, 1)
+    if (
+        tree_mask is None
+        and num_q >= _SPLIT_CHUNK_ROWS
+        and q.device.type == "cpu"
+        and _FLASH_WITH_LSE is not None
+    ):
+        return _attend_chunk(q, k, v, ctx, scale)
     # Grouped layout: a KV head's `group` query heads become extra query rows, so no GQA
     # expansion; bf16 decode at 1024 keys takes 0.14 ms this way vs ~1 ms with enable_gqa.
     qg = q.view(num_q, num_kv_heads, group, head_dim).transpose(0, 1)
@@ -221,6 +237,43 @@ def _attend_one(
             cache["mask"] = mask
     o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
     return o.reshape(num_kv_heads, num_q, group, head_dim).transpose(0, 1).reshape(q.shape)
+
+
+def _attend_chunk(
+    q: torch.Tensor,  # [num_q, num_heads, head_dim], a causal chunk's queries
+    k: torch.Tensor,  # [1, num_kv_heads, ctx + num_q, head_dim], cached keys then the chunk's
+    v: torch.Tensor,  # [1, num_kv_heads, ctx + num_q, head_dim]
+    ctx: int,
+    scale: float,
+) -> torch.Tensor:  # [num_q, num_heads, head_dim]
+    """A causal chunk after `ctx` cached keys, in two parts: every query over the cached
+    keys (no mask), and over the chunk's own keys (causal, square), merged by the parts'
+    log-sum-exp: softmax over the union = the parts' outputs weighted by exp(lse - lse_all)."""
+    assert _FLASH_WITH_LSE is not None
+    num_q, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, num_q, D]
+    # The chunk's own keys per query head: a copy of num_q keys (the cached ones need none).
+    k_new = k[:, :, ctx:].repeat_interleave(group, 1)
+    v_new = v[:, :, ctx:].repeat_interleave(group, 1)
+    out_new, lse_new = _FLASH_WITH_LSE(qh, k_new, v_new, 0.0, True, scale=scale)
+    if ctx == 0:
+        return out_new[0].transpose(0, 1)
+    # Cached keys: the grouped layout (a KV head's query heads as extra rows), no expansion.
+    qg = q.view(num_q, num_kv_heads, group, head_dim).transpose(0, 1)
+    qg = qg.reshape(1, num_kv_heads, num_q * group, head_dim)
+    out_old, lse_old = _FLASH_WITH_LSE(qg, k[:, :, :ctx], v[:, :, :ctx], 0.0, False, scale=scale)
+    # Back to [1, H, num_q, ...]: grouped row r of KV head g is query r // group, head
+    # g * group + r % group.
+    out_old = out_old.view(num_kv_heads, num_q, group, head_dim).transpose(1, 2)
+    out_old = out_old.reshape(1, num_heads, num_q, head_dim)
+    lse_old = lse_old.view(num_kv_heads, num_q, group).transpose(1, 2).reshape(1, num_heads, num_q)
+    top = torch.maximum(lse_old, lse_new)
+    w_old = torch.exp(lse_old - top).unsqueeze(-1)  # [1, H, num_q, 1] float32
+    w_new = torch.exp(lse_new - top).unsqueeze(-1)
+    merged = (out_old.float() * w_old + out_new.float() * w_new) / (w_old + w_new)
+    return merged[0].transpose(0, 1).to(q.dtype)
 
 
 def _new_token_mask(

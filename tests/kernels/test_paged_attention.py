@@ -250,6 +250,37 @@ def test_plan_shared_across_layers_gives_the_same_output(
     assert "pa_starts" in plan
 
 
+@pytest.mark.parametrize("flash", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gqa", list(GQA))
+def test_long_chunk_after_cached_keys_matches_loop(
+    monkeypatch: pytest.MonkeyPatch, gqa: str, dtype: torch.dtype, flash: bool
+) -> None:
+    """A chunk of >= _SPLIT_CHUNK_ROWS new tokens after cached ones (chunked prefill) attends
+    in two unmasked parts merged by log-sum-exp where torch has the CPU flash kernel, with
+    one masked call where it has not; both equal the loop. Shorter chunks keep the mask."""
+    if flash and pa._FLASH_WITH_LSE is None:
+        pytest.skip("this torch has no _scaled_dot_product_flash_attention_for_cpu")
+    if not flash:
+        monkeypatch.setattr(pa, "_FLASH_WITH_LSE", None)
+    calls: list[int] = []
+    split = pa._attend_chunk
+
+    def counted(q: torch.Tensor, *args: Any) -> torch.Tensor:
+        calls.append(q.shape[0])
+        return split(q, *args)
+
+    monkeypatch.setattr(pa, "_attend_chunk", counted)
+    monkeypatch.setattr(pa, "_MAX_PAD_RATIO", 0.0)  # each sequence on its own, as long ones go
+    heads, kv_heads = GQA[gqa]
+    n = pa._SPLIT_CHUNK_ROWS
+    # A long chunk after 173 cached keys, then one just under the threshold after 40.
+    batch = random_batch([n + 44, n - 1], [n + 44 + 173, n - 1 + 40], heads, kv_heads, dtype=dtype)
+    out = batch.run(paged_attention_ref)
+    assert calls == ([n + 44] if flash else [])
+    assert_close_verbose(out, batch.run(_paged_attention_loop), **TOL[dtype])
+
+
 def test_fast_reference_ignores_trailing_padding_tokens() -> None:
     """Rows past query_start_loc[-1] (a padded batch) are left alone and do not break it."""
     batch = random_batch([1, 1], [20, 7])

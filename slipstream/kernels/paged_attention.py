@@ -243,7 +243,7 @@ def _attend_chunk(
     q: torch.Tensor,  # [num_q, num_heads, head_dim], a causal chunk's queries
     k: torch.Tensor,  # [1, num_kv_heads, ctx + num_q, head_dim], cached keys then the chunk's
     v: torch.Tensor,  # [1, num_kv_heads, ctx + num_q, head_dim]
-    ctx: int,
+    ctx: int,  # > 0 (a chunk with no cached keys takes SDPA's is_causal)
     scale: float,
 ) -> torch.Tensor:  # [num_q, num_heads, head_dim]
     """A causal chunk after `ctx` cached keys, in two parts: every query over the cached
@@ -258,8 +258,6 @@ def _attend_chunk(
     k_new = k[:, :, ctx:].repeat_interleave(group, 1)
     v_new = v[:, :, ctx:].repeat_interleave(group, 1)
     out_new, lse_new = _FLASH_WITH_LSE(qh, k_new, v_new, 0.0, True, scale=scale)
-    if ctx == 0:
-        return out_new[0].transpose(0, 1)
     # Cached keys: the grouped layout (a KV head's query heads as extra rows), no expansion.
     qg = q.view(num_q, num_kv_heads, group, head_dim).transpose(0, 1)
     qg = qg.reshape(1, num_kv_heads, num_q * group, head_dim)

@@ -629,17 +629,10 @@ class BlockTopkSelector(Selector):
         pins = [self.pinned.get(sid, {}).get(layer) for sid in seq_ids]
         if len(pins) == 1:  # one sequence refreshing: the common case, no copy
             return None if pins[0] is None else pins[0].unsqueeze(0)
-        width = max((p.shape[-1] for p in pins if p is not None), default=0)
-        if width == 0:
+        some = next((p for p in pins if p is not None), None)
+        if some is None or not any(p.shape[-1] for p in pins if p is not None):
             return None
-        some = next(p for p in pins if p is not None)
-        out = torch.full(
-            (len(pins), some.shape[0], width), -1, dtype=torch.long, device=some.device
-        )
-        for j, p in enumerate(pins):
-            if p is not None:
-                out[j, :, : p.shape[-1]] = p
-        return out
+        return stack_padded([some[:, :0] if p is None else p for p in pins])
 
     def _answer_votes(
         self,

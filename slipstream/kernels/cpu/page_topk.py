@@ -30,9 +30,8 @@ _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 # q, seqs, kv heads, group, width, summary, blocks, tables + stride, region ends, sink pages,
 # top-k, k max, pinned pages (or NULL) + their count, out, threads; rerank: query heads, their
 # group, k cache (or NULL), block size, head dim, shortlist
-_TOPK_ARGTYPES = [_P, _I64, _I64, _I64, _I64, _P, _I64, _P, _I64, _P, _I64, _P, _I64, _P, _I64]
-_TOPK_ARGTYPES += [_P]
-_TOPK_ARGTYPES += [ctypes.c_int, _P, _I64, _P, _I64, _I64, _I64]
+_TOPK_ARGTYPES = [_P, _I64, _I64, _I64, _I64, _P, _I64, _P, _I64, _P, _I64, _P, _I64]
+_TOPK_ARGTYPES += [_P, _I64, _P, ctypes.c_int, _P, _I64, _P, _I64, _I64, _I64]
 # Instruction set -> the build. The AVX2 one has no rerank (the selection only).
 _BUILDS = {
     isa: CppFunction("page_topk.cpp", "slipstream_page_topk", _TOPK_ARGTYPES, isa=isa)

@@ -10,7 +10,9 @@ accepted path's KV and writes the top-k of every node's logits back into M.
 Faithful to the official code: k = 8, the "2.2.2" template (80 nodes), greedy longest-path
 acceptance, all nodes' rows updated (last writer wins), M shared by all requests and never
 reset (hot start). Where we differ on purpose:
-- temperature > 0 runs lossless tree rejection sampling (the official code is greedy only);
+- temperature > 0 runs lossless tree rejection sampling (the official code is greedy only),
+  except for requests with a `seed` (tree_verify.py): drafted from M, which every request
+  rewrites, their random draws and output would change from run to run;
 - `adaptive` (default on) cuts the tree to the size that maximises measured tokens/s at the
   current batch size (calibration.py);
 - `prompt_seed_rows` (default 128): prefill logits at prompt positions also seed M (the
@@ -192,8 +194,9 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
 
     # ---------------------------------------------------------------- drafting
     def drafts_allowed(self, seq: Sequence) -> bool:
-        """Greedy always; sampling unless turned off (then the standard path, counted)."""
-        return seq.params.is_greedy or self.opts.sampling
+        """Greedy always; sampling unless turned off or seeded (then the standard path,
+        counted)."""
+        return super().drafts_allowed(seq) and (seq.params.is_greedy or self.opts.sampling)
 
     def plan_draft(self, seq: Sequence, num_running: int) -> int:
         """Draft nodes for the next step: the tree's (fixed, faithful 80 or calibrated) plus

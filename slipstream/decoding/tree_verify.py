@@ -199,8 +199,13 @@ class TreeSpecDecoder(Decoder):
         return {}
 
     def drafts_allowed(self, seq: Sequence) -> bool:
-        """Whether this sequence's params can take drafts (sampling falls back if not)."""
-        return True
+        """Whether this sequence's params can take drafts (if not, the standard path).
+
+        Seeded sampling cannot: a seed must repeat its output, but the random draws of
+        tree rejection sampling depend on the draft, which depends on what else runs (the
+        step's token budget, a shared recycling matrix). On the standard path a seeded
+        request gives standard decoding's tokens for that seed, every time."""
+        return seq.params.is_greedy or seq.params.seed is None
 
     # ---------------------------------------------------------------- engine hooks
     def num_lookahead_slots(self, seq: Sequence, num_running: int) -> int:

@@ -11,7 +11,7 @@ from fastapi import Request
 
 from slipstream.backends.base import EngineClient, ModelInfo
 from slipstream.server.config import ServerConfig
-from slipstream.server.errors import APIError, bad_request, unavailable
+from slipstream.server.errors import APIError, unavailable
 from slipstream.server.logprobs import TokenText
 from slipstream.server.metrics import ServerMetrics
 
@@ -86,13 +86,16 @@ class ServerState:
         raise unavailable(f"The server is not serving (state: {self.phase.value}).")
 
     def check_model(self, model: str | None) -> None:
-        """400 for a `model` this server does not serve (None means the served one)."""
+        """404 for a `model` this server does not serve (None means the served one), as
+        OpenAI and vLLM answer it."""
         if model is None or model in self.accepted_model_names():
             return
-        raise bad_request(
+        raise APIError(
+            404,
             f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
             param="model",
             code="model_not_found",
+            error_type="invalid_request_error",
         )
 
 

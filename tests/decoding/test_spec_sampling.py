@@ -148,10 +148,36 @@ def test_sampling_requests_use_the_tree(tiny_model_dir: str) -> None:
             tiny_model_dir, decoder="token_recycling", decoder_options={"tree_size": 8}
         )
     )
-    params = SamplingParams(temperature=0.8, max_tokens=12, seed=7, ignore_eos=True)
+    params = SamplingParams(temperature=0.8, max_tokens=12, ignore_eos=True)
     a = run_to_completion(eng, [PROMPT], params)[0].outputs[0].token_ids
     b = run_to_completion(eng, [PROMPT], params)[0].outputs[0].token_ids
     assert len(a) == len(b) == 12
     stats = eng.get_stats()
     assert stats["spec_num_drafts"] > 0
     assert eng.decoder.stats()["standard_path_seqs"] == 0
+
+
+@pytest.mark.parametrize(
+    ("decoder", "options"),
+    [("token_recycling", {"tree_size": 8}), ("ngram", {"prompt_lookup_min": 2})],
+)
+def test_seeded_sampling_repeats_standard_decoding(
+    tiny_model_dir: str, decoder: str, options: dict[str, int]
+) -> None:
+    # A seeded request must give the same tokens every time. Drafted (from the shared
+    # matrix, which the greedy requests in between rewrite, or under a token budget that
+    # depends on the batch), its random draws would differ from run to run; on the
+    # standard path it gives standard decoding's tokens for the seed.
+    seeded = SamplingParams(temperature=0.9, max_tokens=16, seed=11, ignore_eos=True)
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    std = LLMEngine(tiny_engine_config(tiny_model_dir))
+    want = run_to_completion(std, [PROMPT], seeded)[0].outputs[0].token_ids
+    eng = LLMEngine(tiny_engine_config(tiny_model_dir, decoder=decoder, decoder_options=options))
+    got = []
+    for i in range(3):
+        other = [PROMPT[i:] + PROMPT[:i]]
+        run_to_completion(eng, other, greedy)  # the matrix changes between the seeded runs
+        got.append(run_to_completion(eng, [PROMPT], seeded)[0].outputs[0].token_ids)
+    assert got == [want] * 3
+    assert eng.decoder.stats()["standard_path_seqs"] == 3 * 16
+    assert eng.get_stats()["spec_num_drafts"] > 0  # the greedy requests did draft

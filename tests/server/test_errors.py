@@ -102,8 +102,9 @@ def test_completions_bad_values(client: httpx.Client, extra: dict[str, Any]) -> 
 
 def test_unknown_model(client: httpx.Client) -> None:
     resp = client.post("/v1/chat/completions", json={"model": "nope", "messages": USER})
-    error = _error(resp, 400)
+    error = _error(resp, 404)
     assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert error["type"] == "invalid_request_error"
 
 
 def test_context_window_message_names_the_numbers(client: httpx.Client) -> None:

@@ -194,8 +194,8 @@ def test_models_list_and_retrieve(oai: openai.OpenAI) -> None:
         oai.models.retrieve("no-such-model")
 
 
-def test_unknown_model_is_a_400(oai: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError) as info:
+def test_unknown_model_is_a_404(oai: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
         oai.chat.completions.create(model="gpt-9", messages=CHAT, max_tokens=2)  # type: ignore[arg-type]
     assert "gpt-9" in str(info.value) and info.value.code == "model_not_found"
 

@@ -33,7 +33,7 @@ def test_tokenize_errors(client: httpx.Client) -> None:
     assert client.post("/tokenize", json={}).status_code == 400
     both = {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}
     assert client.post("/tokenize", json=both).status_code == 400
-    assert client.post("/tokenize", json={"prompt": "x", "model": "other"}).status_code == 400
+    assert client.post("/tokenize", json={"prompt": "x", "model": "other"}).status_code == 404
     resp = client.post("/detokenize", json={"tokens": [1, 99999]})
     assert resp.status_code == 400 and "99999" in resp.json()["error"]["message"]
 

@@ -5,8 +5,9 @@ sizes and the predicted speed of each size relative to not drafting.
     .venv/bin/python benchmarks/sizer_state.py                     # 12 prompts, batch 1
     .venv/bin/python benchmarks/sizer_state.py --prompts 64 --concurrency 16
 
-Builtin prompts, chat template, greedy, 128 tokens, bf16, the decoder's defaults (or
---decoder-config JSON). Run it alone: the cost curve is measured wall time.
+Builtin prompts, chat template, greedy, 128 tokens, --dtype (default auto: bf16 on CPUs
+with native bf16, else float32), the decoder's defaults (or --decoder-config JSON). Run it
+alone: the cost curve is measured wall time.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=1, help="sequences running at once")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--decoder-config", default="{}")
+    ap.add_argument("--dtype", default="auto")
     args = ap.parse_args()
     llm = LLM(
-        dtype="bfloat16",
+        dtype=args.dtype,
         decoder="token_recycling",
         decoder_config=json.loads(args.decoder_config),
         kv_cache_memory_gib=2.0,

@@ -308,6 +308,7 @@ def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
         "prompt_logprobs": params.prompt_logprobs,
         "include_stop_str_in_output": params.include_stop_str_in_output,
         "skip_special_tokens": params.skip_special_tokens,
+        "logit_bias": dict(params.logit_bias) or None,
     }
 
 

@@ -3,6 +3,7 @@
 Semantics follow vLLM (v1):
     raw logits -> logprobs for reporting (the model's raw log-softmax)
     -> min_tokens (EOS and stop_token_ids at -inf until min_tokens outputs exist)
+    -> logit_bias (added to the listed tokens' logits)
     -> repetition penalty (prompt + output tokens: positive logits / p, negative * p)
     -> frequency and presence penalties (output tokens: - f * count - p * [count > 0])
     -> greedy rows: argmax here (ties: lowest index)
@@ -160,6 +161,7 @@ class Sampler:
         x = logits.to(dtype=torch.float32, copy=True)  # [R, V]
         greedy = [c.params.is_greedy for c in rows]
         self._apply_min_tokens(x, rows)
+        _apply_logit_bias(x, rows)
         _apply_penalties(x, rows)
         if all(greedy):
             return x, greedy
@@ -279,8 +281,27 @@ def _is_plain_greedy(c: SamplingContext) -> bool:
         and p.repetition_penalty == 1.0
         and p.frequency_penalty == 0.0
         and p.presence_penalty == 0.0
+        and not p.logit_bias
         and not c.suppresses_stop
     )
+
+
+def _apply_logit_bias(x: torch.Tensor, rows: Sequence[SamplingContext]) -> None:
+    """Add each row's logit_bias to its logits (ids past the vocabulary are ignored; the
+    server refuses them first). x: [R, V]."""
+    vocab = x.shape[1]
+    row_idx: list[int] = []
+    tok_idx: list[int] = []
+    values: list[float] = []
+    for i, c in enumerate(rows):
+        for tok, bias in c.params.logit_bias:
+            if tok < vocab:
+                row_idx.append(i)
+                tok_idx.append(tok)
+                values.append(bias)
+    if row_idx:
+        index = (_long(row_idx, x.device), _long(tok_idx, x.device))
+        x.index_put_(index, torch.tensor(values, device=x.device, dtype=x.dtype), accumulate=True)
 
 
 def _apply_penalties(x: torch.Tensor, rows: Sequence[SamplingContext]) -> None:

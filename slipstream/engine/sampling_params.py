@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 # Above this many alternatives per token the OpenAI API refuses too (top_logprobs <= 20).
 MAX_LOGPROBS = 20
+# OpenAI's range for a logit_bias value: -100 bans a token in practice, +100 forces it.
+MAX_LOGIT_BIAS = 100.0
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,9 @@ class SamplingParams:
     # Logprobs for the prompt tokens (completions echo); None = none.
     prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
+    # Added to these tokens' logits before penalties and sampling (OpenAI's logit_bias):
+    # (token id, bias) pairs, sorted; a {token id: bias} dict is accepted.
+    logit_bias: tuple[tuple[int, float], ...] = ()
     skip_special_tokens: bool = True
     extra: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
 
@@ -41,6 +46,8 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if self.top_k == 0:
             object.__setattr__(self, "top_k", -1)
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in bias)))
         self._validate()
 
     def _validate(self) -> None:
@@ -74,6 +81,11 @@ class SamplingParams:
             (
                 self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
                 f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}",
+            ),
+            (
+                all(t >= 0 and abs(b) <= MAX_LOGIT_BIAS for t, b in self.logit_bias),
+                f"logit_bias needs token ids >= 0 and values in [-{MAX_LOGIT_BIAS:g}, "
+                f"{MAX_LOGIT_BIAS:g}], got {dict(self.logit_bias)}",
             ),
         ]
         for ok, message in checks:

@@ -82,7 +82,8 @@ class _SamplingRequest(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    logit_bias: dict[str, Any] | None = None
+    # Token id (as a string, OpenAI's format) -> bias added to its logit, in [-100, 100].
+    logit_bias: dict[str, float] | None = None
     # vLLM's extras (sent in the body, e.g. via the openai client's extra_body).
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0, le=1)

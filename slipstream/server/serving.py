@@ -14,7 +14,7 @@ from fastapi import Request
 
 from slipstream.backends.base import EngineError, GenerateRequest
 from slipstream.engine.outputs import RequestOutput
-from slipstream.engine.sampling_params import SamplingParams
+from slipstream.engine.sampling_params import MAX_LOGIT_BIAS, SamplingParams
 from slipstream.server.errors import APIError, bad_request, from_engine_error
 from slipstream.server.metrics import RequestTracker
 from slipstream.server.protocol import PromptTokensDetails, Usage, _SamplingRequest
@@ -33,9 +33,12 @@ def build_sampling_params(
     max_tokens: int,
     logprobs: int | None,
     prompt_logprobs: int | None = None,
+    logit_bias: dict[int, float] | None = None,
 ) -> SamplingParams:
-    """OpenAI/vLLM request fields -> SamplingParams; a bad combination is a 400."""
+    """OpenAI/vLLM request fields -> SamplingParams (logit_bias parsed by parse_logit_bias);
+    a bad combination is a 400."""
     kwargs: dict[str, Any] = {
+        "logit_bias": logit_bias or {},
         "n": req.n,
         "max_tokens": max_tokens,
         "min_tokens": req.min_tokens,
@@ -106,10 +109,26 @@ def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
         )
 
 
-def reject_common_unsupported(req: _SamplingRequest) -> None:
-    """Features a client relies on that this server does not implement: 400, not silence."""
-    if req.logit_bias:
-        raise bad_request("logit_bias is not supported by this server", param="logit_bias")
+def parse_logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float]:
+    """OpenAI's {"token id": bias} -> {id: bias}; 400 for a key that is not a token id of
+    the model or a bias outside [-100, 100]."""
+    out: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise bad_request(
+                f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
+            ) from None
+        out[token] = value
+    check_token_ids(list(out), vocab_size, "logit_bias")
+    bad = {t: v for t, v in out.items() if not abs(v) <= MAX_LOGIT_BIAS}
+    if bad:
+        raise bad_request(
+            f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bad}",
+            param="logit_bias",
+        )
+    return out
 
 
 @dataclass

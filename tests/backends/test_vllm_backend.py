@@ -249,6 +249,7 @@ def test_sampling_kwargs_map_every_field() -> None:
         prompt_logprobs=1,
         include_stop_str_in_output=True,
         skip_special_tokens=False,
+        logit_bias={5: 1.5},
     )
     assert sampling_kwargs(params) == {
         "n": 2,
@@ -269,8 +270,10 @@ def test_sampling_kwargs_map_every_field() -> None:
         "prompt_logprobs": 1,
         "include_stop_str_in_output": True,
         "skip_special_tokens": False,
+        "logit_bias": {5: 1.5},
     }
     assert sampling_kwargs(SamplingParams(top_k=5, max_tokens=None))["top_k"] == 5
+    assert sampling_kwargs(SamplingParams())["logit_bias"] is None
     assert sampling_kwargs(SamplingParams(max_tokens=None))["max_tokens"] is None
 
 
@@ -279,7 +282,10 @@ def test_sampling_kwargs_map_every_field() -> None:
 def test_vllm_accepts_the_mapped_sampling_params() -> None:
     from slipstream.backends.vllm_backend import to_vllm_sampling_params
 
-    sp = to_vllm_sampling_params(SamplingParams(temperature=0, stop=("x",), logprobs=2, seed=1))
+    sp = to_vllm_sampling_params(
+        SamplingParams(temperature=0, stop=("x",), logprobs=2, seed=1, logit_bias={3: -2.0})
+    )
+    assert sp.logit_bias == {3: -2.0}
     assert sp.stop == ["x"]
     assert sp.logprobs == 2
     assert sp.seed == 1

@@ -104,12 +104,13 @@ def test_short_max_tokens_and_penalties_stay_exact(tiny_model_dir: str) -> None:
         SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
         SamplingParams(temperature=0.0, max_tokens=12, repetition_penalty=1.3, ignore_eos=True),
         SamplingParams(temperature=0.0, max_tokens=9, min_tokens=4, logprobs=2),
+        SamplingParams(temperature=0.0, max_tokens=10, logit_bias={5: 4.0, 17: 2.0, 99: -50.0}),
     ]
     std = LLMEngine(tiny_engine_config(tiny_model_dir, block_size=4))
-    want = run_to_completion(std, PROMPTS[:3], params)
+    want = run_to_completion(std, PROMPTS[:4], params)
     eng = _engine(tiny_model_dir, adaptive=False)
     run_to_completion(eng, PROMPTS, GREEDY)  # hot matrix: deep drafts
-    got = run_to_completion(eng, PROMPTS[:3], params)
+    got = run_to_completion(eng, PROMPTS[:4], params)
     for w, g in zip(want, got, strict=True):
         assert g.outputs[0].token_ids == w.outputs[0].token_ids
     lp_want = [lp.chosen.logprob for lp in want[2].outputs[0].logprobs or []]

@@ -114,6 +114,17 @@ def test_seeded_sampling_is_reproducible_in_any_batch(engine: LLMEngine) -> None
     assert alone == mixed
 
 
+def test_logit_bias_steers_greedy_and_sampled_requests(engine: LLMEngine) -> None:
+    prompts = random_prompts(2, seed=8)
+    plain = tokens(run_to_completion(engine, prompts, GREEDY))
+    forced = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logit_bias={77: 100})
+    banned = dict.fromkeys(plain[0], -100.0)  # every token greedy decoding chose
+    sampled = SamplingParams(temperature=0.8, max_tokens=12, ignore_eos=True, logit_bias=banned)
+    outs = tokens(run_to_completion(engine, prompts, [forced, sampled]))
+    assert outs[0] == [77] * 6
+    assert not set(outs[1]) & set(plain[0])
+
+
 def test_n_completions_differ_when_sampling(engine: LLMEngine) -> None:
     params = SamplingParams(temperature=1.0, max_tokens=10, n=3, seed=7, ignore_eos=True)
     out = run_to_completion(engine, random_prompts(1, seed=7), params)[0]

@@ -127,6 +127,40 @@ def test_min_tokens_suppresses_eos_and_stop_token_ids_until_reached(sampler: Sam
     assert sampler.sample(logits, [reached]).token_ids == [2]
 
 
+def test_logit_bias_adds_to_its_rows_before_penalties(sampler: Sampler) -> None:
+    logits = torch.tensor([[1.0, 2.0, 3.0, 0.5], [1.0, 2.0, 3.0, 0.5]])
+    rows = [
+        ctx(temperature=0.0, logit_bias={0: 2.5, 2: -100.0}),
+        ctx(temperature=0.0, output=[3], repetition_penalty=2.0, logit_bias={3: 1.5}),
+    ]
+    got = sampler.processed_logits(logits, rows)
+    # Row 1: 0.5 + 1.5 = 2.0, then the repetition penalty halves it.
+    expected = torch.tensor([[3.5, 2.0, -97.0, 0.5], [1.0, 2.0, 3.0, 1.0]])
+    assert torch.allclose(got, expected)
+    assert sampler.sample(logits, rows).token_ids == [0, 2]
+    # A biased greedy row leaves the argmax fast path; an unbiased batch keeps it.
+    one = logits[:1]
+    assert sampler.sample(one, [ctx(temperature=0.0, logit_bias={3: 100})]).token_ids == [3]
+    # Sampled rows draw from the biased distribution: -100 bans, +100 forces.
+    banned = ctx(generator=gen(0), logit_bias={2: -100.0, 1: -100.0})
+    forced = ctx(generator=gen(1), logit_bias={3: 100.0})
+    for _ in range(20):
+        assert sampler.sample(logits, [banned, forced]).token_ids[1] == 3
+        assert sampler.sample(one, [banned]).token_ids[0] in (0, 3)
+    # min_tokens' -inf stays -inf whatever the bias.
+    early = ctx(temperature=0.0, min_tokens=1, logit_bias={EOS: 100.0})
+    assert sampler.processed_logits(one, [early])[0, EOS] == NEG_INF
+
+
+def test_logit_bias_is_checked_and_kept_sorted() -> None:
+    params = SamplingParams(logit_bias={"7": 1, 3: -2.5})  # type: ignore[dict-item]
+    assert params.logit_bias == ((3, -2.5), (7, 1.0))
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={3: 100.5})
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={-1: 1.0})
+
+
 def test_temperature_scales_logits(sampler: Sampler) -> None:
     logits = torch.tensor([[1.0, 2.0, 4.0]])
     probs = sampler.processed_probs(logits, [ctx(temperature=0.5)])

@@ -59,6 +59,7 @@ def test_sampling_params_reach_the_engine(oai: openai.OpenAI, server: LiveServer
         presence_penalty=0.5,
         frequency_penalty=-0.5,
         stop=["zz"],
+        logit_bias={"5": 2.5, "11": -100},
         extra_body={
             "top_k": 5,
             "min_p": 0.1,
@@ -72,6 +73,7 @@ def test_sampling_params_reach_the_engine(oai: openai.OpenAI, server: LiveServer
     assert (params.presence_penalty, params.frequency_penalty) == (0.5, -0.5)
     assert (params.top_k, params.min_p, params.repetition_penalty) == (5, 0.1, 1.2)
     assert params.ignore_eos and params.stop == ("zz",) and params.stop_token_ids == (3,)
+    assert params.logit_bias == ((5, 2.5), (11, -100.0))
 
 
 def test_chat_n_and_logprobs(oai: openai.OpenAI) -> None:

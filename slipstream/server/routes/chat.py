@@ -35,7 +35,7 @@ from slipstream.server.serving import (
     cancel_on_disconnect,
     check_token_ids,
     collect_all,
-    reject_common_unsupported,
+    parse_logit_bias,
     resolve_max_tokens,
     usage,
 )
@@ -79,10 +79,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     prompt_ids = render_chat(state, body.messages, body.add_generation_prompt)
     info = state.model_info
     check_token_ids(body.stop_token_ids or [], info.vocab_size, "stop_token_ids")
+    bias = parse_logit_bias(body.logit_bias, info.vocab_size)
     requested = body.max_completion_tokens or body.max_tokens
     max_tokens = resolve_max_tokens(requested, len(prompt_ids), info.max_model_len)
     top = (body.top_logprobs or 0) if body.logprobs else None
-    params = build_sampling_params(body, max_tokens, top)
+    params = build_sampling_params(body, max_tokens, top, logit_bias=bias)
     chat = _Chat(
         new_id("chatcmpl"), now_s(), state.model_name, len(prompt_ids), top,
         state.token_text,
@@ -108,7 +109,6 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
 
 def _reject_unsupported(body: ChatCompletionRequest) -> None:
     """Tools, structured output and audio: a clear 400 rather than a silently ignored field."""
-    reject_common_unsupported(body)
     if body.tools:
         raise bad_request("tools (function calling) are not supported by this server", "tools")
     if body.tool_choice not in (None, "none", "auto"):

@@ -36,7 +36,7 @@ from slipstream.server.serving import (
     close_all,
     collect_all,
     merge_outputs,
-    reject_common_unsupported,
+    parse_logit_bias,
     resolve_max_tokens,
     start_all,
     usage,
@@ -87,6 +87,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     prompts = _prompts(state, body)
     info = state.model_info
     check_token_ids(body.stop_token_ids or [], info.vocab_size, "stop_token_ids")
+    bias = parse_logit_bias(body.logit_bias, info.vocab_size)
     cmpl = _Completion(
         new_id("cmpl"), now_s(), state.model_name, prompts, body.n, body.echo, body.logprobs,
         state.token_text,
@@ -95,7 +96,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     for i, prompt in enumerate(prompts):
         max_tokens = resolve_max_tokens(body.max_tokens, len(prompt.token_ids), info.max_model_len)
         prompt_logprobs = body.logprobs if body.echo else None
-        params = build_sampling_params(body, max_tokens, body.logprobs, prompt_logprobs)
+        params = build_sampling_params(
+            body, max_tokens, body.logprobs, prompt_logprobs, logit_bias=bias
+        )
         request_id = cmpl.id if len(prompts) == 1 else f"{cmpl.id}-{i}"
         arrival = arrival_time(request)
         requests.append(GenerateRequest(request_id, prompt.token_ids, params, prompt.text, arrival))
@@ -119,7 +122,6 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
 
 
 def _reject_unsupported(body: CompletionRequest) -> None:
-    reject_common_unsupported(body)
     if body.suffix:
         raise bad_request("suffix (insertion) is not supported by this server", "suffix")
     if body.best_of is not None and body.best_of != body.n:

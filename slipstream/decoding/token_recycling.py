@@ -393,8 +393,8 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
             self.save_matrix(self.opts.matrix_path)
 
     def step_stats(self) -> dict[str, float]:
-        """The tree size planned for this step."""
-        return {"tree_size": float(self._last_size)}
+        """The tree size planned for this step, and the base class's numbers."""
+        return {**super().step_stats(), "tree_size": float(self._last_size)}
 
     def reset_matrix(self) -> None:
         """Forget every recycled candidate (a cold start; benchmarks use it between prompts)."""

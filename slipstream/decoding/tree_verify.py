@@ -160,6 +160,7 @@ class TreeSpecDecoder(Decoder):
         super().__init__(options, ctx)
         self._drafts: list[Draft | None] = []
         self._t_build = 0.0
+        self._standard_path_now = 0  # this step's sequences on the standard path (counted)
         self.totals: dict[str, float] = {
             "verify_steps": 0,
             "draft_tokens": 0,
@@ -195,8 +196,11 @@ class TreeSpecDecoder(Decoder):
         sequence fed one new token (else the step carried a prefill chunk)."""
 
     def step_stats(self) -> dict[str, float]:
-        """Per-step numbers for StepStats.decoder."""
-        return {}
+        """Per-step numbers for StepStats.decoder (the server exports them as
+        slipstream:decoder_stat and, summed, decoder_stat_sum): sequences whose params kept
+        them on the standard path this step (seeded sampling; token recycling's sampling
+        when turned off)."""
+        return {"standard_path_seqs": float(self._standard_path_now)}
 
     def drafts_allowed(self, seq: Sequence) -> bool:
         """Whether this sequence's params can take drafts (if not, the standard path).
@@ -254,13 +258,15 @@ class TreeSpecDecoder(Decoder):
         fast: list[int] = []  # drafted, plain greedy: verified from the argmax alone
         walk: list[int] = []  # drafted, any other params: walked node by node
         plain: list[int] = []  # not drafted, samples this step
+        self._standard_path_now = 0
         for i, item in enumerate(batch.items):
             if self._drafts[i] is not None:
                 (fast if _is_plain_greedy(SamplingContext.of(item.seq)) else walk).append(i)
             elif item.samples:
                 plain.append(i)
                 if not self.drafts_allowed(item.seq):
-                    self.totals["standard_path_seqs"] += 1
+                    self._standard_path_now += 1
+        self.totals["standard_path_seqs"] += self._standard_path_now
         targets = self.greedy_targets(values) if values.shape[0] else None
         if fast and targets is not None:
             self._verify_fast(batch, logits, targets, fast, results, spec)

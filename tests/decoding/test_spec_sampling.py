@@ -180,4 +180,6 @@ def test_seeded_sampling_repeats_standard_decoding(
         got.append(run_to_completion(eng, [PROMPT], seeded)[0].outputs[0].token_ids)
     assert got == [want] * 3
     assert eng.decoder.stats()["standard_path_seqs"] == 3 * 16
+    # Each of the last request's steps reported it (the server's decoder_stat metrics).
+    assert eng.last_stats.decoder["standard_path_seqs"] == 1.0
     assert eng.get_stats()["spec_num_drafts"] > 0  # the greedy requests did draft

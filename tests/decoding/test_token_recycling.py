@@ -118,6 +118,42 @@ def test_short_max_tokens_and_penalties_stay_exact(tiny_model_dir: str) -> None:
     assert lp_got == pytest.approx(lp_want, abs=1e-4)
 
 
+@pytest.mark.parametrize(
+    "decoder, options",
+    [
+        ("token_recycling", {"adaptive": False, "prompt_lookup_min": 1, "prompt_lookup_max": 3}),
+        ("ngram", {"prompt_lookup_min": 1}),
+    ],
+)
+def test_a_stop_inside_an_accepted_draft_ends_where_standard_ends(
+    tiny_model_dir: str, expected: list[list[int]], decoder: str, options: dict[str, Any]
+) -> None:
+    """A step can accept several tokens at once; when a stop token id, or the max_tokens
+    limit, falls inside them, the request must end on the same token, with the same finish
+    reason, as one-token decoding: nothing drafted past the stop may reach the output."""
+    std = LLMEngine(tiny_engine_config(tiny_model_dir, block_size=4))
+    eng = LLMEngine(
+        tiny_engine_config(tiny_model_dir, decoder=decoder, decoder_options=options, block_size=4)
+    )
+    run_to_completion(eng, PROMPTS, GREEDY)  # hot matrix: deep drafts from the first step
+    accepted_before = eng.get_stats()["spec_num_accepted_tokens"]
+    finish_reasons = set()
+    for prompt, want in zip(PROMPTS, expected, strict=True):
+        for pos in (2, 5, 9, 13):
+            cuts = [
+                SamplingParams(temperature=0.0, max_tokens=16, stop_token_ids=[want[pos]]),
+                SamplingParams(temperature=0.0, max_tokens=pos + 1, ignore_eos=True),
+            ]
+            for params in cuts:
+                w = run_to_completion(std, [prompt], params)[0].outputs[0]
+                g = run_to_completion(eng, [prompt], params)[0].outputs[0]
+                assert (g.token_ids, g.finish_reason) == (w.token_ids, w.finish_reason)
+                finish_reasons.add(g.finish_reason)
+    assert finish_reasons == {"stop", "length"}
+    assert eng.get_stats()["spec_num_accepted_tokens"] > accepted_before
+    eng.block_manager.check_invariants()
+
+
 def test_prompt_positions_seed_the_matrix(tiny_model_dir: str) -> None:
     # Two prompts of distinct tokens prefilled in one step, 5 seed rows for the step: the
     # first prompt's last 5 positions before its sampled one, then none of the second's.

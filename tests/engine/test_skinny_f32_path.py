@@ -87,7 +87,7 @@ def test_the_fused_float32_layer_calls_give_the_op_by_op_bits(
         assert torch.equal(a, b)
     assert len(op_rows) == 2 * 4 * config.num_hidden_layers
     assert sorted(set(fused_rows)) == [6, 19]
-    # A prompt longer than MAX_ROWS goes op by op (MKL's products), then one and six tokens.
+    # A prompt longer than MAX_ROWS goes op by op (products in two calls), then 1 and 6 tokens.
     prompt = [(7 * i + 3) % config.vocab_size for i in range(MAX_ROWS + 8)]
     fused_rows.clear()
     for step in ([33], [33, 8, 91, 4, 250, 6]):

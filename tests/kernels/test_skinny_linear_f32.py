@@ -1,6 +1,7 @@
-"""skinny_linear_f32.cpp (AVX2) against its PyTorch reference, batch invariance, the
-F.linear hand-off above MAX_ROWS, argument checks, bf16 weights (the float32 bits from an
-exact bf16 copy), and the engine's float32 path on it."""
+"""skinny_linear_f32.cpp (AVX2) against its PyTorch reference, batch invariance, calls of
+MAX_ROWS rows up to CHUNKED_MAX_ROWS and the F.linear hand-off above, argument checks,
+bf16 weights (the float32 bits from an exact bf16 copy), and the engine's float32 path on
+it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from slipstream.engine.models import load_model
 from slipstream.kernels.cpu.build import cpu_flags
 from slipstream.kernels.cpu.skinny_linear_f32 import (
+    CHUNKED_MAX_ROWS,
     MAX_ROWS,
     GroupedBf16Weight,
     pack_grouped_bf16,
@@ -118,11 +120,11 @@ def test_pack_grouped_bf16_refuses_weights_bf16_would_round() -> None:
 
 
 @needs_kernel
-def test_grouped_bf16_above_max_rows_runs_f_linear_on_the_float32_weight() -> None:
+def test_grouped_bf16_above_the_chunked_rows_runs_f_linear_on_the_float32_weight() -> None:
     w = _f32(24, 40, seed=5).bfloat16().float()
     grouped = pack_grouped_bf16(w)
     assert grouped is not None
-    x = _f32(MAX_ROWS + 5, 40, seed=4)
+    x = _f32(CHUNKED_MAX_ROWS + 5, 40, seed=4)
     assert torch.equal(skinny_linear_f32(x, grouped), torch.nn.functional.linear(x, w))
     with pytest.raises(ValueError, match="packed weight must be"):
         bad = GroupedBf16Weight(grouped.packed[:, :4], grouped.dense)
@@ -150,9 +152,31 @@ def test_a_rows_bits_do_not_depend_on_its_neighbours(grouped: bool) -> None:
 
 
 @needs_kernel
-def test_more_rows_than_max_rows_go_to_f_linear() -> None:
-    x, w = _f32(MAX_ROWS + 5, 40, seed=4), _f32(24, 40, seed=5)
-    assert torch.equal(skinny_linear_f32(x, w), torch.nn.functional.linear(x, w))
+@pytest.mark.parametrize("grouped", [False, True])
+def test_rows_past_max_rows_run_the_kernel_in_calls_until_the_chunked_limit(grouped: bool) -> None:
+    dense, bias = _f32(70, 100, seed=5).bfloat16().float(), _f32(70, seed=3)
+    w: torch.Tensor | GroupedBf16Weight = dense
+    if grouped:
+        packed = pack_grouped_bf16(dense)
+        assert packed is not None
+        w = packed
+    x = _f32(2 * MAX_ROWS + 7, 100, seed=4)  # calls of 32 + 32 + 7 rows
+    got = skinny_linear_f32(x, w, bias)
+    # Each row has its bits from a call of its own: nothing depends on the other rows.
+    for i in (0, MAX_ROWS - 1, MAX_ROWS, 2 * MAX_ROWS + 6):
+        assert torch.equal(got[i], skinny_linear_f32(x[i : i + 1], w, bias)[0]), i
+    assert torch.equal(
+        got, skinny_linear_f32_ref(x, unpack_grouped_bf16(w) if grouped else w, bias)
+    )
+    mkl = torch.nn.functional.linear(x, dense, bias)
+    assert not torch.equal(got, mkl)  # these shapes round differently in MKL: the call is seen
+    assert torch.equal(skinny_linear_f32(x, w, bias, chunked_max_rows=MAX_ROWS + 6), mkl)
+    many = _f32(CHUNKED_MAX_ROWS + 1, 100, seed=6)
+    assert torch.equal(
+        skinny_linear_f32(many, w, bias), torch.nn.functional.linear(many, dense, bias)
+    )
+    unlimited = skinny_linear_f32(many, w, bias, chunked_max_rows=None)
+    assert torch.equal(unlimited[-1], skinny_linear_f32(many[-1:], w, bias)[0])
 
 
 @needs_kernel

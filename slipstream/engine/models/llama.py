@@ -162,7 +162,8 @@ class LlamaDecoderLayer(nn.Module):
         # decoder_layer_f32.cpp) when pack_skinny / use_skinny_f32 put every op on the C++
         # kernels; the same bits as the op-by-op path, without its ~8 Python calls a layer.
         # Set to False to run the ops one by one (benchmarks). Steps of more than
-        # fused_rows rows run op by op (float32: MKL takes prefill-sized products).
+        # fused_rows rows run op by op (float32: products in calls of 32 rows up to 128,
+        # MKL above).
         self.fused_cpu = False
         self.fused_rows: int | None = None
         self.fused_before = layer_before_attention
@@ -394,8 +395,9 @@ class LlamaForCausalLM(nn.Module):
         return "onednn"
 
     def _use_skinny_f32(self, weights: list[torch.Tensor]) -> str | None:
-        """float32 on CPU: every product of up to 32 rows through skinny_linear_f32 (AVX2 +
-        FMA), LM head included, where it builds; "skinny_linear_f32", else None.
+        """float32 on CPU: every product of up to 128 rows (the LM head at any size) through
+        skinny_linear_f32 (AVX2 + FMA), in calls of up to 32 rows, where it builds;
+        "skinny_linear_f32", else None.
 
         Why: MKL, which runs PyTorch's float32 products, took 92 ms for a one-token step of
         the default model on a 2-core AMD EPYC without AVX512 (projections 51 ms, LM head
@@ -406,8 +408,8 @@ class LlamaForCausalLM(nn.Module):
         Where bf16 holds every weight exactly (a bf16 checkpoint such as the default model,
         upcast at load), the kernel reads bf16 copies instead (GroupedBf16Weight): the same
         bits from half the bytes (a one-token step's products and LM head ~34 -> ~17 ms
-        here; the step 45 -> 28 ms). The float32 parameters stay for prefill (MKL) and the
-        embedding, so memory grows by half the float32 weights (+270 MB for the default
+        here; the step 45 -> 28 ms). The float32 parameters stay for long prefills (MKL)
+        and the embedding, so memory grows by half the float32 weights (+270 MB for the default
         model). SLIPSTREAM_F32_BF16_WEIGHTS=0 turns the copies off.
 
         `weights`: every layer's four projection weights in order, then the LM head.
@@ -466,7 +468,9 @@ class LlamaForCausalLM(nn.Module):
             # float32 accumulators written unrounded: no bf16 ties to refine.
             return skinny_linear(hidden, self.lm_head_skinny, None, torch.float32)
         if self.lm_head_f32 is not None:
-            return skinny_linear_f32(hidden, self.lm_head_f32)
+            # Any number of rows in calls of 32: MKL reads this [vocab, hidden] weight slowly
+            # at every size (skinny_linear_f32.CHUNKED_MAX_ROWS has the numbers).
+            return skinny_linear_f32(hidden, self.lm_head_f32, chunked_max_rows=None)
         if self.lm_head_packed is None:
             logits = F.linear(hidden, weight).float()
         elif hidden.shape[0] == 1:  # the same split as the layers' projections

@@ -4,7 +4,8 @@
 A layer's norms, four projections, RoPE and SiLU * up as two C++ calls around attention,
 running skinny_linear_f32 and layer_ops_f32 in the op-by-op path's order, so the bits are
 the same (tests/engine/test_skinny_f32_path.py). Up to skinny_linear_f32.MAX_ROWS rows: above
-that the op-by-op path hands the products to MKL, which these calls cannot do.
+that the op-by-op path runs the products in several kernel calls, or hands them to MKL
+(above CHUNKED_MAX_ROWS), which these calls cannot do.
 """
 
 from __future__ import annotations

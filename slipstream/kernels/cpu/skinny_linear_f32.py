@@ -3,8 +3,10 @@
 y[M, N] = x[M, K] @ w[N, K]^T + bias for the few rows of decode and speculative steps,
 straight from the weight's own layout. The engine runs float32 models' products through it
 on CPUs with AVX2 and FMA (float32 is the default where the CPU lacks native bf16) up to
-MAX_ROWS rows; prefill-sized inputs stay with PyTorch (MKL), whose blocked GEMM reuses x
-across outputs where this kernel re-reads it for every few outputs.
+MAX_ROWS rows a call. Up to CHUNKED_MAX_ROWS rows (short prefills, prompt-seeding and
+prompt-logprob LM heads, wide speculative batches) run as several calls of up to MAX_ROWS
+rows; longer prefills go to PyTorch (MKL), whose blocked GEMM reuses x across outputs where
+this kernel re-reads it for every few outputs.
 
 Like skinny_linear (bf16), a row's output has the same bits whatever other rows share the
 call, so a speculative step's verification rows match what one-row decoding computes.
@@ -24,10 +26,19 @@ import torch
 
 from slipstream.kernels.cpu.build import CppFunction
 
-# Above this many rows the engine calls F.linear: at 64 rows MKL's GEMM already wins (this
-# kernel re-reads x for every group of outputs). Steps up to here (decode batches, a
-# speculative tree of up to 32 rows) get the streaming kernel.
+# Rows in one call of the kernel: its tiles keep up to 12 rows in registers, and a call's
+# rows go in chunks that stream each weight block from DRAM once. Decode batches and a
+# speculative tree of up to 32 rows are one call.
 MAX_ROWS = 32
+# Above MAX_ROWS, up to this many rows run as calls of MAX_ROWS rows (each streams the
+# weights again); above it, F.linear (MKL). On a 2-core AMD EPYC Zen 3, the default model's
+# shapes over bf16 copies (benchmarks/prefill_products.py, session 29), a layer's four
+# projections took 3.41 -> 2.46 ms at 33 rows, 5.41 -> 4.27 at 64, 13.1 -> 10.6 at 128,
+# 19.2 -> 17.3 at 256 (the calls faster), and 40.8 -> 44.3 at 512 (MKL faster). The LM
+# head [49152, 576], which MKL reads slowly at every size, took 49.5 -> 21.6 ms at 33 rows,
+# 59.7 -> 36.7 at 64, 114 -> 71 at 128, and the same at 256-512: its caller lifts the limit.
+# A one-token chat on ~50-token prompts (prefill and first token) went 244 -> 138 ms.
+CHUNKED_MAX_ROWS = 128
 
 _SKINNY_F32 = CppFunction(
     "skinny_linear_f32.cpp",
@@ -112,9 +123,11 @@ def skinny_linear_f32(
     x: torch.Tensor,  # [M, K] float32
     weight: torch.Tensor | GroupedBf16Weight,  # [N, K] float32, contiguous
     bias: torch.Tensor | None = None,  # [N] float32
+    chunked_max_rows: int | None = CHUNKED_MAX_ROWS,  # None: no limit
 ) -> torch.Tensor:  # [M, N] float32
-    """x @ weight.T + bias: the C++ kernel up to MAX_ROWS rows, F.linear (over the float32
-    weight) above.
+    """x @ weight.T + bias: the C++ kernel, in calls of up to MAX_ROWS rows, up to
+    `chunked_max_rows` rows; F.linear (over the float32 weight) above. A row's bits are the
+    same in any call, so they do not depend on M either, up to the limit.
 
     RuntimeError if the kernel is unavailable. Checks only what would make it read out of
     bounds (121 calls a decode step).
@@ -124,7 +137,7 @@ def skinny_linear_f32(
         grouped, dense, data = True, weight.dense, weight.packed
     else:
         grouped, dense, data = False, weight, weight
-    if x.shape[0] > MAX_ROWS:
+    if chunked_max_rows is not None and x.shape[0] > max(chunked_max_rows, MAX_ROWS):
         return torch.nn.functional.linear(x, dense, bias)
     fn = (_SKINNY_F32_GROUPED_BF16 if grouped else _SKINNY_F32).get()
     n, k = dense.shape
@@ -145,19 +158,22 @@ def skinny_linear_f32(
         x = x.contiguous()
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
-    y = torch.empty(x.shape[0], n, dtype=torch.float32)
-    status = fn(
-        x.data_ptr(),
-        x.shape[0],
-        k,
-        data.data_ptr(),
-        n,
-        None if bias is None else bias.data_ptr(),
-        y.data_ptr(),
-        torch.get_num_threads(),
-    )
-    if status != 0:  # unreachable after the checks above; kept so a mismatch cannot pass
-        raise RuntimeError(f"skinny_linear_f32 returned {status}")
+    m = x.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    for row in range(0, max(m, 1), MAX_ROWS):  # float32 rows: 4 bytes an element
+        status = fn(
+            x.data_ptr() + 4 * row * k,
+            min(MAX_ROWS, m - row),
+            k,
+            data.data_ptr(),
+            n,
+            None if bias is None else bias.data_ptr(),
+            y.data_ptr() + 4 * row * n,
+            threads,
+        )
+        if status != 0:  # unreachable after the checks above; kept so a mismatch cannot pass
+            raise RuntimeError(f"skinny_linear_f32 returned {status}")
     return y
 
 

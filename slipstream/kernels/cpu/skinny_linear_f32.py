@@ -161,7 +161,7 @@ def skinny_linear_f32(
     m = x.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
     threads = torch.get_num_threads()
-    for row in range(0, max(m, 1), MAX_ROWS):  # float32 rows: 4 bytes an element
+    for row in range(0, m, MAX_ROWS):  # float32 rows: 4 bytes an element (none for m = 0)
         status = fn(
             x.data_ptr() + 4 * row * k,
             min(MAX_ROWS, m - row),

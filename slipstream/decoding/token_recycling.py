@@ -42,6 +42,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from slipstream.decoding.base import DecoderContext, StepInputs
@@ -67,6 +68,7 @@ from slipstream.decoding.tree_verify import Draft, TreeSpecDecoder, matching_nod
 from slipstream.engine.batch import Batch, ScheduledSeq
 from slipstream.engine.sequence import Sequence
 from slipstream.engine.vocab_topk import vocab_argmax, vocab_topk
+from slipstream.kernels.cpu.vocab_topk import vocab_topk_cpu, vocab_topk_cpu_applies
 
 logger = logging.getLogger(__name__)
 
@@ -327,9 +329,17 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         """Argmax per row from one top-k pass (the top-k also feeds the matrix update).
 
         NOTE: topk's order among equal values is unspecified, so rows whose top two tie take
-        values.argmax (lowest index), the rule the standard sampler uses.
+        values.argmax (lowest index), the rule the standard sampler uses. The C++ top-k
+        already puts the lowest index first: its first column is the answer. (Right after a
+        forward that streamed the weights, every small op here runs cold: the column clone
+        and the tie check took ~130 us a step in the engine, ~15 us in a loop.)
         """
         k = min(self.opts.top_k, values.shape[1])
+        if vocab_topk_cpu_applies(values, k):
+            found = vocab_topk_cpu(values, k)  # None: a NaN row (torch's rules then)
+            if found is not None:
+                self._topk = found
+                return found[1][:, 0]
         top_vals, top_idx = vocab_topk(values, k)  # [R, k]
         self._topk = (top_vals, top_idx)
         targets = top_idx[:, 0].clone()
@@ -369,21 +379,10 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
             top_vals, top = (
                 self._topk if self._topk is not None else vocab_topk(values, self.opts.top_k)
             )
-            rows = torch.tensor(fed_tokens, dtype=torch.long, device=self.matrix.device)
-            width = top.shape[1]
-            self.matrix[rows, :width] = top.to(device=self.matrix.device, dtype=torch.int32)
-            if self.dynamic is not None:
-                # Softmax over the row's top-k only: as good an ordering signal as the full
-                # softmax here (1.48 vs 1.47 tokens per step, 12 prompts, 6 nodes) without a
-                # logsumexp over the vocabulary (~0.3 ms for 9 rows on 2 cores).
-                host_rows = rows.cpu()
-                probs = top_vals.float().softmax(dim=-1).cpu()
-                self.probs[host_rows, :width] = probs
-                host_top = top.cpu().to(torch.int32)
-                if self.host_matrix is not self.matrix:
-                    self.host_matrix[host_rows, :width] = host_top
-                if self.pairs is not None:
-                    self.pairs.write(prev_tokens, fed_tokens, host_top.numpy(), probs.numpy())
+            if self.matrix.device.type == "cpu" and top_vals.device.type == "cpu":
+                self._record_on_host(fed_tokens, prev_tokens, top_vals, top)
+            else:
+                self._record_on_device(fed_tokens, prev_tokens, top_vals, top)
         self._topk = None
         self.sizer.end_step(num_tokens, seconds, decode_only)
         if self.sizer.step % 64 == 0:
@@ -391,6 +390,55 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
             self._grafts = {}
         if self.opts.matrix_path and time.monotonic() - self._last_save > self.opts.save_interval_s:
             self.save_matrix(self.opts.matrix_path)
+
+    def _record_on_host(
+        self,
+        fed_tokens: list[int],
+        prev_tokens: list[int],
+        top_vals: torch.Tensor,  # [R, k'] float, best first
+        top: torch.Tensor,  # [R, k'] int64
+    ) -> None:
+        """observe's writes through NumPy views (a CPU matrix): in the engine, right after a
+        forward that streamed the weights, the torch form (index tensors, a scatter, a
+        softmax, copies) took ~0.16 ms a step on 2 cores."""
+        rows = np.asarray(fed_tokens, dtype=np.int64)
+        ids = top.numpy().astype(np.int32)
+        width = ids.shape[1]
+        self.host_matrix.numpy()[rows, :width] = ids
+        if self.dynamic is None:
+            return
+        # Softmax over the row's top-k only: as good an ordering signal as the full softmax
+        # here (1.48 vs 1.47 tokens per step, 12 prompts, 6 nodes) without a logsumexp over
+        # the vocabulary (~0.3 ms for 9 rows on 2 cores). Rows come largest first.
+        vals = top_vals.float().numpy()
+        with np.errstate(invalid="ignore"):  # a row of -inf only: NaN, as torch gives
+            weights = np.exp(vals - vals[:, :1])
+            probs = weights / weights.sum(axis=1, keepdims=True)
+        self.probs.numpy()[rows, :width] = probs
+        if self.pairs is not None:
+            self.pairs.write(prev_tokens, fed_tokens, ids, probs)
+
+    def _record_on_device(
+        self,
+        fed_tokens: list[int],
+        prev_tokens: list[int],
+        top_vals: torch.Tensor,  # [R, k'] float, best first
+        top: torch.Tensor,  # [R, k'] int64
+    ) -> None:
+        """observe's writes for a matrix on an accelerator (the host copies follow)."""
+        rows = torch.tensor(fed_tokens, dtype=torch.long, device=self.matrix.device)
+        width = top.shape[1]
+        self.matrix[rows, :width] = top.to(device=self.matrix.device, dtype=torch.int32)
+        if self.dynamic is None:
+            return
+        host_rows = rows.cpu()
+        probs = top_vals.float().softmax(dim=-1).cpu()  # over the top-k (_record_on_host)
+        self.probs[host_rows, :width] = probs
+        host_top = top.cpu().to(torch.int32)
+        if self.host_matrix is not self.matrix:
+            self.host_matrix[host_rows, :width] = host_top
+        if self.pairs is not None:
+            self.pairs.write(prev_tokens, fed_tokens, host_top.numpy(), probs.numpy())
 
     def step_stats(self) -> dict[str, float]:
         """The tree size planned for this step, and the base class's numbers."""

@@ -11,13 +11,17 @@ Exact, not approximate: an element of a row's top k lies in one of the k chunks 
 largest maxima (otherwise k chunks each hold a larger element). The argmax keeps torch's
 rule, the lowest index among equal maxima (and NaN counts as the largest, as in torch).
 Used on the CPU only; on CUDA torch's kernels are already fast. On the CPU a float32
-argmax goes to NumPy instead, whose single pass is faster still (see vocab_argmax).
+top-k goes to one C++ pass where the kernel builds (kernels/cpu/vocab_topk.cpp: 37 vs
+146 us at R = 9), and a float32 argmax to NumPy, whose single pass is faster still (see
+vocab_argmax); the two passes here serve the rest (bf16 rows, CPUs without AVX2).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from slipstream.kernels.cpu.vocab_topk import vocab_topk_cpu, vocab_topk_cpu_applies
 
 # Logits per chunk: 49152 / 128 = 384 chunk maxima per row; 64..512 measured within 15%.
 _CHUNK = 128
@@ -56,7 +60,11 @@ def _full_chunk_maxima(values: torch.Tensor) -> tuple[torch.Tensor, int]:
 def vocab_topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """([R, k] values, [R, k] int64 indices) of each row's k largest, largest first: what
     `values.topk(k, dim=-1)` returns (the order among equal values may differ, as topk
-    leaves it unspecified). values: [R, V]."""
+    leaves it unspecified; the C++ pass puts the lower index first). values: [R, V]."""
+    if vocab_topk_cpu_applies(values, k):
+        found = vocab_topk_cpu(values, k)
+        if found is not None:  # None: a row holds a NaN, which torch ranks largest
+            return found
     if not _worth_chunking(values, k):
         return values.topk(k, dim=-1)
     maxima, full = _full_chunk_maxima(values)

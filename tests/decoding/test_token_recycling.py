@@ -276,6 +276,39 @@ def test_matrix_update_stores_candidate_probabilities(tiny_model_dir: str) -> No
     assert not static.probs.any()  # static trees do not use them
 
 
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_host_and_device_record_paths_write_the_same_state(
+    tiny_model_dir: str, dynamic: bool
+) -> None:
+    """observe writes through NumPy on a CPU matrix and through torch on an accelerator;
+    run both on the CPU over the same rows (a repeated token, a row of -inf tails, a
+    sequence start) and they must leave the same matrix, probabilities and pair rows."""
+    gen = torch.Generator().manual_seed(0)
+    fed, prev = [7, 8, 7, 9], [3, 7, 8, -1]
+    decs = [_decoder(_engine(tiny_model_dir, dynamic_tree=dynamic)) for _ in range(2)]
+    vocab = decs[0].ctx.vocab_size
+    logits = torch.randn(4, vocab, generator=gen) * 3
+    logits[2, 5:] = float("-inf")  # 5 finite logits: three -inf candidates (p = 0)
+    top = logits.topk(8, dim=-1)
+    decs[0]._record_on_host(fed, prev, top.values, top.indices)
+    decs[1]._record_on_device(fed, prev, top.values, top.indices)
+    host, device = decs
+    assert torch.equal(host.matrix, device.matrix)
+    assert host.matrix[7].tolist() == top.indices[2].tolist()  # last writer wins
+    torch.testing.assert_close(host.probs, device.probs, rtol=1e-6, atol=1e-7)
+    if dynamic:
+        assert host.probs[7, 5:].tolist() == [0.0] * 3
+    if dynamic:
+        assert host.pairs is not None and device.pairs is not None
+        assert len(host.pairs) == len(device.pairs) == 3  # (-1, 9) writes no pair
+        for key in [(3, 7), (7, 8), (8, 7)]:
+            a, b = host.pairs.find(*key), device.pairs.find(*key)
+            assert np.array_equal(host.pairs.ids[a], device.pairs.ids[b])
+            np.testing.assert_allclose(host.pairs.probs[a], device.pairs.probs[b], rtol=1e-6)
+    else:
+        assert not host.probs.any()
+
+
 def test_dynamic_tree_drafts_a_confident_chain(
     tiny_model_dir: str, expected: list[list[int]]
 ) -> None:

@@ -1,20 +1,32 @@
-"""vocab_topk / vocab_argmax: the two-pass chunked forms must answer exactly as torch does."""
+"""vocab_topk / vocab_argmax: the two-pass chunked forms must answer exactly as torch does.
+
+vocab_topk takes the C++ pass where it builds (tests/kernels/test_vocab_topk_cpp.py); the
+`path` fixture runs each top-k test through both that dispatch and the chunked torch form."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from slipstream.engine import vocab_topk as vocab_topk_module
 from slipstream.engine.vocab_topk import _CHUNK, vocab_argmax, vocab_topk
 
 # Whole chunks only (the default model's 49152), a partial tail chunk, a tail of one logit.
 VOCABS = [384 * _CHUNK, 250 * _CHUNK + 77, 300 * _CHUNK + 1]
 
 
+@pytest.fixture(params=["dispatch", "chunked"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """'dispatch': vocab_topk as the engine calls it; 'chunked': the C++ pass turned off."""
+    if request.param == "chunked":
+        monkeypatch.setattr(vocab_topk_module, "vocab_topk_cpu_applies", lambda *_: False)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("vocab", VOCABS)
 @pytest.mark.parametrize("rows", [1, 5])
 @pytest.mark.parametrize("k", [1, 8])
-def test_topk_equals_torch_on_random_rows(vocab: int, rows: int, k: int) -> None:
+def test_topk_equals_torch_on_random_rows(vocab: int, rows: int, k: int, path: str) -> None:
     gen = torch.Generator().manual_seed(vocab + rows + k)
     values = torch.randn(rows, vocab, generator=gen) * 4
     got_vals, got_idx = vocab_topk(values, k)
@@ -24,7 +36,7 @@ def test_topk_equals_torch_on_random_rows(vocab: int, rows: int, k: int) -> None
 
 
 @pytest.mark.parametrize("vocab", VOCABS)
-def test_topk_finds_winners_in_one_chunk_and_in_the_tail(vocab: int) -> None:
+def test_topk_finds_winners_in_one_chunk_and_in_the_tail(vocab: int, path: str) -> None:
     values = torch.full((2, vocab), -5.0)
     # Row 0: all eight winners packed into one chunk (the others hold none).
     values[0, 7 * _CHUNK : 7 * _CHUNK + 8] = torch.arange(8.0)
@@ -38,7 +50,7 @@ def test_topk_finds_winners_in_one_chunk_and_in_the_tail(vocab: int) -> None:
 
 
 @pytest.mark.parametrize("vocab", VOCABS)
-def test_topk_with_ties_returns_the_same_values_and_distinct_indices(vocab: int) -> None:
+def test_topk_with_ties_returns_the_same_values_and_distinct_indices(vocab: int, path: str) -> None:
     gen = torch.Generator().manual_seed(3)
     values = torch.randint(0, 4, (3, vocab), generator=gen).float()  # many ties
     got_vals, got_idx = vocab_topk(values, 8)
@@ -63,7 +75,7 @@ def test_argmax_equals_torch_including_ties_and_nan(vocab: int) -> None:
     assert torch.equal(vocab_argmax(half), half.argmax(dim=-1))
 
 
-def test_small_or_strided_inputs_fall_back_to_torch() -> None:
+def test_small_or_strided_inputs_fall_back_to_torch(path: str) -> None:
     gen = torch.Generator().manual_seed(0)
     small = torch.randn(3, 1000, generator=gen)  # under 16 chunks per candidate
     assert torch.equal(vocab_topk(small, 8)[1], small.topk(8, dim=-1).indices)

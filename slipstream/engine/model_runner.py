@@ -43,11 +43,12 @@ class ModelRunner:
         self.dtype = dtype
         self.num_blocks = num_kv_blocks(arch, cache, dtype)
         shape = (self.num_blocks, self.block_size, arch.num_key_value_heads, arch.head_dim)
-        # One [2, num_blocks, block_size, kv_heads, head_dim] tensor per layer: K then V.
-        self.kv_caches = [
-            torch.zeros((2, *shape), dtype=dtype, device=device)
-            for _ in range(arch.num_hidden_layers)
-        ]
+        # [layers, 2, num_blocks, block_size, kv_heads, head_dim]: K then V of every layer in
+        # one tensor, so that a compaction or a block copy is one indexing op for all layers
+        # (30 ops a step took ~0.13 ms after a tree step on 2 CPU cores).
+        self.kv_all = torch.zeros((arch.num_hidden_layers, 2, *shape), dtype=dtype, device=device)
+        # One [2, num_blocks, block_size, kv_heads, head_dim] view per layer (contiguous).
+        self.kv_caches = list(self.kv_all.unbind(0))
         # The per-layer (K, V) views, made once: slicing 60 views every step cost ~85 us (a
         # batch-1 decode step is ~10 ms on 2 CPU cores).
         self._layer_caches = [(kv[0], kv[1]) for kv in self.kv_caches]
@@ -161,9 +162,8 @@ class ModelRunner:
             return
         src = torch.tensor([m[0] for m in moves], dtype=torch.long, device=self.device)
         dst = torch.tensor([m[1] for m in moves], dtype=torch.long, device=self.device)
-        for kv in self.kv_caches:
-            flat = kv.view(2, -1, *kv.shape[3:])
-            flat[:, dst] = flat[:, src]
+        flat = self.kv_all.view(*self.kv_all.shape[:2], -1, *self.kv_all.shape[4:])
+        flat[:, :, dst] = flat[:, :, src]  # [layers, 2, slots, kv_heads, head_dim]
 
     def copy_blocks(self, moves: list[tuple[int, int]]) -> None:
         """Copy whole blocks (copy-on-fork of a partially filled last block)."""
@@ -171,8 +171,7 @@ class ModelRunner:
             return
         src = torch.tensor([m[0] for m in moves], dtype=torch.long, device=self.device)
         dst = torch.tensor([m[1] for m in moves], dtype=torch.long, device=self.device)
-        for kv in self.kv_caches:
-            kv[:, dst] = kv[:, src]
+        self.kv_all[:, :, dst] = self.kv_all[:, :, src]
 
 
 def ancestor_mask(parents: list[int]) -> torch.Tensor:

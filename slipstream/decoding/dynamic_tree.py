@@ -16,7 +16,7 @@ nodes 1.76 against 1.62; the node count, hence the step cost, is the same.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from slipstream.decoding.draft_tree import (
 from slipstream.decoding.pair_rows import PairRows
 
 Paths = tuple[tuple[int, ...], ...]
+# (a row's candidate ids [k], their raw logits [k]) -> (ids, probabilities), best first:
+# how a request's penalties re-rank a row (penalty_drafts.py).
+RowRerank = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 # Deepest draft node. The static template stops at 6; a deeper chain only forms where every
 # step on it was near-certain, and prompt lookup already drafts long copies.
@@ -44,6 +47,8 @@ def best_first_draft(
     max_depth: int = MAX_DEPTH,
     pairs: PairRows | None = None,
     prev: int = -1,  # the token before root (-1: none)
+    logits: np.ndarray | None = None,  # [vocab, k] each candidate's raw logit, for `rerank`
+    rerank: RowRerank | None = None,
 ) -> tuple[list[tuple[int, ...]], list[int]]:
     """The `size` most probable draft paths below `root`, in the order they were picked, and
     each path's token.
@@ -53,7 +58,9 @@ def best_first_draft(
     first. A node's candidates come from `pairs` (keyed by its parent's token and its own)
     where that pair has a row, else from the one-token row. A row never written (all-zero
     probabilities: a token not yet seen) has no children, so a cold matrix drafts fewer
-    nodes instead of spending them on token 0.
+    nodes instead of spending them on token 0. With `rerank` (and `logits`), every written
+    row whose raw logits are known (not all 0) is re-ranked first, e.g. by the request's
+    penalties.
 
     Example (k = 2): M[5] = [7, 9] with p [0.9, 0.1], M[7] = [3, 4] with p [0.8, 0.2]:
         size 2 -> paths [(0,), (0, 0)], tokens [7, 3]   (0.9, then 0.9 * 0.8 = 0.72)
@@ -63,8 +70,14 @@ def best_first_draft(
     def row(before: int, token: int) -> tuple[np.ndarray, np.ndarray]:
         slot = -1 if pairs is None else pairs.find(before, token)
         if slot >= 0:
-            return pairs.ids[slot], pairs.probs[slot]  # type: ignore[union-attr]
-        return matrix[token], probs[token]
+            assert pairs is not None
+            ids, p, raw = pairs.ids[slot], pairs.probs[slot], pairs.logits[slot]
+        else:
+            ids, p = matrix[token], probs[token]
+            raw = None if logits is None else logits[token]
+        if rerank is not None and raw is not None and p[0] > 0.0 and raw.any():
+            return rerank(ids, raw)
+        return ids, p
 
     root_ids, root_p = row(prev, root)
     # Entries: (-score, insertion order, path, token, parent's row ids, parent's row p,

@@ -13,7 +13,7 @@ simulator of the best-first draft with 5 nodes plus the lookup chain; 48 builtin
 prompts 2.19 -> 2.27 and 2.14 -> 2.20.
 
 The table is bounded: `capacity` pairs in a ring, the oldest overwritten first. 256k pairs
-x 8 candidates x (int32 + float32) = 16 MB; the default model's 256-token answers write
+x 8 candidates x (int32 + 2 float32) = 24 MB; the default model's 256-token answers write
 ~300-600 pairs each, so the ring holds the last few hundred requests.
 """
 
@@ -31,6 +31,7 @@ class PairRows:
         self.capacity = capacity
         self.ids = np.zeros((capacity, k), dtype=np.int32)  # [capacity, k] candidate tokens
         self.probs = np.zeros((capacity, k), dtype=np.float32)  # [capacity, k] their p
+        self.logits = np.zeros((capacity, k), dtype=np.float32)  # [capacity, k] raw logits
         self._slot: dict[tuple[int, int], int] = {}
         self._keys: list[tuple[int, int] | None] = [None] * capacity  # slot -> its key
         self._next = 0  # ring position of the next new pair
@@ -48,6 +49,7 @@ class PairRows:
         tokens: list[int],
         ids: np.ndarray,  # [R, k'] candidates, k' <= k, best first
         probs: np.ndarray,  # [R, k'] their probabilities
+        logits: np.ndarray | None = None,  # [R, k'] their raw logits (0 where not given)
     ) -> None:
         """Row r becomes the candidates of (prevs[r], tokens[r]); prev < 0 (no previous
         token, a sequence's first position) writes nothing."""
@@ -66,6 +68,7 @@ class PairRows:
                 self._slot[key] = slot
             self.ids[slot, :width] = ids[r]
             self.probs[slot, :width] = probs[r]
+            self.logits[slot, :width] = 0.0 if logits is None else logits[r]
 
     def clear(self) -> None:
         """Forget every pair."""
@@ -73,4 +76,5 @@ class PairRows:
         self._keys = [None] * self.capacity
         self._next = 0
         self.probs[:] = 0.0
+        self.logits[:] = 0.0
         self.ids[:] = 0

@@ -63,6 +63,7 @@ from slipstream.decoding.draft_tree import (
 from slipstream.decoding.dynamic_tree import DynamicTrees, best_first_draft
 from slipstream.decoding.ngram import check_lookup_bounds, find_longest_draft
 from slipstream.decoding.pair_rows import PairRows
+from slipstream.decoding.penalty_drafts import PenalisedRows
 from slipstream.decoding.registry import DECODERS
 from slipstream.decoding.tree_verify import Draft, TreeSpecDecoder, matching_nodes
 from slipstream.engine.batch import Batch, ScheduledSeq
@@ -118,7 +119,7 @@ class TokenRecyclingOptions:
     # 1.15x standard's speed (see dynamic_tree.py).
     dynamic_tree: bool = True
     # Dynamic trees also keep candidates keyed by the last two tokens (pair_rows.py), this
-    # many pairs in a ring (256k = 16 MB); 0 = one-token rows only.
+    # many pairs in a ring (256k = 24 MB); 0 = one-token rows only.
     pair_rows: int = 262144
 
     def __post_init__(self) -> None:
@@ -161,6 +162,9 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         # that row's top-k), for dynamic trees. Kept on the host (numpy views on a CPU) since
         # the best-first walk runs in Python.
         self.probs = torch.zeros(ctx.vocab_size, options.top_k, dtype=torch.float32)
+        # [vocab, k] float32: each candidate's raw logit, so that a request's penalties can
+        # re-rank a row when it drafts (penalty_drafts.py). Host, beside the probabilities.
+        self.logits = torch.zeros(ctx.vocab_size, options.top_k, dtype=torch.float32)
         on_cpu = self.matrix.device.type == "cpu"
         self.host_matrix = self.matrix if on_cpu else torch.zeros_like(self.matrix, device="cpu")
         self.dynamic = DynamicTrees(options.top_k) if options.dynamic_tree else None
@@ -285,7 +289,16 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         ids = seq.token_ids
         root, prev = ids[-1], (ids[-2] if len(ids) > 1 else -1)
         matrix, probs = self.host_matrix.numpy(), self.probs.numpy()
-        paths, toks = best_first_draft(matrix, probs, root, size, pairs=self.pairs, prev=prev)
+        paths, toks = best_first_draft(
+            matrix,
+            probs,
+            root,
+            size,
+            pairs=self.pairs,
+            prev=prev,
+            logits=self.logits.numpy(),
+            rerank=PenalisedRows.of(seq),  # None without penalties
+        )
         if not chain:
             if not paths:
                 return None
@@ -415,8 +428,9 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
             weights = np.exp(vals - vals[:, :1])
             probs = weights / weights.sum(axis=1, keepdims=True)
         self.probs.numpy()[rows, :width] = probs
+        self.logits.numpy()[rows, :width] = vals
         if self.pairs is not None:
-            self.pairs.write(prev_tokens, fed_tokens, ids, probs)
+            self.pairs.write(prev_tokens, fed_tokens, ids, probs, vals)
 
     def _record_on_device(
         self,
@@ -433,12 +447,15 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
             return
         host_rows = rows.cpu()
         probs = top_vals.float().softmax(dim=-1).cpu()  # over the top-k (_record_on_host)
+        raw = top_vals.float().cpu()
         self.probs[host_rows, :width] = probs
+        self.logits[host_rows, :width] = raw
         host_top = top.cpu().to(torch.int32)
         if self.host_matrix is not self.matrix:
             self.host_matrix[host_rows, :width] = host_top
         if self.pairs is not None:
-            self.pairs.write(prev_tokens, fed_tokens, host_top.numpy(), probs.numpy())
+            write = (prev_tokens, fed_tokens, host_top.numpy(), probs.numpy(), raw.numpy())
+            self.pairs.write(*write)
 
     def step_stats(self) -> dict[str, float]:
         """The tree size planned for this step, and the base class's numbers."""
@@ -449,6 +466,7 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         self.matrix.zero_()
         self.host_matrix.zero_()
         self.probs.zero_()
+        self.logits.zero_()
         if self.pairs is not None:
             self.pairs.clear()
 
@@ -459,6 +477,7 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         payload = {
             "matrix": self.matrix.cpu(),
             "probs": self.probs,
+            "logits": self.logits,
             "vocab_size": self.ctx.vocab_size,
         }
         torch.save(payload, tmp)
@@ -477,6 +496,11 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         self.matrix.copy_(matrix.to(self.matrix.device, torch.int32))
         if self.host_matrix is not self.matrix:
             self.host_matrix.copy_(matrix.to(torch.int32))
+        logits = payload.get("logits")
+        if logits is not None and tuple(logits.shape) == tuple(self.logits.shape):
+            self.logits.copy_(logits.float())
+        else:  # saved without raw logits: rows keep their stored order under penalties
+            self.logits.zero_()
         probs = payload.get("probs")
         if probs is not None and tuple(probs.shape) == tuple(self.probs.shape):
             self.probs.copy_(probs.float())

@@ -28,6 +28,9 @@ reset (hot start). Where we differ on purpose:
   not expanded, so a cold matrix drafts fewer nodes rather than token 0;
 - `pair_rows` (default 256k, dynamic trees only): candidates are also kept per (previous
   token, token) and answer before M's one-token rows (pair_rows.py);
+- dynamic trees re-rank a row's candidates by the request's repetition / frequency /
+  presence penalties before drafting from it (penalty_drafts.py), from the raw logits M
+  keeps beside the probabilities;
 - M is int32 (half the official int64) and can be saved to and loaded from `matrix_path`.
 The official algorithm is
 {"adaptive": false, "prompt_seed_rows": 0, "prompt_lookup_tokens": 0, "dynamic_tree": false}.

@@ -71,8 +71,7 @@ from slipstream.decoding.registry import DECODERS
 from slipstream.decoding.tree_verify import Draft, TreeSpecDecoder, matching_nodes
 from slipstream.engine.batch import Batch, ScheduledSeq
 from slipstream.engine.sequence import Sequence
-from slipstream.engine.vocab_topk import vocab_argmax, vocab_topk
-from slipstream.kernels.cpu.vocab_topk import vocab_topk_cpu, vocab_topk_cpu_applies
+from slipstream.engine.vocab_topk import vocab_topk, vocab_topk_and_argmax
 
 logger = logging.getLogger(__name__)
 
@@ -344,25 +343,12 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
     def greedy_targets(self, values: torch.Tensor) -> torch.Tensor:
         """Argmax per row from one top-k pass (the top-k also feeds the matrix update).
 
-        NOTE: topk's order among equal values is unspecified, so rows whose top two tie take
-        values.argmax (lowest index), the rule the standard sampler uses. The C++ top-k
-        already puts the lowest index first: its first column is the answer. (Right after a
-        forward that streamed the weights, every small op here runs cold: the column clone
-        and the tie check took ~130 us a step in the engine, ~15 us in a loop.)
+        NOTE: topk's order among equal values is unspecified, so vocab_topk_and_argmax
+        gives rows whose top two tie values.argmax (lowest index), the rule the standard
+        sampler uses.
         """
         k = min(self.opts.top_k, values.shape[1])
-        if vocab_topk_cpu_applies(values, k):
-            found = vocab_topk_cpu(values, k)  # None: a NaN row (torch's rules then)
-            if found is not None:
-                self._topk = found
-                return found[1][:, 0]
-        top_vals, top_idx = vocab_topk(values, k)  # [R, k]
-        self._topk = (top_vals, top_idx)
-        targets = top_idx[:, 0].clone()
-        if k > 1:
-            ties = (top_vals[:, 0] == top_vals[:, 1]).nonzero().squeeze(1)
-            if ties.numel():
-                targets[ties] = vocab_argmax(values[ties])
+        self._topk, targets = vocab_topk_and_argmax(values, k)  # ([R, k] x 2), [R]
         return targets
 
     def accepted(self, draft: Draft, emitted: list[int]) -> None:
@@ -442,23 +428,14 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         top_vals: torch.Tensor,  # [R, k'] float, best first
         top: torch.Tensor,  # [R, k'] int64
     ) -> None:
-        """observe's writes for a matrix on an accelerator (the host copies follow)."""
+        """observe's writes for a matrix on an accelerator: the matrix there, then, for
+        dynamic trees (they draft on the host), the host copies as _record_on_host writes
+        them."""
         rows = torch.tensor(fed_tokens, dtype=torch.long, device=self.matrix.device)
         width = top.shape[1]
         self.matrix[rows, :width] = top.to(device=self.matrix.device, dtype=torch.int32)
-        if self.dynamic is None:
-            return
-        host_rows = rows.cpu()
-        probs = top_vals.float().softmax(dim=-1).cpu()  # over the top-k (_record_on_host)
-        raw = top_vals.float().cpu()
-        self.probs[host_rows, :width] = probs
-        self.logits[host_rows, :width] = raw
-        host_top = top.cpu().to(torch.int32)
-        if self.host_matrix is not self.matrix:
-            self.host_matrix[host_rows, :width] = host_top
-        if self.pairs is not None:
-            write = (prev_tokens, fed_tokens, host_top.numpy(), probs.numpy(), raw.numpy())
-            self.pairs.write(*write)
+        if self.dynamic is not None:
+            self._record_on_host(fed_tokens, prev_tokens, top_vals.cpu(), top.cpu())
 
     def step_stats(self) -> dict[str, float]:
         """The tree size planned for this step, and the base class's numbers."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from slipstream.engine import vocab_topk as vocab_topk_module
-from slipstream.engine.vocab_topk import _CHUNK, vocab_argmax, vocab_topk
+from slipstream.engine.vocab_topk import _CHUNK, vocab_argmax, vocab_topk, vocab_topk_and_argmax
 
 # Whole chunks only (the default model's 49152), a partial tail chunk, a tail of one logit.
 VOCABS = [384 * _CHUNK, 250 * _CHUNK + 77, 300 * _CHUNK + 1]
@@ -83,3 +83,19 @@ def test_small_or_strided_inputs_fall_back_to_torch(path: str) -> None:
     wide = torch.randn(40000, 3, generator=gen).t()  # [3, 40000], last-dim stride 3
     assert torch.equal(vocab_topk(wide, 2)[1], wide.topk(2, dim=-1).indices)
     assert torch.equal(vocab_argmax(wide), wide.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+def test_topk_and_argmax_agree_with_torch_on_ties_and_nan(vocab: int, path: str) -> None:
+    gen = torch.Generator().manual_seed(vocab + 1)
+    values = torch.randn(5, vocab, generator=gen)
+    values[1, [5 * _CHUNK + 3, 2 * _CHUNK + 9, vocab - 1]] = 50.0  # tie: lowest index wins
+    values[2] = 1.0  # all equal: index 0
+    values[3, [vocab - 1, 40]] = 70.0  # tie between the tail and an early chunk
+    values[4, 3 * _CHUNK + 1] = float("nan")  # torch counts NaN as the maximum
+    (top_vals, top_idx), targets = vocab_topk_and_argmax(values, 8)
+    assert torch.equal(targets, values.argmax(dim=-1))
+    want = values.topk(8, dim=-1).values
+    assert torch.equal(top_vals[:4], want[:4])
+    assert torch.isnan(top_vals[4, 0]) and torch.equal(top_vals[4, 1:], want[4, 1:])
+    assert torch.equal(values.gather(1, top_idx[:4]), top_vals[:4])

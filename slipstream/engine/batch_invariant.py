@@ -4,7 +4,10 @@ rows do not, so a verified draft token gets the logits that decoding it alone gi
 Where the engine stands without it:
 - CPU, bf16 with skinny_linear (AVX512-BF16): already invariant. skinny_linear.cpp, the
   C++ norm and the C++ decode attention were built for it (session 13: token recycling's
-  answers equal standard's, 48/48), so the flag changes nothing there.
+  answers equal standard's, 48/48), so the flag changes nothing there. Where a long
+  prefill chunk shares a step, the decode and draft rows still take the C++ attention
+  (paged_attention.py's _StepSplit): before, 3 of 32 builtin answers at 16 concurrent
+  sequences differed from the same prompts decoded alone.
 - CUDA: cuBLAS, PyTorch's reductions and paged_attention.py's shared key tiles all round
   by shape; on an H200 in bf16, token recycling matched standard greedy on 4-6 of 12
   prompts. With the flag: invariant_linear (projections and LM head, float32 logits),

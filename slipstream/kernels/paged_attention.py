@@ -25,6 +25,7 @@ import triton.language as tl
 from slipstream.kernels._dispatch import dot_settings, kernel_backend, once_a_step, use_triton
 from slipstream.kernels.cpu.paged_decode_attention import (
     KERNEL_DTYPES,
+    MAX_QUERY_ROWS,
     decode_attention_applies,
     paged_decode_attention,
 )
@@ -832,8 +833,9 @@ def paged_attention(
     tree_mask: torch.Tensor | None = None,  # [num_tokens, max_query_len] bool
     plan: dict[str, Any] | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """Public op: Triton on CUDA; on CPU the C++ kernel for bf16 steps of few rows per
-    sequence (decode, tree verification), else the reference (see kernels/_dispatch.py)."""
+    """Public op: Triton on CUDA; on CPU the C++ kernel for the sequences of few rows
+    (decode, tree verification; see _StepSplit where a long prefill chunk shares the step),
+    the reference for the rest (see kernels/_dispatch.py)."""
     if use_triton(q, plan):
         return paged_attention_triton(
             q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, tree_mask
@@ -842,9 +844,100 @@ def paged_attention(
         return paged_decode_attention(
             q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, tree_mask, plan
         )
+    split = once_a_step(
+        plan,
+        "pa_split",
+        lambda: _split_step(q, k_cache, block_tables, query_start_loc, seq_lens, tree_mask, plan),
+    )
+    if split is not None:
+        return split.attend(q, k_cache, v_cache, scale)
     return paged_attention_ref(
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, tree_mask, plan
     )
+
+
+@dataclass(frozen=True)
+class _SeqSubset:
+    """Some of a step's sequences as a step of their own: their rows of q, and metadata."""
+
+    rows: torch.Tensor  # [n] int64, the subset's tokens in the step
+    block_tables: torch.Tensor  # [s, max_blocks] int32
+    query_start_loc: torch.Tensor  # [s + 1] int32
+    seq_lens: torch.Tensor  # [s] int32
+    tree_mask: torch.Tensor | None  # [n, longest of the subset] bool
+    plan: dict[str, Any]  # the subset's own per-step cache (host lists, converted metadata)
+
+
+@dataclass(frozen=True)
+class _StepSplit:
+    """A CPU step where some sequences feed few rows (decode, draft trees) and others a long
+    prefill chunk: the few-row sequences take paged_decode_attention as they would in a step
+    of their own, the long chunks the reference.
+
+    Why: taking the reference for the whole step gave a decode row other bits whenever a
+    prefill shared its step (the reference rounds by shape), so a served request's greedy
+    answer depended on when other requests arrived: standard at 16 concurrent sequences
+    answered 3 of 32 builtin prompts otherwise than alone (bf16, 2 cores), and token
+    recycling, whose steps fall differently, differed from standard on 4.
+    """
+
+    few: _SeqSubset
+    many: _SeqSubset
+
+    def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        out = torch.empty_like(q)
+        f, m = self.few, self.many
+        few_out = paged_decode_attention(
+            q.index_select(0, f.rows), k_cache, v_cache, f.block_tables, f.query_start_loc,
+            f.seq_lens, scale, f.tree_mask, f.plan,
+        )  # fmt: skip
+        out.index_copy_(0, f.rows, few_out)
+        many_out = paged_attention_ref(
+            q.index_select(0, m.rows), k_cache, v_cache, m.block_tables, m.query_start_loc,
+            m.seq_lens, scale, m.tree_mask, m.plan,
+        )  # fmt: skip
+        out.index_copy_(0, m.rows, many_out)
+        return out
+
+
+def _split_step(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    tree_mask: torch.Tensor | None,
+    plan: dict[str, Any] | None,
+) -> _StepSplit | None:
+    """The step cut into few-row and long sequences, where the CPU kernel takes the first
+    and both kinds are present; else None."""
+    if q.device.type != "cpu" or q.dtype not in KERNEL_DTYPES or kernel_backend() != "auto":
+        return None
+    if not decode_attention_applies(q, k_cache, MAX_QUERY_ROWS):
+        return None
+    starts, _ = _host_lists({} if plan is None else plan, query_start_loc, seq_lens)
+    counts = [e - s for s, e in itertools.pairwise(starts)]
+    few = [b for b, n in enumerate(counts) if 0 < n <= MAX_QUERY_ROWS]
+    many = [b for b, n in enumerate(counts) if n > MAX_QUERY_ROWS]
+    if not few or not many:
+        return None
+
+    def subset(seqs: list[int]) -> _SeqSubset:
+        rows = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in seqs])
+        sizes = [counts[b] for b in seqs]
+        index = torch.tensor(seqs)
+        return _SeqSubset(
+            rows=rows,
+            block_tables=block_tables.index_select(0, index),
+            query_start_loc=torch.tensor([0, *itertools.accumulate(sizes)], dtype=torch.int32),
+            seq_lens=seq_lens.index_select(0, index),
+            tree_mask=None if tree_mask is None else tree_mask[rows, : max(sizes)],
+            plan={},
+        )
+
+    return _StepSplit(subset(few), subset(many))
 
 
 def use_cpu_decode_kernel(

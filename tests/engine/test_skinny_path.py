@@ -15,6 +15,10 @@ from slipstream.kernels.cpu.decoder_layer import (
     layer_after_attention,
 )
 from slipstream.kernels.cpu.layer_ops import layer_ops_unavailable_reason, rope_bf16, silu_mul_bf16
+from slipstream.kernels.cpu.paged_decode_attention import (
+    MAX_QUERY_ROWS,
+    decode_attention_unavailable_reason,
+)
 from slipstream.kernels.cpu.skinny_linear import skinny_linear_ref, skinny_unavailable_reason
 from slipstream.testing.tiny_model import make_tiny_model_dir
 from tests.engine.test_models import BLOCK_SIZE, NUM_BLOCKS, make_meta, run_two_steps
@@ -188,3 +192,43 @@ def test_the_fused_call_refuses_an_attention_output_it_would_misread(tmp_path: P
     ):
         with pytest.raises(ValueError, match="attention output"):
             layer_after_attention(h, bad, layer.skinny[1], *weights, buffers)
+
+
+@pytest.mark.skipif(
+    decode_attention_unavailable_reason() is not None,
+    reason=f"{decode_attention_unavailable_reason()}",
+)
+def test_a_decode_row_beside_a_long_prefill_gets_the_logits_of_decoding_alone(
+    tmp_path: Path,
+) -> None:
+    # Served, a decode shares its step with whatever prefill chunk arrived: its logits (and
+    # so a greedy answer) must not depend on that. 64-wide heads: the C++ decode attention.
+    _, skinny, config = _models(tmp_path, hidden_size=128, num_attention_heads=2)
+    blocks = 64
+    shape = (blocks, BLOCK_SIZE, config.num_key_value_heads, config.head_dim)
+    # Sums over ~100 keys: the reference's rounding shows in the bf16 output (over 10 keys
+    # the two paths happened to agree).
+    prompt = [(11 * i + 5) % 500 for i in range(100)]
+    other = [(7 * i + 3) % 500 for i in range(MAX_QUERY_ROWS + 20)]  # one long prefill chunk
+    table = list(range(1, 1 + -(-(len(prompt) + 1) // BLOCK_SIZE)))
+    other_table = list(range(table[-1] + 1, table[-1] + 1 + -(-len(other) // BLOCK_SIZE)))
+    assert other_table[-1] < blocks
+
+    def decode_logits(with_prefill: bool) -> torch.Tensor:
+        caches = [
+            (torch.zeros(shape, dtype=torch.bfloat16), torch.zeros(shape, dtype=torch.bfloat16))
+            for _ in range(config.num_hidden_layers)
+        ]
+        n = len(prompt)
+        with torch.inference_mode():
+            skinny(torch.tensor(prompt), torch.arange(n), caches, make_meta([0], [n], [table]))
+            if not with_prefill:
+                meta = make_meta([n], [1], [table])
+                hidden = skinny(torch.tensor([33]), torch.tensor([n]), caches, meta)
+                return skinny.compute_logits(hidden)[0]
+            meta = make_meta([n, 0], [1, len(other)], [table, other_table])
+            ids = torch.tensor([33, *other])
+            pos = torch.tensor([n, *range(len(other))])
+            return skinny.compute_logits(skinny(ids, pos, caches, meta))[0]
+
+    assert torch.equal(decode_logits(with_prefill=True), decode_logits(with_prefill=False))

@@ -18,6 +18,7 @@ from slipstream.kernels.paged_attention import paged_attention, paged_attention_
 from tests.kernels.test_paged_attention import (
     ALL_CASES,
     SCALE,
+    PagedBatch,
     _case,
     build_batch,
     naive_attention,
@@ -96,6 +97,42 @@ def test_a_sequence_gets_the_same_bits_alone_or_in_a_batch(dtype: torch.dtype) -
     together = build_batch(qs, keys, values, 16, trees).run(paged_decode_attention)
     alone = build_batch(qs[1:2], keys[1:2], values[1:2], 16, trees[1:2])
     assert torch.equal(together[1:6], alone.run(paged_decode_attention))
+
+
+@pytest.mark.parametrize("tree", [False, True])
+def test_a_long_prefill_in_the_step_leaves_the_other_rows_their_bits(
+    dtype: torch.dtype, tree: bool
+) -> None:
+    # A prefill chunk over MAX_QUERY_ROWS rows takes the reference; the decode row and the
+    # draft tree beside it keep the kernel's bits, as in a step of their own.
+    gen = torch.Generator().manual_seed(1)
+    num_q = (1, MAX_QUERY_ROWS + 3, 5)
+    lens = (40, MAX_QUERY_ROWS + 20, 77)
+    qs = [torch.randn(n, 6, 64, generator=gen).to(dtype) for n in num_q]
+    keys = [torch.randn(n, 2, 64, generator=gen).to(dtype) for n in lens]
+    values = [torch.randn(n, 2, 64, generator=gen).to(dtype) for n in lens]
+    causal = [-1, *range(num_q[1] - 1)]  # the prefill chunk as a one-branch tree
+    trees = [[-1], causal, [-1, 0, 0, 1, 2]] if tree else None
+
+    def part(which: list[int]) -> PagedBatch:
+        return build_batch(
+            [qs[b] for b in which],
+            [keys[b] for b in which],
+            [values[b] for b in which],
+            16,
+            None if trees is None else [trees[b] for b in which],
+        )
+
+    together = part([0, 1, 2]).run(paged_attention)
+    few = part([0, 2]).run(paged_decode_attention)
+    assert torch.equal(together[:1], few[:1])
+    assert torch.equal(together[1 + num_q[1] :], few[1:])
+    assert torch.equal(together[1 : 1 + num_q[1]], part([1]).run(paged_attention_ref))
+    # A step plan keeps the split for the step's other layers.
+    plan: dict[str, object] = {}
+    whole = part([0, 1, 2])
+    assert torch.equal(whole.run(lambda *a: paged_attention(*a, plan)), together)
+    assert plan["pa_cpu_kernel"] is False and plan["pa_split"] is not None
 
 
 def test_dispatch_takes_the_kernel_for_few_rows_only(

@@ -4,11 +4,13 @@ speculative decoder's parts, in ms per step, measured in the running engine.
 The same small call takes several times longer in the engine than in a loop: right after a
 forward that streamed the model's weights, the caches hold none of the code or data the
 bookkeeping touches (a one-element clone: ~40 us as the first op after a forward, ~3 us
-after it). So the parts are timed where they run, one engine, batch 1, greedy.
+after it). So the parts are timed where they run: one engine, greedy, batch 1 unless
+--concurrency says more.
 
     .venv/bin/python benchmarks/step_overhead.py                       # token recycling
     .venv/bin/python benchmarks/step_overhead.py --decoder standard
     .venv/bin/python benchmarks/step_overhead.py --json out.json
+    .venv/bin/python benchmarks/step_overhead.py --concurrency 16 --prompts 64 --max-tokens 128
 
 Every part is wrapped with perf_counter (~1 us a call); parts nest (select holds
 greedy_targets, verification and observe; schedule holds plan_draft; build_inputs holds
@@ -74,6 +76,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--prompts", type=int, default=12, help="builtin prompts (after 2 warm-up)")
     ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument(
+        "--concurrency", type=int, default=1, help="sequences running at once (max_num_seqs)"
+    )
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     llm = LLM(
@@ -81,7 +86,7 @@ def main() -> None:
         decoder=args.decoder,
         decoder_config=json.loads(args.decoder_config),
         kv_cache_memory_gib=2.0,
-        max_num_seqs=1,
+        max_num_seqs=args.concurrency,
     )
     engine: Any = llm.engine
     wrap(engine, ENGINE_PARTS)
@@ -119,6 +124,7 @@ def main() -> None:
         result = {
             "decoder": args.decoder,
             "decoder_config": json.loads(args.decoder_config),
+            "concurrency": args.concurrency,
             "tok_s": tokens / seconds,
             "steps": steps,
             "ms_per_step": 1e3 * seconds / steps,

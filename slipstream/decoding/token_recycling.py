@@ -17,11 +17,11 @@ reset (hot start). Where we differ on purpose:
   current batch size (calibration.py);
 - `prompt_seed_rows` (default 128): prefill logits at prompt positions also seed M (the
   official code discards them; the smpanaro reimplementation seeds);
-- `prompt_lookup_tokens` (default 16): a prompt-lookup match (ngram.py, the longest
-  matching suffix, the chain no longer than the match) is drafted under the root as one
-  more branch, merged with the tree where both drafted the same tokens. A small tree (what
-  a 2-core CPU can afford) accepts ~1.4 tokens per step; in loops and copied passages the
-  lookup chain accepts ~4;
+- `prompt_lookup_tokens` (default 16): a prompt-lookup match (ngram.py's rule, the longest
+  matching suffix, the chain no longer than the match; looked up in an index each sequence
+  keeps, suffix_index.py) is drafted under the root as one more branch, merged with the
+  tree where both drafted the same tokens. A small tree (what a 2-core CPU can afford)
+  accepts ~1.4 tokens per step; in loops and copied passages the lookup chain accepts ~4;
 - `dynamic_tree` (default on): M also keeps each candidate's probability when stored, and a
   step drafts the nodes with the highest path probability instead of the template's first
   nodes (dynamic_tree.py); same node count, more accepted tokens. Rows never written are
@@ -64,10 +64,11 @@ from slipstream.decoding.draft_tree import (
     template,
 )
 from slipstream.decoding.dynamic_tree import DynamicTrees, best_first_draft
-from slipstream.decoding.ngram import check_lookup_bounds, find_longest_draft
+from slipstream.decoding.ngram import check_lookup_bounds
 from slipstream.decoding.pair_rows import PairRows
 from slipstream.decoding.penalty_drafts import PenalisedRows
 from slipstream.decoding.registry import DECODERS
+from slipstream.decoding.suffix_index import SuffixIndex
 from slipstream.decoding.tree_verify import Draft, TreeSpecDecoder, matching_nodes
 from slipstream.engine.batch import Batch, ScheduledSeq
 from slipstream.engine.sequence import Sequence
@@ -219,13 +220,11 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         chain: list[int] = []
         if self.opts.prompt_lookup_tokens:
             o = self.opts
-            chain = find_longest_draft(
-                seq.token_ids,
-                o.prompt_lookup_min,
-                o.prompt_lookup_max,
-                o.prompt_lookup_tokens,
-                o.prompt_lookup_factor,
-            )
+            index = seq.decoder_state.get("tr_lookup")
+            if index is None:
+                index = SuffixIndex(o.prompt_lookup_min, o.prompt_lookup_max)
+                seq.decoder_state["tr_lookup"] = index
+            chain = index.draft(seq.token_ids, o.prompt_lookup_tokens, o.prompt_lookup_factor)
             self.chains.record_lookup(bool(chain))
             if chain and self.opts.adaptive and self.opts.tree_size is None:
                 # As the batch fills, verified tokens cost nearly as much as decoded ones:

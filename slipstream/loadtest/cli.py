@@ -11,6 +11,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shlex
 import sys
@@ -51,7 +52,11 @@ def add_parser(subparsers: Any) -> None:
     compare.add_argument("--plot", help="also write a comparison PNG here")
     compare.set_defaults(func=_cmd_compare)
 
-    dec = sub.add_parser("decoders", help="start a server per decoder and benchmark each")
+    dec = sub.add_parser(
+        "decoders",
+        help="start a server per decoder and benchmark each; at temperature 0 the table also "
+        "counts the answers equal to the first decoder's",
+    )
     dec.add_argument("--decoders", required=True, help="comma-separated decoder names")
     dec.add_argument(
         "--decoder-config",
@@ -232,6 +237,10 @@ def _cmd_decoders(args: argparse.Namespace) -> int:
     config = _config_or_exit(args)
     if config is None:
         return 2
+    if config.temperature == 0:
+        # Greedy: keep the answers, so the table can say whether each decoder gave the first
+        # one's (a lossless decoder does, request by request, at any concurrency).
+        config = dataclasses.replace(config, save_detailed=True)
     decoder_configs = {}
     for item in args.decoder_config:
         name, sep, value = item.partition("=")

@@ -60,6 +60,20 @@ def compare_rows(results: Sequence[dict[str, Any]]) -> list[tuple[str, list[Any]
     return rows
 
 
+def identical_answers(base: dict[str, Any], other: dict[str, Any]) -> tuple[int, int] | None:
+    """(answers equal to base's, requests both answered), matched by request index; None
+    where either result kept no texts (`--save-detailed`; `bench decoders` keeps them at
+    temperature 0). Under greedy decoding a lossless decoder answers every request as the
+    plain one does, at any concurrency."""
+    texts = []
+    for result in (base, other):
+        if "generated_texts" not in result or "generated_indices" not in result:
+            return None
+        texts.append(dict(zip(result["generated_indices"], result["generated_texts"], strict=True)))
+    common = texts[0].keys() & texts[1].keys()
+    return sum(texts[0][i] == texts[1][i] for i in common), len(common)
+
+
 def format_compare(results: Sequence[dict[str, Any]], names: Sequence[str]) -> str:
     """A plain-text table: one column per result, `value (x ratio)` against the first."""
     better = dict(COMPARE_KEYS)
@@ -77,4 +91,8 @@ def format_compare(results: Sequence[dict[str, Any]], names: Sequence[str]) -> s
             cells.append(f"{text:>{col}}")
         arrow = "↑" if better[key] else "↓"
         lines.append(f"{key + ' ' + arrow:<{width}}" + "".join(cells))
+    same = [identical_answers(results[0], r) for r in results[1:]]
+    if results and all(x is not None for x in same):
+        cells = [f"{'-':>{col}}"] + [f"{f'{x[0]}/{x[1]}':>{col}}" for x in same if x is not None]
+        lines.append(f"{'answers as the first':<{width}}" + "".join(cells))
     return "\n".join(lines)

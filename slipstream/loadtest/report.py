@@ -165,6 +165,7 @@ def summarize(
     }
     if save_texts:
         summary["generated_texts"] = [r.generated_text for r in ok]
+        summary["generated_indices"] = [r.index for r in ok]  # which request each text answers
     return summary
 
 

@@ -71,7 +71,12 @@ def test_decoders_command_benchmarks_each_server_and_stops_it(
     assert tr["spec_decode_mean_accepted_tokens_per_step"] == pytest.approx(2.0)
     assert tr["total_output_tokens"] == 3 * std["total_output_tokens"]
     assert "output_throughput" in out and (tmp_path / "d-decoders.png").exists()
-    assert "spec_decode_acceptance_length" in (tmp_path / "d-decoders.txt").read_text()
+    table = (tmp_path / "d-decoders.txt").read_text()
+    assert "spec_decode_acceptance_length" in table
+    # Greedy (the default): answers kept and compared; the stub's token_recycling streams
+    # three tokens a chunk, so none of its answers is standard's.
+    assert std["generated_indices"] == tr["generated_indices"] == [0, 1, 2, 3]
+    assert table.splitlines()[-1].split() == ["answers", "as", "the", "first", "-", "0/4"]
     # Both servers are gone: their ports answer nothing.
     for log in ("serve-standard.log", "serve-token_recycling.log"):
         assert (tmp_path / log).exists()

@@ -103,3 +103,18 @@ def test_console_table_has_every_section() -> None:
     for title in ("Time to First Token", "Inter-token Latency", "Speculative Decoding"):
         assert title in text
     assert "P99 TPOT (ms)" in text
+
+
+def test_answers_are_compared_request_by_request() -> None:
+    from slipstream.loadtest.compare import format_compare, identical_answers
+
+    # Requests finish in another order on each server: texts are matched by index.
+    base = {"completed": 3, "generated_texts": ["a", "b", "c"], "generated_indices": [0, 1, 2]}
+    same = {"completed": 3, "generated_texts": ["c", "a", "b"], "generated_indices": [2, 0, 1]}
+    one_off = {"completed": 2, "generated_texts": ["x", "b"], "generated_indices": [0, 1]}
+    assert identical_answers(base, same) == (3, 3)
+    assert identical_answers(base, one_off) == (1, 2)  # request 2 failed there: not counted
+    assert identical_answers(base, {"completed": 3}) is None  # no texts kept
+    table = format_compare([base, same, one_off], ["std", "tr", "ngram"])
+    assert table.splitlines()[-1].split() == ["answers", "as", "the", "first", "-", "3/3", "1/2"]
+    assert "answers" not in format_compare([base, {"completed": 3}], ["std", "tr"])

@@ -334,9 +334,14 @@ def served(args: argparse.Namespace) -> None:
     if probe.returncode != 0 or shutil.which(sys.executable) is None:
         print("\n(served comparison skipped: `slipstream bench decoders` is not available)")
         return
+    from slipstream.loadtest.compare import identical_answers
+
     summary: dict[int, dict[str, list[float]]] = {}
+    # Greedy answers equal to standard's in the same run, request by request: [same, total].
+    same: dict[int, dict[str, list[int]]] = {}
     for conc in (1, 4, 16):
         summary[conc] = defaultdict(list)
+        same[conc] = defaultdict(lambda: [0, 0])
         for order in (SERVED_DECODERS, SERVED_DECODERS[::-1]):
             cmd = [
                 *exe, "bench", "decoders", "--decoders", ",".join(order),
@@ -347,10 +352,16 @@ def served(args: argparse.Namespace) -> None:
             ]  # fmt: skip
             print(f"\n$ {' '.join(cmd)}", flush=True)
             subprocess.run(cmd, check=False)
+            results = {}
             for name in order:
-                path = f"bench-results/slipstream-{name}.json"
-                with open(path) as f:
-                    summary[conc][name].append(float(json.load(f)["output_throughput"]))
+                with open(f"bench-results/slipstream-{name}.json") as f:
+                    results[name] = json.load(f)
+                summary[conc][name].append(float(results[name]["output_throughput"]))
+            for name in order:
+                counted = identical_answers(results["standard"], results[name])
+                if counted is not None:
+                    same[conc][name][0] += counted[0]
+                    same[conc][name][1] += counted[1]
     print("\n### Served output tokens/s, mean of both orders (ratio to standard)\n")
     print("| concurrency | " + " | ".join(SERVED_DECODERS) + " |")
     print("|---" * (len(SERVED_DECODERS) + 1) + "|")
@@ -361,7 +372,9 @@ def served(args: argparse.Namespace) -> None:
             runs = rows[name]
             mean = sum(runs) / len(runs)
             each = " / ".join(f"{r:.1f}" for r in runs)
-            cells.append(f"{mean:.1f} ({mean / base:.2f}x; {each})")
+            equal, total = same[conc][name]
+            answers = f"; answers as standard's {equal}/{total}" if total else ""
+            cells.append(f"{mean:.1f} ({mean / base:.2f}x; {each}{answers})")
         print(f"| {conc} | " + " | ".join(cells) + " |")
 
 

@@ -194,21 +194,24 @@ TEN_NODES = [-1, 0, 0, 1, 1, 2, 5, 3, 7, 0]
 TWENTY_NODES = [-1, 0, 0, 1, 1, 2, 5, 3, 7, 0, 9, 9, 4, 12, 6, 14, 8, 16, 10, 18]
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize(
-    ("parents", "ctx"), [(TEN_NODES, 140), (TEN_NODES, 300), (TWENTY_NODES, 270)]
+    ("parents", "ctx"),
+    [(TEN_NODES, 140), (TEN_NODES, 300), (TWENTY_NODES, 270), ([-1, 0, 1], 40)],
 )
 def test_a_tree_node_gets_the_bits_of_decoding_it_alone(
-    dtype: torch.dtype, parents: list[int], ctx: int
+    dtype: torch.dtype, parents: list[int], ctx: int, head_dim: int
 ) -> None:
     # Verification computes what decoding would: node i's output equals a one-row decode of
     # that token with the context and its ancestors cached at consecutive positions. 140
     # cached keys: the rows' keys cross a 128-key chunk at different points; 270-300: two
-    # chunks of cached keys only, which the float32 kernel reads once for all rows.
+    # chunks of cached keys only, which the float32 kernel reads once for all rows; a
+    # 3-node chain over 40 keys: one chunk, ending in the rows' own keys. Both head sizes.
     gen = torch.Generator().manual_seed(5)
     n = len(parents)
-    q = torch.randn(n, 6, 64, generator=gen).to(dtype)
-    k = torch.randn(ctx + n, 2, 64, generator=gen).to(dtype)
-    v = torch.randn(ctx + n, 2, 64, generator=gen).to(dtype)
+    q = torch.randn(n, 6, head_dim, generator=gen).to(dtype)
+    k = torch.randn(ctx + n, 2, head_dim, generator=gen).to(dtype)
+    v = torch.randn(ctx + n, 2, head_dim, generator=gen).to(dtype)
     tree = build_batch([q], [k], [v], 16, [parents]).run(paged_decode_attention)
     for node in range(n):
         path = path_to(parents, node)

@@ -17,7 +17,7 @@ from slipstream.kernels.cpu.decoder_layer_f32 import (
     decoder_layer_f32_unavailable_reason,
     layer_after_attention_f32,
 )
-from slipstream.kernels.cpu.skinny_linear_f32 import MAX_ROWS, GroupedBf16Weight
+from slipstream.kernels.cpu.skinny_linear_f32 import CHUNKED_MAX_ROWS, MAX_ROWS, GroupedBf16Weight
 from slipstream.testing.tiny_model import make_tiny_model_dir
 from tests.engine.test_models import BLOCK_SIZE, NUM_BLOCKS, make_meta, run_two_steps
 
@@ -115,3 +115,50 @@ def test_the_fused_float32_call_refuses_an_attention_output_it_would_misread(
     ):
         with pytest.raises(ValueError, match="attention output"):
             layer_after_attention_f32(h, bad, layer.skinny[1], *weights, buffers)
+
+
+@pytest.mark.parametrize("bf16_checkpoint", [False, True])
+def test_a_decode_row_beside_a_long_prefill_gets_the_logits_of_decoding_alone(
+    tmp_path: Path, bf16_checkpoint: bool
+) -> None:
+    # Served, a decode shares its step with whatever prefill chunk arrived. Over
+    # CHUNKED_MAX_ROWS rows the products of the chunk go to MKL; the decode row's must not.
+    folder = _folder(tmp_path, "LlamaForCausalLM", bf16_checkpoint)
+    model, config = load_model(str(folder), torch.float32, CPU)
+    assert model.pack_for_cpu() == "skinny_linear_f32"  # type: ignore[operator]
+    blocks = 96
+    shape = (blocks, BLOCK_SIZE, config.num_key_value_heads, config.head_dim)
+    prompt = [(11 * i + 5) % config.vocab_size for i in range(100)]
+    other = [(7 * i + 3) % config.vocab_size for i in range(CHUNKED_MAX_ROWS + 20)]
+    table = list(range(1, 1 + -(-(len(prompt) + 1) // BLOCK_SIZE)))
+    other_table = list(range(table[-1] + 1, table[-1] + 1 + -(-len(other) // BLOCK_SIZE)))
+    assert other_table[-1] < blocks
+    mkl_rows: list[int] = []
+    real_linear = torch.nn.functional.linear
+
+    def counted(x: torch.Tensor, *rest: Any) -> torch.Tensor:
+        mkl_rows.append(x.shape[0])
+        return real_linear(x, *rest)
+
+    def decode_logits(with_prefill: bool) -> torch.Tensor:
+        caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(config.num_hidden_layers)]
+        n = len(prompt)
+        with torch.inference_mode():
+            model(torch.tensor(prompt), torch.arange(n), caches, make_meta([0], [n], [table]))
+            if not with_prefill:
+                meta = make_meta([n], [1], [table])
+                return model.compute_logits(
+                    model(torch.tensor([33]), torch.tensor([n]), caches, meta)
+                )[0]
+            meta = make_meta([n, 0], [1, len(other)], [table, other_table])
+            ids = torch.tensor([33, *other])
+            pos = torch.tensor([n, *range(len(other))])
+            return model.compute_logits(model(ids, pos, caches, meta))[0]
+
+    alone = decode_logits(with_prefill=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.functional, "linear", counted)
+        beside = decode_logits(with_prefill=True)
+    assert torch.equal(beside, alone)
+    # MKL took the prefill chunk's rows only, in all 4 products of every layer.
+    assert mkl_rows == [len(other)] * 4 * config.num_hidden_layers

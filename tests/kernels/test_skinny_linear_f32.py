@@ -18,6 +18,7 @@ from slipstream.kernels.cpu.skinny_linear_f32 import (
     CHUNKED_MAX_ROWS,
     MAX_ROWS,
     GroupedBf16Weight,
+    RowSplit,
     pack_grouped_bf16,
     skinny_f32_unavailable_reason,
     skinny_linear_f32,
@@ -180,6 +181,39 @@ def test_rows_past_max_rows_run_the_kernel_in_calls_until_the_chunked_limit(grou
 
 
 @needs_kernel
+@needs_kernel
+def test_a_row_split_keeps_decode_rows_off_mkl_at_any_step_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The engine's float32 steps over CHUNKED_MAX_ROWS rows: decode and draft rows (sequences
+    # of few rows) keep the kernel's bits, long prefill chunks alone go to MKL.
+    assert RowSplit.of([0, 200], CHUNKED_MAX_ROWS) is None  # a lone prefill: MKL for all
+    split = RowSplit.of([0, 1, 10, 210, 214], CHUNKED_MAX_ROWS)
+    assert split is not None
+    assert split.few.tolist() == [*range(10), *range(210, 214)]
+    assert split.many.tolist() == list(range(10, 210))
+    x, w, bias = _f32(214, 64, seed=3), _f32(24, 64, seed=4), _f32(24, seed=5)
+    mkl_rows: list[int] = []
+    real = torch.nn.functional.linear
+
+    def counted(inp: torch.Tensor, *rest: object) -> torch.Tensor:
+        mkl_rows.append(inp.shape[0])
+        return real(inp, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counted)
+    y = split.linear(x, w, bias)
+    assert mkl_rows == [200]
+    for row in (*range(10), *range(210, 214)):  # each as if computed alone
+        assert torch.equal(y[row], skinny_linear_f32(x[row : row + 1], w, bias)[0])
+    torch.testing.assert_close(y[10:210], real(x[10:210], w, bias))
+    # 40 sequences of 4 draft rows: 160 rows, all on the kernel.
+    many_trees = RowSplit.of(list(range(0, 161, 4)), CHUNKED_MAX_ROWS)
+    assert many_trees is not None and not many_trees.many.numel()
+    y = many_trees.linear(x[:160], w, bias)
+    assert mkl_rows == [200]
+    assert torch.equal(y[77], skinny_linear_f32(x[77:78], w, bias)[0])
+
+
 def test_rejects_what_it_cannot_run() -> None:
     w = _f32(16, 8, seed=6)
     with pytest.raises(ValueError, match="x must be"):

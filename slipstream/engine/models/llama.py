@@ -61,8 +61,10 @@ from slipstream.kernels.cpu.skinny_linear import (
     skinny_unavailable_reason,
 )
 from slipstream.kernels.cpu.skinny_linear_f32 import (
+    CHUNKED_MAX_ROWS,
     MAX_ROWS,
     GroupedBf16Weight,
+    RowSplit,
     can_run_f32,
     pack_grouped_bf16,
     skinny_f32_unavailable_reason,
@@ -246,6 +248,16 @@ class LlamaDecoderLayer(nn.Module):
         weights: tuple[torch.Tensor, ...]
         if self.skinny is not None:
             linear, weights = self.linear_skinny, self.skinny
+            if linear is skinny_linear_f32 and n > CHUNKED_MAX_ROWS:
+                # Over 128 rows: MKL for long prefill chunks only, the kernel for decode and
+                # draft rows, so that their bits do not follow the step (RowSplit).
+                split = meta.scratch.get("f32_row_split", False)
+                if split is False:
+                    starts = meta.query_start_loc_list or meta.query_start_loc.tolist()
+                    split = RowSplit.of(starts, CHUNKED_MAX_ROWS)
+                    meta.scratch["f32_row_split"] = split
+                if split is not None:
+                    linear = split.linear
         elif n == 1 or self.packed is None:
             linear = self.linear_one_row if n == 1 else self.linear
             weights = self.projection_weights()

@@ -14,8 +14,11 @@ Where the engine stands without it:
   add_rms_norm_triton (residual add + norms) and invariant_paged_attention (dense
   attention). RoPE, SiLU * up and the embedding are elementwise or gathers: invariant
   as they are.
-- CPU without skinny_linear (float32, or no AVX512-BF16): oneDNN and ATen pick kernels by
-  shape and there is no invariant CPU path, so the flag is refused there.
+- CPU without skinny_linear (float32, or no AVX512-BF16): the float32 C++ path (AVX2;
+  skinny_linear_f32.RowSplit over 128 rows, and the C++ attention for 64- and 128-wide
+  heads) keeps decode and draft rows invariant on the default model (token recycling 32/32
+  standard's answers at 16 concurrent sequences). The flag still asks for CUDA or the bf16
+  kernels there: other shapes fall back to ATen, which picks kernels by shape.
 
 Sparse attention layers keep their own backends (sparse attention is approximate anyway).
 """

@@ -25,8 +25,8 @@ import triton.language as tl
 from slipstream.kernels._dispatch import dot_settings, kernel_backend, once_a_step, use_triton
 from slipstream.kernels.cpu.paged_decode_attention import (
     KERNEL_DTYPES,
-    MAX_QUERY_ROWS,
     decode_attention_applies,
+    max_query_rows,
     paged_decode_attention,
 )
 
@@ -915,12 +915,13 @@ def _split_step(
     and both kinds are present; else None."""
     if q.device.type != "cpu" or q.dtype not in KERNEL_DTYPES or kernel_backend() != "auto":
         return None
-    if not decode_attention_applies(q, k_cache, MAX_QUERY_ROWS):
+    few_max = max_query_rows(q.dtype)
+    if not decode_attention_applies(q, k_cache, few_max):
         return None
     starts, _ = _host_lists({} if plan is None else plan, query_start_loc, seq_lens)
     counts = [e - s for s, e in itertools.pairwise(starts)]
-    few = [b for b, n in enumerate(counts) if 0 < n <= MAX_QUERY_ROWS]
-    many = [b for b, n in enumerate(counts) if n > MAX_QUERY_ROWS]
+    few = [b for b, n in enumerate(counts) if 0 < n <= few_max]
+    many = [b for b, n in enumerate(counts) if n > few_max]
     if not few or not many:
         return None
 

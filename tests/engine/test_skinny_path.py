@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -203,8 +204,10 @@ def test_a_decode_row_beside_a_long_prefill_gets_the_logits_of_decoding_alone(
 ) -> None:
     # Served, a decode shares its step with whatever prefill chunk arrived: its logits (and
     # so a greedy answer) must not depend on that. 64-wide heads: the C++ decode attention.
-    _, skinny, config = _models(tmp_path, hidden_size=128, num_attention_heads=2)
-    blocks = 64
+    _, skinny, config = _models(
+        tmp_path, hidden_size=128, num_attention_heads=2, max_position_embeddings=1024
+    )
+    blocks = 200
     shape = (blocks, BLOCK_SIZE, config.num_key_value_heads, config.head_dim)
     # Sums over ~100 keys: the reference's rounding shows in the bf16 output (over 10 keys
     # the two paths happened to agree).
@@ -232,3 +235,54 @@ def test_a_decode_row_beside_a_long_prefill_gets_the_logits_of_decoding_alone(
             return skinny.compute_logits(skinny(ids, pos, caches, meta))[0]
 
     assert torch.equal(decode_logits(with_prefill=True), decode_logits(with_prefill=False))
+
+
+@pytest.mark.skipif(
+    decode_attention_unavailable_reason() is not None,
+    reason=f"{decode_attention_unavailable_reason()}",
+)
+def test_a_prefill_gets_the_same_kv_wherever_the_chunks_are_cut(
+    tmp_path: Path,
+) -> None:
+    # A prompt longer than the step's token budget is cut where the other requests leave
+    # room. Chunks of up to MAX_QUERY_ROWS (512) rows take the C++ attention, as a one-row
+    # decode would; longer ones (a budget over 512) take SDPA, whose bits follow the cut,
+    # unless --batch-invariant sends them to the kernel too.
+    from slipstream.engine.batch_invariant import CpuKernelAttentionBackend, make_batch_invariant
+
+    folder = make_tiny_model_dir(
+        tmp_path / "m", hidden_size=128, num_attention_heads=2, max_position_embeddings=1024
+    )
+    blocks = 200
+    prompt = [(11 * i + 5) % 500 for i in range(700)]
+    table = list(range(1, 1 + -(-(len(prompt) + 2) // BLOCK_SIZE)))
+
+    def next_logits(model: Any, config: Any, cuts: list[int]) -> torch.Tensor:
+        shape = (blocks, BLOCK_SIZE, config.num_key_value_heads, config.head_dim)
+        caches = [
+            (torch.zeros(shape, dtype=torch.bfloat16), torch.zeros(shape, dtype=torch.bfloat16))
+            for _ in range(config.num_hidden_layers)
+        ]
+        bounds = [0, *cuts, len(prompt)]
+        with torch.inference_mode():
+            for a, b in itertools.pairwise(bounds):
+                ids, pos = torch.tensor(prompt[a:b]), torch.arange(a, b)
+                model(ids, pos, caches, make_meta([a], [b - a], [table]))
+            n = len(prompt)
+            meta = make_meta([n], [1], [table])
+            return model.compute_logits(model(torch.tensor([33]), torch.tensor([n]), caches, meta))
+
+    default, config = load_model(str(folder), torch.bfloat16, CPU)
+    default.pack_for_cpu()
+    invariant, _ = load_model(str(folder), torch.bfloat16, CPU)
+    assert make_batch_invariant(invariant, invariant.pack_for_cpu()).startswith("cpu kernels")
+    assert all(isinstance(b, CpuKernelAttentionBackend) for b in invariant.attn_backends)
+    small = ([496], [300], [250, 500], [472, 600])  # chunks of at most 512 rows
+    got = [next_logits(default, config, c) for c in small]
+    assert all(torch.equal(g, got[0]) for g in got[1:])
+    large = ([600], [650], [])  # one chunk over 512 rows in each
+    got += [next_logits(invariant, config, c) for c in (*small, *large)]
+    assert all(torch.equal(g, got[0]) for g in got[1:])
+    # Without the flag, chunks over 512 rows show the cut (else this would prove nothing).
+    plain = [next_logits(default, config, c) for c in large]
+    assert not all(torch.equal(p, plain[0]) for p in plain[1:])

@@ -5,10 +5,10 @@ Same semantics as slipstream/kernels/paged_attention.py (causal or tree mask amo
 step's new tokens, every cached key visible), for queries and caches of one of those
 dtypes with head size 64 or 128; with `chunks`, those of
 slipstream/kernels/sparse_paged_attention.py (each KV head reads only its selected chunks
-of the cached keys). Both kernels take the same arguments. Decode and tree-verification
-steps take it; steps with a prefill of more than MAX_QUERY_ROWS tokens in one sequence keep
-the SDPA reference, whose blocked kernel wins on long query runs (this one computes each
-query row on its own, O(rows x keys)).
+of the cached keys). Both kernels take the same arguments. Decode, tree-verification
+and prefill chunks of up to max_query_rows(dtype) rows take it; longer chunks keep the SDPA
+reference, whose blocked kernel wins on long query runs (this one computes each query row
+on its own, O(rows x keys)).
 """
 
 from __future__ import annotations
@@ -22,12 +22,30 @@ import torch
 from slipstream.kernels._dispatch import once_a_step
 from slipstream.kernels.cpu.build import CppFunction
 
-# Rows per sequence up to which the engine takes this kernel: the official 80-node tree plus
-# a prompt-lookup branch fits, so every verification step stays batch-invariant. Measured
-# (2 cores, 9 heads / 3 kv heads, 64 dims), this kernel vs the SDPA reference: 81-row tree
-# at 300 cached keys 698 vs 898 us, 128 rows at 1000 keys 2.7 vs 3.3 ms; a 128-token
-# prefill from scratch 630 vs 514 us (SDPA's causal kernel wins there, by little).
-MAX_QUERY_ROWS = 128
+# Rows per sequence up to which the engine takes this kernel: every draft tree, and every
+# prefill chunk at the default token budget (512 a step), so a row's bits never depend on
+# where the load cut its prompt into chunks. With 128 here, chunks of 129-512 rows took the
+# SDPA reference, whose bits follow the chunk's bounds: on ~830-token prompts, 7 of 12
+# greedy answers at 12 concurrent sequences differed from those decoded one at a time
+# (session 31). Measured (2 cores, 9 heads / 3 kv heads, 64 dims), this kernel vs the
+# reference: 81-row tree at 300 cached keys 698 vs 898 us, 128 rows at 1000 keys 2.7 vs 3.3
+# ms, one layer's 496-row chunk from scratch 6.8 vs 4.3 ms, after 1000 keys 11.6 vs 12.5;
+# whole prefills at the default budget 1004-1009 -> 1063-1167 tok/s (~830-token prompts)
+# and 652-699 -> 689-760 (~3100). Bigger chunks (a larger --max-num-batched-tokens) keep
+# the reference, which wins there (2048 rows from scratch: 130 vs 42 ms a layer).
+MAX_QUERY_ROWS = 512
+# float32 (the AVX2 kernel): 128. Its products hand chunks of more than 128 rows to MKL
+# anyway, so those chunks' bits follow the cut whatever attention does, and its attention
+# loses on long chunks (measured here: 496 rows after 1000 keys 18.7 vs 14.9 ms a layer,
+# after 4000 keys 72 vs 35).
+MAX_QUERY_ROWS_F32 = 128
+
+
+def max_query_rows(dtype: torch.dtype) -> int:
+    """Rows per sequence up to which a step of this dtype takes the kernel."""
+    return MAX_QUERY_ROWS if dtype == torch.bfloat16 else MAX_QUERY_ROWS_F32
+
+
 HEAD_DIMS = (64, 128)
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -72,7 +90,7 @@ def decode_attention_applies(q: torch.Tensor, k_cache: torch.Tensor, max_query_l
         and q.dtype in _KERNELS
         and k_cache.dtype == q.dtype
         and q.shape[-1] in HEAD_DIMS
-        and max_query_len <= MAX_QUERY_ROWS
+        and max_query_len <= max_query_rows(q.dtype)
         and decode_attention_unavailable_reason(q.dtype) is None
     )
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -64,6 +65,10 @@ class AttentionBackend(Protocol):
 class PagedAttentionBackend:
     """Dense attention over the paged cache (the default for every layer)."""
 
+    # The op that attends, with paged_attention's arguments and result; a subclass may name
+    # another (batch_invariant.py's CPU backend: the C++ kernel itself).
+    attend: ClassVar[Callable[..., torch.Tensor]] = staticmethod(paged_attention)
+
     def forward(
         self,
         q: torch.Tensor,
@@ -76,7 +81,7 @@ class PagedAttentionBackend:
     ) -> torch.Tensor:
         """Store, then attend over everything the sequence has."""
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping, meta.scratch)
-        return paged_attention(
+        return self.attend(
             q,
             k_cache,
             v_cache,

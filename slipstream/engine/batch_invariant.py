@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from slipstream.engine.attention import AttentionMetadata
+from slipstream.engine.attention import AttentionMetadata, PagedAttentionBackend
 from slipstream.kernels._dispatch import use_triton
 from slipstream.kernels.cpu.paged_decode_attention import (
     HEAD_DIMS,
@@ -81,7 +81,7 @@ class InvariantAttentionBackend:
         )
 
 
-class CpuKernelAttentionBackend:
+class CpuKernelAttentionBackend(PagedAttentionBackend):
     """Every query row through the C++ decode attention, prefill chunks included.
 
     Why: by default a prefill chunk of more than MAX_QUERY_ROWS (512) rows takes the SDPA
@@ -94,29 +94,7 @@ class CpuKernelAttentionBackend:
     cores): 2048 rows from scratch 42 -> 130 ms, after 4000 cached keys 169 -> 315 ms.
     """
 
-    def forward(
-        self,
-        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-        v: torch.Tensor,
-        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-        v_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        scale: float,
-    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-        """Store, then attend, each row as if decoded alone."""
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping, meta.scratch)
-        return paged_decode_attention(
-            q,
-            k_cache,
-            v_cache,
-            meta.block_tables,
-            meta.query_start_loc,
-            meta.seq_lens,
-            scale,
-            meta.tree_mask,
-            meta.scratch,
-        )
+    attend = staticmethod(paged_decode_attention)
 
 
 def _float32_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from slipstream.engine.attention import AttentionBackend, AttentionMetadata, Pag
 from slipstream.engine.models.config import ModelArchConfig, RopeScaling
 from slipstream.engine.models.registry import MODELS
 from slipstream.engine.vocab_topk import vocab_topk
+from slipstream.kernels._dispatch import once_a_step
 from slipstream.kernels.cpu.decoder_layer import (
     LayerBuffers,
     decoder_layer_unavailable_reason,
@@ -251,11 +252,14 @@ class LlamaDecoderLayer(nn.Module):
             if linear is skinny_linear_f32 and n > CHUNKED_MAX_ROWS:
                 # Over 128 rows: MKL for long prefill chunks only, the kernel for decode and
                 # draft rows, so that their bits do not follow the step (RowSplit).
-                split = meta.scratch.get("f32_row_split", False)
-                if split is False:
-                    starts = meta.query_start_loc_list or meta.query_start_loc.tolist()
-                    split = RowSplit.of(starts, CHUNKED_MAX_ROWS)
-                    meta.scratch["f32_row_split"] = split
+                split = once_a_step(
+                    meta.scratch,
+                    "f32_row_split",
+                    lambda: RowSplit.of(
+                        meta.query_start_loc_list or meta.query_start_loc.tolist(),
+                        CHUNKED_MAX_ROWS,
+                    ),
+                )
                 if split is not None:
                     linear = split.linear
         elif n == 1 or self.packed is None:

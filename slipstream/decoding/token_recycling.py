@@ -17,7 +17,7 @@ reset (hot start). Where we differ on purpose:
   current batch size (calibration.py);
 - `prompt_seed_rows` (default 128): prefill logits at prompt positions also seed M (the
   official code discards them; the smpanaro reimplementation seeds);
-- `prompt_lookup_tokens` (default 16): a prompt-lookup match (ngram.py's rule, the longest
+- `prompt_lookup_tokens` (default 16): a prompt-lookup match (ngram's rule, the longest
   matching suffix, the chain no longer than the match; looked up in an index each sequence
   keeps, suffix_index.py) is drafted under the root as one more branch, merged with the
   tree where both drafted the same tokens. A small tree (what a 2-core CPU can afford)
@@ -109,7 +109,7 @@ class TokenRecyclingOptions:
     # misses what the model copies from its context; a loop or a quoted passage is exactly
     # what prompt lookup finds.
     # The longest suffix in [min, max] is matched and the chain is at most factor x its
-    # length (find_longest_draft): offline on 48 builtin prompts, 3..32 with 16 tokens and
+    # length (SuffixIndex.draft): offline on 48 builtin prompts, 3..32 with 16 tokens and
     # factor 1 gave 2.05 tokens per step against 1.98 with 5..5 and 8 tokens (vLLM's ngram
     # bounds); the sizer still cuts the chain to what its measured acceptance pays for.
     prompt_lookup_tokens: int = 16
@@ -220,10 +220,7 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         chain: list[int] = []
         if self.opts.prompt_lookup_tokens:
             o = self.opts
-            index = seq.decoder_state.get("tr_lookup")
-            if index is None:
-                index = SuffixIndex(o.prompt_lookup_min, o.prompt_lookup_max)
-                seq.decoder_state["tr_lookup"] = index
+            index = SuffixIndex.of(seq, "tr_lookup", o.prompt_lookup_min, o.prompt_lookup_max)
             chain = index.draft(seq.token_ids, o.prompt_lookup_tokens, o.prompt_lookup_factor)
             self.chains.record_lookup(bool(chain))
             if chain and self.opts.adaptive and self.opts.tree_size is None:

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from slipstream.decoding.ngram import NgramDecoder, find_draft, find_longest_draft
+from slipstream.decoding.ngram import NgramDecoder
+from slipstream.decoding.suffix_index import SuffixIndex
 from slipstream.engine.engine import LLMEngine
 from slipstream.engine.sampling_params import SamplingParams
 from slipstream.testing.engines import run_to_completion, tiny_engine_config
+from tests.decoding.test_suffix_index import find_draft as _draft_by_every_n  # the rule
 
 
-def _draft_by_every_n(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
-    """The rule stated plainly: try every suffix length from max_n down, compare it with
-    every earlier window, take what followed the first hit."""
-    for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
-        suffix = tokens[len(tokens) - n :]
-        for i in range(len(tokens) - n):
-            if tokens[i : i + n] == suffix:
-                return tokens[i + n : i + n + k]
-    return []
+def find_draft(tokens: list[int] | np.ndarray, min_n: int, max_n: int, k: int) -> list[int]:
+    """The decoders' lookup (a fresh index each call)."""
+    return list(SuffixIndex(min_n, max_n).draft(tokens, k))  # type: ignore[arg-type]
+
+
+def find_longest_draft(
+    tokens: list[int], min_n: int, max_n: int, k: int, factor: float
+) -> list[int]:
+    """The same, at most factor x the match length long (token recycling's chain)."""
+    return SuffixIndex(min_n, max_n).draft(tokens, k, factor)
 
 
 def test_find_longest_draft_is_find_draft_cut_to_its_match_length() -> None:

@@ -1,16 +1,33 @@
-"""SuffixIndex: the incremental prompt lookup gives longest_suffix_match's answer."""
+"""SuffixIndex: the incremental prompt lookup gives the rule's answer at every stage."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from slipstream.decoding.ngram import find_draft, find_longest_draft, longest_suffix_match
 from slipstream.decoding.suffix_index import SuffixIndex
 
 
 def _scan(tokens: list[int], min_n: int, max_n: int) -> tuple[int, int]:
-    _, begin, n = longest_suffix_match(tokens, min_n, max_n)
-    return (begin, n) if n else (0, 0)
+    """The rule by brute force: the longest n in [min_n, max_n] whose suffix occurred
+    earlier with a token after it, its earliest occurrence -> (what followed it, n)."""
+    for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
+        suffix = tokens[len(tokens) - n :]
+        for i in range(len(tokens) - n):
+            if tokens[i : i + n] == suffix:
+                return i + n, n
+    return 0, 0
+
+
+def find_draft(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
+    begin, n = _scan(tokens, min_n, max_n)
+    return tokens[begin : begin + k] if n else []
+
+
+def find_longest_draft(
+    tokens: list[int], min_n: int, max_n: int, k: int, factor: float
+) -> list[int]:
+    begin, n = _scan(tokens, min_n, max_n)
+    return tokens[begin : begin + min(k, max(1, int(factor * n)))] if n else []
 
 
 def test_grown_step_by_step_it_answers_as_the_full_scan() -> None:

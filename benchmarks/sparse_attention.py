@@ -16,10 +16,14 @@ top-k at 0.21 of the context with prompt pins), each method with its own default
 method at a quarter of the context ("q": sink + window + top_k = context / 4), and more
 (see configs(); --config adds your own). `short_dense` (speed only) decodes the same text cut
 to its first 256 tokens: the speed a sparse method would reach if attention cost nothing.
+`budget_dense` (speed only) decodes it cut to as many tokens as the default configuration
+reads per layer on average (layer 0 dense; measured over the default's first 16 decode
+steps when `default` is listed before it, else its nominal budget): a sparse method reading
+that many keys with selection for free would decode at its speed.
 
 8k speed against that ceiling, interleaved:
   python benchmarks/sparse_attention.py --parts speed --contexts 8192 --decode-tokens 192 \
-      --configs dense,default,short_dense
+      --configs dense,default,budget_dense,short_dense
 
 Short validation run (busy CPU):
   python benchmarks/sparse_attention.py --contexts 2048 --decode-tokens 8 \\
@@ -91,6 +95,9 @@ LICENCES = ("GPL-3", "GFDL-1.3", "Apache-2.0", "GPL-2", "LGPL-3", "MPL-2.0")
 MODEL_WINDOW = 8192  # SmolLM2's max_position_embeddings
 # The "short_dense" config's prompt: the same text's first 256 tokens.
 SHORT_CONTEXT = 256
+# Decode steps of the default configuration that measure its KV read for budget_dense (two
+# refresh cycles at refresh_interval 8).
+BUDGET_MEASURE_STEPS = 16
 QUESTION = "What is the secret number in the text above? Answer with the number only."
 # --question-first: the question before the text, so the prompt's closing tokens do not ask
 # for the number (what block top-k's prompt_pages look at).
@@ -188,6 +195,9 @@ def configs(
         # Dense decoding of the same text cut to SHORT_CONTEXT tokens: what an 8k step costs
         # when attention costs next to nothing, so no sparse method can beat its speed.
         "short_dense": ("standard", {}),
+        # Dense decoding cut to the default configuration's keys read per layer (mean over
+        # layers, see default_keys_read): the default's speed with selection for free.
+        "budget_dense": ("standard", {}),
         "default": ("sparse_attention", {}),  # `--decoder sparse_attention`, no config
         "hip": ("sparse_attention", {"method": "hip"}),
         "block_topk": ("sparse_attention", {"method": "block_topk"}),
@@ -274,6 +284,35 @@ def parse_extra_configs(items: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def measured_keys_read(default_engine: Any, steps: int = BUDGET_MEASURE_STEPS) -> float:
+    """Fraction of the KV the default configuration's engine reads: it decodes `steps` steps
+    (two refresh cycles) first, before any timed round."""
+    for _ in range(steps):
+        default_engine.step()
+    return float(default_engine.get_stats()["decoder"]["sparse_kv_read_fraction"])
+
+
+def default_keys_read(engine: Any, context: int) -> int:
+    """Mean KV tokens a decode step of the default sparse configuration reads per layer at
+    `context` cached tokens: dense layers all of them; the others the sink pages, the
+    selected pages (pins included) and the window from its first page to the last key."""
+    from slipstream.decoding.sparse_attention import (
+        _DEFAULTS,
+        SparseAttentionOptions,
+        make_selector,
+    )
+
+    options = SparseAttentionOptions()
+    ctx = engine._decoder_context()
+    g = make_selector(options, ctx).geometry
+    if not g.prunes(context):
+        return context
+    window = context - g.window_start(context) * g.chunk
+    sparse = (g.sink_chunks + g.top_k_at(context)) * g.chunk + window
+    dense = min(_DEFAULTS[options.resolved_method][3], ctx.num_layers)
+    return round((dense * context + (ctx.num_layers - dense) * sparse) / ctx.num_layers)
+
+
 def interleaved_decode_speed(
     cfgs: dict[str, tuple[str, dict[str, Any]]],
     prompts: list[list[int]],
@@ -299,11 +338,23 @@ def interleaved_decode_speed(
     # A KV pool just large enough for the requests: every engine stays resident at once.
     blocks = len(prompts) * (-(-max_len // CacheConfig.block_size) + 8)
     engines = {}
+    prompt_tokens: dict[str, int] = {}  # each config's (last) prompt, after any cut
+    read_fraction: float | None = None  # the default configuration's, for budget_dense
     for name, cfg in cfgs.items():
         eng = make_llm(cfg, max_len, num_kv_blocks=blocks).engine
         for i, prompt in enumerate(prompts):
             if name == "short_dense":
                 prompt = prompt[:SHORT_CONTEXT]
+            elif name == "budget_dense":
+                if "default" in engines and read_fraction is None:
+                    read_fraction = measured_keys_read(engines["default"])
+                keys = (
+                    default_keys_read(eng, len(prompt))
+                    if read_fraction is None
+                    else round(read_fraction * len(prompt))
+                )
+                prompt = prompt[:keys]
+            prompt_tokens[name] = len(prompt)
             # Sequences prefilled early decode while the later ones prefill: room for that.
             room = max_len - len(prompt)
             params = SamplingParams(temperature=0.0, max_tokens=room, ignore_eos=True)
@@ -326,6 +377,7 @@ def interleaved_decode_speed(
         ratios = sorted(b / t for b, t in zip(base, times[name], strict=True))
         out[name] = {
             "batch": len(prompts),
+            "decoded_after_tokens": prompt_tokens[name],  # the prompt after any cut
             "decode_tok_s": len(prompts) * per_round * rounds / sum(times[name]),
             "round_tok_s": [round(len(prompts) * per_round / t, 2) for t in times[name]],
             f"speedup_vs_{names[0]}_rounds": [round(x, 3) for x in ratios],
@@ -588,7 +640,9 @@ def main() -> None:
             # the others prefill (2048-token chunks).
             prefill_steps = (args.batch - 1) * -(-ctx // 2048)
             max_len = min(ctx + args.decode_tokens + prefill_steps + 64, MODEL_WINDOW)
-            prompt_len = min(ctx, max_len - args.decode_tokens - prefill_steps - 2)
+            # (and the steps the default configuration decodes to measure budget_dense's cut)
+            reserve = args.decode_tokens + prefill_steps + 2 + BUDGET_MEASURE_STEPS
+            prompt_len = min(ctx, max_len - reserve)
             if text_ids is None:
                 from slipstream.engine.models.default_model import resolve_model_path
                 from slipstream.engine.tokenizer import load_tokenizer

@@ -304,17 +304,23 @@ def print_table(title: str, results: dict[str, dict[str, dict[str, float]]]) -> 
     cats = [c for c in results[labels[0]] if c != "overall"] + ["overall"]
     base = results[labels[0]]["overall"]["tok_s"]
     print(f"\n### {title}\n")
-    print("| config | " + " | ".join(cats) + " | tokens per step | speedup |")
-    print("|---" * (len(cats) + 3) + "|")
+    head = " | tokens per step | ms per step | tokens per step for 2x | speedup |"
+    print("| config | " + " | ".join(cats) + head)
+    print("|---" * (len(cats) + 5) + "|")
     for label in labels:
-        r = results[label]
-        cells = [f"{r[c]['mat']:.2f} / {r[c]['tok_s']:.1f}" for c in cats]
-        per_step = f"{r['overall']['tokens_per_step']:.2f}"
-        speedup = f"{r['overall']['tok_s'] / base:.2f}x"
-        print(f"| {label} | " + " | ".join(cells) + f" | {per_step} | {speedup} |")
+        r = results[label]["overall"]
+        cells = [f"{results[label][c]['mat']:.2f} / {results[label][c]['tok_s']:.1f}" for c in cats]
+        # An engine step's mean cost, and the tokens it would have to emit at that cost for
+        # twice the first config's speed: where a drafter stands between acceptance and cost.
+        ms = 1e3 * r["tokens_per_step"] / r["tok_s"] if r["tok_s"] else float("nan")
+        needed = 2 * base * ms / 1e3
+        tail = f"{r['tokens_per_step']:.2f} | {ms:.2f} | {needed:.2f} | {r['tok_s'] / base:.2f}x"
+        print(f"| {label} | " + " | ".join(cells) + f" | {tail} |")
     print(
         "\ncells: mean accepted tokens per verification step / tokens per second; tokens per"
-        " step: output tokens over all engine steps (prefills included)"
+        " step: output tokens over all engine steps (prefills included); ms per step: their"
+        " mean time; for 2x: the tokens per step that time would need for twice the first"
+        " config's tokens per second"
     )
 
 

@@ -86,63 +86,58 @@ def build_template(
     """Precompute a template from root-relative paths (the root itself is implied).
 
     Every path's parent path must be present; ranks must be < k (the matrix width).
+
+    Built in Python lists with one tensor per field: dynamic trees build one on ~40% of
+    batch-1 steps (a new shape), and a row-by-row torch mask and two tensors per level took
+    ~100 us for 8 nodes on 2 cores (see tests/decoding/test_draft_tree.py for the fields).
     """
-    nodes = sorted({tuple(p) for p in paths}, key=lambda p: (len(p), _order(paths, p)))
-    if len(nodes) != len(paths):
+    order = {tuple(p): i for i, p in enumerate(paths)}  # first position of each path
+    if len(order) != len(paths):
         raise ValueError("duplicate paths in the tree template")
+    nodes = sorted(order, key=lambda p: (len(p), order[p]))
     src = list(source_index) if source_index is not None else list(range(1, len(nodes) + 1))
     by_path = {p: i + 1 for i, p in enumerate(nodes)}
-    src_by_path = {tuple(p): s for p, s in zip(paths, src, strict=True)}
+    src_by_path = dict(zip(order, src, strict=True))
     all_paths: list[tuple[int, ...]] = [(), *nodes]
     parents, depths, ranks = [-1], [0], [0]
     for p in nodes:
         if not p or any(r < 0 or r >= k for r in p):
             raise ValueError(f"path {list(p)} needs ranks in [0, {k})")
-        parent = by_path.get(p[:-1], 0) if len(p) > 1 else 0
         if len(p) > 1 and p[:-1] not in by_path:
             raise ValueError(f"path {list(p)} has no parent path {list(p[:-1])}")
-        parents.append(parent)
+        parents.append(by_path[p[:-1]] if len(p) > 1 else 0)
         depths.append(len(p))
         ranks.append(p[-1])
     n = len(all_paths)
     children: list[list[int]] = [[] for _ in range(n)]
-    for i in range(1, n):
-        children[parents[i]].append(i)
-    mask = torch.zeros(n, n, dtype=torch.bool)
+    rows: list[list[bool]] = []  # node i sees itself and its ancestors (parents come first)
     for i in range(n):
-        mask[i, i] = True
-        if parents[i] >= 0:
-            mask[i] |= mask[parents[i]]
+        if i:
+            children[parents[i]].append(i)
+        row = list(rows[parents[i]]) if i else [False] * n
+        row[i] = True
+        rows.append(row)
+    # BFS order puts each level's nodes in one run [start, end): views of one tensor each.
+    parent_t = torch.tensor(parents, dtype=torch.long)
+    rank_t = torch.tensor(ranks, dtype=torch.long)
     levels = []
-    max_depth = max(depths)
-    for d in range(1, max_depth + 1):
-        idx = [i for i in range(n) if depths[i] == d]
-        levels.append(
-            (
-                idx[0],
-                idx[-1] + 1,
-                torch.tensor([parents[i] for i in idx], dtype=torch.long),
-                torch.tensor([ranks[i] for i in idx], dtype=torch.long),
-            )
-        )
+    start = 1
+    while start < n:
+        end = start
+        while end < n and depths[end] == depths[start]:
+            end += 1
+        levels.append((start, end, parent_t[start:end], rank_t[start:end]))
+        start = end
     return TreeTemplate(
         paths=tuple(all_paths),
         parents=parents,
         depths=depths,
         ranks=ranks,
         children=children,
-        mask=mask,
+        mask=torch.tensor(rows, dtype=torch.bool),
         levels=levels,
         source_index=[0, *[src_by_path[p] for p in nodes]],
     )
-
-
-def _order(paths: Sequence[Sequence[int]], p: tuple[int, ...]) -> int:
-    """Position of p in the original path list (ties within a level keep template order)."""
-    for i, q in enumerate(paths):
-        if tuple(q) == p:
-            return i
-    raise KeyError(p)
 
 
 def template(name: str, k: int = 8) -> TreeTemplate:

@@ -47,6 +47,28 @@ def test_official_template_shape() -> None:
     )
 
 
+def test_template_from_paths_in_pick_order() -> None:
+    """Paths listed depth-mixed (a dynamic tree's pick order) come out in BFS order, each
+    level a contiguous run, with the ancestor mask, ranks and source indices of their paths."""
+    picks = [(0,), (0, 0), (1,), (0, 0, 0), (0, 1), (2,), (1, 0)]
+    t = build_template(picks, k=3, source_index=[10, 11, 12, 13, 14, 15, 16])
+    assert [list(p) for p in t.paths] == [[], [0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
+    assert t.parents == [-1, 0, 0, 0, 1, 1, 2, 4]
+    assert t.depths == [0, 1, 1, 1, 2, 2, 2, 3]
+    assert t.ranks == [0, 0, 1, 2, 0, 1, 0, 0]
+    assert t.children == [[1, 2, 3], [4, 5], [6], [], [7], [], [], []]
+    assert t.source_index == [0, 10, 12, 15, 11, 14, 16, 13]
+    assert torch.equal(t.mask, ancestor_mask(t.parents))
+    runs = [(start, end, idx.tolist(), rank.tolist()) for start, end, idx, rank in t.levels]
+    assert runs == [(1, 4, [0, 0, 0], [0, 1, 2]), (4, 7, [1, 1, 2], [0, 1, 0]), (7, 8, [4], [0])]
+    with pytest.raises(ValueError, match="duplicate"):
+        build_template([(0,), (1,), (0,)], k=2)
+    with pytest.raises(ValueError, match="no parent"):
+        build_template([(0,), (1, 0)], k=2)
+    with pytest.raises(ValueError, match="ranks"):
+        build_template([(0,), (2,)], k=2)
+
+
 def test_fill_from_hand_written_matrix() -> None:
     tmpl = build_template([[0], [1], [0, 0]], k=2)
     m = torch.zeros(10, 2, dtype=torch.int32)

@@ -174,6 +174,20 @@ class Decoder:
     def __init__(self, options: Any, ctx: DecoderContext) -> None:
         self.options = options
         self.ctx = ctx
+        # The other parts of a composite decoder (set by CompositeDecoder): a drafting part
+        # asks them how deep its drafts may reach (draft_depth_limit).
+        self.peers: list[Decoder] = []
+
+    def draft_depth_limit(self, seq: Sequence) -> int | None:
+        """Deepest draft node another part may feed for `seq` this step (0: no draft), or
+        None for no limit. A part that changes attention limits the drafts of a speculative
+        part it is combined with, so that every node attends as decoding it alone would."""
+        return None
+
+    def peer_depth_limit(self, seq: Sequence) -> int | None:
+        """The tightest draft_depth_limit of the peers (None: no limit)."""
+        limits = [d for p in self.peers if (d := p.draft_depth_limit(seq)) is not None]
+        return min(limits, default=None)
 
     def num_lookahead_slots(self, seq: Sequence, num_running: int) -> int:
         """KV slots to reserve beyond the scheduled tokens (room for drafts)."""

@@ -27,6 +27,8 @@ class CompositeDecoder(Decoder):
     def __init__(self, options: Any, ctx: DecoderContext, parts: list[Decoder]) -> None:
         super().__init__(options, ctx)
         self.parts = parts
+        for part in parts:
+            part.peers = [other for other in parts if other is not part]
         owner_classes = hook_owners([type(p) for p in parts])
         self.owner: dict[str, Decoder | None] = {
             hook: next((p for p in parts if type(p) is cls), None)

@@ -80,6 +80,14 @@ window and use 16 pages for block top-k: ~400 tokens per KV head, a quarter of a
 context, so decoding actually prunes there. A decode whose context fits the budget runs the
 dense kernel (HiP's "dense for short prompts"), which makes budget >= context exact.
 
+Under a drafting decoder (`token_recycling+sparse_attention`, `ngram+sparse_attention`) a
+verification tree is pruned as a decode is, and its greedy tokens are this decoder's own:
+selections are made anew by position (every `refresh_interval` positions, not steps) with
+the query of the step's first token, and drafts stop short of that position and of any
+switch between dense and pruned attention (draft_depth_limit), so every node reads the keys
+it would read decoded alone. (With `answer_votes` the pins are chosen again at a decode step,
+which trees do not keep to.)
+
 Stats per step: sparse_kv_read_fraction (KV tokens read / available, all layers, decode and
 verification tokens only), sparse_pruned_seqs, sparse_mask_refreshes (pruned sequences whose
 selection was made anew: HiP mask searches, block top-k choices), sparse_rerank_k_fraction
@@ -111,6 +119,10 @@ from slipstream.kernels.sparse_paged_attention import sparse_paged_attention
 from slipstream.kernels.store_kv import store_kv
 
 METHODS = ("hip", "block_topk")
+# Positions ahead that draft_depth_limit checks for a switch between dense and pruned: the
+# deepest draft it lets through, 32 (token recycling: trees of depth 8, grafted chains of 16;
+# ngram: chains of num_speculative_tokens, 4 by default).
+_DEPTH_SCAN = 33
 # method -> (top_k tokens, sink, window, dense_layers, refresh_interval); see the module
 # docstring.
 _DEFAULTS = {"hip": (256, 16, 128, 3, 8), "block_topk": (256, 4, 64, 1, 1)}
@@ -447,6 +459,24 @@ class SparseAttentionDecoder(Decoder):
     def step_stats(self) -> dict[str, float]:
         """This step's fraction of KV read, pruned sequences and HiP mask refreshes."""
         return self.shared.step_stats()
+
+    def draft_depth_limit(self, seq: Sequence) -> int | None:
+        """With a drafting decoder (token_recycling+sparse_attention, ngram+...): no draft
+        node at or past the position where this sequence's selection is made anew, nor where
+        its attention would switch between dense and pruned. Then every node reads the keys
+        it would read decoded alone (the selection, sink and window of the root's step; its
+        ancestors in place of the window's newest keys), the next choice is made at the
+        same position with the root's query, and greedy answers are sparse attention's own,
+        whatever the drafts or the load. Checked up to _DEPTH_SCAN positions ahead."""
+        ctx = seq.num_computed_tokens  # the root's position: the keys cached before the step
+        selector = self.shared.selector
+        pruned = selector.prunes(ctx)
+        served = selector.positions_served(seq.seq_id, ctx) if pruned else None
+        horizon = _DEPTH_SCAN if served is None else min(served, _DEPTH_SCAN)
+        for depth in range(1, horizon):
+            if selector.prunes(ctx + depth) != pruned:
+                return depth - 1
+        return horizon - 1
 
     def on_finish(self, seq: Sequence) -> None:
         """Drop the sequence's masks or page bookkeeping."""

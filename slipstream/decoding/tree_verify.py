@@ -30,7 +30,7 @@ from slipstream.decoding.base import (
     StepResult,
     default_seq_inputs,
 )
-from slipstream.decoding.draft_tree import TreeTemplate
+from slipstream.decoding.draft_tree import TreeTemplate, subtree
 from slipstream.engine.batch import Batch, ScheduledSeq
 from slipstream.engine.outputs import TokenLogprobs
 from slipstream.engine.sampler import Sampler, SamplingContext, _is_plain_greedy
@@ -137,6 +137,10 @@ def verify_walk(
     return WalkResult(nodes, emitted, contexts)
 
 
+# Depth-cut templates kept (_within_depth); dropped all at once past this many shapes.
+_CUT_CACHE_LIMIT = 4096
+
+
 @dataclass
 class Draft:
     """What one sequence feeds this step: a template and its tokens (root first)."""
@@ -159,6 +163,7 @@ class TreeSpecDecoder(Decoder):
     def __init__(self, options: Any, ctx: DecoderContext) -> None:
         super().__init__(options, ctx)
         self._drafts: list[Draft | None] = []
+        self._cuts: dict[tuple[tuple[tuple[int, ...], ...], int], TreeTemplate] = {}
         self._t_build = 0.0
         self._standard_path_now = 0  # this step's sequences on the standard path (counted)
         self.totals: dict[str, float] = {
@@ -229,6 +234,8 @@ class TreeSpecDecoder(Decoder):
         ]
         self._drafts = [None] * len(batch.items)
         for i, draft in zip(want, self.propose([batch.items[i] for i in want]), strict=True):
+            if draft is not None and self.peers:
+                draft = self._within_depth(draft, self.peer_depth_limit(batch.items[i].seq))
             self._drafts[i] = draft
         seqs: list[SeqInputs] = []
         for item, draft in zip(batch.items, self._drafts, strict=True):
@@ -248,6 +255,24 @@ class TreeSpecDecoder(Decoder):
             )
         self._t_build = t0
         return StepInputs(seqs)
+
+    def _within_depth(self, draft: Draft, limit: int | None) -> Draft | None:
+        """The draft less its nodes deeper than `limit` (None: whole; 0: no draft), for a
+        composite part that limits draft depth (Decoder.draft_depth_limit). Cut templates
+        are cached by shape, as dynamic trees cache theirs."""
+        if limit is None or draft.tmpl.max_depth <= limit:
+            return draft
+        if limit <= 0:
+            return None
+        key = (draft.tmpl.paths, limit)
+        cut = self._cuts.get(key)
+        if cut is None:
+            if len(self._cuts) >= _CUT_CACHE_LIMIT:
+                self._cuts.clear()
+            cut = subtree(draft.tmpl, [i for i, d in enumerate(draft.tmpl.depths) if d <= limit])
+            self._cuts[key] = cut
+        token_of = dict(zip(draft.tmpl.paths, draft.tokens, strict=True))
+        return Draft(cut, [token_of[p] for p in cut.paths], draft.chain[:limit])
 
     def select(self, batch: Batch, inputs: StepInputs, logits: StepLogits) -> StepResult:
         """Verify every drafted sequence, sample the others."""

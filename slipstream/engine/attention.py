@@ -36,6 +36,10 @@ class AttentionMetadata:
     # Per sequence: this step feeds the last chunk of its prefill (two or more tokens of one
     # causal run, up to its last known token, which is then sampled). Empty = unknown (none).
     prefill_ends: list[bool] = field(default_factory=list)
+    # Per sequence: this step feeds a root and its draft to verify (a tree, or a chain such
+    # as ngram's), every token attending as decoding it alone would; not a prefill chunk,
+    # though a chain's mask is causal too. Empty = unknown (none).
+    drafted: list[bool] = field(default_factory=list)
     # Derived tensors a backend builds once per step and reuses in every layer.
     scratch: dict[str, Any] = field(default_factory=dict)
 

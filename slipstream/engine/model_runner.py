@@ -137,6 +137,7 @@ class ModelRunner:
             query_start_loc_list=query_start,
             seq_lens_list=seq_lens,
             prefill_ends=prefill_ends,
+            drafted=[s.parents is not None for s in inputs.seqs],
         )
 
     def _tree_mask(

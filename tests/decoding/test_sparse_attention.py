@@ -610,7 +610,7 @@ def test_composes_with_token_recycling(
         assert all(len(t) == GREEDY.max_tokens for t in out)
         stats = pruned.get_stats()["decoder"]
         assert stats["sparse_kv_read_fraction"] < 0.6 and stats["sparse_pruned_seq_steps"] > 0
-    # Block top-k reranking scores a verification tree with its tokens' mean query.
+    # Block top-k reranking under verification trees (scored with each tree's root query).
     quest = {"method": "block_topk", **SMALL, "top_k": 8, "rerank_factor": 2}
     quest |= {"page_scoring": "bounds", "group_pooling": "max"}
     reranked = _engine(

@@ -92,11 +92,15 @@ def sub_batch(meta: AttentionMetadata, index: list[int]) -> SubBatch:
 
 
 def is_decode_like(meta: AttentionMetadata, b: int) -> bool:
-    """One new token, or several whose mask is a tree rather than a causal chain."""
+    """One new token, or a draft to verify: meta.drafted says so (a chain's causal mask is a
+    prefill chunk's too; before the flag, ngram's chains were attended densely), and without
+    it, several tokens whose mask is a tree rather than a causal chain."""
     start, end = meta.query_start_loc_list[b], meta.query_start_loc_list[b + 1]
     n = end - start
     if n == 1:
         return True
+    if n and meta.drafted:
+        return meta.drafted[b]
     if n == 0 or meta.tree_mask is None:
         return False
     rows = meta.tree_mask[start:end, :n]

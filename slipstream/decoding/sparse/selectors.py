@@ -137,15 +137,37 @@ class Selector:
     def forget(self, seq_id: int) -> None:
         """Drop a finished sequence's state."""
 
+    def positions_served(self, seq_id: int, ctx: int) -> int | None:
+        """Positions from `ctx` on that read the selection a step with ctx cached keys uses
+        (see the module function); None for a selector that chooses at every step."""
+        return None
+
 
 @dataclass
 class _Reused:
     """One sequence's selection, reused between refreshes (HiP masks, block top-k pages)."""
 
-    ctx: int  # cached keys when the selection was made
+    ctx: int  # cached keys when the selection was made: the position it was made at
     region_end: int  # the searched region ended here (chunks); the window covers the rest
-    uses: int = 0  # steps the selection has served
     chunks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [H, K] int64
+
+
+def positions_served(seqs: dict[int, _Reused], seq_id: int, ctx: int, interval: int) -> int:
+    """Positions from `ctx` on (the root of a step with ctx cached keys) that read the
+    selection this step uses: a selection made at position c serves c .. c + interval - 1,
+    and a step at or past the end (or before c: preempted and recomputed, rolled back)
+    chooses anew, serving `interval` positions from its own. Refreshes go by position
+    rather than by step so that a verification tree, kept within them, makes its choices
+    where decoding one token a step would (see SparseAttentionDecoder.draft_depth_limit)."""
+    st = seqs.get(seq_id)
+    if st is None or _refresh_due(st, ctx, interval):
+        return interval
+    return st.ctx + interval - ctx
+
+
+def _refresh_due(st: _Reused | None, ctx: int, interval: int) -> bool:
+    """Whether a step at `ctx` chooses anew (see positions_served)."""
+    return st is None or ctx < st.ctx or ctx - st.ctx >= interval
 
 
 def plan_refreshes(
@@ -163,13 +185,11 @@ def plan_refreshes(
     fixed: list[list[int]] = []
     for i, (sid, ctx) in enumerate(zip(sp.seq_ids, sp.ctx, strict=True)):
         st = seqs.get(sid)
-        # ctx < st.ctx: preempted and recomputed (or rolled back); the old selection may
-        # name chunks that are no longer cached.
-        if st is None or st.uses >= interval or ctx < st.ctx or sid in force:
+        if _refresh_due(st, ctx, interval) or sid in force:
             st = _Reused(ctx=ctx, region_end=g.window_start(ctx))
             seqs[sid] = st
             refresh.append(i)
-        st.uses += 1
+        assert st is not None
         # Between refreshes the window stretches back to where the searched region ended,
         # so the tokens decoded since are never skipped (at most N - 1 extra).
         fixed.append(g.fixed_chunks(ctx, min(g.window_start(ctx), st.region_end)))
@@ -226,7 +246,7 @@ class _HipStep:
     """This step's refresh set and fixed chunks."""
 
     refresh: list[int]  # positions in plan.sparse whose masks are recomputed
-    rows: torch.Tensor | None  # [rows] of the pruned q that belong to `refresh`; None = all
+    rows: torch.Tensor | None  # [R] the root row of each refreshing sequence; None = all rows
     query_start_loc: torch.Tensor  # [len(refresh) + 1] int32
     block_tables: torch.Tensor  # [len(refresh), max_blocks] int32
     region_start: torch.Tensor  # [len(refresh)] int64
@@ -234,19 +254,21 @@ class _HipStep:
     fixed: torch.Tensor  # [num_pruned, W] int64 sink + window chunks
 
 
-def _subset(
+def _roots(
     sp: SubBatch, index: list[int]
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(rows of sp's q, query_start_loc, block_tables) for sequences `index` of sp."""
-    if index == list(range(sp.size)):
+    """(rows of sp's q, query_start_loc, block_tables) of sequences `index` of sp, one row
+    each: the first of its new tokens (a verification tree's root), the query a one-token
+    step would have made its choice with. (A tree's mean query chose other chunks, so that a
+    drafting decoder changed the answers of sparse attention, and with the tree sizes, which
+    follow the load, made them depend on the other requests.)"""
+    if index == list(range(sp.size)) and all(n == 1 for n in sp.num_q):
         return None, sp.query_start_loc, sp.block_tables
     offsets = [0]
     for n in sp.num_q:
         offsets.append(offsets[-1] + n)
-    rows = [r for i in index for r in range(offsets[i], offsets[i + 1])]
-    qsl = [0]
-    for i in index:
-        qsl.append(qsl[-1] + sp.num_q[i])
+    rows = [offsets[i] for i in index]
+    qsl = list(range(len(index) + 1))
     dev = sp.seq_lens.device
     idx = torch.tensor(index, dtype=torch.long, device=dev)
     return (
@@ -275,7 +297,7 @@ class HipSelector(Selector):
         refresh, fixed = plan_refreshes(self.seqs, sp, g, self.refresh_interval)
         self.refreshes = len(refresh)
         self.combined.new_step(sp.seq_ids, fixed, refresh)
-        rows, qsl, tables = _subset(sp, refresh)
+        rows, qsl, tables = _roots(sp, refresh)
         dev = sp.seq_lens.device
         plan.extra["hip"] = _HipStep(
             refresh=refresh,
@@ -325,6 +347,10 @@ class HipSelector(Selector):
         """Drop the sequence's masks."""
         self.seqs.pop(seq_id, None)
 
+    def positions_served(self, seq_id: int, ctx: int) -> int | None:
+        """See Selector.positions_served."""
+        return positions_served(self.seqs, seq_id, ctx, self.refresh_interval)
+
 
 # ----------------------------------------------------------------------------- block top-k
 
@@ -341,8 +367,7 @@ class _TopkStep:
     fixed: torch.Tensor | None  # [num_pruned, W] int64 sink + window pages
     refresh: list[int] = field(default_factory=list)  # positions in plan.sparse choosing anew
     seq_ids: list[int] = field(default_factory=list)  # their sequence ids
-    rows: torch.Tensor | None = None  # [rows] of the pruned q that belong to `refresh`
-    num_q: list[int] = field(default_factory=list)  # new tokens of each refreshing sequence
+    rows: torch.Tensor | None = None  # [R] the root row of each refreshing sequence in q
     tables: torch.Tensor | None = None  # [R, max_blocks] int32 block tables of `refresh`
     num_scored: int = 0  # pages scored per refreshing sequence: max region end
     top_k: int = 0  # pages selected per refreshing sequence (the largest, with budget_fraction)
@@ -459,8 +484,7 @@ class BlockTopkSelector(Selector):
         if not refresh:
             return
         # Per step, not per layer: ~30 layers share these.
-        step.rows, _, step.tables = _subset(sp, refresh)
-        step.num_q = [sp.num_q[i] for i in refresh]
+        step.rows, _, step.tables = _roots(sp, refresh)
         ends = [self.seqs[sp.seq_ids[i]].region_end for i in refresh]
         step.region_ends = ends
         step.num_scored = max(ends)
@@ -581,7 +605,7 @@ class BlockTopkSelector(Selector):
     def _choose(
         self,
         layer: int,
-        q: torch.Tensor,  # [rows, num_heads, head_dim], the refreshing sequences' rows
+        q: torch.Tensor,  # [R, num_heads, head_dim], each refreshing sequence's root row
         k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
         step: _TopkStep,
     ) -> torch.Tensor:  # [R, num_kv_heads, P + top_k] int64 logical pages, -1 padded
@@ -593,14 +617,8 @@ class BlockTopkSelector(Selector):
         assert step.tables is not None
         heads, head_dim = k_cache.shape[2], k_cache.shape[3]
         n = len(step.refresh)
-        qh = q.float().view(q.shape[0], heads, -1, head_dim)  # [rows, H, G, D]
-        if qh.shape[0] != n:  # a verification tree: its tokens' mean query per sequence
-            seg = torch.repeat_interleave(
-                torch.arange(n, device=q.device), torch.tensor(step.num_q, device=q.device)
-            )
-            qh = torch.zeros(n, *qh.shape[1:], device=q.device).index_add_(0, seg, qh)
-            qh = qh / torch.tensor(step.num_q, device=q.device, dtype=qh.dtype).view(-1, 1, 1, 1)
-        # qh: [n, H, G, D]; Kinetics scores with the group's mean query (G = 1 then)
+        qh = q.float().view(n, heads, -1, head_dim)  # [n, H, G, D]
+        # Kinetics scores with the group's mean query (G = 1 then)
         qm = qh.mean(2, keepdim=True) if self.group_pooling == "mean" else qh
         if self.page_scoring == "bounds":
             # sum_d max(q_d low_d, q_d high_d) = q+ . high + q- . low: positive query
@@ -764,3 +782,8 @@ class BlockTopkSelector(Selector):
         self.answer_queries.pop(seq_id, None)
         self.decoded.pop(seq_id, None)
         self.prompt_len.pop(seq_id, None)
+
+    def positions_served(self, seq_id: int, ctx: int) -> int | None:
+        """See Selector.positions_served. (With answer_votes the pins are chosen again at
+        the N-th decode step, which a verification tree does not keep to.)"""
+        return positions_served(self.seqs, seq_id, ctx, self.refresh_interval)

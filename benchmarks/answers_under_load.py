@@ -14,7 +14,8 @@ a prefill chunk, or a prompt cut into chunks where the other requests left room.
 
 --against self compares each decoder with itself one sequence at a time instead: for a
 decoder that changes the answers by design (sparse attention), whether its answers still
-do not depend on the load.
+do not depend on the load; --against sparse_attention compares a composite such as
+token_recycling+sparse_attention with sparse attention alone.
 
 --prompts builtin: the builtin suite's prompts after the first 2 (chat template), as
 `slipstream bench --dataset builtin` sends them. --prompts long: "summarize" requests over
@@ -78,18 +79,17 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument(
         "--against",
-        choices=("standard", "self"),
         default="standard",
-        help="the one-at-a-time answers compared with: standard decoding's, or the decoder's own",
+        help="whose one-at-a-time answers to compare with: a decoder's (standard), or 'self'",
     )
     args = ap.parse_args()
     if args.prompts == "builtin":
         prompts = builtin_prompts(args.count or 32)
     else:
         prompts = long_prompts(args.count or 12)
-    standard = answers("standard", 1, prompts, args) if args.against == "standard" else None
+    standard = None if args.against == "self" else answers(args.against, 1, prompts, args)
     print(f"{len(prompts)} {args.prompts} prompts, {args.max_tokens} tokens, greedy, {args.dtype}")
-    whose = "standard's" if standard is not None else "its own"
+    whose = f"{args.against}'s" if standard is not None else "its own"
     print(f"| decoder | concurrency | answers equal to {whose} one at a time | differing |")
     print("| --- | --- | --- | --- |")
     for decoder in args.decoders.split(","):

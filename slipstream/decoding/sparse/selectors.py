@@ -166,7 +166,9 @@ def positions_served(seqs: dict[int, _Reused], seq_id: int, ctx: int, interval: 
 
 
 def _refresh_due(st: _Reused | None, ctx: int, interval: int) -> bool:
-    """Whether a step at `ctx` chooses anew (see positions_served)."""
+    """Whether a step at `ctx` chooses anew (see positions_served). Before the selection's
+    own position (preempted and recomputed, or rolled back), its chunks may no longer be
+    cached."""
     return st is None or ctx < st.ctx or ctx - st.ctx >= interval
 
 

@@ -63,7 +63,7 @@ from slipstream.decoding.draft_tree import (
     subtree,
     template,
 )
-from slipstream.decoding.dynamic_tree import DynamicTrees, best_first_draft
+from slipstream.decoding.dynamic_tree import MAX_DEPTH, DynamicTrees, best_first_draft
 from slipstream.decoding.ngram import check_lookup_bounds
 from slipstream.decoding.pair_rows import PairRows
 from slipstream.decoding.penalty_drafts import PenalisedRows
@@ -287,11 +287,19 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
         ids = seq.token_ids
         root, prev = ids[-1], (ids[-2] if len(ids) > 1 else -1)
         matrix, probs = self.host_matrix.numpy(), self.probs.numpy()
+        # A composite part's depth limit (sparse attention's next page choice): the nodes
+        # go into breadth within it rather than being cut off after the draft.
+        limit = self.peer_depth_limit(seq) if self.peers else None
+        if limit is not None:
+            if limit <= 0:
+                return None
+            chain = chain[:limit]
         paths, toks = best_first_draft(
             matrix,
             probs,
             root,
             size,
+            max_depth=MAX_DEPTH if limit is None else min(MAX_DEPTH, limit),
             pairs=self.pairs,
             prev=prev,
             logits=self.logits.numpy(),

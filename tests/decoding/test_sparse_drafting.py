@@ -57,7 +57,20 @@ def test_drafts_keep_sparse_attentions_answers(
         for p in PROMPTS
     ]
     eng = _engine(tiny_model_dir, f"{drafter}+sparse_attention", {"sparse_attention": sparse})
+    spec = eng.decoder.parts[0]  # type: ignore[attr-defined]
+    within = spec._within_depth
+    cuts = []
+
+    def counting(draft: Draft, limit: int | None) -> Draft | None:
+        out = within(draft, limit)
+        cuts.append(out is not draft)
+        return out
+
+    spec._within_depth = counting
     together = run_to_completion(eng, PROMPTS, GREEDY)  # all three in each step
+    # Token recycling's trees grow within the limit (their nodes go into breadth there);
+    # ngram's chains are cut to it.
+    assert not any(cuts) if drafter == "token_recycling" else any(cuts)
     assert [o.outputs[0].token_ids for o in together] == [o.outputs[0].token_ids for o in alone]
     stats = eng.get_stats()
     # The drafts did their part: 13-42 tokens accepted here (the tiny model's random weights

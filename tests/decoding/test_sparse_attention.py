@@ -22,6 +22,7 @@ from slipstream.engine.attention import AttentionMetadata
 from slipstream.engine.engine import LLMEngine
 from slipstream.engine.sampling_params import SamplingParams
 from slipstream.kernels.cpu.paged_decode_attention import decode_attention_unavailable_reason
+from slipstream.testing.contexts import decoder_context
 from slipstream.testing.engines import run_to_completion, tiny_engine_config
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -36,18 +37,8 @@ SMALL = {"top_k": 16, "window": 8, "sink": 4, "dense_layers": 0}
 def _ctx(
     num_blocks: int = 64, block_size: int = 4, kv_heads: int = 2, head_dim: int = 8
 ) -> DecoderContext:
-    return DecoderContext(
-        vocab_size=10,
-        eos_token_ids=frozenset(),
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        num_layers=2,
-        max_model_len=256,
-        num_kv_blocks=num_blocks,
-        block_size=block_size,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        sampler=None,  # type: ignore[arg-type]
+    return decoder_context(
+        num_kv_blocks=num_blocks, block_size=block_size, num_kv_heads=kv_heads, head_dim=head_dim
     )
 
 
@@ -96,10 +87,7 @@ def test_options_are_validated() -> None:
 
 def test_default_config_prunes_at_needle_lengths() -> None:
     """The defaults must prune a 1k-token decode on the default model's geometry."""
-    ctx = DecoderContext(
-        vocab_size=10,
-        eos_token_ids=frozenset(),
-        device=torch.device("cpu"),
+    ctx = decoder_context(
         dtype=torch.bfloat16,
         num_layers=30,
         max_model_len=8192,
@@ -107,7 +95,6 @@ def test_default_config_prunes_at_needle_lengths() -> None:
         block_size=16,
         num_kv_heads=3,
         head_dim=64,
-        sampler=None,  # type: ignore[arg-type]
     )
     for method in ("hip", "block_topk"):
         dec = SparseAttentionDecoder(SparseAttentionOptions(method=method), ctx)

@@ -8,15 +8,14 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import torch
 
-from slipstream.decoding.base import DecoderContext
 from slipstream.decoding.draft_tree import build_template
 from slipstream.decoding.sparse.selectors import _Reused
 from slipstream.decoding.sparse_attention import SparseAttentionDecoder, SparseAttentionOptions
 from slipstream.decoding.tree_verify import Draft, TreeSpecDecoder
 from slipstream.engine.engine import LLMEngine
 from slipstream.engine.sampling_params import SamplingParams
+from slipstream.testing.contexts import decoder_context
 from slipstream.testing.engines import run_to_completion, tiny_engine_config
 
 # Pages of 4 tokens; prompts of 90-150 tokens are pruned by this budget (as in
@@ -80,20 +79,7 @@ def test_drafts_keep_sparse_attentions_answers(
 
 
 def _decoder(**options: Any) -> SparseAttentionDecoder:
-    ctx = DecoderContext(
-        vocab_size=10,
-        eos_token_ids=frozenset(),
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        num_layers=2,
-        max_model_len=256,
-        num_kv_blocks=64,
-        block_size=4,
-        num_kv_heads=2,
-        head_dim=8,
-        sampler=None,  # type: ignore[arg-type]
-    )
-    return SparseAttentionDecoder(SparseAttentionOptions(**options), ctx)
+    return SparseAttentionDecoder(SparseAttentionOptions(**options), decoder_context())
 
 
 def _seq(seq_id: int, computed: int) -> Any:

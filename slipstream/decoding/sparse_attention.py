@@ -119,10 +119,6 @@ from slipstream.kernels.sparse_paged_attention import sparse_paged_attention
 from slipstream.kernels.store_kv import store_kv
 
 METHODS = ("hip", "block_topk")
-# Positions ahead that draft_depth_limit checks for a switch between dense and pruned: the
-# deepest draft it lets through, 32 (token recycling: trees of depth 8, grafted chains of 16;
-# ngram: chains of num_speculative_tokens, 4 by default).
-_DEPTH_SCAN = 33
 # method -> (top_k tokens, sink, window, dense_layers, refresh_interval); see the module
 # docstring.
 _DEFAULTS = {"hip": (256, 16, 128, 3, 8), "block_topk": (256, 4, 64, 1, 1)}
@@ -447,6 +443,9 @@ class SparseAttentionDecoder(Decoder):
         self.dense_layers = min(dense, ctx.num_layers)
         self.shared = _Shared(make_selector(options, ctx), ctx.num_layers, self.dense_layers)
         self.backends: list[SparseAttentionBackend] = []
+        # [max_model_len + 1]: for each context, the next context where the selector's
+        # prunes() answers otherwise (max_model_len + 1: never); built at first use.
+        self._next_switch: list[int] | None = None
 
     def attention_backend(self, layer_idx: int, default: AttentionBackend) -> AttentionBackend:
         """Layers below dense_layers keep the default; the rest get a sparse backend."""
@@ -467,16 +466,31 @@ class SparseAttentionDecoder(Decoder):
         it would read decoded alone (the selection, sink and window of the root's step; its
         ancestors in place of the window's newest keys), the next choice is made at the
         same position with the root's query, and greedy answers are sparse attention's own,
-        whatever the drafts or the load. Checked up to _DEPTH_SCAN positions ahead."""
+        whatever the drafts or the load. None: a dense context with no switch ahead."""
         ctx = seq.num_computed_tokens  # the root's position: the keys cached before the step
         selector = self.shared.selector
-        pruned = selector.prunes(ctx)
-        served = selector.positions_served(seq.seq_id, ctx) if pruned else None
-        horizon = _DEPTH_SCAN if served is None else min(served, _DEPTH_SCAN)
-        for depth in range(1, horizon):
-            if selector.prunes(ctx + depth) != pruned:
-                return depth - 1
-        return horizon - 1
+        switches = self._switches()
+        end = len(switches)  # no switch ahead
+        switch = switches[ctx] if ctx < end else end
+        limit = None if switch >= end else switch - ctx - 1
+        if selector.prunes(ctx):
+            served = selector.positions_served(seq.seq_id, ctx)
+            if served is not None:
+                limit = served - 1 if limit is None else min(limit, served - 1)
+        return limit
+
+    def _switches(self) -> list[int]:
+        """next_switch[c]: the first context after c where prunes() differs from prunes(c)
+        (len(next_switch): none). A table, since pruning need not be monotone in the context
+        (a budget_fraction budget grows with it); 8k contexts build it in a few ms, once."""
+        if self._next_switch is None:
+            size = self.ctx.max_model_len + 1
+            prunes = [self.shared.selector.prunes(c) for c in range(size)]
+            table = [size] * size
+            for c in range(size - 2, -1, -1):
+                table[c] = c + 1 if prunes[c + 1] != prunes[c] else table[c + 1]
+            self._next_switch = table
+        return self._next_switch
 
     def on_finish(self, seq: Sequence) -> None:
         """Drop the sequence's masks or page bookkeeping."""

@@ -99,10 +99,17 @@ def test_depth_limit_stops_before_the_next_choice_and_the_switch_to_pruning() ->
     sel.seqs[1] = _Reused(ctx=first, region_end=sel.geometry.window_start(first))
     assert [dec.draft_depth_limit(_seq(1, first + i)) for i in range(5)] == [3, 2, 1, 0, 3]
     assert dec.draft_depth_limit(_seq(1, first - 1)) == 0  # rolled back: dense again
-    # Far below a larger budget (pruned from 176 on): no switch within reach, the horizon.
+    # A larger budget (pruned from 176 on): a dense root draws its limit from the switch.
     wide = _decoder(method="block_topk", top_k=160, sink=4, window=8, refresh_interval=4)
-    assert wide.draft_depth_limit(_seq(2, 5)) == 32
+    assert wide.draft_depth_limit(_seq(2, 5)) == 170
     assert wide.draft_depth_limit(_seq(2, 170)) == 5
+    # Pruning need not be monotone in the context: the limit stops at every switch.
+    odd = _decoder(method="block_topk", top_k=8, sink=4, window=8, refresh_interval=4)
+    odd.shared.selector.prunes = lambda c: 50 <= c < 60 or c >= 100  # type: ignore[method-assign]
+    assert [odd.draft_depth_limit(_seq(4, c)) for c in (40, 55, 60, 99)] == [9, 3, 39, 0]
+    # dense_below beyond the model's window: never pruned, no limit.
+    never = _decoder(method="block_topk", top_k=8, sink=4, window=8, dense_below=1000)
+    assert never.draft_depth_limit(_seq(3, 100)) is None
 
 
 class _Drafting(TreeSpecDecoder):

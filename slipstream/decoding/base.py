@@ -193,6 +193,13 @@ class Decoder:
         """KV slots to reserve beyond the scheduled tokens (room for drafts)."""
         return 0
 
+    def prefill_tail(self) -> int:
+        """Last tokens of a prefill that its final chunk must compute, neither split off into
+        an earlier chunk nor served from the prefix cache (0: no need): for a decoder that
+        reads those tokens' queries when the prefill ends (sparse attention's prompt pins).
+        Otherwise what it sees would follow the load and the cache's history."""
+        return 0
+
     def attention_backend(self, layer_idx: int, default: AttentionBackend) -> AttentionBackend:
         """The attention implementation for one layer. Called once per layer at start-up."""
         return default

@@ -40,6 +40,10 @@ class CompositeDecoder(Decoder):
         part = self.owner["num_lookahead_slots"]
         return 0 if part is None else part.num_lookahead_slots(seq, num_running)
 
+    def prefill_tail(self) -> int:
+        """The longest any part needs."""
+        return max(part.prefill_tail() for part in self.parts)
+
     def attention_backend(self, layer_idx: int, default: AttentionBackend) -> AttentionBackend:
         """The owning part's backend for this layer (the default if none overrides it)."""
         part = self.owner["attention_backend"]

@@ -459,6 +459,11 @@ class SparseAttentionDecoder(Decoder):
         """This step's fraction of KV read, pruned sequences and HiP mask refreshes."""
         return self.shared.step_stats()
 
+    def prefill_tail(self) -> int:
+        """Block top-k's prompt pins vote with the queries of a prompt's last
+        `observation_window` tokens, which must all be computed in its final chunk."""
+        return self.shared.selector.prefill_tail()
+
     def draft_depth_limit(self, seq: Sequence) -> int | None:
         """With a drafting decoder (token_recycling+sparse_attention, ngram+...): no draft
         node at or past the position where this sequence's selection is made anew, nor where

@@ -70,11 +70,13 @@ class BlockManager:
 
     # ---- prefix cache -------------------------------------------------------------------
 
-    def match_prefix(self, seq: Sequence) -> int:
+    def match_prefix(self, seq: Sequence, keep: int = 1) -> int:
         """Take the longest run of cached full blocks that starts seq; return tokens matched.
 
         Sets num_computed_tokens (and num_cached_tokens before any preemption). At least
-        the last token stays uncomputed so the model produces logits for it. `free` undoes it.
+        the last `keep` tokens (>= 1) stay uncomputed: the last so that the model produces
+        logits for it, more for a decoder that reads their queries (Decoder.prefill_tail).
+        `free` undoes it.
         """
         assert not seq.block_table and seq.num_computed_tokens == 0, (
             f"seq {seq.seq_id} already holds KV; free it before matching"
@@ -90,7 +92,7 @@ class BlockManager:
         if self.enable_prefix_caching and not owes_prompt_logprobs:
             bs = self.block_size
             parent: int | None = None
-            for i in range((seq.num_tokens - 1) // bs):
+            for i in range(max(0, seq.num_tokens - max(1, keep)) // bs):
                 key = (parent, tuple(seq.token_ids[i * bs : (i + 1) * bs]))
                 block = self._cached.get(key)
                 if block is None:

@@ -54,7 +54,10 @@ class LLMEngine:
             if backend is not default_backend:
                 self.loaded.model.set_attention_backend(layer, backend)
         self.scheduler = Scheduler(
-            config.scheduler, self.block_manager, self.decoder.num_lookahead_slots
+            config.scheduler,
+            self.block_manager,
+            self.decoder.num_lookahead_slots,
+            self.decoder.prefill_tail(),
         )
         self.outputs = OutputProcessor(
             self.tokenizer, self.loaded.eos_token_ids, self.max_model_len

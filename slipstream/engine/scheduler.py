@@ -35,10 +35,14 @@ class Scheduler:
         config: SchedulerConfig,
         block_manager: BlockManager,
         lookahead: LookaheadFn = _no_lookahead,
+        prefill_tail: int = 0,
     ) -> None:
         self.config = config
         self.block_manager = block_manager
         self.lookahead = lookahead
+        # Last tokens of a prefill its final chunk computes (Decoder.prefill_tail); not kept
+        # where a step's whole budget is smaller, or such a chunk would never be scheduled.
+        self.prefill_tail = prefill_tail if prefill_tail <= config.max_num_batched_tokens else 0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -74,7 +78,10 @@ class Scheduler:
             if seq.paused:
                 i += 1
                 continue
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_new = self._chunk(seq, budget)
+            if num_new == 0:  # its final chunk does not fit this step (prefill_tail)
+                i += 1
+                continue
             lookahead = 0
             if num_new == seq.num_uncomputed_tokens == 1:
                 lookahead = max(0, min(self.lookahead(seq, len(self.running)), budget - num_new))
@@ -85,6 +92,16 @@ class Scheduler:
             budget -= num_new + lookahead
             i += 1
         return budget
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """Tokens seq feeds this step: all it has left, or as many as the budget takes, but
+        a chunk that is not the last leaves the final one prefill_tail tokens at least; 0
+        when only a final chunk fits and the budget cannot take it."""
+        left = seq.num_uncomputed_tokens
+        num_new = min(left, budget)
+        if num_new < left and left - num_new < self.prefill_tail:
+            num_new = max(0, left - self.prefill_tail)
+        return num_new
 
     def _make_room(
         self, seq: Sequence, num_new: int, lookahead: int, batch: Batch, scheduled: set[int]
@@ -123,11 +140,11 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             if not seq.block_table:
-                hits = self.block_manager.match_prefix(seq)
+                hits = self.block_manager.match_prefix(seq, max(1, self.prefill_tail))
                 batch.prefix_cache_queries += seq.num_tokens
                 batch.prefix_cache_hits += hits
-            num_new = min(seq.num_uncomputed_tokens, budget)
-            if not self.block_manager.allocate_slots(seq, num_new):
+            num_new = self._chunk(seq, budget)
+            if num_new == 0 or not self.block_manager.allocate_slots(seq, num_new):
                 # FCFS: do not let a later request jump the queue. Give back the prefix hit.
                 self.block_manager.free(seq)
                 seq.num_computed_tokens = 0

@@ -205,3 +205,44 @@ def test_engine_pins_once_per_request_at_the_end_of_its_prefill(
         for h in range(chunks.shape[0]):
             assert set(pinned[h].tolist()) <= set(chunks[h].tolist())
     assert sel.pinned == {}
+
+
+def test_pins_do_not_depend_on_chunking_or_the_prefix_cache(tiny_model_dir: str) -> None:
+    """The pins vote with the queries of the prompt's last 32 tokens, which the final prefill
+    chunk computes whatever the step budget and whatever the prefix cache holds
+    (Decoder.prefill_tail): a 150-token prompt cut 64 + 64 + 22 had only 22 voters, and a
+    repeated prompt, its cached pages taken, 2. The pins, and then the answers, were
+    another's."""
+    prompt = [(i * 37 + 11) % 400 + 3 for i in range(150)]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+    def run(engine: LLMEngine) -> tuple[list[int], list[int], list[int]]:
+        """(layer 0's pins of KV head 0, the answer, the prompt's chunks)"""
+        sel = engine.decoder.shared.selector  # type: ignore[attr-defined]
+        schedule, forget = engine.scheduler.schedule, sel.forget
+        chunks: list[int] = []
+        pins: list[int] = []
+
+        def spy_schedule() -> Any:
+            batch = schedule()
+            chunks.extend(i.num_new_tokens for i in batch.items if i.num_new_tokens > 1)
+            return batch
+
+        def spy_forget(seq_id: int) -> None:
+            pins.extend(sel.pinned[seq_id][0][0].tolist())
+            forget(seq_id)
+
+        engine.scheduler.schedule, sel.forget = spy_schedule, spy_forget  # type: ignore[method-assign]
+        answer = run_to_completion(engine, [prompt], params)[0].outputs[0].token_ids
+        return pins, list(answer), chunks
+
+    whole = run(pinning_engine(tiny_model_dir, {"max_num_batched_tokens": 256}))
+    assert whole[2] == [150]
+    chunked = run(pinning_engine(tiny_model_dir, {"max_num_batched_tokens": 64}))
+    assert chunked[2] == [64, 54, 32]  # not 64 + 64 + 22
+    assert chunked[:2] == whole[:2]
+    engine = pinning_engine(tiny_model_dir, {"max_num_batched_tokens": 256})
+    run(engine)  # fills the prefix cache
+    again = run(engine)
+    assert again[2] == [34]  # 116 tokens (29 full pages) from the cache, not 148
+    assert again[:2] == whole[:2]

@@ -446,3 +446,14 @@ def _speculate(bm: BlockManager, kv: FakeKV, seq: Sequence, num_drafts: int, pic
     seq.num_computed_tokens = base + len(keep)
     bm.commit_computed(seq)
     bm.trim(seq)
+
+
+def test_prefix_hit_leaves_the_last_tokens_to_compute() -> None:
+    """keep = n: a prefix hit never covers the last n tokens (Decoder.prefill_tail)."""
+    bm = BlockManager(num_blocks=16, block_size=4)
+    prompt = list(range(20, 38))  # 18 tokens: 4 full blocks cached after computing it
+    compute_all(bm, make_seq(0, prompt))
+    assert bm.match_prefix(make_seq(1, prompt)) == 16  # keep 1: all 4 full blocks
+    assert bm.match_prefix(make_seq(2, prompt), keep=6) == 12  # 18 - 6 = 12: 3 blocks
+    assert bm.match_prefix(make_seq(3, prompt), keep=7) == 8
+    assert bm.match_prefix(make_seq(4, prompt), keep=30) == 0

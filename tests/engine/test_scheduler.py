@@ -176,3 +176,49 @@ def test_every_prompt_token_is_computed_once(budget: int) -> None:
         assert s.is_finished
         # every token but the last sampled one was fed exactly once
         assert fed[s.seq_id] == s.num_tokens - 1
+
+
+def test_final_prefill_chunk_keeps_the_tail() -> None:
+    """With prefill_tail 6 (a decoder reading the last 6 prompt tokens' queries at the end of
+    the prefill), no chunk but the last leaves fewer than 6 tokens behind."""
+    bm = BlockManager(64, BLOCK)
+    config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16)
+    sched = Scheduler(config, bm, prefill_tail=6)
+    seq = make_seq(0, 35)  # 16 + 16 would leave 3: the second chunk stops at 29
+    sched.add(seq)
+    chunks = []
+    while seq.num_output_tokens == 0:
+        batch = sched.schedule()
+        chunks.append([i.num_new_tokens for i in batch.items])
+        fake_step(sched, batch)
+    assert chunks == [[16], [13], [6]]
+    # A budget smaller than the tail could never hold the final chunk: no such rule then.
+    small = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=4), bm, 6)
+    assert small.prefill_tail == 0
+
+
+def test_a_final_chunk_that_does_not_fit_waits_for_room() -> None:
+    """A decode with drafts takes 12 of the 16-token budget; a prefill with 6 tokens left
+    cannot end in the 4 that remain (tail 6), so it waits, then ends once there is room."""
+    bm = BlockManager(64, BLOCK)
+    drafts = {"tokens": 11}
+    sched = Scheduler(
+        SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16),
+        bm,
+        lookahead=lambda seq, n: drafts["tokens"] if seq.seq_id == 0 else 0,
+        prefill_tail=6,
+    )
+    first, second = make_seq(0, 4), make_seq(1, 14)
+    sched.add(first)
+    fake_step(sched, sched.schedule())  # first prefilled: it decodes from now on
+    sched.add(second)
+    fed = []
+    for _ in range(4):
+        batch = sched.schedule()
+        fed.append([(i.seq.seq_id, i.num_new_tokens) for i in batch.items])
+        fake_step(sched, batch)
+        if len(fed) == 3:
+            drafts["tokens"] = 0  # the decode stops drafting
+    # 14 -> 4 (10 left), 10 -> 4 would leave 6: fine; then 6 left, 4 of room: wait
+    assert fed == [[(0, 1), (1, 4)], [(0, 1), (1, 4)], [(0, 1)], [(0, 1), (1, 6)]]
+    assert second.num_output_tokens == 1

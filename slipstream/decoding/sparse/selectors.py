@@ -142,6 +142,10 @@ class Selector:
         (see the module function); None for a selector that chooses at every step."""
         return None
 
+    def prefill_tail(self) -> int:
+        """Prompt tokens whose queries observe_prompt reads at the prefill's end (0: none)."""
+        return 0
+
 
 @dataclass
 class _Reused:
@@ -700,6 +704,7 @@ class BlockTopkSelector(Selector):
             if not ends:
                 continue
             sid = meta.seq_ids[b] if meta.seq_ids else b
+            # The final chunk holds the whole window when the prompt does (prefill_tail).
             w = min(self.observation_window, starts[b + 1] - starts[b])
             seq_len = meta.seq_lens_list[b]
             self.scale = scale
@@ -789,3 +794,7 @@ class BlockTopkSelector(Selector):
         """See Selector.positions_served. (With answer_votes the pins are chosen again at
         the N-th decode step, which a verification tree does not keep to.)"""
         return positions_served(self.seqs, seq_id, ctx, self.refresh_interval)
+
+    def prefill_tail(self) -> int:
+        """The observation window, with prompt pins (see observe_prompt)."""
+        return self.observation_window if self.prompt_pages else 0

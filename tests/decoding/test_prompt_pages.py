@@ -246,3 +246,30 @@ def test_pins_do_not_depend_on_chunking_or_the_prefix_cache(tiny_model_dir: str)
     again = run(engine)
     assert again[2] == [34]  # 116 tokens (29 full pages) from the cache, not 148
     assert again[:2] == whole[:2]
+
+
+def test_a_preempted_request_keeps_its_pins(tiny_model_dir: str) -> None:
+    """Recomputed after a preemption, a request's prefill ends again (prompt + output so
+    far): its pins stay those of its prompt, and its answer is the uninterrupted one."""
+    prompts = [[(i * (7 + 2 * j) + j) % 400 + 3 for i in range(60 + 5 * j)] for j in range(4)]
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    options = {k: v for k, v in OPTIONS.items() if k != "top_k_pages"}
+
+    def engine(num_blocks: int) -> LLMEngine:
+        opts = {**options, "top_k": 16, "prompt_pages": 2}
+        config = tiny_engine_config(
+            tiny_model_dir,
+            decoder="sparse_attention",
+            decoder_options=opts,
+            block_size=PAGE,
+            num_blocks=num_blocks,
+        )
+        return LLMEngine(config)
+
+    # 64 pages of 4 cannot hold four ~100-token sequences at once: preemption happens.
+    roomy, tight = engine(256), engine(64)
+    expected = [o.outputs[0].token_ids for o in run_to_completion(roomy, prompts, params)]
+    got = [o.outputs[0].token_ids for o in run_to_completion(tight, prompts, params)]
+    assert tight.get_stats()["preemptions"] > 0
+    assert tight.get_stats()["decoder"]["sparse_pruned_seq_steps"] > 0
+    assert got == expected

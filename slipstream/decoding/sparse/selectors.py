@@ -704,6 +704,10 @@ class BlockTopkSelector(Selector):
             if not ends:
                 continue
             sid = meta.seq_ids[b] if meta.seq_ids else b
+            if sid in self.prompt_len:
+                # Preempted and recomputed: its prompt is the one pinned before, and new pins
+                # (from the end of prompt + output) would make its answer another's.
+                continue
             # The final chunk holds the whole window when the prompt does (prefill_tail).
             w = min(self.observation_window, starts[b + 1] - starts[b])
             seq_len = meta.seq_lens_list[b]

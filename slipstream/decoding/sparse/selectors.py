@@ -704,7 +704,7 @@ class BlockTopkSelector(Selector):
             if not ends:
                 continue
             sid = meta.seq_ids[b] if meta.seq_ids else b
-            if sid in self.prompt_len:
+            if layer in self.pinned.get(sid, {}):
                 # Preempted and recomputed: its prompt is the one pinned before, and new pins
                 # (from the end of prompt + output) would make its answer another's.
                 continue
@@ -712,7 +712,7 @@ class BlockTopkSelector(Selector):
             w = min(self.observation_window, starts[b + 1] - starts[b])
             seq_len = meta.seq_lens_list[b]
             self.scale = scale
-            self.prompt_len[sid] = seq_len
+            self.prompt_len.setdefault(sid, seq_len)
             mass = self._page_votes(
                 q[starts[b + 1] - w : starts[b + 1]],
                 k_cache,

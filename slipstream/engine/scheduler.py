@@ -72,6 +72,13 @@ class Scheduler:
 
     def _schedule_running(self, batch: Batch, budget: int) -> int:
         scheduled: set[int] = set()
+        # Prefills down to their final chunk (prefill_tail) need it whole in one step: the
+        # drafts, which are optional, leave it room, so that they cannot hold it back.
+        reserve = sum(
+            s.num_uncomputed_tokens
+            for s in self.running
+            if not s.paused and 1 < s.num_uncomputed_tokens <= self.prefill_tail
+        )
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -84,7 +91,10 @@ class Scheduler:
                 continue
             lookahead = 0
             if num_new == seq.num_uncomputed_tokens == 1:
-                lookahead = max(0, min(self.lookahead(seq, len(self.running)), budget - num_new))
+                room = budget - num_new - reserve
+                lookahead = max(0, min(self.lookahead(seq, len(self.running)), room))
+            elif num_new == seq.num_uncomputed_tokens <= self.prefill_tail:
+                reserve -= num_new  # this final chunk got its room
             if not self._make_room(seq, num_new, lookahead, batch, scheduled):
                 continue  # seq itself was preempted; self.running shrank
             batch.items.append(ScheduledSeq(seq, num_new, lookahead))

@@ -197,15 +197,15 @@ def test_final_prefill_chunk_keeps_the_tail() -> None:
     assert small.prefill_tail == 0
 
 
-def test_a_final_chunk_that_does_not_fit_waits_for_room() -> None:
-    """A decode with drafts takes 12 of the 16-token budget; a prefill with 6 tokens left
-    cannot end in the 4 that remain (tail 6), so it waits, then ends once there is room."""
+def test_drafts_leave_room_for_a_final_chunk() -> None:
+    """A decode would draft 11 tokens of the 16-token budget; a prefill down to its final 6
+    tokens (tail 6) needs them in one step, and the drafts, which are optional, shrink to
+    leave that room rather than hold it back."""
     bm = BlockManager(64, BLOCK)
-    drafts = {"tokens": 11}
     sched = Scheduler(
         SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16),
         bm,
-        lookahead=lambda seq, n: drafts["tokens"] if seq.seq_id == 0 else 0,
+        lookahead=lambda seq, n: 11 if seq.seq_id == 0 else 0,
         prefill_tail=6,
     )
     first, second = make_seq(0, 4), make_seq(1, 14)
@@ -213,12 +213,10 @@ def test_a_final_chunk_that_does_not_fit_waits_for_room() -> None:
     fake_step(sched, sched.schedule())  # first prefilled: it decodes from now on
     sched.add(second)
     fed = []
-    for _ in range(4):
+    for _ in range(3):
         batch = sched.schedule()
-        fed.append([(i.seq.seq_id, i.num_new_tokens) for i in batch.items])
+        fed.append([(i.seq.seq_id, i.num_new_tokens, i.num_lookahead_slots) for i in batch.items])
         fake_step(sched, batch)
-        if len(fed) == 3:
-            drafts["tokens"] = 0  # the decode stops drafting
-    # 14 -> 4 (10 left), 10 -> 4 would leave 6: fine; then 6 left, 4 of room: wait
-    assert fed == [[(0, 1), (1, 4)], [(0, 1), (1, 4)], [(0, 1)], [(0, 1), (1, 6)]]
+    # 14 -> 4 (10 left), 10 -> 4 (6 left: the final chunk), then 6 with the drafts at 9
+    assert fed == [[(0, 1, 11), (1, 4, 0)], [(0, 1, 11), (1, 4, 0)], [(0, 1, 9), (1, 6, 0)]]
     assert second.num_output_tokens == 1

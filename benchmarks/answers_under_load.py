@@ -87,13 +87,13 @@ def main() -> None:
         prompts = builtin_prompts(args.count or 32)
     else:
         prompts = long_prompts(args.count or 12)
-    standard = None if args.against == "self" else answers(args.against, 1, prompts, args)
+    reference = None if args.against == "self" else answers(args.against, 1, prompts, args)
     print(f"{len(prompts)} {args.prompts} prompts, {args.max_tokens} tokens, greedy, {args.dtype}")
-    whose = f"{args.against}'s" if standard is not None else "its own"
+    whose = f"{args.against}'s" if reference is not None else "its own"
     print(f"| decoder | concurrency | answers equal to {whose} one at a time | differing |")
     print("| --- | --- | --- | --- |")
     for decoder in args.decoders.split(","):
-        alone = standard if standard is not None else answers(decoder, 1, prompts, args)
+        alone = reference if reference is not None else answers(decoder, 1, prompts, args)
         got = answers(decoder, args.concurrency, prompts, args)
         differ = [i for i, (a, b) in enumerate(zip(got, alone, strict=True)) if a != b]
         same = len(prompts) - len(differ)

@@ -150,7 +150,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             if not seq.block_table:
-                hits = self.block_manager.match_prefix(seq, max(1, self.prefill_tail))
+                hits = self.block_manager.match_prefix(seq, self.prefill_tail)
                 batch.prefix_cache_queries += seq.num_tokens
                 batch.prefix_cache_hits += hits
             num_new = self._chunk(seq, budget)

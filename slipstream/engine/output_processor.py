@@ -89,9 +89,27 @@ class OutputProcessor:
             del seq.token_ids[seq.num_prompt_tokens + start + cut :]
             del seq.output_logprobs[start + cut :]
             new = new[:cut]
-        state.num_processed[index] = seq.num_output_tokens
         detok = state.detokenizers[index]
-        detok.add_tokens(new)
+        # A token that stops the sequence (EOS, a stop token id) adds no text unless the
+        # request asks for it, as in vLLM; it stays in the output's token ids.
+        stopped_by_token = cut is not None and seq.finish_reason == "stop"
+        text_tokens = new
+        if stopped_by_token and not seq.params.include_stop_str_in_output:
+            text_tokens = new[:-1]
+        if detok.stop and len(text_tokens) > 1:
+            # Several tokens in one step (speculative decoding): one at a time, so that a stop
+            # string ends the output at the token that completed it, as one-token steps do;
+            # the tokens after it are dropped (token ids, logprobs, usage).
+            for j, token in enumerate(text_tokens):
+                detok.add_tokens([token])
+                if detok.stopped_by is not None:
+                    if j + 1 < len(new):
+                        del seq.token_ids[seq.num_prompt_tokens + start + j + 1 :]
+                        del seq.output_logprobs[start + j + 1 :]
+                    break
+        else:
+            detok.add_tokens(text_tokens)
+        state.num_processed[index] = seq.num_output_tokens
         if detok.stopped_by is not None:
             seq.finish_reason = "stop"
             seq.stop_reason = detok.stopped_by

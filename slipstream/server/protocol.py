@@ -20,6 +20,39 @@ class _Request(BaseModel):
     # strict: "5" is not an integer and 1.0 is not a count; no NaN or infinity.
     model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default_and_text_is_unicode(cls, data: Any) -> Any:
+        """`null` for a field that has a default means that default: OpenAI's schema marks
+        n, stream, logprobs, echo and others nullable, and clients send null for "unset"
+        (vLLM accepts it too). And text must be encodable: JSON can carry an unpaired
+        surrogate escape ("\\ud800"), which no tokenizer can encode (a 400 here, not a 500
+        from the tokenizer). Nested models check their own fields."""
+        if not isinstance(data, dict):
+            return data
+        out = {}
+        for name, value in data.items():
+            field = cls.model_fields.get(name)
+            optional = field is not None and not field.is_required()
+            if value is None and optional and field.default is not None:
+                continue  # the default (a default_factory's too)
+            for text in value if isinstance(value, list) else (value,):
+                if isinstance(text, str) and not _encodable(text):
+                    raise ValueError(
+                        f"{name}: text is not valid Unicode (it holds an unpaired surrogate)"
+                    )
+            out[name] = value
+        return out
+
+
+def _encodable(text: str) -> bool:
+    """Whether text encodes to UTF-8 (no lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
 
 class _Response(BaseModel):
     model_config = ConfigDict(extra="allow")

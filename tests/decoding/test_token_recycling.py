@@ -138,18 +138,30 @@ def test_a_stop_inside_an_accepted_draft_ends_where_standard_ends(
     run_to_completion(eng, PROMPTS, GREEDY)  # hot matrix: deep drafts from the first step
     accepted_before = eng.get_stats()["spec_num_accepted_tokens"]
     finish_reasons = set()
+    stopped_by_text = 0
     for prompt, want in zip(PROMPTS, expected, strict=True):
         for pos in (2, 5, 9, 13):
+            # A stop string: the text of the token at pos and the one after it.
+            stop = eng.tokenizer.decode(want[pos : pos + 2], clean_up_tokenization_spaces=False)
             cuts = [
                 SamplingParams(temperature=0.0, max_tokens=16, stop_token_ids=[want[pos]]),
                 SamplingParams(temperature=0.0, max_tokens=pos + 1, ignore_eos=True),
+                SamplingParams(temperature=0.0, max_tokens=16, stop=[stop], logprobs=1),
             ]
             for params in cuts:
                 w = run_to_completion(std, [prompt], params)[0].outputs[0]
                 g = run_to_completion(eng, [prompt], params)[0].outputs[0]
-                assert (g.token_ids, g.finish_reason) == (w.token_ids, w.finish_reason)
+                assert (g.token_ids, g.finish_reason, g.stop_reason, g.text) == (
+                    w.token_ids,
+                    w.finish_reason,
+                    w.stop_reason,
+                    w.text,
+                )
+                assert len(g.logprobs or []) == len(w.logprobs or [])
                 finish_reasons.add(g.finish_reason)
+                stopped_by_text += isinstance(g.stop_reason, str)
     assert finish_reasons == {"stop", "length"}
+    assert stopped_by_text >= len(PROMPTS)
     assert eng.get_stats()["spec_num_accepted_tokens"] > accepted_before
     eng.block_manager.check_invariants()
 

@@ -106,6 +106,29 @@ def test_stop_token_and_max_tokens(engine: LLMEngine) -> None:
     assert free_run.finish_reason == "length"
 
 
+def test_a_stop_token_adds_no_text_unless_asked(engine: LLMEngine) -> None:
+    """As in vLLM: the token that stops a request (a stop token id) stays in its token ids
+    but not in its text, unless include_stop_str_in_output."""
+    prompt = random_prompts(1, seed=5)[0]
+    free_run = run_to_completion(engine, [prompt], GREEDY)[0].outputs[0]
+    ids = free_run.token_ids
+    # A stop token that decodes to text of its own, after a few tokens of text.
+    decode = engine.tokenizer.decode
+    pos = next(i for i in range(3, len(ids)) if ids[i] not in ids[:i] and decode([ids[i]]))
+    for include in (False, True):
+        params = SamplingParams(
+            temperature=0.0,
+            max_tokens=16,
+            ignore_eos=True,
+            stop_token_ids=(ids[pos],),
+            include_stop_str_in_output=include,
+        )
+        out = run_to_completion(engine, [prompt], params)[0].outputs[0]
+        assert out.token_ids == ids[: pos + 1] and out.finish_reason == "stop"
+        shown = ids[: pos + 1] if include else ids[:pos]
+        assert out.text == engine.tokenizer.decode(shown, clean_up_tokenization_spaces=False)
+
+
 def test_seeded_sampling_is_reproducible_in_any_batch(engine: LLMEngine) -> None:
     prompts = random_prompts(4, seed=6)
     params = SamplingParams(temperature=1.0, max_tokens=10, seed=1234, ignore_eos=True)

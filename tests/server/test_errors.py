@@ -103,6 +103,50 @@ def test_completions_bad_values(client: httpx.Client, extra: dict[str, Any]) -> 
     _error(client.post("/v1/completions", json=extra), 400)
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"messages": USER}),
+        ("/v1/completions", {"prompt": "hi"}),
+    ],
+)
+def test_null_means_the_default(client: httpx.Client, path: str, body: dict[str, Any]) -> None:
+    """OpenAI's schema marks these nullable, and clients send null for "not set"."""
+    fields = ["n", "stream", "max_tokens", "temperature", "stop", "ignore_eos", "min_tokens"]
+    fields += ["logprobs"] + (["echo"] if "prompt" in body else ["top_logprobs"])
+    for field in fields:
+        resp = client.post(path, json={"model": MODEL, **body, field: None})
+        assert resp.status_code == 200, (field, resp.text)
+        choices = resp.json()["choices"]
+        assert len(choices) == 1 and choices[0].get("logprobs") is None, field
+    required = "messages" if "messages" in body else "prompt"
+    error = _error(client.post(path, json={"model": MODEL, **body, required: None}), 400)
+    assert error["param"] is not None and error["param"].startswith(required)
+
+
+@pytest.mark.parametrize(
+    ("path", "raw"),
+    [
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a \\ud800"}]}'),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}',
+        ),
+        ("/v1/completions", b'{"prompt": "abc \\ud800"}'),
+        ("/v1/completions", b'{"prompt": ["ok", "abc \\ud800"]}'),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "hi"}], "stop": "\\ud800"}',
+        ),
+        ("/tokenize", b'{"prompt": "abc \\ud800"}'),
+    ],
+)
+def test_text_that_is_not_unicode_is_a_400(client: httpx.Client, path: str, raw: bytes) -> None:
+    """JSON can escape an unpaired surrogate, which no tokenizer can encode."""
+    resp = client.post(path, content=raw, headers={"content-type": "application/json"})
+    assert "surrogate" in _error(resp, 400)["message"]
+
+
 def test_unknown_model(client: httpx.Client) -> None:
     resp = client.post("/v1/chat/completions", json={"model": "nope", "messages": USER})
     error = _error(resp, 404)

@@ -43,6 +43,7 @@ class LLMEngine:
             self.loaded.dtype,
             self.loaded.device,
         )
+        self.max_model_len = self._fit_to_cache(self.max_model_len)
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
@@ -69,6 +70,31 @@ class LLMEngine:
         self.totals = StepStats()
         self.num_steps = 0
         self.last_stats = StepStats()
+
+    def _fit_to_cache(self, max_model_len: int) -> int:
+        """The context window the KV cache can hold for one sequence. A prompt longer than the
+        cache but within the window would wait for room forever, and hold up every request
+        behind it. As vLLM does, a window set by the user that does not fit is an error; one
+        taken from the model's config shrinks to the cache, with a warning."""
+        capacity = self.runner.num_blocks * self.config.cache.block_size
+        if max_model_len <= capacity:
+            return max_model_len
+        fix = "give the KV cache more room (--kv-cache-memory, --num-kv-blocks)"
+        if self.config.model.max_model_len is not None:
+            raise ValueError(
+                f"max_model_len {max_model_len} does not fit the KV cache, which holds "
+                f"{capacity} tokens ({self.runner.num_blocks} blocks of "
+                f"{self.config.cache.block_size}); lower --max-model-len or {fix}"
+            )
+        logger.warning(
+            "the KV cache holds %d tokens, fewer than the model's context window of %d: "
+            "max_model_len is %d (to keep the whole window, %s)",
+            capacity,
+            max_model_len,
+            capacity,
+            fix,
+        )
+        return capacity
 
     def _decoder_context(self) -> DecoderContext:
         arch = self.loaded.arch

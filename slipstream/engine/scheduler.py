@@ -95,8 +95,10 @@ class Scheduler:
                 lookahead = max(0, min(self.lookahead(seq, len(self.running)), room))
             elif num_new == seq.num_uncomputed_tokens <= self.prefill_tail:
                 reserve -= num_new  # this final chunk got its room
-            if not self._make_room(seq, num_new, lookahead, batch, scheduled):
+            granted = self._make_room(seq, num_new, lookahead, batch, scheduled)
+            if granted is None:
                 continue  # seq itself was preempted; self.running shrank
+            lookahead = granted  # 0 where the drafts' slots did not fit
             batch.items.append(ScheduledSeq(seq, num_new, lookahead))
             scheduled.add(seq.seq_id)
             budget -= num_new + lookahead
@@ -115,8 +117,10 @@ class Scheduler:
 
     def _make_room(
         self, seq: Sequence, num_new: int, lookahead: int, batch: Batch, scheduled: set[int]
-    ) -> bool:
-        """Allocate slots for seq, preempting the newest other running sequences if needed."""
+    ) -> int | None:
+        """Allocate slots for seq, preempting the newest other running sequences if needed.
+        Returns the lookahead slots granted (the drafts' slots are dropped before anyone is
+        preempted), or None where seq itself had to be preempted."""
         while not self.block_manager.allocate_slots(seq, num_new, lookahead):
             if lookahead:
                 lookahead = 0  # drafts are optional: drop them before preempting anyone
@@ -124,8 +128,8 @@ class Scheduler:
             victim = self._pick_victim(seq, scheduled)
             self._preempt(victim, batch)
             if victim is seq:
-                return False
-        return True
+                return None
+        return lookahead
 
     def _pick_victim(self, seq: Sequence, scheduled: set[int]) -> Sequence:
         """The most recently admitted running sequence not already in this batch."""

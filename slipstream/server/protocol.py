@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import typing
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from slipstream.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS
 
@@ -23,8 +25,8 @@ class _Request(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _null_is_default_and_text_is_unicode(cls, data: Any) -> Any:
-        """`null` for a field that has a default means that default: OpenAI's schema marks
-        n, stream, logprobs, echo and others nullable, and clients send null for "unset"
+        """`null` for a field that cannot hold it means the field's default: OpenAI's schema
+        marks n, stream, logprobs, echo and others nullable, and clients send null for "unset"
         (vLLM accepts it too). And text must be encodable: JSON can carry an unpaired
         surrogate escape ("\\ud800"), which no tokenizer can encode (a 400 here, not a 500
         from the tokenizer). Nested models check their own fields."""
@@ -33,8 +35,7 @@ class _Request(BaseModel):
         out = {}
         for name, value in data.items():
             field = cls.model_fields.get(name)
-            optional = field is not None and not field.is_required()
-            if value is None and optional and field.default is not None:
+            if value is None and field is not None and not _takes_null(field):
                 continue  # the default (a default_factory's too)
             for text in value if isinstance(value, list) else (value,):
                 if isinstance(text, str) and not _encodable(text):
@@ -43,6 +44,12 @@ class _Request(BaseModel):
                     )
             out[name] = value
         return out
+
+
+def _takes_null(field: FieldInfo) -> bool:
+    """Whether null is a value of the field itself (`int | None`: max_tokens null fills the
+    context, where its default is 16), or the field is required (null is then an error)."""
+    return field.is_required() or type(None) in typing.get_args(field.annotation)
 
 
 def _encodable(text: str) -> bool:

@@ -166,6 +166,37 @@ def test_a_stop_inside_an_accepted_draft_ends_where_standard_ends(
     eng.block_manager.check_invariants()
 
 
+@pytest.mark.parametrize(
+    "decoder, options",
+    [
+        ("token_recycling", {"adaptive": False, "tree_size": 12}),
+        ("ngram", {"prompt_lookup_min": 1}),
+    ],
+)
+def test_a_kv_pool_too_small_for_the_drafts_keeps_the_answers(
+    tiny_model_dir: str, expected: list[list[int]], decoder: str, options: dict[str, Any]
+) -> None:
+    """Four requests in a pool of 14 four-token pages (they need 32 together): sequences
+    are preempted and recomputed, and steps find no room for some drafts' slots. Drafts
+    then wait (they once went into slots never allocated: an IndexError, a 500 for the
+    whole batch); the answers are standard decoding's."""
+    eng = LLMEngine(
+        tiny_engine_config(
+            tiny_model_dir,
+            decoder=decoder,
+            decoder_options=options,
+            block_size=4,
+            num_blocks=14,
+        )
+    )
+    for _ in range(2):  # the second round from a hot matrix: deeper drafts
+        outs = run_to_completion(eng, PROMPTS, GREEDY)
+        assert [o.outputs[0].token_ids for o in outs] == expected
+        eng.block_manager.check_invariants()
+    stats = eng.get_stats()
+    assert stats["preemptions"] > 0 and stats["spec_num_accepted_tokens"] > 0
+
+
 def test_prompt_positions_seed_the_matrix(tiny_model_dir: str) -> None:
     # Two prompts of distinct tokens prefilled in one step, 5 seed rows for the step: the
     # first prompt's last 5 positions before its sampled one, then none of the second's.

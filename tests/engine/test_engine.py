@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -158,6 +159,22 @@ def test_n_completions_differ_when_sampling(engine: LLMEngine) -> None:
 def test_prompt_longer_than_context_is_rejected(engine: LLMEngine) -> None:
     with pytest.raises(ValueError, match="context window"):
         engine.add_request("too-long", [5] * engine.max_model_len, GREEDY)
+
+
+def test_context_window_fits_the_kv_cache(tiny_model_dir: str) -> None:
+    """A prompt longer than the KV cache but within the window once waited forever for
+    room, and held up every request behind it. The window now shrinks to the cache (taken
+    from the model's config) or the engine refuses to start (set by the user)."""
+    config = tiny_engine_config(tiny_model_dir, num_blocks=10, block_size=4)
+    eng = LLMEngine(config)
+    assert eng.max_model_len == 40
+    with pytest.raises(ValueError, match="context window is 40"):
+        eng.add_request("long", [5] * 40, GREEDY)
+    out = run_to_completion(eng, [[5] * 30], GREEDY)[0].outputs[0]
+    assert len(out.token_ids) == 10 and out.finish_reason == "length"  # 30 + 10 = the window
+    explicit = replace(config, model=replace(config.model, max_model_len=64))
+    with pytest.raises(ValueError, match="does not fit the KV cache"):
+        LLMEngine(explicit)
 
 
 def test_stats_count_tokens(tiny_model_dir: str) -> None:

@@ -156,6 +156,26 @@ def test_lookahead_slots_reserved_only_for_decode() -> None:
     assert len(seq.block_table) == 3
 
 
+def test_drafts_without_room_are_not_scheduled() -> None:
+    """Where the KV pool has no room for a sequence's draft slots, the step drops the drafts
+    (before preempting anyone), and the batch says so: a draft fed into slots that were never
+    allocated wrote past the sequence's block table (IndexError, a 500 for the whole
+    batch)."""
+    bm = BlockManager(3, BLOCK)
+    sched = Scheduler(
+        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), bm, lambda seq, n: 6
+    )
+    seq = make_seq(0, 7)  # 2 blocks for the prompt and the first sample
+    sched.add(seq)
+    fake_step(sched, sched.schedule())
+    # Position 7 fits the second block; 6 drafts (8..13) would need 2 more, 1 is free.
+    batch = sched.schedule()
+    assert [(i.num_new_tokens, i.num_lookahead_slots) for i in batch.items] == [(1, 0)]
+    assert not batch.preempted
+    assert len(seq.block_table) * BLOCK >= seq.num_computed_tokens + 1
+    bm.check_invariants()
+
+
 @pytest.mark.parametrize("budget", [1, 3, 16])
 def test_every_prompt_token_is_computed_once(budget: int) -> None:
     sched = make_scheduler(budget=budget, max_seqs=3)

@@ -11,6 +11,10 @@ part name: {"token_recycling": {...}, "sparse_attention": {"method": "block_topk
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from slipstream.config import DecoderSpec
@@ -64,10 +68,41 @@ def _plain_options(name: str, options: dict[str, Any]) -> object:
         raise ValueError(
             f"unknown option(s) {', '.join(unknown)} for decoder {name!r}; valid: {valid}"
         )
+    hints = typing.get_type_hints(cls.Options)
+    for key, value in options.items():
+        _check_type(name, key, value, hints.get(key))
     try:
         return cls.Options(**options)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"bad option for decoder {name!r}: {exc}") from exc
+
+
+# JSON value checks for the option types the Options dataclasses use. A bool is not an int
+# here (true is not a count), an int is a float, NaN is no number (infinity is: cautious'
+# gate_entropy Infinity turns its gate off).
+_TYPE_CHECKS: dict[object, Callable[[object], bool]] = {
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v),
+    str: lambda v: isinstance(v, str),
+    type(None): lambda v: v is None,
+}
+
+
+def _check_type(decoder: str, key: str, value: object, annotation: object) -> None:
+    """ValueError unless value is of the option's type (an `int | None` takes either):
+    without this, "false" read as true, 2.5 slots failed inside a step, and a number where
+    text belongs failed at the first request."""
+    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else ()
+    allowed = allowed or (annotation,)
+    checks = [_TYPE_CHECKS.get(t) for t in allowed]
+    if any(check is None for check in checks):
+        return  # a type these checks do not know: the dataclass checks it, if at all
+    if not any(check(value) for check in checks if check is not None):
+        names = " or ".join(
+            "null" if t is type(None) else getattr(t, "__name__", str(t)) for t in allowed
+        )
+        raise ValueError(f"option {key!r} of decoder {decoder!r} must be {names}, got {value!r}")
 
 
 def decoder_options(spec: DecoderSpec) -> object:

@@ -145,6 +145,18 @@ class TokenRecyclingOptions:
             raise ValueError(f"min_predicted_gain must be >= 0, got {self.min_predicted_gain}")
 
 
+def _check_matrix_path(path: str) -> None:
+    """ValueError at start-up where the matrix could never be saved: a folder that does not
+    exist or cannot be written (the first autosave would fail a minute into serving)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"matrix_path {path!r}: folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"matrix_path {path!r}: folder {folder!r} is not writable")
+    if os.path.isdir(path):
+        raise ValueError(f"matrix_path {path!r} is a folder; give a file path")
+
+
 @DECODERS.register("token_recycling")
 class TokenRecyclingDecoder(TreeSpecDecoder):
     """Adjacency matrix + static draft tree + one-forward tree verification."""
@@ -176,6 +188,8 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
             if options.dynamic_tree and options.pair_rows
             else None
         )
+        if options.matrix_path:
+            _check_matrix_path(options.matrix_path)
         if options.matrix_path and os.path.exists(options.matrix_path):
             self.load_matrix(options.matrix_path)
         self.acceptance: AcceptanceStats | PickOrderStats = (
@@ -395,7 +409,7 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
             self._trees = {self.full.num_draft: self.full}  # re-cut subtrees by new rates
             self._grafts = {}
         if self.opts.matrix_path and time.monotonic() - self._last_save > self.opts.save_interval_s:
-            self.save_matrix(self.opts.matrix_path)
+            self._save_quietly(self.opts.matrix_path)
 
     def _record_on_host(
         self,
@@ -494,12 +508,18 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
             self.probs.copy_(written.expand_as(self.probs) / self.probs.shape[1])
         logger.info("token_recycling: loaded matrix %s", path)
 
-    def _save_at_exit(self) -> None:
+    def _save_quietly(self, path: str) -> None:
+        """save_matrix, a failure logged: decoding goes on (the folder may have gone, or the
+        disk filled, since start-up; a failed save must not fail the step's requests)."""
         try:
-            if self.opts.matrix_path:
-                self.save_matrix(self.opts.matrix_path)
-        except OSError as exc:  # the directory may be gone at interpreter exit
-            logger.warning("token_recycling: could not save matrix: %s", exc)
+            self.save_matrix(path)
+        except (OSError, RuntimeError) as exc:  # torch.save raises RuntimeError for paths
+            self._last_save = time.monotonic()  # retried after another interval, not each step
+            logger.warning("token_recycling: could not save matrix to %s: %s", path, exc)
+
+    def _save_at_exit(self) -> None:
+        if self.opts.matrix_path:
+            self._save_quietly(self.opts.matrix_path)
 
     def stats(self) -> dict[str, float]:
         """Cumulative counters plus the current calibration state."""

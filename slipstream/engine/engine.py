@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import numbers
 import random
 import time
 from typing import Any
@@ -127,6 +128,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already running")
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
+        prompt_token_ids = self._checked_ids(prompt_token_ids)
         if len(prompt_token_ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt has {len(prompt_token_ids)} tokens; the context window is "
@@ -142,6 +144,17 @@ class LLMEngine:
         )
         for seq in seqs:
             self.scheduler.add(seq)
+
+    def _checked_ids(self, token_ids: list[int]) -> list[int]:
+        """The prompt's ids as ints, each in the vocabulary. Checked here, not in the step: a
+        bad id failed the step of every request in it, and stayed queued to fail the next."""
+        vocab = self.loaded.arch.vocab_size
+        for t in token_ids:
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < vocab:
+                raise ValueError(
+                    f"prompt token id {t!r} is not in the vocabulary (ids 0..{vocab - 1})"
+                )
+        return [int(t) for t in token_ids]
 
     def _new_seq(
         self, request_id: str, prompt: list[int], params: SamplingParams, arrival: float, index: int

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, cast
 
 from slipstream.config import CacheConfig, DecoderSpec, EngineConfig, ModelConfig, SchedulerConfig
 from slipstream.engine.engine import LLMEngine
 from slipstream.engine.outputs import RequestOutput
 from slipstream.engine.sampling_params import SamplingParams
 
-PromptInput = str | list[int]
+# A string, token ids, or vLLM's {"prompt": str} / {"prompt_token_ids": [...]}.
+PromptInput = str | list[int] | dict[str, Any]
 Message = dict[str, Any]
 
 
@@ -86,18 +87,21 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> list[RequestOutput]:
-        """Run prompts (strings or token-id lists) to completion; outputs in input order."""
-        items = _as_prompt_list(prompts)
+        """Run prompts to completion; outputs in input order. A prompt is a string, a list of
+        token ids, or vLLM's dict forms {"prompt": str} and {"prompt_token_ids": [...]}. A
+        prompt the engine refuses raises ValueError, and none of the prompts runs."""
+        items = [_text_and_ids(p, self.tokenizer) for p in _as_prompt_list(prompts)]
         params = _as_params_list(sampling_params, len(items))
-        ids = []
-        for prompt, p in zip(items, params, strict=True):
-            if isinstance(prompt, str):
-                text, token_ids = prompt, self.tokenizer.encode(prompt)
-            else:
-                text, token_ids = None, list(prompt)
-            request_id = str(next(self._ids))
-            self.engine.add_request(request_id, token_ids, p, prompt=text)
-            ids.append(request_id)
+        ids: list[str] = []
+        try:
+            for (text, token_ids), p in zip(items, params, strict=True):
+                request_id = str(next(self._ids))
+                self.engine.add_request(request_id, token_ids, p, prompt=text)
+                ids.append(request_id)
+        except BaseException:
+            for request_id in ids:  # the ones queued before the refused one
+                self.engine.abort_request(request_id)
+            raise
         return self._run(ids, progress)
 
     def chat(
@@ -136,12 +140,33 @@ class LLM:
 
 
 def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[PromptInput]:
-    if isinstance(prompts, str):
+    if isinstance(prompts, (str, dict)):
         return [prompts]
-    items = list(prompts)
+    try:
+        items = list(prompts)
+    except TypeError:
+        raise TypeError(f"prompts: a prompt or a list of them, not {prompts!r}") from None
     if items and all(isinstance(x, int) for x in items):
         return [items]  # type: ignore[list-item]
     return items  # type: ignore[return-value]
+
+
+def _text_and_ids(prompt: PromptInput, tokenizer: Any) -> tuple[str | None, list[int]]:
+    """(the prompt's text if it has one, its token ids)."""
+    if isinstance(prompt, dict):  # vLLM's TextPrompt / TokensPrompt
+        if "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        if isinstance(prompt.get("prompt"), str):
+            return prompt["prompt"], tokenizer.encode(prompt["prompt"])
+        raise TypeError(
+            f"a dict prompt needs 'prompt' (a string) or 'prompt_token_ids', got {prompt!r}"
+        )
+    if isinstance(prompt, str):
+        return prompt, tokenizer.encode(prompt)
+    try:  # token ids: a list, a tuple, an array
+        return None, list(cast(Iterable[int], prompt))
+    except TypeError:
+        raise TypeError(f"a prompt is a string or a list of token ids, not {prompt!r}") from None
 
 
 def _as_params_list(

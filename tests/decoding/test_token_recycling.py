@@ -480,3 +480,18 @@ def test_options_are_validated() -> None:
         decoder_options(DecoderSpec("token_recycling", {"treesize": 3}))
     with pytest.raises(ValueError, match="tree_size"):
         decoder_options(DecoderSpec("token_recycling", {"tree_size": -1}))
+
+
+def test_a_matrix_path_that_cannot_be_saved(tiny_model_dir: str, tmp_path: Path) -> None:
+    """A folder that does not exist is refused at start; a save that fails later (the
+    folder removed since) is logged and decoding goes on: it once failed the step."""
+    with pytest.raises(ValueError, match="does not exist"):
+        _engine(tiny_model_dir, matrix_path=str(tmp_path / "no" / "m.pt"))
+    with pytest.raises(ValueError, match="is a folder"):
+        _engine(tiny_model_dir, matrix_path=str(tmp_path))
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    eng = _engine(tiny_model_dir, matrix_path=str(folder / "m.pt"), save_interval_s=1e-9)
+    folder.rmdir()
+    outs = run_to_completion(eng, PROMPTS[:1], GREEDY)
+    assert len(outs[0].outputs[0].token_ids) == GREEDY.max_tokens

@@ -1,0 +1,79 @@
+"""The offline API on the tiny model: prompt forms, and refusals that leave nothing behind."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from slipstream.engine.llm import LLM
+from slipstream.engine.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir: str) -> LLM:
+    return LLM(model=tiny_model_dir, dtype="float32", num_kv_blocks=64, block_size=4)
+
+
+def _tokens(outs: list) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_prompt_forms_give_the_same_answer(llm: LLM) -> None:
+    """A string, its ids (list, tuple, array), and vLLM's dict forms are the same prompt."""
+    text = "hello there"
+    ids = llm.tokenizer.encode(text)
+    want = _tokens(llm.generate(text, GREEDY))
+    forms = [
+        [text],
+        ids,
+        [ids],
+        [tuple(ids)],
+        [np.array(ids)],
+        {"prompt": text},
+        [{"prompt": text}],
+        [{"prompt_token_ids": ids}],
+    ]
+    for form in forms:
+        outs = llm.generate(form, GREEDY)  # type: ignore[arg-type]
+        assert _tokens(outs) == want, form
+    assert llm.generate({"prompt": text}, GREEDY)[0].prompt == text
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [{"text": "hi"}],  # a dict without a prompt
+        [3.5],  # a number that is not a token id list
+        42,
+    ],
+)
+def test_prompts_of_no_known_form_are_a_type_error(llm: LLM, bad: object) -> None:
+    with pytest.raises(TypeError):
+        llm.generate(bad, GREEDY)  # type: ignore[arg-type]
+    assert not llm.engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("bad_ids", [[5, -1], [5, 10**6], [5, 2.0], [True, 5]])
+def test_a_token_id_outside_the_vocabulary_is_refused_and_leaves_nothing(
+    llm: LLM, bad_ids: list
+) -> None:
+    """Refused when added: it once failed inside the step and stayed queued, failing every
+    later call too."""
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        llm.generate([bad_ids], GREEDY)
+    assert not llm.engine.has_unfinished_requests()
+    assert len(_tokens(llm.generate([[5, 6, 7]], GREEDY))[0]) == 5
+
+
+def test_a_refused_prompt_runs_none_of_its_batch(llm: LLM) -> None:
+    """The prompts before a refused one were queued, and ran in the next call."""
+    before = llm.get_stats()["generation_tokens"]
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([[5, 6, 7], [8, 9], []], GREEDY)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.get_stats()["generation_tokens"] == before
+    one = SamplingParams(temperature=0.0, max_tokens=1)
+    llm.generate([[5, 6, 7]], one)
+    assert llm.get_stats()["generation_tokens"] == before + 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -53,8 +54,9 @@ class CacheConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
-        if self.num_blocks is None and self.kv_cache_memory_gib <= 0:
-            raise ValueError(f"kv_cache_memory_gib must be > 0, got {self.kv_cache_memory_gib}")
+        memory = self.kv_cache_memory_gib
+        if self.num_blocks is None and not (memory > 0 and math.isfinite(memory)):
+            raise ValueError(f"kv_cache_memory_gib must be a number > 0, got {memory}")
 
 
 @dataclass(frozen=True)

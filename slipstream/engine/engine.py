@@ -206,6 +206,11 @@ class LLMEngine:
         stats.prefix_cache_queries = batch.prefix_cache_queries
         stats.prefix_cache_hits = batch.prefix_cache_hits
         changed: set[str] = set()
+        scheduled_at = time.monotonic()  # before the forward: it is prefill time, not queue
+        for item in batch.items:
+            state = self.requests.get(item.seq.request_id)
+            if state is not None and state.metrics.first_scheduled_time is None:
+                state.metrics.first_scheduled_time = scheduled_at
         if not batch.is_empty:
             inputs = self.decoder.build_inputs(batch)
             prompt_rows = add_prompt_rows(batch, inputs)
@@ -224,12 +229,8 @@ class LLMEngine:
         return outputs
 
     def _apply(self, batch: Batch, result: StepResult, stats: StepStats, changed: set[str]) -> None:
-        now = time.monotonic()
         for item, seq_result in zip(batch.items, result.seqs, strict=True):
             seq = item.seq
-            state = self.requests.get(seq.request_id)
-            if state is not None and state.metrics.first_scheduled_time is None:
-                state.metrics.first_scheduled_time = now
             base = seq.num_computed_tokens
             stats.num_prompt_tokens += max(
                 0, min(base + item.num_new_tokens, seq.num_prompt_tokens) - base

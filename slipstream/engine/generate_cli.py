@@ -51,8 +51,14 @@ def run(args: argparse.Namespace) -> int:
 
     prompts = list(args.prompt)
     if args.prompts_file:
-        with open(args.prompts_file, encoding="utf-8") as f:
-            prompts.extend(line.rstrip("\n") for line in f if line.strip())
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                from_file = [line.rstrip("\n") for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            return _error(f"cannot read --prompts-file: {exc}")
+        if not from_file:
+            return _error(f"--prompts-file {args.prompts_file} has no prompts (one a line)")
+        prompts.extend(from_file)
     if not prompts:
         prompts = DEMO_PROMPTS
     try:
@@ -68,14 +74,16 @@ def run(args: argparse.Namespace) -> int:
         # --batch-invariant against its device and dtype).
         llm = LLM.from_config(config)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    with _progress(len(prompts)) as progress:
-        if args.raw:
-            outputs = llm.generate(prompts, params, progress)
-        else:
-            convs = [[{"role": "user", "content": p}] for p in prompts]
-            outputs = llm.chat(convs, params, progress)
+        return _error(str(exc))
+    try:
+        with _progress(len(prompts)) as progress:
+            if args.raw:
+                outputs = llm.generate(prompts, params, progress)
+            else:
+                convs = [[{"role": "user", "content": p}] for p in prompts]
+                outputs = llm.chat(convs, params, progress)
+    except ValueError as exc:  # a prompt the engine refuses (longer than the context)
+        return _error(str(exc))
     for prompt, out in zip(prompts, outputs, strict=True):
         completion = out.outputs[0]
         if args.json:
@@ -95,6 +103,11 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 class _progress:

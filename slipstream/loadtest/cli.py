@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -63,7 +64,7 @@ def add_parser(subparsers: Any) -> None:
         action="append",
         default=[],
         metavar="NAME=JSON",
-        help='options for one decoder, e.g. token_recycling=\'{"tree":"default"}\' (repeatable)',
+        help="options for one decoder, e.g. token_recycling='{\"tree_size\": 6}' (repeatable)",
     )
     dec.add_argument("--serve-model", help="passed to `slipstream serve --model`")
     dec.add_argument("--serve-args", default="", help="extra `slipstream serve` arguments")
@@ -191,8 +192,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     axis: SweepAxis = "concurrency" if args.concurrencies else "rate"
+    flag = "--concurrencies" if args.concurrencies else "--request-rates"
     try:
-        values = parse_values(args.concurrencies or args.request_rates, f"--{axis}")
+        values = parse_values(
+            args.concurrencies or args.request_rates, flag, whole=bool(args.concurrencies)
+        )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -232,7 +236,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_decoders(args: argparse.Namespace) -> int:
     from slipstream.loadtest.compare import format_compare
-    from slipstream.loadtest.decoders import ServerStartError, ServeSpec, run_decoders
+    from slipstream.loadtest.decoders import (
+        ServerStartError,
+        ServeSpec,
+        check_serve_command,
+        run_decoders,
+    )
 
     config = _config_or_exit(args)
     if config is None:
@@ -241,15 +250,30 @@ def _cmd_decoders(args: argparse.Namespace) -> int:
         # Greedy: keep the answers, so the table can say whether each decoder gave the first
         # one's (a lossless decoder does, request by request, at any concurrency).
         config = dataclasses.replace(config, save_detailed=True)
+    decoders = tuple(n.strip() for n in args.decoders.split(",") if n.strip())
+    if not decoders:
+        print(f"error: --decoders {args.decoders!r}: no decoder named", file=sys.stderr)
+        return 2
     decoder_configs = {}
     for item in args.decoder_config:
         name, sep, value = item.partition("=")
         if not sep:
             print(f"error: --decoder-config {item!r}: expected NAME=JSON", file=sys.stderr)
             return 2
+        if name not in decoders:
+            print(
+                f"error: --decoder-config {item!r}: {name!r} is not in --decoders",
+                file=sys.stderr,
+            )
+            return 2
         decoder_configs[name] = value
+    try:
+        check_serve_command(args.serve_command)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     spec = ServeSpec(
-        decoders=tuple(n.strip() for n in args.decoders.split(",") if n.strip()),
+        decoders=decoders,
         decoder_configs=decoder_configs,
         serve_model=args.serve_model,
         serve_args=tuple(shlex.split(args.serve_args)),
@@ -278,10 +302,22 @@ def _cmd_decoders(args: argparse.Namespace) -> int:
 def _config_or_exit(args: argparse.Namespace) -> Any:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return config_from_args(args)
+        config = config_from_args(args)
+        _check_result_dir(Path(args.result_dir))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return None
+    return config
+
+
+def _check_result_dir(path: Path) -> None:
+    """Made (or found) and writable before the run, not found wanting after it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--result-dir {path}: cannot create it ({exc.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"--result-dir {path}: not writable")
 
 
 def _progress_for(label: str) -> Any:

@@ -72,8 +72,10 @@ class BenchConfig:
             raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.timeout_s <= 0 or self.max_duration_s <= 0:
-            raise ValueError("timeout and max duration must be > 0")
+        for name, seconds in (("timeout", self.timeout_s), ("max duration", self.max_duration_s)):
+            # Finite: the result JSON (strict, no inf or NaN) records them.
+            if not (seconds > 0 and math.isfinite(seconds)):
+                raise ValueError(f"{name} must be a number of seconds > 0, got {seconds}")
         if self.num_warmups < 0:
             raise ValueError(f"num_warmups must be >= 0, got {self.num_warmups}")
         for name, ms in self.goodput.items():

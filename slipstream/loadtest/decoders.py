@@ -45,6 +45,25 @@ class ServeSpec:
     host: str = "127.0.0.1"
 
 
+_TEMPLATE_FIELDS = ("python", "port", "decoder", "decoder_config")
+
+
+def check_serve_command(template: str | None) -> None:
+    """ValueError where a --serve-command template names a field it will not get, or is
+    not a format string ("{" unclosed)."""
+    if template is None:
+        return
+    try:
+        template.format(**dict.fromkeys(_TEMPLATE_FIELDS, "x"))
+    except KeyError as exc:
+        fields = ", ".join("{" + f + "}" for f in _TEMPLATE_FIELDS)
+        raise ValueError(
+            f"--serve-command: unknown field {{{exc.args[0]}}}; valid: {fields}"
+        ) from None
+    except (ValueError, IndexError) as exc:
+        raise ValueError(f"--serve-command: not a valid template ({exc})") from None
+
+
 def build_serve_command(spec: ServeSpec, decoder: str, port: int) -> list[str]:
     """The argv that starts a server for `decoder` on `port`."""
     config_json = spec.decoder_configs.get(decoder, "")

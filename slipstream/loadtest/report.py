@@ -185,6 +185,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         row(f"  {err_type}", count)
     if summary.get("interrupted"):
         row("Stopped early", summary.get("stop_reason", "yes"))
+        if "num_not_finished" in summary:  # cancelled in flight, or never sent
+            row("  requests not finished", summary["num_not_finished"])
     if summary.get("max_concurrency") is not None:
         row("Maximum request concurrency", summary["max_concurrency"])
     if "request_rate" in summary:

@@ -204,6 +204,8 @@ async def _first_model(client: httpx.AsyncClient, config: BenchConfig) -> str:
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     try:
         resp = await client.get(url, headers=headers, timeout=30.0)
+        if resp.status_code == 401:
+            raise BenchError(f"{url} answered 401: the server wants an API key (--api-key)")
         resp.raise_for_status()
         return str(resp.json()["data"][0]["id"])
     except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError) as exc:

@@ -47,12 +47,15 @@ def run_sweep(
     return results
 
 
-def parse_values(text: str, name: str) -> list[float]:
-    """`"1,4,16"` -> [1.0, 4.0, 16.0]; `inf` allowed; each must be > 0."""
+def parse_values(text: str, name: str, whole: bool = False) -> list[float]:
+    """`"1,4,16"` -> [1.0, 4.0, 16.0]; each must be > 0; `inf` allowed unless `whole`
+    (counts: concurrencies), where each must be a whole number."""
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError as exc:
         raise ValueError(f"{name} {text!r}: expected comma-separated numbers") from exc
     if not values or any(not v > 0 for v in values):
         raise ValueError(f"{name} {text!r}: values must be > 0")
+    if whole and any(not math.isfinite(v) or v != int(v) for v in values):
+        raise ValueError(f"{name} {text!r}: values must be whole numbers")
     return values

@@ -73,9 +73,16 @@ async def _start_engine(state: ServerState) -> None:
         info = state.engine.model_info
         state.metrics.bind(state.model_name, info.decoder)
         state.engine.add_stats_listener(state.metrics.record_step)
+    except (ValueError, FileNotFoundError) as exc:
+        # A setting that cannot work (found once the model is read: a context longer than
+        # the model's or the KV cache's, a missing folder): one line, as the CLI's own
+        # checks give, not a traceback.
+        logger.error("the engine failed to start: %s", exc)
+        state.phase = Phase.FAILED
     except Exception:
         logger.exception("the engine failed to start")
         state.phase = Phase.FAILED
+    if state.phase is Phase.FAILED:
         if state.on_fatal is not None:
             state.on_fatal()
         return
@@ -143,7 +150,8 @@ def build_server(app: FastAPI, config: ServerConfig) -> uvicorn.Server:
 
 
 def run_server(app: FastAPI, config: ServerConfig, sock: socket.socket | None = None) -> int:
-    """Serve until SIGTERM/SIGINT; 0 after a graceful drain, 1 if the engine failed to start."""
+    """Serve until SIGTERM/SIGINT; 0 after a graceful drain, 1 if the engine or the HTTP
+    server (its address taken or not valid) failed to start."""
     server = build_server(app, config)
     state: ServerState = app.state.server
     sockets = [sock] if sock is not None else None
@@ -156,7 +164,11 @@ def run_server(app: FastAPI, config: ServerConfig, sock: socket.socket | None = 
     if on_main and isinstance(state.engine, CallerThreadEngine):
         _serve_with_engine_on_this_thread(server, state.engine, sockets)
     else:
-        server.run(sockets=sockets)
+        with contextlib.suppress(SystemExit):  # uvicorn's way out when it cannot bind
+            server.run(sockets=sockets)
+    if not server.started and state.phase is not Phase.FAILED:
+        logger.error("the HTTP server did not start on %s:%d", config.host, config.port)
+        return 1
     return 1 if state.phase is Phase.FAILED else 0
 
 

@@ -7,7 +7,11 @@ import os
 import sys
 from typing import Any, get_args
 
-from slipstream.backends.vllm_backend import add_vllm_args, vllm_engine_config_from_args
+from slipstream.backends.vllm_backend import (
+    VllmOptions,
+    add_vllm_args,
+    vllm_engine_config_from_args,
+)
 from slipstream.config import SchedulerConfig
 from slipstream.engine.args import add_engine_args, engine_config_from_args
 from slipstream.server.backend_registry import BACKENDS, BackendUnavailableError
@@ -104,6 +108,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if args.backend == "vllm":  # --decoder is checked against vLLM's methods instead
         engine = vllm_engine_config_from_args(args, max_queued=args.max_queued_requests)
     else:
+        _no_vllm_flags(args)
         engine = engine_config_from_args(args, max_queued=args.max_queued_requests)
     return ServerConfig(
         engine=engine,
@@ -117,6 +122,23 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         log_requests=args.log_requests,
         shutdown_timeout_s=args.shutdown_timeout,
     )
+
+
+def _no_vllm_flags(args: argparse.Namespace) -> None:
+    """ValueError naming a vLLM-only flag given to another backend, which would ignore it."""
+    defaults = VllmOptions()
+    unset: dict[str, object] = {
+        "tensor_parallel_size": defaults.tensor_parallel_size,
+        "pipeline_parallel_size": defaults.pipeline_parallel_size,
+        "distributed_executor_backend": defaults.distributed_executor_backend,
+        "gpu_memory_utilization": defaults.gpu_memory_utilization,
+        "enforce_eager": defaults.enforce_eager,
+        "vllm_arg": [],
+    }
+    for dest, default in unset.items():
+        if getattr(args, dest, default) != default:
+            flag = "--" + dest.replace("_", "-")
+            raise ValueError(f"{flag} is for --backend vllm (this is --backend {args.backend})")
 
 
 def serve(args: argparse.Namespace) -> int:

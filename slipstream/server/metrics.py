@@ -108,8 +108,14 @@ class ServerMetrics:
         )
         self.decoder_stat_sum = self._counter(
             "decoder_stat_sum",
-            "A decoder-specific number summed over steps (divide by engine_steps).",
+            "A decoder-specific number summed over the steps that report it "
+            "(its mean: divide by decoder_stat_steps of the same stat).",
             ("stat",),
+        )
+        # Not engine_steps: a decoder reports some numbers on some steps only (sparse
+        # attention's on steps that decode, not on prefill-only ones).
+        self.decoder_stat_steps = self._counter(
+            "decoder_stat_steps", "Steps that reported the decoder-specific number.", ("stat",)
         )
         self.engine_steps = self._counter("engine_steps", "Engine steps run.")
 
@@ -224,6 +230,7 @@ class ServerMetrics:
             if math.isfinite(value):
                 self.decoder_stat.labels(*labels, name).set(value)
                 _inc(self.decoder_stat_sum.labels(*labels, name), value)
+                self.decoder_stat_steps.labels(*labels, name).inc()
 
     def observe_http(self, method: str, route: str, status: int, duration_s: float) -> None:
         """Count one HTTP request by route template and status."""

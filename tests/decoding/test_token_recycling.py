@@ -3,6 +3,7 @@ hot start across requests, save/load, and the standard-path fallback counter."""
 
 from __future__ import annotations
 
+import atexit
 import itertools
 from pathlib import Path
 from typing import Any
@@ -495,3 +496,4 @@ def test_a_matrix_path_that_cannot_be_saved(tiny_model_dir: str, tmp_path: Path)
     folder.rmdir()
     outs = run_to_completion(eng, PROMPTS[:1], GREEDY)
     assert len(outs[0].outputs[0].token_ids) == GREEDY.max_tokens
+    atexit.unregister(_decoder(eng)._save_at_exit)  # its warning would go to a closed stream

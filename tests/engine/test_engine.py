@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import replace
 
 import pytest
@@ -175,6 +176,24 @@ def test_context_window_fits_the_kv_cache(tiny_model_dir: str) -> None:
     explicit = replace(config, model=replace(config.model, max_model_len=64))
     with pytest.raises(ValueError, match="does not fit the KV cache"):
         LLMEngine(explicit)
+
+
+def test_a_request_is_scheduled_before_its_first_forward(tiny_model_dir: str) -> None:
+    """Queue time ends when the scheduler takes the request, before the forward that
+    prefills it: stamped after that forward, prefill time read ~0 and queue time held it."""
+    eng = LLMEngine(tiny_engine_config(tiny_model_dir))
+    forward = eng.runner.forward
+
+    def slow_forward(*args: object, **kwargs: object) -> object:
+        time.sleep(0.2)
+        return forward(*args, **kwargs)
+
+    eng.runner.forward = slow_forward  # type: ignore[method-assign]
+    one = SamplingParams(temperature=0.0, max_tokens=1)
+    metrics = run_to_completion(eng, [[5, 6, 7]], one)[0].metrics
+    assert metrics.first_scheduled_time is not None and metrics.first_token_time is not None
+    assert metrics.first_scheduled_time - metrics.arrival_time < 0.1
+    assert metrics.first_token_time - metrics.first_scheduled_time >= 0.2
 
 
 def test_stats_count_tokens(tiny_model_dir: str) -> None:

@@ -91,6 +91,44 @@ def test_bad_inputs_give_one_line_errors(
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["bench", "serve", "--max-duration", "inf"], "max duration must be a number"),
+        (["bench", "serve", "--timeout", "nan"], "timeout must be a number"),
+        (["bench", "sweep", "--concurrencies", "1,inf"], "--concurrencies '1,inf': values must"),
+        (["bench", "sweep", "--concurrencies", "2.5"], "whole numbers"),
+        (["bench", "sweep", "--request-rates", "x"], "--request-rates 'x'"),
+        (["bench", "decoders", "--decoders", ",,"], "no decoder named"),
+        (
+            ["bench", "decoders", "--decoders", "standard", "--decoder-config", "ngram={}"],
+            "'ngram' is not in --decoders",
+        ),
+        (
+            ["bench", "decoders", "--decoders", "standard", "--serve-command", "x {model}"],
+            "unknown field {model}",
+        ),
+    ],
+)
+def test_bad_values_are_refused_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], needle: str
+) -> None:
+    """Refused up front, not after the run (a result JSON cannot hold inf) or by a traceback."""
+    assert _main([*argv, "--result-dir", str(tmp_path), "--model", "m"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_a_result_dir_that_cannot_be_written_is_refused_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    for result_dir in (a_file, a_file / "below"):
+        assert _main(["bench", "serve", "--model", "m", "--result-dir", str(result_dir)]) == 2
+        assert "--result-dir" in capsys.readouterr().err
+
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True

@@ -52,6 +52,7 @@ class FakeConfig:
     step_delay_s: float = 0.001
     start_delay_s: float = 0.0
     fail_start: bool = False
+    fail_start_error: Exception | None = None  # what a failed start raises (a RuntimeError)
     decoder: str = "standard"
     # Emit EOS after this many tokens unless the request sets ignore_eos; None = never.
     eos_after: int | None = None
@@ -123,7 +124,7 @@ class FakeEngine:
         if self.config.start_delay_s:
             await asyncio.sleep(self.config.start_delay_s)
         if self.config.fail_start:
-            raise RuntimeError("fake engine failed to start")
+            raise self.config.fail_start_error or RuntimeError("fake engine failed to start")
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._loop())
         self.started = True

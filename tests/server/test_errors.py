@@ -287,6 +287,40 @@ def test_engine_failing_to_start_stops_the_server_with_status_1() -> None:
     assert app.state.server.phase.value == "failed"
 
 
+def test_a_setting_refused_at_start_is_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    """A ValueError from the engine's start (a context the KV cache cannot hold, say) is
+    logged as its message, without a traceback, and the server exits with status 1."""
+    config = ServerConfig(port=0, log_requests=False)
+    engine = FakeEngine(FakeConfig(fail_start=True, fail_start_error=ValueError("too long")))
+    app = create_app(engine, config)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(run_server(app, config, sock)))
+    thread.start()
+    thread.join(timeout=20)
+    sock.close()
+    assert result == [1]
+    failed = [r for r in caplog.records if "failed to start" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].exc_info is None
+    assert failed[0].getMessage().endswith("too long")
+
+
+def test_an_address_in_use_exits_with_status_1() -> None:
+    """uvicorn cannot bind (another process holds the port): the server exited 0."""
+    taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    config = ServerConfig(host="127.0.0.1", port=taken.getsockname()[1], log_requests=False)
+    app = create_app(FakeEngine(FakeConfig()), config)
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(run_server(app, config)))
+    thread.start()
+    thread.join(timeout=20)
+    taken.close()
+    assert result == [1]
+
+
 def test_overload_gives_429_and_accepted_requests_complete() -> None:
     engine = FakeEngine(FakeConfig(max_num_seqs=2, max_queued_requests=2, step_delay_s=0.01))
     with live_server(engine) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:

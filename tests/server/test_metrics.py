@@ -9,6 +9,8 @@ import httpx
 import openai
 from prometheus_client.parser import text_string_to_metric_families
 
+from slipstream.engine.outputs import StepStats
+from slipstream.server.metrics import ServerMetrics
 from tests.server.conftest import MODEL, live_server
 from tests.server.fake_engine import FakeConfig, FakeEngine
 
@@ -126,6 +128,26 @@ def test_speculative_counters_and_decoder_stats() -> None:
     assert value(m, per_pos, position="0", **labels) == 6
     assert value(m, per_pos, position="2", **labels) == 0
     assert abs(value(m, "slipstream:decoder_stat", stat="fake_acceptance", **labels) - 2 / 3) < 1e-9
+
+
+def test_decoder_stats_count_the_steps_that_report_them() -> None:
+    """A decoder reports some numbers on some steps only (sparse attention: not on steps
+    that only prefill), so their mean is the sum over the steps that reported them."""
+    metrics = ServerMetrics()
+    metrics.bind(MODEL, "fake")
+    for decoder in ({}, {"read": 0.2}, {}, {"read": 0.4}):
+        metrics.record_step(StepStats(num_forward_tokens=1, decoder=decoder))
+    text = metrics.exposition().decode()
+    m = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    labels = {"model_name": MODEL, "decoder": "fake"}
+    steps = value(m, "slipstream:decoder_stat_steps_total", stat="read", **labels)
+    total = value(m, "slipstream:decoder_stat_sum_total", stat="read", **labels)
+    assert steps == 2 and abs(total / steps - 0.3) < 1e-9
+    assert value(m, "slipstream:engine_steps_total", **labels) == 4
 
 
 def test_aborted_requests_are_counted() -> None:

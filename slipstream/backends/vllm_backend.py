@@ -202,7 +202,11 @@ def speculative_config(spec: DecoderSpec) -> dict[str, Any] | None:
         return None
     method = VLLM_SPECULATIVE_METHODS.get(spec.name)
     if method is None:
+        import slipstream.decoding  # noqa: F401  (registers every decoder)
+        from slipstream.decoding.registry import part_names
+
         vllm_ones = ", ".join(["standard", *VLLM_SPECULATIVE_METHODS])
+        part_names(spec.name)  # a name no backend knows: ValueError listing the decoders
         raise ValueError(
             f"decoder {spec.name!r} needs the native backend (run without --backend vllm); "
             f"--backend vllm supports: {vllm_ones}"

@@ -183,6 +183,14 @@ class SparseAttentionOptions:
                 raise ValueError("budget_fraction is a block_topk option")
         if self.prompt_pages and self.method != "block_topk":
             raise ValueError("prompt_pages is a block_topk option")
+        if self.method != "block_topk":  # HiP would ignore them
+            for name, default in (
+                ("group_pooling", "mean"),
+                ("page_scoring", "mean"),
+                ("rerank_factor", 0),
+            ):
+                if getattr(self, name) != default:
+                    raise ValueError(f"{name} is a block_topk option")
         if self.answer_votes < 0:
             raise ValueError(f"answer_votes must be >= 0, got {self.answer_votes}")
         if self.answer_votes and not self.prompt_pages:

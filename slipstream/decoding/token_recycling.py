@@ -77,6 +77,11 @@ from slipstream.engine.vocab_topk import vocab_topk, vocab_topk_and_argmax
 logger = logging.getLogger(__name__)
 
 
+# Candidates per token at most: the matrix and its probabilities and logits take 12 bytes
+# per entry, [vocab, k] each (49152 x 64: 38 MB); the official code keeps 8.
+MAX_TOP_K = 64
+
+
 @dataclass(frozen=True)
 class TokenRecyclingOptions:
     """--decoder-config keys of token_recycling."""
@@ -126,8 +131,8 @@ class TokenRecyclingOptions:
     pair_rows: int = 262144
 
     def __post_init__(self) -> None:
-        if self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if not 1 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"top_k must be in [1, {MAX_TOP_K}], got {self.top_k}")
         if self.tree_size is not None and self.tree_size < 0:
             raise ValueError(f"tree_size must be >= 0, got {self.tree_size}")
         if self.prompt_lookup_tokens < 0:
@@ -143,6 +148,9 @@ class TokenRecyclingOptions:
             raise ValueError(f"save_interval_s must be > 0, got {self.save_interval_s}")
         if self.min_predicted_gain < 0:
             raise ValueError(f"min_predicted_gain must be >= 0, got {self.min_predicted_gain}")
+        for name in ("calibration_rounds", "explore_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 def _check_matrix_path(path: str) -> None:
@@ -167,6 +175,10 @@ class TokenRecyclingDecoder(TreeSpecDecoder):
 
     def __init__(self, options: TokenRecyclingOptions, ctx: DecoderContext) -> None:
         super().__init__(options, ctx)
+        if options.top_k > ctx.vocab_size:
+            raise ValueError(
+                f"top_k must be <= the vocabulary ({ctx.vocab_size}), got {options.top_k}"
+            )
         self.opts = options
         self.full = template(options.template, options.top_k)
         # [vocab, k] int32 on the model's device, zero-filled (token 0 until first seen).

@@ -110,15 +110,27 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to each conversation, then generate."""
-        from slipstream.engine.tokenizer import apply_chat_template
+        """Apply the model's chat template to each conversation, then generate; each
+        output's `prompt` is the rendered text, as in vLLM."""
+        from slipstream.engine.tokenizer import render_chat_template
 
         convs: list[list[Message]]
         if conversations and isinstance(conversations[0], dict):
             convs = [conversations]
         else:
             convs = conversations  # type: ignore[assignment]
-        prompts = [apply_chat_template(self.tokenizer, conv) for conv in convs]
+        for conv in convs:
+            if isinstance(conv, (str, bytes)) or not all(isinstance(m, dict) for m in conv):
+                raise TypeError(
+                    "chat() takes a conversation (a list of {'role': ..., 'content': ...} "
+                    f"messages) or a list of them, got {conv!r}"
+                )
+        prompts: list[PromptInput] = []
+        for conv in convs:
+            text = render_chat_template(self.tokenizer, conv)
+            # NOTE: no special tokens: the template writes any BOS it wants.
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, progress)
 
     def _run(
@@ -126,12 +138,20 @@ class LLM:
     ) -> list[RequestOutput]:
         final: dict[str, RequestOutput] = {}
         wanted = set(ids)
-        while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                if out.finished and out.request_id in wanted:
-                    final[out.request_id] = out
-                    if progress is not None:
-                        progress(len(final), len(ids))
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished and out.request_id in wanted:
+                        final[out.request_id] = out
+                        if progress is not None:
+                            progress(len(final), len(ids))
+        except BaseException:
+            # A failed step (or Ctrl-C): the call's requests leave with it, or the next call
+            # would run them again and fail the same way.
+            for request_id in ids:
+                if request_id not in final:
+                    self.engine.abort_request(request_id)
+            raise
         return [final[i] for i in ids]
 
     def get_stats(self) -> dict[str, Any]:
@@ -140,8 +160,8 @@ class LLM:
 
 
 def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[PromptInput]:
-    if isinstance(prompts, (str, dict)):
-        return [prompts]
+    if isinstance(prompts, (str, dict, bytes, bytearray)):
+        return [prompts]  # bytes: refused by _text_and_ids
     try:
         items = list(prompts)
     except TypeError:
@@ -163,6 +183,8 @@ def _text_and_ids(prompt: PromptInput, tokenizer: Any) -> tuple[str | None, list
         )
     if isinstance(prompt, str):
         return prompt, tokenizer.encode(prompt)
+    if isinstance(prompt, (bytes, bytearray)):
+        raise TypeError(f"a prompt is a string or a list of token ids, not bytes: {prompt!r}")
     try:  # token ids: a list, a tuple, an array
         return None, list(cast(Iterable[int], prompt))
     except TypeError:
@@ -176,6 +198,8 @@ def _as_params_list(
         return [SamplingParams()] * n
     if isinstance(params, SamplingParams):
         return [params] * n
+    if not isinstance(params, Sequence) or not all(isinstance(p, SamplingParams) for p in params):
+        raise TypeError(f"sampling_params: a SamplingParams or a list of them, got {params!r}")
     if len(params) != n:
         raise ValueError(f"{len(params)} sampling params for {n} prompts")
     return list(params)

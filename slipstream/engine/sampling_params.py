@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 # Above this many alternatives per token the OpenAI API refuses too (top_logprobs <= 20).
 MAX_LOGPROBS = 20
 # OpenAI's range for a logit_bias value: -100 bans a token in practice, +100 forces it.
 MAX_LOGIT_BIAS = 100.0
+
+
+_INTS = ("n", "top_k", "min_tokens")
+_OPTIONAL_INTS = ("max_tokens", "seed", "logprobs", "prompt_logprobs")
+_FLOATS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
+# torch.Generator.manual_seed accepts exactly this range.
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -50,8 +65,32 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in bias)))
         self._validate()
 
+    def _check_types(self) -> None:
+        """TypeError naming a field whose value is of the wrong kind (checked before the
+        ranges: 3.5 tokens or "0.5" degrees of temperature fail later, and less clearly)."""
+        for name in _INTS + _OPTIONAL_INTS:
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL_INTS:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+        for name in _FLOATS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
+                raise TypeError(f"{name} must be a number, got {value!r}")
+        if not all(isinstance(s, str) for s in self.stop):
+            raise TypeError(f"stop must be strings, got {self.stop!r}")
+        ids = self.stop_token_ids
+        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
+            raise TypeError(f"stop_token_ids must be ints, got {ids!r}")
+
     def _validate(self) -> None:
+        self._check_types()
         checks: list[tuple[bool, str]] = [
+            (
+                self.seed is None or _SEED_MIN <= self.seed <= _SEED_MAX,
+                f"seed must be in [{_SEED_MIN}, {_SEED_MAX}], got {self.seed}",
+            ),
             (self.n >= 1, f"n must be >= 1, got {self.n}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),

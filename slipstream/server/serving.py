@@ -71,7 +71,7 @@ def build_sampling_params(
         )
     try:
         return SamplingParams(**kwargs)
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:
         raise bad_request(str(exc)) from exc
 
 

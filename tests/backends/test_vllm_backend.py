@@ -149,13 +149,21 @@ def test_unknown_speculative_option_lists_valid_ones() -> None:
         speculative_config(DecoderSpec("ngram", {"k": 3}))
 
 
-@pytest.mark.parametrize("name", ["token_recycling", "sparse_attention", "cautious", "hip"])
+@pytest.mark.parametrize(
+    "name", ["token_recycling", "sparse_attention", "cautious", "token_recycling+sparse_attention"]
+)
 def test_research_decoders_need_the_native_backend(name: str) -> None:
     with pytest.raises(ValueError, match="needs the native backend"):
         speculative_config(DecoderSpec(name))
     # The client refuses at construction: a start-up error, not a silent fallback.
     with pytest.raises(ValueError, match="needs the native backend"):
         VllmEngineClient(EngineConfig(decoder=DecoderSpec(name)))
+
+
+def test_a_decoder_no_backend_knows_is_called_unknown() -> None:
+    """Not "needs the native backend": the native one does not know it either."""
+    with pytest.raises(ValueError, match="unknown decoder 'hip'; valid decoders: "):
+        speculative_config(DecoderSpec("hip"))
 
 
 # --------------------------------------------------------------------------- engine args

@@ -52,3 +52,24 @@ def test_values_of_the_right_type_pass(name: str, options: dict[str, Any]) -> No
     parsed = decoder_options(DecoderSpec(name, options))
     for key, value in options.items():
         assert getattr(parsed, key) == value
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("token_recycling", {"top_k": 10**9}, "top_k must be in"),
+        ("token_recycling", {"calibration_rounds": -1}, "calibration_rounds must be >= 0"),
+        ("token_recycling", {"explore_every": -2}, "explore_every must be >= 0"),
+        (
+            "sparse_attention",
+            {"method": "hip", "rerank_factor": 2},
+            "rerank_factor is a block_topk",
+        ),
+        ("sparse_attention", {"method": "hip", "page_scoring": "bounds"}, "page_scoring is a"),
+    ],
+)
+def test_values_out_of_range_or_for_another_method(
+    name: str, options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        decoder_options(DecoderSpec(name, options))

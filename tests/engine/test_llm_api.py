@@ -77,3 +77,60 @@ def test_a_refused_prompt_runs_none_of_its_batch(llm: LLM) -> None:
     one = SamplingParams(temperature=0.0, max_tokens=1)
     llm.generate([[5, 6, 7]], one)
     assert llm.get_stats()["generation_tokens"] == before + 1
+
+
+def test_chat_outputs_carry_the_rendered_prompt(llm: LLM) -> None:
+    """As vLLM's LLM.chat: the prompt text the chat template made."""
+    conv = [{"role": "user", "content": "hi there"}]
+    out = llm.chat(conv, GREEDY)[0]
+    assert isinstance(out.prompt, str) and "hi there" in out.prompt
+    assert out.prompt_token_ids == llm.tokenizer.encode(out.prompt, add_special_tokens=False)
+    for bad in ("hello", ["hello"]):
+        with pytest.raises(TypeError, match="conversation"):
+            llm.chat(bad, GREEDY)  # type: ignore[arg-type]
+
+
+def test_a_failed_step_leaves_no_request_behind(llm: LLM) -> None:
+    """One failing step failed every later call on the same LLM: its requests stayed
+    queued. Now the call's requests leave with the error."""
+    forward = llm.engine.runner.forward
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("a broken step")
+
+    llm.engine.runner.forward = broken  # type: ignore[method-assign]
+    try:
+        with pytest.raises(RuntimeError, match="a broken step"):
+            llm.generate([[5, 6, 7], [8, 9]], GREEDY)
+    finally:
+        llm.engine.runner.forward = forward  # type: ignore[method-assign]
+    assert not llm.engine.has_unfinished_requests()
+    assert len(_tokens(llm.generate([[5, 6, 7]], GREEDY))[0]) == 5
+    llm.engine.block_manager.check_invariants()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"stop": [1, 2]}, "stop must be strings"),
+        ({"max_tokens": 3.5}, "max_tokens must be an int"),
+        ({"n": 2.0}, "n must be an int"),
+        ({"top_k": 2.5}, "top_k must be an int"),
+        ({"temperature": "0.5"}, "temperature must be a number"),
+        ({"temperature": float("nan")}, "temperature must be a number"),
+        ({"stop_token_ids": ["x"]}, "stop_token_ids must be ints"),
+    ],
+)
+def test_sampling_params_of_the_wrong_type(kwargs: dict, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_seed_range_and_list_types(llm: LLM) -> None:
+    with pytest.raises(ValueError, match="seed must be in"):
+        SamplingParams(seed=2**70)
+    with pytest.raises(TypeError, match="sampling_params"):
+        llm.generate(["x"], {"temperature": 0})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="not bytes"):
+        llm.generate(b"hello", GREEDY)  # type: ignore[arg-type]
+    assert not llm.engine.has_unfinished_requests()

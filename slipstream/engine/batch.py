@@ -30,8 +30,13 @@ class Batch:
     """Sequences scheduled for one forward pass, in a fixed order."""
 
     items: list[ScheduledSeq] = field(default_factory=list)
-    # Sequences preempted (by recompute) while making room for this batch.
+    # Sequences preempted while making room for this batch.
     preempted: list[Sequence] = field(default_factory=list)
+    # Of them, those whose KV the engine copies out before this step's forward overwrites
+    # their blocks: (sequence, the blocks that held it, tokens they held).
+    swap_out: list[tuple[Sequence, list[int], int]] = field(default_factory=list)
+    # Sequences resumed with their KV copied back into their new blocks before the forward.
+    swap_in: list[Sequence] = field(default_factory=list)
     # Prompt tokens looked up in / found in the prefix cache while admitting this batch.
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0

@@ -1,9 +1,12 @@
-"""Continuous batching under a token budget: chunked prefill, decode, preemption by recompute.
+"""Continuous batching under a token budget: chunked prefill, decode, preemption.
 
 Policy only: the scheduler sees sequences and block ids, never tensors (nano-vllm's rule),
 so it is tested on CPU with fake step results. One number per sequence describes every
 case (vLLM v1's contract): how many of its uncomputed tokens it feeds this step. Prefill,
-chunked prefill, decode and recompute after preemption all reduce to that.
+chunked prefill, decode and resuming after preemption all reduce to that. A preempted
+sequence's KV is swapped out (the engine copies it, see Batch.swap_out) and resumes with
+its computed tokens restored; where the engine keeps no copy (trials, or a caller that does
+not swap) it is recomputed from the start.
 """
 
 from __future__ import annotations
@@ -139,8 +142,16 @@ class Scheduler:
         return seq
 
     def _preempt(self, seq: Sequence, batch: Batch) -> None:
-        # Recompute: drop all KV; the prompt + outputs so far are prefilled again later,
-        # so the sequence finishes with the same greedy output.
+        # The KV is swapped out: the engine copies it from the freed blocks before the step's
+        # forward can overwrite them, and copies it back when the sequence resumes. Recompute
+        # (prefilling prompt + outputs again) gave other KV where the outputs had been decoded
+        # differently from a prefill (sparse attention prunes decodes, not prefills), and
+        # then another answer. Trials (cautious sampling's forks) are still recomputed: a
+        # paused one has nothing left to feed, which a resumed swap needs.
+        if seq.num_computed_tokens and not seq.is_trial:
+            bs = self.block_manager.block_size
+            blocks = seq.block_table[: -(-seq.num_computed_tokens // bs)]
+            batch.swap_out.append((seq, list(blocks), seq.num_computed_tokens))
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
@@ -153,7 +164,10 @@ class Scheduler:
     def _schedule_waiting(self, batch: Batch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table:
+            swapped = seq.num_swapped_tokens
+            if swapped:  # its KV comes back from the swap: slots for all of it
+                seq.num_computed_tokens = swapped
+            elif not seq.block_table:
                 hits = self.block_manager.match_prefix(seq, self.prefill_tail)
                 batch.prefix_cache_queries += seq.num_tokens
                 batch.prefix_cache_hits += hits
@@ -162,8 +176,12 @@ class Scheduler:
                 # FCFS: do not let a later request jump the queue. Give back the prefix hit.
                 self.block_manager.free(seq)
                 seq.num_computed_tokens = 0
-                seq.num_cached_tokens = 0
+                if not swapped:
+                    seq.num_cached_tokens = 0
                 break
+            if swapped:
+                seq.num_swapped_tokens = 0
+                batch.swap_in.append(seq)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

@@ -57,6 +57,10 @@ class Sequence:
     # that finished before its siblings). Preemption may still free it.
     paused: bool = False
     num_preemptions: int = 0
+    # Preempted with its KV kept (swapped out): the first tokens it holds KV for, and that
+    # KV, [layers, 2, blocks, block size, KV heads, head size] on the host (opaque here).
+    num_swapped_tokens: int = 0
+    swapped_kv: Any = None
     # Per-sequence state owned by the active decoder.
     decoder_state: dict[str, Any] = field(default_factory=dict)
 

@@ -7,7 +7,9 @@ import time
 from dataclasses import replace
 
 import pytest
+import torch
 
+from slipstream.engine.batch import Batch
 from slipstream.engine.engine import LLMEngine
 from slipstream.engine.sampling_params import SamplingParams
 from slipstream.testing.engines import run_to_completion, tiny_engine_config
@@ -53,9 +55,26 @@ def test_preemption_keeps_greedy_output(tiny_model_dir: str) -> None:
     # 30 blocks of 4 slots cannot hold six ~70-token sequences at once: preemption happens.
     tight = LLMEngine(tiny_engine_config(tiny_model_dir, num_blocks=30, block_size=4))
     expected = tokens(run_to_completion(roomy, prompts, params))
+    restored: list[bool] = []
+    swap = tight._swap
+
+    def checked_swap(batch: Batch) -> None:
+        # A resumed sequence's blocks hold, after the swap, the KV it had when preempted.
+        saved = [(seq, seq.swapped_kv.clone()) for seq in batch.swap_in]
+        swap(batch)
+        kv = tight.runner.kv_all
+        for seq, before in saved:
+            blocks = torch.tensor(seq.block_table[: before.shape[2]])
+            restored.append(torch.equal(kv.index_select(2, blocks), before))
+
+    tight._swap = checked_swap  # type: ignore[method-assign]
     got = tokens(run_to_completion(tight, prompts, params))
     assert tight.get_stats()["preemptions"] > 0
     assert got == expected
+    assert restored and all(restored)
+    # Swapped, not recomputed: no token was fed twice.
+    for key in ("prompt_tokens", "forward_tokens"):
+        assert tight.get_stats()[key] == roomy.get_stats()[key], key
     assert tight.block_manager.num_free_blocks == 30
 
 

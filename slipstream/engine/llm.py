@@ -112,7 +112,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Apply the model's chat template to each conversation, then generate; each
         output's `prompt` is the rendered text, as in vLLM."""
-        from slipstream.engine.tokenizer import render_chat_template
+        from slipstream.engine.tokenizer import chat_prompt
 
         convs: list[list[Message]]
         if conversations and isinstance(conversations[0], dict):
@@ -127,9 +127,7 @@ class LLM:
                 )
         prompts: list[PromptInput] = []
         for conv in convs:
-            text = render_chat_template(self.tokenizer, conv)
-            # NOTE: no special tokens: the template writes any BOS it wants.
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            text, ids = chat_prompt(self.tokenizer, conv)
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, progress)
 

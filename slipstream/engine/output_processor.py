@@ -86,8 +86,7 @@ class OutputProcessor:
         state.metrics.last_token_time = now
         cut = self._token_stop(seq, start, new)
         if cut is not None:
-            del seq.token_ids[seq.num_prompt_tokens + start + cut :]
-            del seq.output_logprobs[start + cut :]
+            _keep_outputs(seq, start + cut)
             new = new[:cut]
         detok = state.detokenizers[index]
         # A token that stops the sequence (EOS, a stop token id) adds no text unless the
@@ -103,9 +102,7 @@ class OutputProcessor:
             for j, token in enumerate(text_tokens):
                 detok.add_tokens([token])
                 if detok.stopped_by is not None:
-                    if j + 1 < len(new):
-                        del seq.token_ids[seq.num_prompt_tokens + start + j + 1 :]
-                        del seq.output_logprobs[start + j + 1 :]
+                    _keep_outputs(seq, start + j + 1)
                     break
         else:
             detok.add_tokens(text_tokens)
@@ -186,3 +183,9 @@ class OutputProcessor:
                 if not lp.decoded:
                     lp.decoded = self.tokenizer.decode([lp.token_id])
         return logprobs
+
+
+def _keep_outputs(seq: Sequence, count: int) -> None:
+    """Drop the sequence's output tokens (and their logprobs) after the first `count`."""
+    del seq.token_ids[seq.num_prompt_tokens + count :]
+    del seq.output_logprobs[count:]

@@ -22,7 +22,7 @@ _FLOATS = (
     "repetition_penalty",
 )
 # torch.Generator.manual_seed accepts exactly this range.
-_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,8 @@ class SamplingParams:
         self._check_types()
         checks: list[tuple[bool, str]] = [
             (
-                self.seed is None or _SEED_MIN <= self.seed <= _SEED_MAX,
-                f"seed must be in [{_SEED_MIN}, {_SEED_MAX}], got {self.seed}",
+                self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
+                f"seed must be in [{SEED_MIN}, {SEED_MAX}], got {self.seed}",
             ),
             (self.n >= 1, f"n must be >= 1, got {self.n}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),

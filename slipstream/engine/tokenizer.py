@@ -52,19 +52,15 @@ def apply_chat_template(
     add_generation_prompt: bool = True,
 ) -> list[int]:
     """Render messages with the model's chat template and tokenize the result."""
-    text = render_chat_template(tokenizer, messages, add_generation_prompt)
-    # NOTE: the template already writes any BOS it wants; add_special_tokens=True would add
-    # a second one for tokenizers that prepend BOS (Llama).
-    ids: list[int] = tokenizer.encode(text, add_special_tokens=False)
-    return ids
+    return chat_prompt(tokenizer, messages, add_generation_prompt)[1]
 
 
-def render_chat_template(
+def chat_prompt(
     tokenizer: PreTrainedTokenizerBase,
     messages: Iterable[Message],
     add_generation_prompt: bool = True,
-) -> str:
-    """The prompt text the model's chat template makes of the messages."""
+) -> tuple[str, list[int]]:
+    """The prompt text the model's chat template makes of the messages, and its token ids."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise ChatTemplateError(
             "this model's tokenizer has no chat template, so chat requests cannot be "
@@ -75,7 +71,10 @@ def render_chat_template(
         conversation, add_generation_prompt=add_generation_prompt, tokenize=False
     )
     assert isinstance(text, str), type(text)
-    return text
+    # NOTE: the template already writes any BOS it wants; add_special_tokens=True would add
+    # a second one for tokenizers that prepend BOS (Llama).
+    ids: list[int] = tokenizer.encode(text, add_special_tokens=False)
+    return text, ids
 
 
 def _normalise_message(message: Message) -> dict[str, Any]:

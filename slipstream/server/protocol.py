@@ -8,10 +8,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
-from slipstream.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS
+from slipstream.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, SEED_MAX, SEED_MIN
 
-# torch.Generator.manual_seed accepts exactly this range.
-_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
 # OpenAI caps n at 128; more choices per request only let one client monopolise the engine.
 MAX_N = 128
 
@@ -116,7 +114,7 @@ class _SamplingRequest(_Request):
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=_SEED_MIN, le=_SEED_MAX)
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     stream: bool = False

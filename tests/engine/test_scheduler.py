@@ -8,7 +8,7 @@ from slipstream.config import SchedulerConfig
 from slipstream.engine.batch import Batch
 from slipstream.engine.block_manager import BlockManager
 from slipstream.engine.sampling_params import SamplingParams
-from slipstream.engine.scheduler import Scheduler
+from slipstream.engine.scheduler import LookaheadFn, Scheduler
 from slipstream.engine.sequence import Sequence, SequenceStatus
 
 BLOCK = 4
@@ -37,9 +37,18 @@ def fake_step(sched: Scheduler, batch: Batch, token: int = 7) -> None:
         sched.block_manager.commit_computed(seq)
 
 
-def make_scheduler(num_blocks: int = 64, max_seqs: int = 8, budget: int = 16) -> Scheduler:
+def make_scheduler(
+    num_blocks: int = 64,
+    max_seqs: int = 8,
+    budget: int = 16,
+    lookahead: LookaheadFn | None = None,
+    prefill_tail: int = 0,
+) -> Scheduler:
     bm = BlockManager(num_blocks, BLOCK)
-    return Scheduler(SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget), bm)
+    config = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget)
+    if lookahead is None:
+        return Scheduler(config, bm, prefill_tail=prefill_tail)
+    return Scheduler(config, bm, lookahead, prefill_tail)
 
 
 def test_chunked_prefill_splits_prompt_under_budget() -> None:
@@ -141,10 +150,7 @@ def test_finish_frees_everything() -> None:
 
 
 def test_lookahead_slots_reserved_only_for_decode() -> None:
-    bm = BlockManager(64, BLOCK)
-    sched = Scheduler(
-        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), bm, lambda seq, n: 5
-    )
+    sched = make_scheduler(max_seqs=4, budget=64, lookahead=lambda seq, n: 5)
     seq = make_seq(0, 6)
     sched.add(seq)
     batch = sched.schedule()
@@ -161,10 +167,7 @@ def test_drafts_without_room_are_not_scheduled() -> None:
     (before preempting anyone), and the batch says so: a draft fed into slots that were never
     allocated wrote past the sequence's block table (IndexError, a 500 for the whole
     batch)."""
-    bm = BlockManager(3, BLOCK)
-    sched = Scheduler(
-        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), bm, lambda seq, n: 6
-    )
+    sched = make_scheduler(num_blocks=3, max_seqs=4, budget=64, lookahead=lambda seq, n: 6)
     seq = make_seq(0, 7)  # 2 blocks for the prompt and the first sample
     sched.add(seq)
     fake_step(sched, sched.schedule())
@@ -173,7 +176,7 @@ def test_drafts_without_room_are_not_scheduled() -> None:
     assert [(i.num_new_tokens, i.num_lookahead_slots) for i in batch.items] == [(1, 0)]
     assert not batch.preempted
     assert len(seq.block_table) * BLOCK >= seq.num_computed_tokens + 1
-    bm.check_invariants()
+    sched.block_manager.check_invariants()
 
 
 @pytest.mark.parametrize("budget", [1, 3, 16])
@@ -201,9 +204,8 @@ def test_every_prompt_token_is_computed_once(budget: int) -> None:
 def test_final_prefill_chunk_keeps_the_tail() -> None:
     """With prefill_tail 6 (a decoder reading the last 6 prompt tokens' queries at the end of
     the prefill), no chunk but the last leaves fewer than 6 tokens behind."""
-    bm = BlockManager(64, BLOCK)
-    config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16)
-    sched = Scheduler(config, bm, prefill_tail=6)
+    sched = make_scheduler(budget=16, prefill_tail=6)
+    bm = sched.block_manager
     seq = make_seq(0, 35)  # 16 + 16 would leave 3: the second chunk stops at 29
     sched.add(seq)
     chunks = []
@@ -221,12 +223,8 @@ def test_drafts_leave_room_for_a_final_chunk() -> None:
     """A decode would draft 11 tokens of the 16-token budget; a prefill down to its final 6
     tokens (tail 6) needs them in one step, and the drafts, which are optional, shrink to
     leave that room rather than hold it back."""
-    bm = BlockManager(64, BLOCK)
-    sched = Scheduler(
-        SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16),
-        bm,
-        lookahead=lambda seq, n: 11 if seq.seq_id == 0 else 0,
-        prefill_tail=6,
+    sched = make_scheduler(
+        budget=16, lookahead=lambda seq, n: 11 if seq.seq_id == 0 else 0, prefill_tail=6
     )
     first, second = make_seq(0, 4), make_seq(1, 14)
     sched.add(first)

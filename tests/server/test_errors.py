@@ -273,34 +273,37 @@ def test_503_while_starting_then_ready() -> None:
         assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
 
 
-def test_engine_failing_to_start_stops_the_server_with_status_1() -> None:
-    config = ServerConfig(port=0, log_requests=False)
-    app = create_app(FakeEngine(FakeConfig(fail_start=True)), config)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
+def _exit_status(
+    engine: FakeEngine, config: ServerConfig, bound: bool = True
+) -> tuple[list[int], Any]:
+    """run_server's return, run on a thread (on a socket bound here, or binding config's
+    own address), as a list (empty if it did not return within 20 s), and the app."""
+    app = create_app(engine, config)
+    sock = None
+    if bound:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.bind(("127.0.0.1", 0))
     result: list[int] = []
     thread = threading.Thread(target=lambda: result.append(run_server(app, config, sock)))
     thread.start()
     thread.join(timeout=20)
-    sock.close()
-    assert result == [1]
+    if sock is not None:
+        sock.close()
+    return result, app
+
+
+def test_engine_failing_to_start_stops_the_server_with_status_1() -> None:
+    config = ServerConfig(port=0, log_requests=False)
+    status, app = _exit_status(FakeEngine(FakeConfig(fail_start=True)), config)
+    assert status == [1]
     assert app.state.server.phase.value == "failed"
 
 
 def test_a_setting_refused_at_start_is_one_line(caplog: pytest.LogCaptureFixture) -> None:
     """A ValueError from the engine's start (a context the KV cache cannot hold, say) is
     logged as its message, without a traceback, and the server exits with status 1."""
-    config = ServerConfig(port=0, log_requests=False)
     engine = FakeEngine(FakeConfig(fail_start=True, fail_start_error=ValueError("too long")))
-    app = create_app(engine, config)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    result: list[int] = []
-    thread = threading.Thread(target=lambda: result.append(run_server(app, config, sock)))
-    thread.start()
-    thread.join(timeout=20)
-    sock.close()
-    assert result == [1]
+    assert _exit_status(engine, ServerConfig(port=0, log_requests=False))[0] == [1]
     failed = [r for r in caplog.records if "failed to start" in r.getMessage()]
     assert len(failed) == 1 and failed[0].exc_info is None
     assert failed[0].getMessage().endswith("too long")
@@ -312,13 +315,8 @@ def test_an_address_in_use_exits_with_status_1() -> None:
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     config = ServerConfig(host="127.0.0.1", port=taken.getsockname()[1], log_requests=False)
-    app = create_app(FakeEngine(FakeConfig()), config)
-    result: list[int] = []
-    thread = threading.Thread(target=lambda: result.append(run_server(app, config)))
-    thread.start()
-    thread.join(timeout=20)
+    assert _exit_status(FakeEngine(FakeConfig()), config, bound=False)[0] == [1]
     taken.close()
-    assert result == [1]
 
 
 def test_overload_gives_429_and_accepted_requests_complete() -> None:

@@ -1,5 +1,5 @@
 """Chunked prefill's attention on CPU: one SDPA call with an explicit mask against two
-unmasked parts merged by their log-sum-exp (kernels/paged_attention.py, _attend_chunk).
+unmasked parts merged by their log-sum-exp (kernels/paged_attention_torch.py, _attend_chunk).
 
 A chunk of --chunk new tokens after each of --contexts cached keys, at the default model's
 attention shape (9 heads over 3 KV heads, head_dim 64, pages of 16), one layer's call timed
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from slipstream.kernels import paged_attention as pa
+from slipstream.kernels import paged_attention_torch as pa
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
 

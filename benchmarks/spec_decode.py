@@ -1,6 +1,7 @@
 """Speculative decoders side by side: standard, ngram and token recycling, one run.
 
-Default model, builtin prompt suite, chat template, greedy, batch 1 (one request at a time).
+Default model, builtin prompt suite, chat template, greedy (or --temperature), batch 1 (one
+request at a time).
 Per category and overall: mean accepted tokens per verification step (MAT, bonus included)
 and tokens/s, for standard, ngram (k = 4 and 8) and token recycling (the official algorithm
 with its 80-node tree; the calibrated tree alone; the calibrated tree with prompt seeding and
@@ -101,13 +102,20 @@ def new_result() -> dict[str, Any]:
 
 
 def run_prompt(
-    llm: Any, prompt: Any, max_tokens: int, repetition_penalty: float, cold: bool, res: Any
+    llm: Any,
+    prompt: Any,
+    max_tokens: int,
+    repetition_penalty: float,
+    cold: bool,
+    res: Any,
+    temperature: float = 0.0,
 ) -> None:
-    """One prompt, greedy, batch 1; its numbers are added to `res`."""
+    """One prompt, batch 1 (greedy unless `temperature`); its numbers are added to `res`."""
     from slipstream.engine.sampling_params import SamplingParams
 
+    # No seed: a seeded request runs the standard path (tree_verify.drafts_allowed).
     params = SamplingParams(
-        temperature=0.0, max_tokens=max_tokens, repetition_penalty=repetition_penalty
+        temperature=temperature, max_tokens=max_tokens, repetition_penalty=repetition_penalty
     )
     dec = llm.engine.decoder
     if cold and hasattr(dec, "reset_matrix"):
@@ -252,7 +260,7 @@ def run_workload(
         for label, decoder, options, cold in configs:
             llm = build(decoder, options, cold)
             for p in prompts:
-                run_prompt(llm, p, args.max_tokens, penalty, cold, results[label])
+                run_prompt(llm, p, args.max_tokens, penalty, cold, results[label], args.temperature)
             del llm
         return results
     llms = {
@@ -272,7 +280,10 @@ def run_workload(
                 run_vllm_prompt(workers[label], p, prompt_ids[i], penalty, results[label])
                 workers[label].pause()
             else:
-                run_prompt(llms[label], p, args.max_tokens, penalty, cold, results[label])
+                run_prompt(
+                    llms[label], p, args.max_tokens, penalty, cold, results[label],
+                    args.temperature,
+                )  # fmt: skip
     return results
 
 
@@ -447,6 +458,14 @@ def main() -> None:
         action="store_true",
         help="every engine with --batch-invariant (on CUDA: answers equal standard's in bf16)",
     )
+    ap.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sample at this temperature instead of greedy (token recycling then verifies by\n"
+        "tree rejection sampling; answers differ between configs, so only speeds and tokens\n"
+        "per step compare). Not with --vllm or --served (both greedy)",
+    )
     ap.add_argument("--per-category", type=int, default=0, help="prompts per category (0 = all)")
     ap.add_argument("--categories", default=None, help="comma-separated builtin categories")
     ap.add_argument(
@@ -490,6 +509,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.penalty_only and args.no_penalty_workload:
         ap.error("--penalty-only and --no-penalty-workload leave no workload to run")
+    if not 0.0 <= args.temperature < float("inf"):
+        ap.error(f"--temperature must be finite and >= 0, got {args.temperature}")
+    if args.temperature and (args.vllm or args.served or args.served_only):
+        ap.error("--temperature > 0 runs our configs only: drop --vllm / --served")
     if args.served_only:
         served(args)
         return
@@ -508,7 +531,8 @@ def main() -> None:
         prompts = keep
     extra = [parse_config(spec) for spec in args.config]
     configs = [c for c in [*CONFIGS, *extra] if not args.configs or c[0] in args.configs.split(",")]
-    print(f"{len(prompts)} prompts, {args.max_tokens} max tokens, greedy, batch 1, "
+    mode = f"temperature {args.temperature}" if args.temperature else "greedy"
+    print(f"{len(prompts)} prompts, {args.max_tokens} max tokens, {mode}, batch 1, "
           f"{torch.get_num_threads()} torch threads")  # fmt: skip
     workloads = [] if args.penalty_only else [("repetitive answers allowed (no penalty)", 1.0)]
     if not args.no_penalty_workload:
@@ -534,8 +558,12 @@ def main() -> None:
                 same = sum(a == b for a, b in zip(res["outputs"], reference, strict=True))
                 results[label] = summarise(res)
                 results[label]["overall"]["identical_outputs"] = same / len(prompts)
-                print(f"  {label}: {results[label]['overall']} ({same}/{len(prompts)} outputs "
-                      "identical to the first config)", flush=True)  # fmt: skip
+                compared = (
+                    "sampled: not compared"
+                    if args.temperature
+                    else f"{same}/{len(prompts)} outputs identical to the first config"
+                )
+                print(f"  {label}: {results[label]['overall']} ({compared})", flush=True)
             print_table(title, results)
             everything[title] = results
         print("\nPaper figures (different model and hardware: compare drafters with each other):")

@@ -13,7 +13,7 @@ Where the engine stands without it:
   answers to ~830-token prompts differed at 12 concurrent sequences). What the flag adds:
   chunks over 512 rows (a larger --max-num-batched-tokens) take it too
   (CpuKernelAttentionBackend).
-- CUDA: cuBLAS, PyTorch's reductions and paged_attention.py's shared key tiles all round
+- CUDA: cuBLAS, PyTorch's reductions and paged_attention_triton.py's shared key tiles all round
   by shape; on an H200 in bf16, token recycling matched standard greedy on 4-6 of 12
   prompts. With the flag: invariant_linear (projections and LM head, float32 logits),
   add_rms_norm_triton (residual add + norms) and invariant_paged_attention (dense

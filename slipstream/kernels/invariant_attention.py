@@ -12,7 +12,7 @@ token gives exactly what decoding it alone would:
 - one program per (token, KV head, split): no row of another token shares its reductions.
 - the dot products are elementwise multiplies and fixed-shape sums (no tensor-core MMA,
   whose layout follows the tile's row count).
-paged_attention.py's kernel tiles keys by cache slot and shares tiles between a block's
+paged_attention_triton.py's kernel tiles keys by cache slot and shares tiles between a block's
 queries, so a tree node's ancestors meet masked siblings in its tiles and its sums pair up
 differently from sequential decoding: close, not equal.
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from slipstream.kernels import paged_attention as pa
+from slipstream.kernels import paged_attention_torch as pa_torch
 from slipstream.kernels.paged_attention import (
     _paged_attention_loop,
     paged_attention,
@@ -220,8 +220,8 @@ def test_fast_reference_matches_loop(
     monkeypatch: pytest.MonkeyPatch, name: str, gqa: str, dtype: torch.dtype, path: str
 ) -> None:
     """Every CPU fast path (single sequence, padded batch, per-sequence loop) = the loop."""
-    ratio = {"auto": pa._MAX_PAD_RATIO, "padded": float("inf"), "per_seq": 0.0}[path]
-    monkeypatch.setattr(pa, "_MAX_PAD_RATIO", ratio)
+    ratio = {"auto": pa_torch._MAX_PAD_RATIO, "padded": float("inf"), "per_seq": 0.0}[path]
+    monkeypatch.setattr(pa_torch, "_MAX_PAD_RATIO", ratio)
     num_q, seq_lens, tree = _case(name)
     heads, kv_heads = GQA[gqa]
     batch = random_batch(num_q, seq_lens, heads, kv_heads, dtype=dtype, tree=tree)
@@ -237,7 +237,7 @@ def test_plan_shared_across_layers_gives_the_same_output(
     monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
     """A plan built in "layer 1" is reused in "layer 2" with other q/K/V, same metadata."""
-    monkeypatch.setattr(pa, "_MAX_PAD_RATIO", float("inf"))  # force the cached padded path
+    monkeypatch.setattr(pa_torch, "_MAX_PAD_RATIO", float("inf"))  # force the cached padded path
     num_q, seq_lens, tree = _case(name)
     first = random_batch(num_q, seq_lens, tree=tree)
     second = other_layer(first, num_q, seq_lens, tree=tree)
@@ -259,21 +259,22 @@ def test_long_chunk_after_cached_keys_matches_loop(
     """A chunk of >= _SPLIT_CHUNK_ROWS new tokens after cached ones (chunked prefill) attends
     in two unmasked parts merged by log-sum-exp where torch has the CPU flash kernel, with
     one masked call where it has not; both equal the loop. Shorter chunks keep the mask."""
-    if flash and pa._FLASH_WITH_LSE is None:
+    if flash and pa_torch._FLASH_WITH_LSE is None:
         pytest.skip("this torch has no _scaled_dot_product_flash_attention_for_cpu")
     if not flash:
-        monkeypatch.setattr(pa, "_FLASH_WITH_LSE", None)
+        monkeypatch.setattr(pa_torch, "_FLASH_WITH_LSE", None)
     calls: list[int] = []
-    split = pa._attend_chunk
+    split = pa_torch._attend_chunk
 
     def counted(q: torch.Tensor, *args: Any) -> torch.Tensor:
         calls.append(q.shape[0])
         return split(q, *args)
 
-    monkeypatch.setattr(pa, "_attend_chunk", counted)
-    monkeypatch.setattr(pa, "_MAX_PAD_RATIO", 0.0)  # each sequence on its own, as long ones go
+    monkeypatch.setattr(pa_torch, "_attend_chunk", counted)
+    # each sequence on its own, as long ones go
+    monkeypatch.setattr(pa_torch, "_MAX_PAD_RATIO", 0.0)
     heads, kv_heads = GQA[gqa]
-    n = pa._SPLIT_CHUNK_ROWS
+    n = pa_torch._SPLIT_CHUNK_ROWS
     # A long chunk after 173 cached keys, then one just under the threshold after 40.
     batch = random_batch([n + 44, n - 1], [n + 44 + 173, n - 1 + 40], heads, kv_heads, dtype=dtype)
     out = batch.run(paged_attention_ref)

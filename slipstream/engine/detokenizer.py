@@ -11,7 +11,8 @@ Two layers:
    character over several tokens, and the first ones alone decode to the replacement char.
 2. Safe text -> emitted text. A suffix that could still grow into a stop string is held
    back; once a stop string completes, the text is cut before it (or after it with
-   include_stop_str_in_output) and nothing more is emitted.
+   include_stop_str_in_output) and nothing more is emitted. As in vLLM, a stop string
+   counts only where it completes at or after the `min_tokens`-th output token.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         stop: tuple[str, ...] = (),
         include_stop_str_in_output: bool = False,
+        min_tokens: int = 0,
     ) -> None:
         self.tokenizer = tokenizer
+        self.min_tokens = min_tokens
         self.skip_special_tokens = skip_special_tokens
         self.stop = tuple(s for s in stop if s)
         self.include_stop_str_in_output = include_stop_str_in_output
@@ -102,7 +105,10 @@ class IncrementalDetokenizer:
             self.text += new_text
             return new_text
         buffer = self._pending + new_text
-        hit = _find_first_stop(buffer, self.stop)
+        # Before min_tokens a stop string that completes is emitted as text; one that may
+        # still complete later stays held back.
+        live = self.num_output_tokens >= self.min_tokens
+        hit = _find_first_stop(buffer, self.stop) if live else None
         if hit is not None:
             index, stop_str = hit
             end = index + len(stop_str) if self.include_stop_str_in_output else index

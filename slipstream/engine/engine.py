@@ -171,7 +171,9 @@ class LLMEngine:
             # One generator per sequence: the same seed gives the same tokens whatever
             # else is in the batch. n > 1 completions differ by their index.
             seed = (
-                params.seed + index if params.seed is not None else self._seed_rng.getrandbits(63)
+                (params.seed + index) % 2**64  # torch reads seeds mod 2^64 (negative ones too)
+                if params.seed is not None
+                else self._seed_rng.getrandbits(63)
             )
             seq.generator = torch.Generator(device=self.loaded.device).manual_seed(seed)
         self.seqs[seq.seq_id] = seq

@@ -109,9 +109,13 @@ class LLM:
         conversations: list[Message] | list[list[Message]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         progress: Callable[[int, int], None] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to each conversation, then generate; each
-        output's `prompt` is the rendered text, as in vLLM."""
+        output's `prompt` is the rendered text, as in vLLM. `continue_final_message` (with
+        `add_generation_prompt=False`) continues the last message instead of answering it."""
         from slipstream.engine.tokenizer import chat_prompt
 
         convs: list[list[Message]]
@@ -127,7 +131,9 @@ class LLM:
                 )
         prompts: list[PromptInput] = []
         for conv in convs:
-            text, ids = chat_prompt(self.tokenizer, conv)
+            text, ids = chat_prompt(
+                self.tokenizer, conv, add_generation_prompt, continue_final_message
+            )
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, progress)
 

@@ -57,6 +57,7 @@ class OutputProcessor:
                 skip_special_tokens=params.skip_special_tokens,
                 stop=params.stop,
                 include_stop_str_in_output=params.include_stop_str_in_output,
+                min_tokens=params.min_tokens,
             )
             for _ in seqs
         ]

@@ -50,17 +50,29 @@ def apply_chat_template(
     tokenizer: PreTrainedTokenizerBase,
     messages: Iterable[Message],
     add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
 ) -> list[int]:
     """Render messages with the model's chat template and tokenize the result."""
-    return chat_prompt(tokenizer, messages, add_generation_prompt)[1]
+    return chat_prompt(tokenizer, messages, add_generation_prompt, continue_final_message)[1]
 
 
 def chat_prompt(
     tokenizer: PreTrainedTokenizerBase,
     messages: Iterable[Message],
     add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
 ) -> tuple[str, list[int]]:
-    """The prompt text the model's chat template makes of the messages, and its token ids."""
+    """The prompt text the model's chat template makes of the messages, and its token ids.
+
+    `continue_final_message` leaves the last message open (no end-of-turn after it), so the
+    model continues it: an assistant reply prefilled with its first words (vLLM's option of
+    the same name). It excludes `add_generation_prompt`, which would open a new turn.
+    """
+    if continue_final_message and add_generation_prompt:
+        raise ChatTemplateError(
+            "continue_final_message and add_generation_prompt cannot both be true: the first "
+            "continues the last message, the second opens a new assistant turn after it"
+        )
     if getattr(tokenizer, "chat_template", None) is None:
         raise ChatTemplateError(
             "this model's tokenizer has no chat template, so chat requests cannot be "
@@ -68,7 +80,10 @@ def chat_prompt(
         )
     conversation = [_normalise_message(m) for m in messages]
     text = tokenizer.apply_chat_template(
-        conversation, add_generation_prompt=add_generation_prompt, tokenize=False
+        conversation,
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message,
+        tokenize=False,
     )
     assert isinstance(text, str), type(text)
     # NOTE: the template already writes any BOS it wants; add_special_tokens=True would add

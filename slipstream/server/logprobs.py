@@ -102,33 +102,61 @@ def chat_logprobs(
     return ChatLogprobs(content=content)
 
 
+class TextOffsets:
+    """Where each token starts in the text its tokens decode to, in characters, fed token by
+    token (its bytes). A token that ends inside a multi-byte character moves the offset only
+    once a later token completes the character: the 2-byte halves of an emoji both start at
+    the emoji, and the next token one character after it. (Counting each token's display
+    text instead, "bytes:\\xf0\\x9f" is 14 characters, put offsets past the text's end.)
+
+    Example: tokens b"Hi", b"\\xf0\\x9f", b"\\x8e\\x89", b"!" -> offsets 0, 2, 2, 3.
+    """
+
+    def __init__(self) -> None:
+        self.chars = 0
+        self._partial = b""  # the start of a character whose last bytes are still to come
+
+    def next(self, raw: bytes) -> int:
+        """The offset of the token with bytes `raw`, then move past it."""
+        offset = self.chars
+        data = self._partial + raw
+        try:
+            self.chars += len(data.decode("utf-8"))
+            self._partial = b""
+        except UnicodeDecodeError as exc:
+            complete = exc.reason == "unexpected end of data" and len(data) - exc.start < 4
+            head = data[: exc.start] if complete else data
+            self.chars += len(head.decode("utf-8", errors="replace"))
+            self._partial = data[exc.start :] if complete else b""
+        return offset
+
+
 def completion_logprobs(
     entries: Sequence[TokenLogprobs | None],
     num_top: int,
     token_text: TokenText,
-    text_offset: int,
+    offsets: TextOffsets,
     token_ids: Sequence[int] | None = None,
 ) -> CompletionLogprobs:
     """Legacy logprobs; a None entry (the first prompt token) has no logprob.
 
-    `token_ids` names the tokens of None entries; `text_offset` is where the first token's
-    text starts in the choice's text.
+    `token_ids` names the tokens of None entries; `offsets` holds where the choice's text
+    stands before the first of these tokens (a stream carries it from chunk to chunk, so
+    streamed offsets equal the whole response's).
     """
     out = CompletionLogprobs()
-    offset = text_offset
     for i, entry in enumerate(entries):
         if entry is None:
             token_id = token_ids[i] if token_ids is not None else 0
-            text = token_text(Logprob(token_id=token_id, logprob=0.0))
+            text, raw = token_text.lookup(Logprob(token_id=token_id, logprob=0.0))
             out.tokens.append(text)
             out.token_logprobs.append(None)
             out.top_logprobs.append(None)
         else:
-            text = token_text(entry.chosen)
+            text, raw = token_text.lookup(entry.chosen)
             out.tokens.append(text)
             out.token_logprobs.append(_value(entry.chosen.logprob))
             top = {token_text(alt): _value(alt.logprob) for alt in entry.top[:num_top]}
             out.top_logprobs.append(top)
-        out.text_offset.append(offset)
-        offset += len(text)
+        out.text_offset.append(offsets.next(bytes(raw)))
     return out

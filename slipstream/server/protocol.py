@@ -163,6 +163,9 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    # vLLM's: leave the last message open for the model to continue (an assistant prefill);
+    # needs add_generation_prompt false.
+    continue_final_message: bool = False
     # Accepted only so that using them gives a clear 400 instead of being silently dropped.
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -184,7 +187,8 @@ class CompletionRequest(_SamplingRequest):
     """POST /v1/completions."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's legacy default
+    # OpenAI's legacy default; 0 only with echo (the prompt's logprobs, nothing generated).
+    max_tokens: int | None = Field(default=16, ge=0)
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     add_special_tokens: bool = True
@@ -200,6 +204,7 @@ class TokenizeRequest(_Request):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     return_token_strs: bool = False
 
     @model_validator(mode="after")

@@ -261,3 +261,24 @@ def test_random_ids_with_stop_equal_truncated_full_decode(
         expected = full[: i + len(stop)] if include else full[:i]
         assert d.stopped_by == stop
     assert "".join(deltas) == expected == d.text
+
+
+def test_stop_strings_count_from_min_tokens_on(tok: PreTrainedTokenizerFast) -> None:
+    """As in vLLM: a stop string that completes before the min_tokens-th output token is
+    text; one that completes at or after it stops the output."""
+    ids = byte_ids(tok, b"ab ab ab")  # one token per character
+    early = IncrementalDetokenizer(tok, [], stop=("ab",), min_tokens=5)
+    deltas = stream(early, ids, flush=False)
+    # "ab" completes at tokens 2 and 5: the first is text, the second stops (cut before it).
+    assert early.stopped_by == "ab" and early.text == "".join(deltas) == "ab "
+    # A stop string that starts before min_tokens and completes after it counts too.
+    straddling = IncrementalDetokenizer(tok, [], stop=("b ab",), min_tokens=4)
+    stream(straddling, ids, flush=False)
+    assert straddling.stopped_by == "b ab" and straddling.text == "a"
+    # Without min_tokens the first occurrence stops.
+    plain = IncrementalDetokenizer(tok, [], stop=("ab",))
+    stream(plain, ids, flush=False)
+    assert plain.stopped_by == "ab" and plain.text == ""
+    # min_tokens past the whole output: no stop at all, every character emitted.
+    never = IncrementalDetokenizer(tok, [], stop=("ab",), min_tokens=9)
+    assert "".join(stream(never, ids)) == "ab ab ab" and never.stopped_by is None

@@ -90,6 +90,21 @@ def test_chat_outputs_carry_the_rendered_prompt(llm: LLM) -> None:
             llm.chat(bad, GREEDY)  # type: ignore[arg-type]
 
 
+def test_chat_can_continue_the_final_message(llm: LLM) -> None:
+    """vLLM's LLM.chat options: the assistant's prefilled words stay open for the model."""
+    conv = [
+        {"role": "user", "content": "Tell me a joke."},
+        {"role": "assistant", "content": "Why did the"},
+    ]
+    out = llm.chat(conv, GREEDY, add_generation_prompt=False, continue_final_message=True)[0]
+    assert isinstance(out.prompt, str) and out.prompt.endswith("Why did the")
+    closed = llm.chat(conv, GREEDY, add_generation_prompt=False)[0]
+    assert isinstance(closed.prompt, str) and closed.prompt.startswith(out.prompt)
+    assert not closed.prompt.endswith("Why did the")
+    with pytest.raises(ValueError, match="cannot both be true"):
+        llm.chat(conv, GREEDY, continue_final_message=True)
+
+
 def test_a_failed_step_leaves_no_request_behind(llm: LLM) -> None:
     """One failing step failed every later call on the same LLM: its requests stayed
     queued. Now the call's requests leave with the error."""

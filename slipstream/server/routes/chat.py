@@ -76,7 +76,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state = ready_state(request)
     state.check_model(body.model)
     _reject_unsupported(body)
-    prompt_ids = render_chat(state, body.messages, body.add_generation_prompt)
+    prompt_ids = render_chat(
+        state, body.messages, body.add_generation_prompt, body.continue_final_message
+    )
     info = state.model_info
     check_token_ids(body.stop_token_ids or [], info.vocab_size, "stop_token_ids")
     bias = parse_logit_bias(body.logit_bias, info.vocab_size)

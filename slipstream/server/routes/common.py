@@ -69,12 +69,24 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
 
 
 def render_chat(
-    state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool
+    state: ServerState,
+    messages: list[ChatMessage],
+    add_generation_prompt: bool,
+    continue_final_message: bool = False,
 ) -> list[int]:
     """Messages -> prompt token ids through the model's chat template (400 if it refuses)."""
+    if continue_final_message and add_generation_prompt:
+        raise bad_request(
+            "continue_final_message and add_generation_prompt cannot both be true (set "
+            "add_generation_prompt to false to continue the last message)",
+            param="continue_final_message",
+        )
     try:
         return apply_chat_template(
-            state.tokenizer, chat_messages(messages), add_generation_prompt=add_generation_prompt
+            state.tokenizer,
+            chat_messages(messages),
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
         )
     except APIError:
         raise

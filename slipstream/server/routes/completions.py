@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -12,7 +12,7 @@ from fastapi.responses import Response, StreamingResponse
 from slipstream.backends.base import GenerateRequest
 from slipstream.engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from slipstream.server.errors import bad_request
-from slipstream.server.logprobs import TokenText, completion_logprobs
+from slipstream.server.logprobs import TextOffsets, TokenText, completion_logprobs
 from slipstream.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -69,6 +69,9 @@ class _Completion:
     echo: bool
     logprobs: int | None
     token_text: TokenText
+    # max_tokens 0 with echo: the prompt (and its logprobs) alone. The engine generates one
+    # token, which the response leaves out (as vLLM does).
+    echo_only: bool = False
 
     def prompt_text(self, index: int) -> str:
         """Prompt `index` as text (decoded if it was sent as token ids)."""
@@ -88,13 +91,15 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     info = state.model_info
     check_token_ids(body.stop_token_ids or [], info.vocab_size, "stop_token_ids")
     bias = parse_logit_bias(body.logit_bias, info.vocab_size)
+    echo_only = body.max_tokens == 0
     cmpl = _Completion(
         new_id("cmpl"), now_s(), state.model_name, prompts, body.n, body.echo, body.logprobs,
-        state.token_text,
+        state.token_text, echo_only,
     )  # fmt: skip
     requests = []
     for i, prompt in enumerate(prompts):
-        max_tokens = resolve_max_tokens(body.max_tokens, len(prompt.token_ids), info.max_model_len)
+        wanted = 1 if echo_only else body.max_tokens
+        max_tokens = resolve_max_tokens(wanted, len(prompt.token_ids), info.max_model_len)
         prompt_logprobs = body.logprobs if body.echo else None
         params = build_sampling_params(
             body, max_tokens, body.logprobs, prompt_logprobs, logit_bias=bias
@@ -122,6 +127,12 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
 
 
 def _reject_unsupported(body: CompletionRequest) -> None:
+    if body.max_tokens == 0 and not body.echo:
+        raise bad_request(
+            "max_tokens must be at least 1; 0 is allowed only with echo (the prompt's "
+            "logprobs, nothing generated)",
+            "max_tokens",
+        )
     if body.suffix:
         raise bad_request("suffix (insertion) is not supported by this server", "suffix")
     if body.best_of is not None and body.best_of != body.n:
@@ -162,7 +173,7 @@ def _logprobs(
     prompt_index: int,
     output: RequestOutput,
     completion: CompletionOutput,
-    text_offset: int,
+    offsets: TextOffsets,
     start: int = 0,
     with_prompt: bool = False,
 ) -> CompletionLogprobs | None:
@@ -179,12 +190,30 @@ def _logprobs(
     generated = (completion.logprobs or [])[start:]
     entries.extend(generated)
     ids.extend(completion.token_ids[start : start + len(generated)])
-    return completion_logprobs(entries, cmpl.logprobs, cmpl.token_text, text_offset, ids)
+    return completion_logprobs(entries, cmpl.logprobs, cmpl.token_text, offsets, ids)
+
+
+def _prompt_only(output: RequestOutput) -> RequestOutput:
+    """The output without its generated tokens (echo with max_tokens 0)."""
+    outputs = [
+        replace(
+            c,
+            text="",
+            token_ids=[],
+            logprobs=None if c.logprobs is None else [],
+            finish_reason="length" if c.finished else None,
+            stop_reason=None,
+        )
+        for c in output.outputs
+    ]
+    return replace(output, outputs=outputs)
 
 
 def _response(
     finals: list[RequestOutput], cmpl: _Completion, num_prompt_tokens: int
 ) -> CompletionResponse:
+    if cmpl.echo_only:
+        finals = [_prompt_only(final) for final in finals]
     choices = []
     for p, final in enumerate(finals):
         prefix = cmpl.prompt_text(p) if cmpl.echo else ""
@@ -193,7 +222,7 @@ def _response(
                 CompletionChoice(
                     index=p * cmpl.n + c.index,
                     text=prefix + c.text,
-                    logprobs=_logprobs(cmpl, p, final, c, 0, with_prompt=cmpl.echo),
+                    logprobs=_logprobs(cmpl, p, final, c, TextOffsets(), with_prompt=cmpl.echo),
                     finish_reason=c.finish_reason,
                     stop_reason=c.stop_reason,
                 )
@@ -217,7 +246,7 @@ async def _stream(
     extra: dict[str, Any] = {"usage": None} if include_usage else {}
     num_choices = len(gens) * cmpl.n
     deltas = [TextDelta(body.stop_list()) for _ in range(num_choices)]
-    chars_sent = [0] * num_choices
+    offsets = [TextOffsets() for _ in range(num_choices)]
     logprobs_sent = [0] * num_choices
     started = [False] * num_choices
     done = [False] * num_choices
@@ -225,6 +254,8 @@ async def _stream(
     num_prompt_tokens = sum(len(p.token_ids) for p in cmpl.prompts)
     try:
         async for p, output in merge_outputs(gens):
+            if cmpl.echo_only:
+                output = _prompt_only(output)
             latest[p] = output
             if continuous:
                 extra = {"usage": usage(num_prompt_tokens, list(latest.values())).model_dump()}
@@ -240,10 +271,9 @@ async def _stream(
                     continue
                 started[index] = True
                 logprobs = _logprobs(
-                    cmpl, p, output, c, chars_sent[index], logprobs_sent[index], with_prompt=echo
+                    cmpl, p, output, c, offsets[index], logprobs_sent[index], with_prompt=echo
                 )
                 logprobs_sent[index] = len(c.logprobs or [])
-                chars_sent[index] += len(text)
                 choice: dict[str, Any] = {
                     "index": index,
                     "text": text,

@@ -23,7 +23,9 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     state = ready_state(request)
     state.check_model(body.model)
     if body.messages is not None:
-        ids = render_chat(state, body.messages, body.add_generation_prompt)
+        ids = render_chat(
+            state, body.messages, body.add_generation_prompt, body.continue_final_message
+        )
     else:
         assert body.prompt is not None
         ids = list(state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens))

@@ -674,7 +674,7 @@ class VllmEngineClient:
             return
         capacity = self.config.scheduler.max_num_seqs + limit
         if sum(self._inflight.values()) + request.params.n > capacity:
-            raise QueueFullError(f"the waiting queue is full ({limit} requests); retry later")
+            raise QueueFullError(f"the waiting queue is full ({limit} requests)")
 
     async def abort(self, request_id: str) -> None:
         """Abort a request in vLLM (frees its KV blocks in the engine core)."""

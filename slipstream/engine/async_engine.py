@@ -61,7 +61,9 @@ class AsyncLLMEngine:
         self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._sinks: dict[str, Callable[[RequestOutput | BaseException], None]] = {}
-        self._pending_adds = 0
+        # Sequences of the requests admitted and not yet ended (a request with n = 4
+        # counts 4): what --max-queued-requests bounds, beyond the batch's max_num_seqs.
+        self._admitted_seqs = 0
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -165,7 +167,7 @@ class AsyncLLMEngine:
         """Cumulative outputs until finished; closing the iterator early aborts the request."""
         if not self.is_running:
             raise EngineDeadError("the engine is not running")
-        self._admit()
+        self._admit(params.n)
         loop = asyncio.get_running_loop()
         outbox: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
 
@@ -185,16 +187,23 @@ class AsyncLLMEngine:
                 if finished:
                     return
         finally:
+            with self._lock:
+                self._admitted_seqs -= params.n
             if not finished:
                 self.abort(request_id)
 
-    def _admit(self) -> None:
+    def _admit(self, n: int) -> None:
+        """--max-queued-requests: beyond max_num_seqs sequences in the batch, this many may
+        wait (0: none wait). Counted over every admitted request, not the engine's waiting
+        list: a request waits there until the next step schedules it, batch slot free or
+        not, so an idle server with 8 free slots refused the second of two requests sent at
+        once under a limit of 1, and every request under a limit of 0."""
         limit = self.config.scheduler.max_queued_requests
         with self._lock:
-            assert self.engine is not None
-            if limit is not None and self.engine.num_waiting + self._pending_adds >= limit:
-                raise QueueFullError(f"the waiting queue is full ({limit} requests); retry later")
-            self._pending_adds += 1
+            capacity = self.config.scheduler.max_num_seqs + (limit or 0)
+            if limit is not None and self._admitted_seqs + n > capacity:
+                raise QueueFullError(f"the waiting queue is full ({limit} requests)")
+            self._admitted_seqs += n
 
     def abort(self, request_id: str) -> None:
         """Abort a request (takes effect before the next engine step)."""
@@ -231,8 +240,6 @@ class AsyncLLMEngine:
             if cmd is None:
                 return aborted
             if isinstance(cmd, _Add):
-                with self._lock:
-                    self._pending_adds -= 1
                 try:
                     engine.add_request(
                         cmd.request_id,

@@ -165,12 +165,12 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             swapped = seq.num_swapped_tokens
+            queried = hits = 0
             if swapped:  # its KV comes back from the swap: slots for all of it
                 seq.num_computed_tokens = swapped
             elif not seq.block_table:
                 hits = self.block_manager.match_prefix(seq, self.prefill_tail)
-                batch.prefix_cache_queries += seq.num_tokens
-                batch.prefix_cache_hits += hits
+                queried = seq.num_tokens
             num_new = self._chunk(seq, budget)
             if num_new == 0 or not self.block_manager.allocate_slots(seq, num_new):
                 # FCFS: do not let a later request jump the queue. Give back the prefix hit.
@@ -182,6 +182,11 @@ class Scheduler:
             if swapped:
                 seq.num_swapped_tokens = 0
                 batch.swap_in.append(seq)
+            # Counted once the sequence is scheduled: a head of the queue that waits for
+            # blocks looked its prefix up again every step (148 prompt tokens counted ~1590
+            # queries under a full cache).
+            batch.prefix_cache_queries += queried
+            batch.prefix_cache_hits += hits
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

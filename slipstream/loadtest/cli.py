@@ -181,7 +181,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         print(f"plot:   {plot_run(result.summary, path.with_suffix('.png'))}")
     # 130 = the shell's code for Ctrl-C, so scripts can tell a partial report from a full one.
-    return 130 if result.summary.get("stop_reason") == "interrupted" else 0
+    if result.summary.get("stop_reason") == "interrupted":
+        return 130
+    return 1 if _all_failed(result.summary) else 0
+
+
+def _all_failed(summary: dict[str, Any]) -> bool:
+    """True (and a line on stderr) where requests were sent and none succeeded: the table's
+    latencies are then zeros, and a script must not read the run as a result."""
+    if summary["completed"] or not summary["failed"]:
+        return False
+    kinds = ", ".join(f"{n} x {kind}" for kind, n in sorted(summary["errors_by_type"].items()))
+    hint = (
+        " (the server wants an API key: --api-key)"
+        if "HTTP 401" in summary["errors_by_type"]
+        else ""
+    )
+    print(f"error: every request failed: {kinds}{hint}", file=sys.stderr)
+    return True
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:

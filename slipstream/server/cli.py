@@ -36,8 +36,9 @@ def add_parser(subparsers: Any) -> None:
         "--max-queued-requests",
         type=int,
         default=SchedulerConfig.max_queued_requests,
-        help="Requests allowed to wait for a batch slot; beyond it the server answers 429 "
-        "with Retry-After. Default: unbounded.",
+        help="Sequences allowed to wait for a batch slot beyond the --max-num-seqs running "
+        "(a request with n choices counts n); beyond it the server answers 429 with "
+        "Retry-After. 0: only what fits in the batch. Default: unbounded.",
     )
     p.set_defaults(func=serve)
 

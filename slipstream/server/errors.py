@@ -82,7 +82,7 @@ def from_engine_error(exc: EngineError) -> APIError:
     if isinstance(exc, QueueFullError):
         return APIError(
             429,
-            f"The server is overloaded (waiting queue full); retry later. {exc}".strip(),
+            f"The server is overloaded ({exc or 'the waiting queue is full'}); retry later.",
             code="queue_full",
             headers={"Retry-After": str(RETRY_AFTER_S)},
         )

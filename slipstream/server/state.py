@@ -47,6 +47,7 @@ class ServerState:
     # Set by the CLI: asks uvicorn to exit when the engine fails to start.
     on_fatal: Callable[[], None] | None = None
     _token_text: TokenText | None = None
+    _max_token_bytes: int | None = None
 
     @property
     def token_text(self) -> TokenText:
@@ -54,6 +55,17 @@ class ServerState:
         if self._token_text is None:
             self._token_text = TokenText(self.tokenizer)
         return self._token_text
+
+    @property
+    def max_token_bytes(self) -> int:
+        """An upper bound on the UTF-8 bytes of prompt text one token can stand for: its
+        longest vocabulary piece (pieces spell their text, a byte-level BPE's 2 UTF-8 bytes
+        for each byte) times 4 for normalisers that shorten text ("ﬁ" -> "fi")."""
+        if self._max_token_bytes is None:
+            vocab = self.tokenizer.get_vocab()
+            longest = max((len(str(piece).encode("utf-8")) for piece in vocab), default=1)
+            self._max_token_bytes = 4 * max(1, longest)
+        return self._max_token_bytes
 
     @property
     def model_info(self) -> ModelInfo:

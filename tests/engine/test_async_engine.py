@@ -99,3 +99,40 @@ def test_run_on_current_thread_needs_a_claim(tiny_model_dir: str) -> None:
     engine = AsyncLLMEngine(tiny_engine_config(tiny_model_dir, num_blocks=32))
     with pytest.raises(RuntimeError, match="claim_caller_thread"):
         engine.run_on_current_thread(keep_waiting=lambda: False)
+
+
+def test_max_queued_requests_counts_beyond_the_batch(tiny_model_dir: str) -> None:
+    """--max-queued-requests bounds the sequences waiting beyond max_num_seqs: with a limit
+    of 0 an idle engine takes as many as the batch holds (it refused every request), with
+    a limit of 1 one more; a request's n choices count n, and finished ones free room."""
+    from slipstream.backends.base import QueueFullError
+
+    config = tiny_engine_config(
+        tiny_model_dir, num_blocks=64, max_num_seqs=3, max_queued_requests=0
+    )
+    engine = AsyncLLMEngine(config)
+    slow = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+
+    async def first_output(request_id: str, params: SamplingParams) -> object:
+        gen = engine.generate(request_id, [5, 6, 7], params)
+        await anext(gen)
+        return gen
+
+    async def main() -> None:
+        await engine.start()
+        try:
+            held = [await first_output(f"r{i}", slow) for i in range(3)]  # the batch is full
+            with pytest.raises(QueueFullError, match="waiting queue is full"):
+                await first_output("extra", slow)
+            await held.pop().aclose()  # type: ignore[attr-defined]
+            two = SamplingParams(n=2, max_tokens=40, temperature=0.5, ignore_eos=True)
+            with pytest.raises(QueueFullError):
+                await first_output("two", two)  # 2 + 2 > 3
+            held.append(await first_output("one", slow))
+            for gen in held:
+                await gen.aclose()  # type: ignore[attr-defined]
+            assert await _generate(engine, "after")  # room again
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())

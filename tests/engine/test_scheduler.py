@@ -135,6 +135,26 @@ def test_fcfs_head_of_line_blocks_later_requests() -> None:
     assert sched.block_manager.num_free_blocks == 4
 
 
+def test_prefix_cache_queries_count_each_prompt_once() -> None:
+    """A request waiting for blocks is looked up every step; it counts as queried once,
+    when it is scheduled (it counted every step: 148 prompt tokens gave ~1590 queries)."""
+    sched = make_scheduler(num_blocks=5, budget=64)
+    first, second = make_seq(0, 12), make_seq(1, 12)  # 3 blocks each: second must wait
+    sched.add(first)
+    sched.add(second)
+    queries = 0
+    for _ in range(4):
+        batch = sched.schedule()
+        queries += batch.prefix_cache_queries
+        fake_step(sched, batch)
+    assert second.status is SequenceStatus.WAITING
+    sched.finish(first)
+    batch = sched.schedule()
+    queries += batch.prefix_cache_queries
+    assert second.status is SequenceStatus.RUNNING
+    assert queries == first.num_prompt_tokens + second.num_prompt_tokens
+
+
 def test_finish_frees_everything() -> None:
     sched = make_scheduler()
     free0 = sched.block_manager.num_free_blocks

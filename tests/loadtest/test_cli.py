@@ -143,3 +143,21 @@ def test_progress_is_a_rich_bar_on_a_terminal_and_lines_otherwise() -> None:
     assert "20/20" in term.getvalue() and "requests done" not in term.getvalue()
     lines = pipe.getvalue().splitlines()
     assert len(lines) == 10 and lines[-1] == "run: 20/20 requests done"
+
+
+def test_a_run_where_every_request_failed_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The table still prints, but the exit status says the run is no result (it exited 0
+    with zero latencies when every request got a 401 or a 500)."""
+    path = tmp_path / "w.jsonl"
+    path.write_text('"FAIL500 one"\n"FAIL500 two"\n')
+    with run_stub(FAST) as (url, _):
+        argv = ["bench", "serve", "--base-url", url, "--dataset", "jsonl"]
+        argv += ["--dataset-path", str(path), "--tokenizer", "none", "--no-plot"]
+        argv += ["--num-prompts", "2", "--num-warmups", "0"]  # no test request first
+        code = _main([*argv, "--result-dir", str(tmp_path)])
+    out = capsys.readouterr()
+    assert code == 1
+    assert "Serving Benchmark Result" in out.out
+    assert "error: every request failed: 2 x HTTP 500" in out.err

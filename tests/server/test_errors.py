@@ -165,6 +165,36 @@ def test_context_window_message_names_the_numbers(client: httpx.Client) -> None:
     assert "256" in _error(resp, 400)["message"]
 
 
+def test_a_prompt_no_context_could_hold_is_refused_before_tokenizing(
+    client: httpx.Client, server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Megabytes of text are a 400 at once (they took seconds of tokenizing on the event
+    loop first); text that might fit is tokenized on the tokenizer thread, not the loop."""
+    tokenizer = server.engine.tokenizer
+    threads: list[str] = []
+    encode = tokenizer.encode
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", spy)
+    huge = "hello " * 500_000  # 3 MB; the fake's window is 256 tokens
+    for path, body in [
+        ("/v1/completions", {"prompt": huge, "max_tokens": 4}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": huge}]}),
+    ]:
+        error = _error(client.post(path, json=body), 400)
+        assert error["code"] == "context_length_exceeded"
+        assert "bytes" in error["message"]
+    assert threads == []  # refused without tokenizing
+    ok = client.post("/v1/completions", json={"prompt": "hello there", "max_tokens": 2})
+    assert ok.status_code == 200
+    counted = client.post("/tokenize", json={"prompt": "hello " * 2000})  # no context check
+    assert counted.status_code == 200 and counted.json()["count"] > 256
+    assert threads and all(name.startswith("slipstream-tokenize") for name in threads)
+
+
 def test_context_window_default_fills_the_rest(client: httpx.Client, server: LiveServer) -> None:
     resp = client.post("/v1/completions", json={"prompt": [5] * 250, "max_tokens": None})
     assert resp.status_code == 200

@@ -170,3 +170,20 @@ def test_aborted_requests_are_counted() -> None:
         ]
         == 1
     )
+
+
+def test_http_labels_stay_bounded_whatever_clients_send() -> None:
+    """Made-up methods and paths add no series: method "other", route "unmatched" (each
+    one was a new series, an API key or not). The docs' routes keep their own paths."""
+    with live_server(api_key="k") as srv:
+        for i in range(5):
+            httpx.request(f"M{i}", srv.url + "/v1/completions")
+            httpx.get(srv.url + f"/no/such/path/{i}")
+        httpx.get(srv.url + "/openapi.json")
+        samples = scrape(srv.url)
+    http = [dict(labels) for name, labels in samples if name == "slipstream:http_requests_total"]
+    methods = {s["method"] for s in http}
+    routes = {s["route"] for s in http}
+    assert methods <= {"GET", "POST", "other"} and "other" in methods
+    assert not any(r.startswith("/no/such") for r in routes)
+    assert "/openapi.json" in routes and "unmatched" in routes

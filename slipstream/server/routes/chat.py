@@ -35,6 +35,7 @@ from slipstream.server.serving import (
     cancel_on_disconnect,
     check_token_ids,
     collect_all,
+    off_the_loop,
     parse_logit_bias,
     resolve_max_tokens,
     usage,
@@ -76,8 +77,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state = ready_state(request)
     state.check_model(body.model)
     _reject_unsupported(body)
-    prompt_ids = render_chat(
-        state, body.messages, body.add_generation_prompt, body.continue_final_message
+    prompt_ids = await off_the_loop(
+        render_chat, state, body.messages, body.add_generation_prompt, body.continue_final_message
     )
     info = state.model_info
     check_token_ids(body.stop_token_ids or [], info.vocab_size, "stop_token_ids")

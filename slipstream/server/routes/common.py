@@ -16,6 +16,7 @@ from slipstream.engine.tokenizer import apply_chat_template
 from slipstream.server.errors import APIError, bad_request
 from slipstream.server.middleware import CLIENT_CLOSED
 from slipstream.server.protocol import ChatMessage, ErrorResponse
+from slipstream.server.serving import check_text_fits
 from slipstream.server.state import ServerState, get_request_log
 
 # OpenAPI: every generation route may answer these in the error envelope.
@@ -73,18 +74,24 @@ def render_chat(
     messages: list[ChatMessage],
     add_generation_prompt: bool,
     continue_final_message: bool = False,
+    check_fits: bool = True,
 ) -> list[int]:
-    """Messages -> prompt token ids through the model's chat template (400 if it refuses)."""
+    """Messages -> prompt token ids through the model's chat template (400 if it refuses,
+    or, with `check_fits`, if the messages' text could not fit in the context)."""
     if continue_final_message and add_generation_prompt:
         raise bad_request(
             "continue_final_message and add_generation_prompt cannot both be true (set "
             "add_generation_prompt to false to continue the last message)",
             param="continue_final_message",
         )
+    conversation = chat_messages(messages)
+    if check_fits:
+        size = sum(len(str(m["content"]).encode("utf-8")) for m in conversation)
+        check_text_fits(state, size, "messages")
     try:
         return apply_chat_template(
             state.tokenizer,
-            chat_messages(messages),
+            conversation,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
         )

@@ -32,10 +32,12 @@ from slipstream.server.serving import (
     Generation,
     build_sampling_params,
     cancel_on_disconnect,
+    check_text_fits,
     check_token_ids,
     close_all,
     collect_all,
     merge_outputs,
+    off_the_loop,
     parse_logit_bias,
     resolve_max_tokens,
     start_all,
@@ -87,7 +89,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     state = ready_state(request)
     state.check_model(body.model)
     _reject_unsupported(body)
-    prompts = _prompts(state, body)
+    prompts = await off_the_loop(_prompts, state, body)
     info = state.model_info
     check_token_ids(body.stop_token_ids or [], info.vocab_size, "stop_token_ids")
     bias = parse_logit_bias(body.logit_bias, info.vocab_size)
@@ -157,6 +159,7 @@ def _prompts(state: ServerState, body: CompletionRequest) -> list[_Prompt]:
     prompts = []
     for item in items:
         if isinstance(item, str):
+            check_text_fits(state, len(item.encode("utf-8")), "prompt")
             ids = list(state.tokenizer.encode(item, add_special_tokens=body.add_special_tokens))
             prompt = _Prompt(ids, item)
         else:

@@ -11,7 +11,7 @@ from slipstream.server.protocol import (
     TokenizeResponse,
 )
 from slipstream.server.routes.common import ERROR_RESPONSES, render_chat
-from slipstream.server.serving import check_token_ids
+from slipstream.server.serving import check_token_ids, off_the_loop
 from slipstream.server.state import ready_state
 
 router = APIRouter(tags=["Tokenizer"])
@@ -23,12 +23,19 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     state = ready_state(request)
     state.check_model(body.model)
     if body.messages is not None:
-        ids = render_chat(
-            state, body.messages, body.add_generation_prompt, body.continue_final_message
+        ids = await off_the_loop(
+            render_chat,
+            state,
+            body.messages,
+            body.add_generation_prompt,
+            body.continue_final_message,
+            False,  # no context check: counting a long text's tokens is what /tokenize is for
         )
     else:
         assert body.prompt is not None
-        ids = list(state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens))
+        encode = state.tokenizer.encode
+        add_special = body.add_special_tokens
+        ids = list(await off_the_loop(encode, body.prompt, add_special_tokens=add_special))
     token_strs = None
     if body.return_token_strs:
         token_strs = [str(t) for t in state.tokenizer.convert_ids_to_tokens(ids)]
@@ -46,4 +53,4 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
     state = ready_state(request)
     state.check_model(body.model)
     check_token_ids(body.tokens, state.model_info.vocab_size, "tokens")
-    return DetokenizeResponse(prompt=str(state.tokenizer.decode(body.tokens)))
+    return DetokenizeResponse(prompt=str(await off_the_loop(state.tokenizer.decode, body.tokens)))

@@ -25,6 +25,7 @@ from slipstream.server.errors import install_error_handlers
 from slipstream.server.metrics import ServerMetrics
 from slipstream.server.middleware import ServerMiddleware
 from slipstream.server.routes import build_router
+from slipstream.server.serving import interrupt_generations
 from slipstream.server.state import Phase, ServerState
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # The engine loads in the background so /health can answer 503 meanwhile.
+        state.loop = asyncio.get_running_loop()
         starter = asyncio.create_task(_start_engine(state))
         try:
             yield
@@ -120,9 +122,17 @@ class _Server(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """Stop accepting; uvicorn then waits (bounded) for in-flight requests."""
-        if self.app_state.phase in (Phase.READY, Phase.STARTING):
-            self.app_state.phase = Phase.DRAINING
+        state = self.app_state
+        if state.phase in (Phase.READY, Phase.STARTING):
+            state.phase = Phase.DRAINING
             logger.info("draining", extra={"signal": signal.Signals(sig).name})
+            if state.loop is not None:
+                # Requests still running shortly before uvicorn's deadline end with a 503
+                # (streams: an error event and [DONE]); see interrupt_generations.
+                timeout = state.config.shutdown_timeout_s
+                delay = max(0.0, timeout - min(0.5, timeout / 4))
+                loop = state.loop
+                loop.call_soon_threadsafe(loop.call_later, delay, interrupt_generations, state)
         super().handle_exit(sig, frame)
 
 

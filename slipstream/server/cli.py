@@ -97,8 +97,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=ServerConfig.shutdown_timeout_s,
         metavar="SECONDS",
-        help="On SIGTERM, how long in-flight requests may run before they are cancelled. "
-        "(default: %(default)s)",
+        help="On SIGTERM, how long in-flight requests may run; what still runs then ends "
+        "with a 503 (a stream: an error event and [DONE]). (default: %(default)s)",
     )
 
 

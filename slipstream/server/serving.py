@@ -17,7 +17,7 @@ from fastapi import Request
 from slipstream.backends.base import EngineError, GenerateRequest
 from slipstream.engine.outputs import RequestOutput
 from slipstream.engine.sampling_params import SamplingParams
-from slipstream.server.errors import APIError, bad_request, from_engine_error
+from slipstream.server.errors import APIError, bad_request, from_engine_error, unavailable
 from slipstream.server.metrics import RequestTracker
 from slipstream.server.protocol import PromptTokensDetails, Usage, _SamplingRequest
 from slipstream.server.state import ServerState
@@ -155,7 +155,7 @@ def parse_logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int
     return out
 
 
-@dataclass
+@dataclass(eq=False)  # identity: in-flight generations live in a set
 class Generation:
     """One engine request in flight: its output stream, metrics tracker and cleanup."""
 
@@ -167,15 +167,17 @@ class Generation:
     last: RequestOutput | None = None
     finished: bool = False
     closed: bool = False
+    _waiter: asyncio.Task[Any] | None = None  # the task waiting in _next, if any
 
     @classmethod
     async def start(cls, state: ServerState, request: GenerateRequest) -> Generation:
         """Submit and wait for the first output, so a full queue is a 429 before any byte."""
         arrival = request.arrival_time or time.monotonic()
         gen = cls(state, request, RequestTracker(state.metrics, arrival), _noop_iterator())
+        state.generations.add(gen)
         try:
             gen._iterator = state.engine.generate(request)
-            first = await anext(gen._iterator)
+            first = await gen._next()
         except StopAsyncIteration as exc:
             gen.tracker.done = True
             raise APIError(500, "The engine ended the request without any output.") from exc
@@ -205,7 +207,7 @@ class Generation:
                 output = self._pending.pop()
             else:
                 try:
-                    output = await anext(self._iterator)
+                    output = await self._next()
                 except StopAsyncIteration:
                     raise APIError(
                         500, "The engine ended the request without finishing it."
@@ -219,6 +221,26 @@ class Generation:
                 self.tracker.on_finish(output)
             yield output
 
+    async def _next(self) -> RequestOutput:
+        """The engine's next output, or a 503 once the drain's time is up (interrupt)."""
+        if self.state.interrupted:
+            raise _shutting_down()
+        self._waiter = asyncio.current_task()
+        try:
+            return await anext(self._iterator)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self.state.interrupted and task is not None and task.uncancel() == 0:
+                raise _shutting_down() from None
+            raise
+        finally:
+            self._waiter = None
+
+    def interrupt(self) -> None:
+        """Wake a wait for the next output, which then raises a 503 (see _next)."""
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.cancel()
+
     async def collect(self) -> RequestOutput:
         """Run to the end and return the final output."""
         async for _ in self.outputs():
@@ -231,6 +253,7 @@ class Generation:
         if self.closed:
             return
         self.closed = True
+        self.state.generations.discard(self)
         if not self.finished:
             self.tracker.on_finish(self.last, reason or "abort")
         # NOTE: shielded: this runs while the task is being cancelled (client disconnect),
@@ -249,6 +272,20 @@ class Generation:
 async def _noop_iterator() -> AsyncIterator[RequestOutput]:
     return
     yield  # pragma: no cover
+
+
+def _shutting_down() -> APIError:
+    return unavailable("The server is shutting down; the request did not finish in time.")
+
+
+def interrupt_generations(state: ServerState) -> None:
+    """The drain's time is up: every request still waiting for the engine ends with a 503
+    (a stream: an error event, then [DONE]) and is aborted. Left to uvicorn's cancellation
+    at the deadline, clients got a plain-text 500 or a stream cut mid-transfer, and the log a
+    traceback per request."""
+    state.interrupted = True
+    for gen in list(state.generations):
+        gen.interrupt()
 
 
 async def start_all(state: ServerState, requests: list[GenerateRequest]) -> list[Generation]:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
@@ -48,6 +49,12 @@ class ServerState:
     on_fatal: Callable[[], None] | None = None
     _token_text: TokenText | None = None
     _max_token_bytes: int | None = None
+    # Engine requests in flight (serving.Generation), so that a drain whose time is up can
+    # end them with an error rather than leave them to uvicorn's cancellation.
+    generations: set[Any] = field(default_factory=set)
+    # Set once the drain's time is up (interrupt_generations).
+    interrupted: bool = False
+    loop: asyncio.AbstractEventLoop | None = None  # the server's, once the app runs
 
     @property
     def token_text(self) -> TokenText:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,9 +24,9 @@ from tests.server.conftest import live_server
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(params=["fake", "native"])
-def served(
-    request: pytest.FixtureRequest, tiny_model_dir: str
+@contextlib.contextmanager
+def _serve(
+    kind: str, tiny_model_dir: str, shutdown_timeout_s: float = 5.0
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """A `run_server` subprocess on an inherited socket; yields (process, url).
 
@@ -36,10 +37,10 @@ def served(
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    model_args = [tiny_model_dir] if request.param == "native" else []
+    model_args = [tiny_model_dir] if kind == "native" else []
+    argv = [str(sock.fileno()), "0.02", str(shutdown_timeout_s), *model_args]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.server.serve_fake", str(sock.fileno()), "0.02", "5"]
-        + model_args,
+        [sys.executable, "-m", "tests.server.serve_fake", *argv],
         pass_fds=[sock.fileno()],
         cwd=ROOT,
         env=env,
@@ -61,6 +62,14 @@ def served(
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(params=["fake", "native"])
+def served(
+    request: pytest.FixtureRequest, tiny_model_dir: str
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    with _serve(request.param, tiny_model_dir) as proc_and_url:
+        yield proc_and_url
 
 
 def test_sigterm_drains_in_flight_streams_and_exits_0(
@@ -166,3 +175,48 @@ def test_drain_is_bounded_by_the_shutdown_timeout() -> None:
         reader.join(timeout=10)
         assert "data: [DONE]" not in lines  # cut short: 250 tokens take 5 s
         assert engine.aborted and engine.num_free_blocks() == engine.config.num_blocks
+
+
+@pytest.mark.parametrize("kind", ["fake", "native"])
+def test_requests_past_the_drain_deadline_end_with_a_503(kind: str, tiny_model_dir: str) -> None:
+    """At the shutdown timeout, what still runs ends as an OpenAI error: a 503 body, or a
+    stream's error event and [DONE]. Left to uvicorn, clients got a plain-text 500 or a
+    stream cut mid-transfer, and the log a traceback per request."""
+    with _serve(kind, tiny_model_dir, shutdown_timeout_s=0.3) as (proc, url):
+        lines: list[str] = []
+        plain: list[httpx.Response] = []
+        started = threading.Event()
+        # null: as many tokens as the context holds (~250: seconds for the fake engine,
+        # ~1 s for the tiny model), far past the 0.3 s drain.
+        long = {"prompt": "never done", "max_tokens": None, "ignore_eos": True}
+
+        def stream() -> None:
+            body = {**long, "stream": True}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as resp:
+                for line in resp.iter_lines():
+                    if line:
+                        lines.append(line)
+                        started.set()
+
+        def whole() -> None:
+            plain.append(httpx.post(url + "/v1/completions", json=long, timeout=30))
+
+        readers = [threading.Thread(target=stream), threading.Thread(target=whole)]
+        for reader in readers:
+            reader.start()
+        assert started.wait(20)
+        time.sleep(0.2)
+        begin = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        for reader in readers:
+            reader.join(timeout=30)
+        assert proc.wait(timeout=30) == 0
+        assert time.monotonic() - begin < 5
+        assert lines[-1] == "data: [DONE]"
+        error = json.loads(lines[-2].removeprefix("data: "))["error"]
+        assert "shutting down" in error["message"]
+        assert plain[0].status_code == 503
+        assert "shutting down" in plain[0].json()["error"]["message"]
+        assert proc.stderr is not None
+        log = proc.stderr.read().decode()
+        assert "Traceback" not in log and "Exception in ASGI application" not in log

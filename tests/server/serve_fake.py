@@ -2,13 +2,15 @@
 
 Usage: python -m tests.server.serve_fake SOCKET_FD STEP_DELAY_S SHUTDOWN_TIMEOUT_S [MODEL_DIR]
 With MODEL_DIR the native engine serves that (tiny) model, its loop on the main thread;
-without it, the fake engine.
+without it, the fake engine. Either way each engine step takes at least STEP_DELAY_S (the
+tiny model alone decodes a whole context in well under a second).
 """
 
 from __future__ import annotations
 
 import socket
 import sys
+import time
 
 from slipstream.backends.base import EngineClient
 from slipstream.backends.native import NativeEngineClient
@@ -28,6 +30,7 @@ def main() -> int:
     engine: EngineClient
     if len(sys.argv) > 4:
         engine = NativeEngineClient(tiny_engine_config(sys.argv[4], num_blocks=64, max_num_seqs=4))
+        engine.add_stats_listener(lambda _: time.sleep(step_delay))  # after each step
     else:
         engine = FakeEngine(FakeConfig(step_delay_s=step_delay))
     return run_server(create_app(engine, config), config, sock)

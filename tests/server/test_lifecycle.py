@@ -186,8 +186,8 @@ def test_requests_past_the_drain_deadline_end_with_a_503(kind: str, tiny_model_d
         lines: list[str] = []
         plain: list[httpx.Response] = []
         started = threading.Event()
-        # null: as many tokens as the context holds (~250: seconds for the fake engine,
-        # ~1 s for the tiny model), far past the 0.3 s drain.
+        # null: as many tokens as the context holds (~250 steps of >= 20 ms), far past the
+        # 0.3 s drain.
         long = {"prompt": "never done", "max_tokens": None, "ignore_eos": True}
 
         def stream() -> None:

@@ -116,3 +116,8 @@ class CallerThreadEngine(Protocol):
     def run_on_current_thread(self, keep_waiting: Callable[[], bool]) -> None:
         """Load and run the engine loop here; return early if keep_waiting() turns False."""
         ...
+
+    @property
+    def loading(self) -> bool:
+        """Whether the model is not loaded yet (nor failed to load)."""
+        ...

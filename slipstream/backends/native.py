@@ -57,6 +57,11 @@ class NativeEngineClient:
         """Load the model and step the engine on this thread until shutdown."""
         self._async.run_on_current_thread(keep_waiting)
 
+    @property
+    def loading(self) -> bool:
+        """Whether the model is not loaded yet (nor failed to load)."""
+        return self._async.loading
+
     async def shutdown(self) -> None:
         """Stop the engine thread."""
         await self._async.shutdown()

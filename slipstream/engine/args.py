@@ -42,7 +42,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         default=ModelConfig.max_model_len,
         help="Context window (prompt + output tokens); default: the model's own.",
     )
-    g.add_argument("--seed", type=int, default=ModelConfig.seed, help="Engine random seed.")
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=ModelConfig.seed,
+        help="The engine's random seed: requests without a seed of their own draw from it, "
+        "so one run repeats exactly given the same requests in the same order. "
+        "(default: %(default)s)",
+    )
     g.add_argument(
         "--batch-invariant",
         action="store_true",
@@ -50,7 +57,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "norms, dense attention), so speculative decoders return standard decoding's greedy "
         "tokens bit for bit on CUDA too. Slower on CUDA; bf16 on an AVX512-BF16 CPU is "
         "batch-invariant already; refused where no invariant path exists (float32 CPU). "
-        "With --backend vllm: vLLM's VLLM_BATCH_INVARIANT=1.",
+        "(serve --backend vllm: vLLM's VLLM_BATCH_INVARIANT=1.)",
     )
     g.add_argument(
         "--decoder",
@@ -94,7 +101,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--block-size",
         type=int,
         default=CacheConfig.block_size,
-        help="Tokens per KV block. (default: %(default)s)",
+        help="Tokens per KV block, a power of two. (default: %(default)s)",
     )
     g.add_argument(
         "--no-prefix-caching",

@@ -142,6 +142,11 @@ class AsyncLLMEngine:
             self._loop_done.set()
 
     @property
+    def loading(self) -> bool:
+        """Whether run_on_current_thread has not yet loaded the model (nor given up)."""
+        return not self._loaded.is_set()
+
+    @property
     def is_running(self) -> bool:
         """The loop thread is alive and has not failed."""
         return (

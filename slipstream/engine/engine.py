@@ -265,7 +265,6 @@ class LLMEngine:
             seq.token_ids.extend(seq_result.new_token_ids)
             if seq_result.logprobs:
                 seq.output_logprobs.extend(seq_result.logprobs)
-            stats.num_generation_tokens += len(seq_result.new_token_ids)
             self.block_manager.commit_computed(seq)
             self.block_manager.trim(seq)
             changed.add(seq.request_id)
@@ -331,7 +330,12 @@ class LLMEngine:
             if state is None:
                 continue
             for index, seq in enumerate(state.seqs):
-                if self.outputs.process(state, index):
+                before = state.num_processed[index]
+                finished = self.outputs.process(state, index)
+                # The tokens the outputs keep: not drafts accepted past a stop or max_tokens,
+                # nor cautious sampling's trial tokens (they counted 39 where 12 came out).
+                stats.num_generation_tokens += state.num_processed[index] - before
+                if finished:
                     self._release(seq)
             if state.finished:
                 del self.requests[request_id]

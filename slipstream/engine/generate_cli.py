@@ -25,13 +25,35 @@ def add_parser(subparsers: Any) -> None:
         action="store_true",
         help="Send prompts as plain text instead of as a user chat message.",
     )
-    p.add_argument("--max-tokens", type=int, default=128, help="(default: %(default)s)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=128,
+        help="Output tokens per prompt at most. (default: %(default)s)",
+    )
     p.add_argument(
         "--temperature", type=float, default=0.0, help="0 = greedy. (default: %(default)s)"
     )
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=-1)
-    p.add_argument("--sampling-seed", type=int, default=None, help="Per-request sampling seed.")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="Nucleus sampling: keep the likeliest tokens up to this probability mass "
+        "(1 = all). (default: %(default)s)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=-1,
+        help="Sample among the k likeliest tokens only (-1 = all). (default: %(default)s)",
+    )
+    p.add_argument(
+        "--sampling-seed",
+        type=int,
+        default=None,
+        help="Every prompt's own sampling seed: its output repeats whatever else runs "
+        "(--seed seeds the engine as a whole instead).",
+    )
     p.add_argument("--json", action="store_true", help="Print one JSON object per prompt.")
     add_engine_args(p)
     p.set_defaults(func=run)

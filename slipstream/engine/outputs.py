@@ -78,7 +78,7 @@ class StepStats:
     num_waiting: int = 0
     kv_cache_usage: float = 0.0  # fraction of KV blocks in use, 0..1
     num_prompt_tokens: int = 0  # prompt tokens computed this step (prefix-cache hits excluded)
-    num_generation_tokens: int = 0  # tokens appended to outputs this step
+    num_generation_tokens: int = 0  # output tokens this step (as the outputs keep them)
     num_forward_tokens: int = 0  # tokens fed through the model this step
     num_preemptions: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache

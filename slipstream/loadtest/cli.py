@@ -55,8 +55,8 @@ def add_parser(subparsers: Any) -> None:
 
     dec = sub.add_parser(
         "decoders",
-        help="start a server per decoder and benchmark each; at temperature 0 the table also "
-        "counts the answers equal to the first decoder's",
+        help="start a server per decoder (on a free port of 127.0.0.1) and benchmark each; at "
+        "temperature 0 the table also counts the answers equal to the first decoder's",
     )
     dec.add_argument("--decoders", required=True, help="comma-separated decoder names")
     dec.add_argument(
@@ -80,46 +80,130 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _add_workload_args(p: argparse.ArgumentParser, d: Any, target: bool) -> None:
+    from slipstream.loadtest.builtin import CATEGORIES
+
     g = p.add_argument_group("server")
     if target:
-        g.add_argument("--base-url", default=d.base_url, help="server URL (default %(default)s)")
-    g.add_argument("--model", help="model name to request (default: first of /v1/models)")
-    g.add_argument("--endpoint", choices=("chat", "completions"), default=d.endpoint)
-    g.add_argument("--api-key", help="bearer token")
+        g.add_argument("--base-url", default=d.base_url, help="server URL (default: %(default)s)")
+    g.add_argument("--model", help="model name to request (default: the first of /v1/models)")
+    g.add_argument(
+        "--endpoint",
+        choices=("chat", "completions"),
+        default=d.endpoint,
+        help="/v1/chat/completions or /v1/completions (default: %(default)s)",
+    )
+    g.add_argument("--api-key", help="bearer token, if the server asks for one")
     g = p.add_argument_group("workload")
     g.add_argument(
-        "--dataset", choices=("random", "sharegpt", "jsonl", "builtin"), default=d.dataset
+        "--dataset",
+        choices=("random", "sharegpt", "jsonl", "builtin"),
+        default=d.dataset,
+        help="random: --random-input-len tokens of random text; sharegpt: a ShareGPT JSON "
+        "file's first turns; jsonl: one request a line (a string, a messages list, or an "
+        'object with "prompt" or "messages" and optional "max_tokens"); builtin: the '
+        "six-category chat suite (default: %(default)s)",
     )
-    g.add_argument("--dataset-path", help="file for --dataset sharegpt or jsonl")
-    g.add_argument("--categories", help="builtin categories, comma-separated (default all)")
-    g.add_argument("--random-input-len", type=int, default=d.random_input_len)
-    g.add_argument("--random-output-len", type=int, default=d.random_output_len)
-    g.add_argument("--random-range-ratio", type=float, default=d.random_range_ratio)
-    g.add_argument("--num-prompts", type=int, default=d.num_prompts)
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--dataset-path", help="the file for --dataset sharegpt or jsonl")
+    g.add_argument(
+        "--categories",
+        help=f"builtin categories, comma-separated, of {', '.join(CATEGORIES)} (default: all)",
+    )
+    g.add_argument(
+        "--random-input-len",
+        type=int,
+        default=d.random_input_len,
+        help="prompt tokens, --dataset random (default: %(default)s)",
+    )
+    g.add_argument(
+        "--random-output-len",
+        type=int,
+        default=d.random_output_len,
+        help="output tokens, --dataset random (default: %(default)s)",
+    )
+    g.add_argument(
+        "--random-range-ratio",
+        type=float,
+        default=d.random_range_ratio,
+        help="lengths drawn within +- this fraction of the above (default: %(default)s)",
+    )
+    g.add_argument(
+        "--num-prompts",
+        type=int,
+        default=d.num_prompts,
+        help="requests to send; a dataset smaller than this is cycled (default: %(default)s)",
+    )
+    g.add_argument(
+        "--seed", type=int, default=d.seed, help="workload sampling seed (default: %(default)s)"
+    )
     g.add_argument("--ignore-eos", action="store_true", help="generate exactly max tokens")
     g.add_argument("--max-tokens", type=int, help="output tokens per request (overrides dataset)")
-    g.add_argument("--temperature", type=float, default=d.temperature)
-    g.add_argument("--tokenizer", help="local HF tokenizer folder; 'none' to disable")
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=d.temperature,
+        help="sampling temperature of every request; 0 = greedy (default: %(default)s)",
+    )
+    g.add_argument(
+        "--tokenizer",
+        help="local HF tokenizer folder: it builds --dataset random and counts tokens where "
+        "the server reports no usage; 'none' to do without (default: the default model's)",
+    )
     g = p.add_argument_group("load")
     g.add_argument(
-        "--request-rate", type=float, default=d.request_rate, help="requests/s; inf = all at once"
+        "--request-rate",
+        type=float,
+        default=d.request_rate,
+        help="requests/s; inf = all at once (default: %(default)s)",
     )
-    g.add_argument("--burstiness", type=float, default=d.burstiness, help="1.0 = Poisson")
-    g.add_argument("--max-concurrency", type=int, help="requests in flight at most")
-    g.add_argument("--num-warmups", type=int, default=d.num_warmups)
-    g.add_argument("--timeout", type=float, default=d.timeout_s, help="per-request seconds")
-    g.add_argument("--max-duration", type=float, default=d.max_duration_s, help="run seconds")
+    g.add_argument(
+        "--burstiness",
+        type=float,
+        default=d.burstiness,
+        help="gamma shape of the arrival gaps; 1.0 = Poisson (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-concurrency", type=int, help="requests in flight at most (default: no cap)"
+    )
+    g.add_argument(
+        "--num-warmups",
+        type=int,
+        default=d.num_warmups,
+        help="untimed requests first; the first also tests the server (default: %(default)s)",
+    )
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=d.timeout_s,
+        help="seconds a request may take (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-duration",
+        type=float,
+        default=d.max_duration_s,
+        help="seconds the run may take; then it stops and reports (default: %(default)s)",
+    )
     g = p.add_argument_group("report")
-    g.add_argument("--goodput", nargs="+", default=[], metavar="NAME:MS", help="ttft:MS tpot:MS")
-    g.add_argument("--percentiles", default="50,90,99")
-    g.add_argument("--label", default=d.label)
+    g.add_argument(
+        "--goodput",
+        nargs="+",
+        default=[],
+        metavar="NAME:MS",
+        help="service-level objectives for goodput, of ttft, tpot and e2el, e.g. ttft:500",
+    )
+    g.add_argument(
+        "--percentiles", default="50,90,99", help="latency percentiles (default: %(default)s)"
+    )
+    g.add_argument(
+        "--label", default=d.label, help="the run's name in files and tables (default: %(default)s)"
+    )
     g.add_argument("--save-detailed", action="store_true", help="keep generated texts in JSON")
     g.add_argument("--no-metrics", action="store_true", help="do not scrape /metrics")
 
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--result-dir", default=_DEFAULT_RESULT_DIR)
+    p.add_argument(
+        "--result-dir", default=_DEFAULT_RESULT_DIR, help="where results go (default: %(default)s)"
+    )
     p.add_argument("--result-filename", help="JSON name (bench serve only; default vllm-style)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
 

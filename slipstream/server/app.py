@@ -75,18 +75,11 @@ async def _start_engine(state: ServerState) -> None:
         info = state.engine.model_info
         state.metrics.bind(state.model_name, info.decoder)
         state.engine.add_stats_listener(state.metrics.record_step)
-    except (ValueError, FileNotFoundError) as exc:
-        # A setting that cannot work (found once the model is read: a context longer than
-        # the model's or the KV cache's, a missing folder): one line, as the CLI's own
-        # checks give, not a traceback.
-        logger.error("the engine failed to start: %s", exc)
-        state.phase = Phase.FAILED
-    except Exception:
-        logger.exception("the engine failed to start")
-        state.phase = Phase.FAILED
-    if state.phase is Phase.FAILED:
-        if state.on_fatal is not None:
-            state.on_fatal()
+    except Exception as exc:
+        if state.phase is Phase.DRAINING:  # a signal stopped the load: not a failure
+            logger.info("the engine did not start: the server is shutting down (%s)", exc)
+            return
+        _start_failed(state, exc)
         return
     if state.phase is Phase.STARTING:
         state.phase = Phase.READY
@@ -98,6 +91,20 @@ async def _start_engine(state: ServerState) -> None:
                 "max_model_len": info.max_model_len,
             },
         )
+
+
+def _start_failed(state: ServerState, exc: Exception) -> None:
+    """Log why the engine failed to start, and ask the server to exit."""
+    if isinstance(exc, ValueError | FileNotFoundError):
+        # A setting that cannot work (found once the model is read: a context longer than
+        # the model's or the KV cache's, a missing folder): one line, as the CLI's own
+        # checks give, not a traceback.
+        logger.error("the engine failed to start: %s", exc)
+    else:
+        logger.error("the engine failed to start", exc_info=exc)
+    state.phase = Phase.FAILED
+    if state.on_fatal is not None:
+        state.on_fatal()
 
 
 async def _stop_engine(state: ServerState, starter: asyncio.Task[None]) -> None:
@@ -191,17 +198,32 @@ def _serve_with_engine_on_this_thread(
     http = threading.Thread(
         target=server.run, kwargs={"sockets": sockets}, name="slipstream-http", daemon=True
     )
-    previous = {
-        sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGTERM, signal.SIGINT)
-    }
+
+    def on_signal(sig: int, frame: FrameType | None) -> None:
+        server.handle_exit(sig, frame)
+        if engine.loading:
+            # This thread is loading the model (or waiting to): stop that too. It went on
+            # loading after the HTTP server had exited (seconds here; minutes for a large
+            # model). Loading writes nothing in place (the default model's conversion
+            # renames a finished folder), so leaving it half done is safe.
+            raise _StopLoading("a signal stopped the model's load")
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     http.start()
     try:
-        engine.run_on_current_thread(keep_waiting=http.is_alive)
+        try:
+            engine.run_on_current_thread(keep_waiting=http.is_alive)
+        except _StopLoading as exc:  # before the load began (else start() reports it)
+            logger.info("the engine did not start: the server is shutting down (%s)", exc)
         while http.is_alive():  # short joins keep this thread responsive to signals
             http.join(0.2)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+class _StopLoading(Exception):
+    """SIGTERM or SIGINT reached the main thread while it loaded the model."""
 
 
 def _after_shutdown(sig: int, frame: FrameType | None) -> None:

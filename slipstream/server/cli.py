@@ -29,10 +29,10 @@ def add_parser(subparsers: Any) -> None:
         "/v1/completions, /v1/models, /tokenize, /detokenize, /health, /version, /metrics "
         "(Prometheus) and /docs.",
     )
-    add_server_args(p)
+    server = add_server_args(p)
     add_engine_args(p)
     add_vllm_args(p)
-    p.add_argument(
+    server.add_argument(
         "--max-queued-requests",
         type=int,
         default=SchedulerConfig.max_queued_requests,
@@ -43,8 +43,8 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(func=serve)
 
 
-def add_server_args(p: argparse.ArgumentParser) -> None:
-    """HTTP-layer flags; defaults come from ServerConfig."""
+def add_server_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """HTTP-layer flags (the group, for more); defaults come from ServerConfig."""
     g = p.add_argument_group("server")
     g.add_argument(
         "--host", default=ServerConfig.host, help="Address to listen on. (default: %(default)s)"
@@ -90,7 +90,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         "--log-requests",
         action=argparse.BooleanOptionalAction,
         default=ServerConfig.log_requests,
-        help="One log line per request: id, status, tokens in/out, latency.",
+        help="One log line per request: id, status, tokens in/out, latency. (default: on)",
     )
     g.add_argument(
         "--shutdown-timeout",
@@ -100,6 +100,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         help="On SIGTERM, how long in-flight requests may run; what still runs then ends "
         "with a 503 (a stream: an error event and [DONE]). (default: %(default)s)",
     )
+    return g
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:

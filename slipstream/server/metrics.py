@@ -123,7 +123,10 @@ class ServerMetrics:
         self.prompt_tokens = self._counter("prompt_tokens", "Prompt tokens of served requests.")
         self.generation_tokens = self._counter("generation_tokens", "Generated tokens.")
         self.request_success = self._counter(
-            "request_success", "Finished completions, by finish reason.", ("finished_reason",)
+            "request_success",
+            "Finished completions by finish reason (a request with n choices counts n, as "
+            "vLLM counts sequences).",
+            ("finished_reason",),
         )
         self.ttft = self._histogram(
             "time_to_first_token_seconds", "Arrival to first generated token.", TTFT_BUCKETS

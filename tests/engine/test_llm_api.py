@@ -149,3 +149,28 @@ def test_sampling_params_seed_range_and_list_types(llm: LLM) -> None:
     with pytest.raises(TypeError, match="not bytes"):
         llm.generate(b"hello", GREEDY)  # type: ignore[arg-type]
     assert not llm.engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize(
+    ("decoder", "params"),
+    [
+        ("ngram", SamplingParams(temperature=0.0, max_tokens=13, stop=[" the"])),
+        ("token_recycling", SamplingParams(temperature=0.0, max_tokens=13, ignore_eos=True)),
+        ("cautious", SamplingParams(temperature=0.7, max_tokens=12, seed=3)),
+    ],
+)
+def test_generation_tokens_count_the_tokens_returned(
+    tiny_model_dir: str, decoder: str, params: SamplingParams
+) -> None:
+    """get_stats' generation_tokens (generate's "generated N tokens") counted drafts
+    accepted past a stop or max_tokens and cautious sampling's trials: 13 for 11 returned
+    with ngram, 39 for 12 with cautious."""
+    llm = LLM(
+        model=tiny_model_dir, dtype="float32", num_kv_blocks=128, block_size=4, decoder=decoder
+    )
+    loop = "one two three four one two three four one two three four one two three four"
+    prompts = [loop, "the river ran past the mill and the river ran past the mill", "hi"]
+    outs = llm.generate(prompts, params)
+    returned = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert returned > 0
+    assert llm.get_stats()["generation_tokens"] == returned

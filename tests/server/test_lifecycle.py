@@ -26,7 +26,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @contextlib.contextmanager
 def _serve(
-    kind: str, tiny_model_dir: str, shutdown_timeout_s: float = 5.0
+    kind: str,
+    tiny_model_dir: str,
+    shutdown_timeout_s: float = 5.0,
+    load_delay_s: float | None = None,
+    ready: int = 200,
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """A `run_server` subprocess on an inherited socket; yields (process, url).
 
@@ -38,6 +42,8 @@ def _serve(
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     model_args = [tiny_model_dir] if kind == "native" else []
+    if load_delay_s is not None:
+        model_args.append(str(load_delay_s))
     argv = [str(sock.fileno()), "0.02", str(shutdown_timeout_s), *model_args]
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.server.serve_fake", *argv],
@@ -51,7 +57,7 @@ def _serve(
         deadline = time.monotonic() + 60
         while True:
             try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                if httpx.get(url + "/health", timeout=2).status_code == ready:
                     break
             except httpx.TransportError:
                 pass
@@ -220,3 +226,17 @@ def test_requests_past_the_drain_deadline_end_with_a_503(kind: str, tiny_model_d
         assert proc.stderr is not None
         log = proc.stderr.read().decode()
         assert "Traceback" not in log and "Exception in ASGI application" not in log
+
+
+def test_sigterm_while_the_model_loads_stops_the_load(tiny_model_dir: str) -> None:
+    """The load stops too, and the process exits 0 at once: it used to go on loading after
+    the HTTP server had exited (seconds for the default model, minutes for a large one)."""
+    with _serve("native", tiny_model_dir, load_delay_s=60, ready=503) as (proc, _url):
+        begin = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert time.monotonic() - begin < 10
+        assert proc.stderr is not None
+        log = proc.stderr.read().decode()
+        assert "the engine did not start: the server is shutting down" in log
+        assert "Traceback" not in log and "failed to start" not in log

@@ -17,6 +17,11 @@ from slipstream.engine.outputs import Logprob, TokenLogprobs
 from slipstream.engine.sequence import Sequence
 
 
+# Trials per gated step at most: each is a sequence with its own KV and a vocabulary-sized
+# probability row a step (the official code runs 10); a million asked for 196 GB at once.
+MAX_TRIALS = 64
+
+
 @dataclass(frozen=True)
 class CautiousOptions:
     """CNTP knobs; the defaults are the official code's."""
@@ -35,10 +40,16 @@ class CautiousOptions:
     punctuation: str = DEFAULT_PUNCTUATION
 
     def __post_init__(self) -> None:
+        # Entropy is never negative; an infinite low end made every trial count NaN (a
+        # failed step for every request in it).
+        if not 0.0 <= self.entropy_low < math.inf:
+            raise ValueError(f"entropy_low must be finite and >= 0, got {self.entropy_low}")
         if not self.entropy_high > self.entropy_low:
             raise ValueError(f"entropy_high must exceed entropy_low, got {self}")
-        if self.max_trials < 1:
-            raise ValueError(f"max_trials must be >= 1, got {self.max_trials}")
+        if not self.gate_entropy >= 0.0:
+            raise ValueError(f"gate_entropy must be >= 0 (inf: off), got {self.gate_entropy}")
+        if not 1 <= self.max_trials <= MAX_TRIALS:
+            raise ValueError(f"max_trials must be in [1, {MAX_TRIALS}], got {self.max_trials}")
         if self.max_trial_tokens is not None and self.max_trial_tokens < 1:
             raise ValueError(f"max_trial_tokens must be >= 1, got {self.max_trial_tokens}")
 

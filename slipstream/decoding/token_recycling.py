@@ -80,6 +80,9 @@ logger = logging.getLogger(__name__)
 # Candidates per token at most: the matrix and its probabilities and logits take 12 bytes
 # per entry, [vocab, k] each (49152 x 64: 38 MB); the official code keeps 8.
 MAX_TOP_K = 64
+# Pair rows at most: each keeps k candidates, their probabilities and logits (12 bytes each)
+# plus its key, so 2^23 pairs at k = 8 hold ~0.8 GB (1e11 asked for 2.9 TiB at start-up).
+MAX_PAIR_ROWS = 1 << 23
 
 
 @dataclass(frozen=True)
@@ -142,8 +145,8 @@ class TokenRecyclingOptions:
             raise ValueError(f"prompt_seed_rows must be >= 0, got {self.prompt_seed_rows}")
         if self.prompt_lookup_factor <= 0:
             raise ValueError(f"prompt_lookup_factor must be > 0, got {self.prompt_lookup_factor}")
-        if self.pair_rows < 0:
-            raise ValueError(f"pair_rows must be >= 0, got {self.pair_rows}")
+        if not 0 <= self.pair_rows <= MAX_PAIR_ROWS:
+            raise ValueError(f"pair_rows must be in [0, {MAX_PAIR_ROWS}], got {self.pair_rows}")
         if self.save_interval_s <= 0:
             raise ValueError(f"save_interval_s must be > 0, got {self.save_interval_s}")
         if self.min_predicted_gain < 0:

@@ -88,6 +88,17 @@ def test_options_validate() -> None:
         CautiousOptions(max_trials=0)
     with pytest.raises(ValueError):
         CautiousOptions(max_trial_tokens=0)
+    # Accepted before, then every sampled step failed: a NaN trial count (-inf), 196 GB of
+    # trial rows (a million trials). Entropy is never negative.
+    with pytest.raises(ValueError, match="entropy_low"):
+        CautiousOptions(entropy_low=-math.inf)
+    with pytest.raises(ValueError, match="entropy_low"):
+        CautiousOptions(entropy_low=-1.0, entropy_high=-0.5)
+    with pytest.raises(ValueError, match="max_trials"):
+        CautiousOptions(max_trials=1_000_000)
+    with pytest.raises(ValueError, match="gate_entropy"):
+        CautiousOptions(gate_entropy=-1.0)
+    assert trial_count(5.0, 0.01, math.inf, 10) == 1  # an unbounded high end: no NaN
     assert not CautiousOptions(gate_entropy=float("inf")).gates
     assert CautiousOptions().gates
 

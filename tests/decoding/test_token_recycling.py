@@ -481,6 +481,9 @@ def test_options_are_validated() -> None:
         decoder_options(DecoderSpec("token_recycling", {"treesize": 3}))
     with pytest.raises(ValueError, match="tree_size"):
         decoder_options(DecoderSpec("token_recycling", {"tree_size": -1}))
+    # Refused in one line, not a 2.9 TiB allocation failing at start-up.
+    with pytest.raises(ValueError, match="pair_rows"):
+        decoder_options(DecoderSpec("token_recycling", {"pair_rows": 10**11}))
 
 
 def test_a_matrix_path_that_cannot_be_saved(tiny_model_dir: str, tmp_path: Path) -> None:

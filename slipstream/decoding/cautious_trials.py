@@ -16,7 +16,6 @@ from slipstream.decoding.punctuation import DEFAULT_PUNCTUATION
 from slipstream.engine.outputs import Logprob, TokenLogprobs
 from slipstream.engine.sequence import Sequence
 
-
 # Trials per gated step at most: each is a sequence with its own KV and a vocabulary-sized
 # probability row a step (the official code runs 10); a million asked for 196 GB at once.
 MAX_TRIALS = 64

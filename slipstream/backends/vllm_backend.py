@@ -627,6 +627,9 @@ class VllmEngineClient:
         if handler is not None:
             handler.cancel()
         await asyncio.to_thread(llm.shutdown)
+        # AsyncLLM.__del__ shuts down again, at interpreter exit, after vLLM's module globals
+        # are gone: a TypeError traceback on every exit. Done once is enough.
+        llm.shutdown = _already_shut_down
 
     # ---------------------------------------------------------------- requests
     def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
@@ -746,3 +749,7 @@ def vllm_client_from_args(
     """The vllm backend for `slipstream serve` (VllmOptions from the flags when given)."""
     options = vllm_options_from_args(args) if args is not None else VllmOptions()
     return VllmEngineClient(config, options)
+
+
+def _already_shut_down(*args: Any, **kwargs: Any) -> None:
+    """AsyncLLM.shutdown once it has run (see VllmEngineClient.shutdown)."""

@@ -314,3 +314,6 @@ def test_ngram_through_vllm_keeps_greedy_text(
     assert got == expected
     assert _metric(page, "slipstream:spec_decode_num_drafts_total") > 0
     assert info["data"][0]["id"] == MODEL
+    # SIGTERM: exit 0 without a traceback (AsyncLLM.__del__ printed one at every exit).
+    assert ng.proc.returncode == 0
+    assert "Traceback" not in (tmp_path / "ngram.log").read_text(errors="replace")

@@ -166,8 +166,8 @@ class CautiousDecoder(Decoder):
         raw = logits.values[[logits.offsets[i + 1] - 1 for i in rows]]  # [R, V]
         contexts = [SamplingContext.of(batch.items[i].seq) for i in rows]
         probs = sampler.processed_probs(raw, contexts)  # [R, V]
-        # NOTE: the exponential race on the processed probabilities is what Sampler.sample
-        # does for a non-greedy row, so a row that does not gate gets the standard token.
+        # NOTE: a draw from the processed probabilities is what Sampler.sample does for a
+        # non-greedy row, so a row that does not gate gets the standard token.
         tokens: list[int] = sampler.sample_from_probs(probs, contexts).tolist()
         heights: list[float] = entropy(probs).tolist()
         opts = self.options

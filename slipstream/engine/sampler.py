@@ -9,16 +9,16 @@ Semantics follow vLLM (v1):
     -> greedy rows: argmax here (ties: lowest index)
     -> temperature -> min-p (relative to the max prob) -> top-k -> top-p -> sample.
 
-Sampling uses the exponential race: argmax(probs / E) with E ~ Exponential(1) i.i.d. picks
-token i with probability probs[i], and lets each row draw its noise from its own
-torch.Generator, so a seeded request gets the same tokens whatever else is in the batch.
+Sampling inverts the row's CDF at one uniform draw from the row's own torch.Generator, so a
+seeded request gets the same tokens whatever else is in the batch. (The exponential race,
+argmax(probs / E) with E ~ Exponential(1), needed V draws a row: 0.93 ms a row at V = 49152 on
+2 cores, 8-10% of a sampled decode step, against ~0.08 ms for a float64 cumsum and one draw.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
@@ -26,10 +26,6 @@ from slipstream.engine.outputs import Logprob, TokenLogprobs
 from slipstream.engine.sampling_params import SamplingParams
 from slipstream.engine.sequence import Sequence as Seq
 from slipstream.engine.vocab_topk import vocab_argmax
-
-# Exponential(1) draws can be exactly 0 in float32 (probability ~1e-45 per draw, but CUDA
-# kernels have produced them); dividing by 0 would make a zero-probability token win.
-_MIN_EXP = 1e-10
 
 
 @dataclass
@@ -91,11 +87,11 @@ class Sampler:
             token_ids = vocab_argmax(processed)  # [R]
         elif len(random_rows) == len(rows):
             probs = torch.softmax(processed, dim=-1)  # [R, V]
-            token_ids = self._race(probs, [c.generator for c in rows])
+            token_ids = self._pick(probs, [c.generator for c in rows])
         else:
             token_ids = processed.argmax(dim=-1)
             probs = torch.softmax(processed[random_rows], dim=-1)  # [R', V]
-            token_ids[random_rows] = self._race(probs, [rows[i].generator for i in random_rows])
+            token_ids[random_rows] = self._pick(probs, [rows[i].generator for i in random_rows])
         ids: list[int] = token_ids.tolist()
         return SamplerOutput(ids, self._logprobs(logits, rows, ids))
 
@@ -139,7 +135,7 @@ class Sampler:
 
         probs: [R, V], rows need not be normalised. Returns [R] long. Uses each row's generator.
         """
-        return self._race(probs.float(), [c.generator for c in rows])
+        return self._pick(probs.float(), [c.generator for c in rows])
 
     def uniform(self, rows: Sequence[SamplingContext], device: torch.device | str) -> torch.Tensor:
         """One U[0, 1) draw per row from the row's generator (acceptance tests). [R]."""
@@ -148,7 +144,7 @@ class Sampler:
             if c.generator is None:
                 out[i : i + 1].uniform_()
             else:
-                out[i : i + 1] = _draw(c.generator, 1, out.device, "uniform")
+                out[i : i + 1] = _draw(c.generator, 1, out.device, out.dtype)
         return out
 
     # ------------------------------------------------------------------ pipeline
@@ -200,23 +196,36 @@ class Sampler:
         if row_idx:
             x[_long(row_idx, x.device), _long(tok_idx, x.device)] = float("-inf")
 
-    def _race(
+    def _pick(
         self, probs: torch.Tensor, generators: Sequence[torch.Generator | None]
     ) -> torch.Tensor:
-        """Exponential race: argmax(probs / E), E ~ Exp(1) per entry. probs: [R, V] -> [R]."""
-        noise = torch.empty_like(probs)  # [R, V]
+        """Token i with probability probs[i] / sum(probs), per row. probs: [R, V] -> [R].
+
+        The first index whose float64 running sum passes u * total, u ~ U[0, 1): a token of
+        probability 0 adds nothing to the sum, so it is never the first to pass.
+        """
+        rows, vocab = probs.shape
+        cdf = probs.to(torch.float64).cumsum_(dim=-1)  # [R, V]
+        u = torch.empty(rows, 1, dtype=torch.float64, device=probs.device)  # [R, 1]
         unseeded = [i for i, g in enumerate(generators) if g is None]
-        if len(unseeded) == len(generators):
-            noise.exponential_()
+        if len(unseeded) == rows:
+            u.uniform_()
         else:
             if unseeded:
-                noise[unseeded] = torch.empty_like(probs[unseeded]).exponential_()
+                u[unseeded] = torch.rand(len(unseeded), 1, dtype=u.dtype, device=u.device)
             for i, g in enumerate(generators):
-                # NOTE: each seeded row draws exactly V numbers from its own generator, so its
-                # stream does not depend on the batch it happens to be in.
+                # NOTE: each seeded row draws exactly one number from its own generator, so
+                # its stream does not depend on the batch it happens to be in.
                 if g is not None:
-                    noise[i] = _draw(g, noise.shape[1], noise.device, "exponential")
-        return (probs / noise.clamp_min_(_MIN_EXP)).argmax(dim=-1)
+                    u[i] = _draw(g, 1, u.device, u.dtype)
+        target = u * cdf[:, -1:]  # [R, 1]
+        picked = torch.searchsorted(cdf, target, right=True).squeeze(1)  # [R]
+        # Rounding can put the target at the total itself: take the last possible token.
+        past = picked >= vocab
+        if bool(past.any()):
+            last = vocab - 1 - (probs[past].flip(-1) > 0).int().argmax(dim=-1)
+            picked[past] = last
+        return picked
 
     def _logprobs(
         self, logits: torch.Tensor, rows: Sequence[SamplingContext], token_ids: list[int]
@@ -372,14 +381,12 @@ def _draw(
     generator: torch.Generator,
     n: int,
     device: torch.device,
-    kind: Literal["exponential", "uniform"],
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    """n draws from a row's generator, made on the generator's device, returned on device."""
-    out = torch.empty(n, dtype=torch.float32, device=generator.device)
-    if kind == "exponential":
-        out.exponential_(generator=generator)
-    else:
-        out.uniform_(generator=generator)
+    """n U[0, 1) draws from a row's generator, made on the generator's device, returned on
+    device."""
+    out = torch.empty(n, dtype=dtype, device=generator.device)
+    out.uniform_(generator=generator)
     # A CPU generator with CUDA logits still works (slower: one copy per seeded row).
     return out.to(device, non_blocking=True)
 

@@ -317,7 +317,7 @@ def test_greedy_fast_path_is_one_argmax(sampler: Sampler, monkeypatch: pytest.Mo
 
 
 def test_seeded_path_frequencies_match_distribution(sampler: Sampler) -> None:
-    """The per-row generator path of the exponential race samples the right distribution."""
+    """The per-row generator path samples the right distribution (a zero stays zero)."""
     probs = torch.tensor([0.5, 0.25, 0.125, 0.125, 0.0])
     logits = probs.log().unsqueeze(0)
     g = gen(99)

@@ -293,15 +293,28 @@ async def start_all(state: ServerState, requests: list[GenerateRequest]) -> list
     engine's steps, as concurrent requests would; one at a time, each waited for its first
     token: 6 prompts took 8 steps instead of 2); if one fails, close the others and raise
     the first failure in request order."""
-    started = await asyncio.gather(
-        *(Generation.start(state, request) for request in requests), return_exceptions=True
-    )
-    gens = [g for g in started if isinstance(g, Generation)]
-    failures = [e for e in started if isinstance(e, BaseException)]
-    if failures:
-        await close_all(gens, "abort")
-        raise failures[0]
-    return gens
+    tasks = [asyncio.ensure_future(Generation.start(state, request)) for request in requests]
+    try:
+        # The first failure ends the wait: the others would start only to be aborted (a 429
+        # for one prompt came after the admitted ones had run, and held their slots).
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    failures = [
+        error
+        for t in tasks
+        if t.done() and not t.cancelled() and (error := t.exception()) is not None
+    ]
+    if not failures:
+        return [t.result() for t in tasks]
+    for task in tasks:
+        task.cancel()  # each start aborts its own request when cancelled
+    settled = await asyncio.gather(*tasks, return_exceptions=True)
+    await close_all([g for g in settled if isinstance(g, Generation)], "abort")
+    raise failures[0]
 
 
 def usage(prompt_tokens: int, outputs: Sequence[RequestOutput]) -> Usage:

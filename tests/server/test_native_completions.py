@@ -100,6 +100,13 @@ def test_echo_with_max_tokens_zero_scores_the_prompt(srv: LiveServer) -> None:
     # Without echo, 0 is refused, naming the field.
     refused = _post(srv, "/v1/completions", {"prompt": prompt, "max_tokens": 0})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
+    # min_tokens above 0 is refused against the 0 the client sent (it named a 1).
+    refused = _post(srv, "/v1/completions", {**body, "min_tokens": 2})
+    assert refused.status_code == 400 and "max_tokens (0)" in refused.json()["error"]["message"]
+    # A prompt filling the whole window: a 400 that says so (it counted a phantom token).
+    window = srv.engine.model_info.max_model_len
+    full = _post(srv, "/v1/completions", {**body, "prompt": [5] * window})
+    assert full.status_code == 400 and "max_model_len - 1" in full.json()["error"]["message"]
 
 
 def _steps(srv: LiveServer) -> float:
@@ -137,9 +144,12 @@ def test_a_refused_prompt_in_a_list_leaves_nothing_running(tiny_model_dir: str) 
     with live_server(engine, served_model_name="tiny") as small:  # type: ignore[arg-type]
         free = engine.num_free_blocks()
         prompts = [f"prompt {i} about the mill" for i in range(6)]
-        body = {"prompt": prompts, "max_tokens": 16, "ignore_eos": True}
+        body = {"prompt": prompts, "max_tokens": 200, "ignore_eos": True}
         resp = _post(small, "/v1/completions", body)
         assert resp.status_code == 429, resp.text
+        # The refusal does not wait for the admitted prompts (they ran to the end, 200
+        # tokens each thrown away, holding their slots meanwhile).
+        assert engine.engine.get_stats()["generation_tokens"] < 200
         metrics = httpx.get(small.url + "/metrics", timeout=10).text
         assert re.search(r"^slipstream:num_requests_running\{[^}]*\} 0\.0$", metrics, re.M)
         assert re.search(r"^slipstream:num_requests_waiting\{[^}]*\} 0\.0$", metrics, re.M)

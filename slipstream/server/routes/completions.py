@@ -100,6 +100,14 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     )  # fmt: skip
     requests = []
     for i, prompt in enumerate(prompts):
+        if echo_only and len(prompt.token_ids) >= info.max_model_len:
+            # The engine computes one position past the prompt (the token it drops).
+            raise bad_request(
+                f"echo with max_tokens 0 scores prompts of at most {info.max_model_len - 1} "
+                f"tokens (max_model_len - 1); this one has {len(prompt.token_ids)}",
+                "prompt",
+                code="context_length_exceeded",
+            )
         wanted = 1 if echo_only else body.max_tokens
         max_tokens = resolve_max_tokens(wanted, len(prompt.token_ids), info.max_model_len)
         prompt_logprobs = body.logprobs if body.echo else None
@@ -134,6 +142,10 @@ def _reject_unsupported(body: CompletionRequest) -> None:
             "max_tokens must be at least 1; 0 is allowed only with echo (the prompt's "
             "logprobs, nothing generated)",
             "max_tokens",
+        )
+    if body.max_tokens == 0 and body.min_tokens:
+        raise bad_request(
+            f"min_tokens ({body.min_tokens}) must not exceed max_tokens (0)", "min_tokens"
         )
     if body.suffix:
         raise bad_request("suffix (insertion) is not supported by this server", "suffix")

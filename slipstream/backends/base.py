@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from slipstream.config import SchedulerConfig
 from slipstream.engine.models.default_model import DEFAULT_MODEL_NAME
 from slipstream.engine.outputs import RequestOutput, StepStats
 from slipstream.engine.sampling_params import SamplingParams
@@ -22,6 +23,16 @@ class QueueFullError(EngineError):
 
 class EngineDeadError(EngineError):
     """The engine loop has stopped; nothing more can be served (HTTP 503)."""
+
+
+def check_admission(admitted_seqs: int, n: int, scheduler: SchedulerConfig) -> None:
+    """--max-queued-requests: QueueFullError where n more sequences (a request's n choices)
+    would leave more than that many waiting beyond the batch's max_num_seqs. Counted over
+    the sequences admitted and not yet ended, not a waiting list: a request waits there
+    until the next step schedules it, batch slot free or not."""
+    limit = scheduler.max_queued_requests
+    if limit is not None and admitted_seqs + n > scheduler.max_num_seqs + limit:
+        raise QueueFullError(f"the waiting queue is full ({limit} requests)")
 
 
 @dataclass(frozen=True)

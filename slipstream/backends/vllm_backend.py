@@ -37,7 +37,7 @@ from slipstream.backends.base import (
     EngineError,
     GenerateRequest,
     ModelInfo,
-    QueueFullError,
+    check_admission,
     served_name,
 )
 from slipstream.config import DecoderSpec, EngineConfig
@@ -671,13 +671,7 @@ class VllmEngineClient:
                 await stream.aclose()
 
     def _admit(self, request: GenerateRequest) -> None:
-        """--max-queued-requests: beyond max_num_seqs running, this many may wait."""
-        limit = self.config.scheduler.max_queued_requests
-        if limit is None:
-            return
-        capacity = self.config.scheduler.max_num_seqs + limit
-        if sum(self._inflight.values()) + request.params.n > capacity:
-            raise QueueFullError(f"the waiting queue is full ({limit} requests)")
+        check_admission(sum(self._inflight.values()), request.params.n, self.config.scheduler)
 
     async def abort(self, request_id: str) -> None:
         """Abort a request in vLLM (frees its KV blocks in the engine core)."""

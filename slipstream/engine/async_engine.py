@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from slipstream.backends.base import EngineDeadError, EngineError, QueueFullError
+from slipstream.backends.base import EngineDeadError, EngineError, check_admission
 from slipstream.config import EngineConfig
 from slipstream.engine.engine import LLMEngine
 from slipstream.engine.outputs import RequestOutput, StepStats
@@ -198,16 +198,11 @@ class AsyncLLMEngine:
                 self.abort(request_id)
 
     def _admit(self, n: int) -> None:
-        """--max-queued-requests: beyond max_num_seqs sequences in the batch, this many may
-        wait (0: none wait). Counted over every admitted request, not the engine's waiting
-        list: a request waits there until the next step schedules it, batch slot free or
-        not, so an idle server with 8 free slots refused the second of two requests sent at
-        once under a limit of 1, and every request under a limit of 0."""
-        limit = self.config.scheduler.max_queued_requests
+        """check_admission over the sequences admitted here. (Counting the engine's waiting
+        list instead, an idle server with 8 free slots refused the second of two requests
+        sent at once under a limit of 1, and every request under a limit of 0.)"""
         with self._lock:
-            capacity = self.config.scheduler.max_num_seqs + (limit or 0)
-            if limit is not None and self._admitted_seqs + n > capacity:
-                raise QueueFullError(f"the waiting queue is full ({limit} requests)")
+            check_admission(self._admitted_seqs, n, self.config.scheduler)
             self._admitted_seqs += n
 
     def abort(self, request_id: str) -> None:

@@ -68,11 +68,7 @@ def chat_prompt(
     model continues it: an assistant reply prefilled with its first words (vLLM's option of
     the same name). It excludes `add_generation_prompt`, which would open a new turn.
     """
-    if continue_final_message and add_generation_prompt:
-        raise ChatTemplateError(
-            "continue_final_message and add_generation_prompt cannot both be true: the first "
-            "continues the last message, the second opens a new assistant turn after it"
-        )
+    check_chat_flags(add_generation_prompt, continue_final_message)
     if getattr(tokenizer, "chat_template", None) is None:
         raise ChatTemplateError(
             "this model's tokenizer has no chat template, so chat requests cannot be "
@@ -90,6 +86,16 @@ def chat_prompt(
     # a second one for tokenizers that prepend BOS (Llama).
     ids: list[int] = tokenizer.encode(text, add_special_tokens=False)
     return text, ids
+
+
+def check_chat_flags(add_generation_prompt: bool, continue_final_message: bool) -> None:
+    """ChatTemplateError where both are set: one continues the last message, the other
+    opens a new assistant turn after it."""
+    if continue_final_message and add_generation_prompt:
+        raise ChatTemplateError(
+            "continue_final_message and add_generation_prompt cannot both be true (set "
+            "add_generation_prompt to false to continue the last message)"
+        )
 
 
 def _normalise_message(message: Message) -> dict[str, Any]:

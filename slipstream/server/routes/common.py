@@ -12,7 +12,7 @@ from fastapi.responses import Response
 
 # NOTE: imported at load time, not per request: it pulls in transformers (and torch), which
 # would stall the event loop for seconds on the first chat request.
-from slipstream.engine.tokenizer import apply_chat_template
+from slipstream.engine.tokenizer import ChatTemplateError, apply_chat_template, check_chat_flags
 from slipstream.server.errors import APIError, bad_request
 from slipstream.server.middleware import CLIENT_CLOSED
 from slipstream.server.protocol import ChatMessage, ErrorResponse
@@ -78,12 +78,10 @@ def render_chat(
 ) -> list[int]:
     """Messages -> prompt token ids through the model's chat template (400 if it refuses,
     or, with `check_fits`, if the messages' text could not fit in the context)."""
-    if continue_final_message and add_generation_prompt:
-        raise bad_request(
-            "continue_final_message and add_generation_prompt cannot both be true (set "
-            "add_generation_prompt to false to continue the last message)",
-            param="continue_final_message",
-        )
+    try:
+        check_chat_flags(add_generation_prompt, continue_final_message)
+    except ChatTemplateError as exc:
+        raise bad_request(str(exc), param="continue_final_message") from exc
     conversation = chat_messages(messages)
     if check_fits:
         size = sum(len(str(m["content"]).encode("utf-8")) for m in conversation)

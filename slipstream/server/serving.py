@@ -298,23 +298,18 @@ async def start_all(state: ServerState, requests: list[GenerateRequest]) -> list
         # The first failure ends the wait: the others would start only to be aborted (a 429
         # for one prompt came after the admitted ones had run, and held their slots).
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:  # in request order
+            if task.done() and (error := task.exception()) is not None:
+                raise error
+        return [task.result() for task in tasks]
     except BaseException:
+        # A failure, or this request cancelled (its client gone): starts still waiting
+        # abort their own requests when cancelled; the ones that had started are closed.
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        settled = await asyncio.gather(*tasks, return_exceptions=True)
+        await close_all([g for g in settled if isinstance(g, Generation)], "abort")
         raise
-    failures = [
-        error
-        for t in tasks
-        if t.done() and not t.cancelled() and (error := t.exception()) is not None
-    ]
-    if not failures:
-        return [t.result() for t in tasks]
-    for task in tasks:
-        task.cancel()  # each start aborts its own request when cancelled
-    settled = await asyncio.gather(*tasks, return_exceptions=True)
-    await close_all([g for g in settled if isinstance(g, Generation)], "abort")
-    raise failures[0]
 
 
 def usage(prompt_tokens: int, outputs: Sequence[RequestOutput]) -> Usage:

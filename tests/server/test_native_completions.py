@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -196,3 +197,25 @@ def test_the_largest_seed_works_for_every_choice(srv: LiveServer) -> None:
     # Choice 0 is the request's own seed, as with n = 1.
     single = _post(srv, "/v1/completions", {**body, "n": 1}).json()["choices"][0]["text"]
     assert single == texts[0]
+
+
+def test_a_client_gone_while_its_prompts_start_leaves_nothing_running(
+    tiny_model_dir: str,
+) -> None:
+    """Prompt 0 has started and prompts 1-2 wait for the batch slot when the client leaves:
+    all three are aborted (prompt 0, already started, was left to run to its end)."""
+    from slipstream.backends.native import NativeEngineClient
+    from slipstream.testing.engines import tiny_engine_config
+
+    engine = NativeEngineClient(tiny_engine_config(tiny_model_dir, num_blocks=64, max_num_seqs=1))
+    engine.add_stats_listener(lambda _: time.sleep(0.01))  # steps of >= 10 ms
+    with live_server(engine, served_model_name="tiny") as small:  # type: ignore[arg-type]
+        free = engine.num_free_blocks()
+        body = {"prompt": ["one", "two", "three"], "max_tokens": 200, "ignore_eos": True}
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(small.url + "/v1/completions", json=body, timeout=0.5)
+        deadline = time.monotonic() + 10
+        while engine.num_free_blocks() != free and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.num_free_blocks() == free
+        assert engine.engine.get_stats()["generation_tokens"] < 200
